@@ -1,0 +1,76 @@
+"""Command line: load the configuration (print every problem, exit 2), set up logging, serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import structlog
+from aiohttp import web
+
+from oauth_sidecar import __version__
+from oauth_sidecar.app import create_app
+from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
+from oauth_sidecar.log import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _variables_help() -> str:
+    width = max(map(len, VARIABLES))
+    lines = ["environment variables:"]
+    for name, (default, meaning) in VARIABLES.items():
+        shown = f" [default: {default}]" if default else ""
+        lines.append(f"  {name:<{width}}  {meaning}{shown}")
+    return "\n".join(lines)
+
+
+def _summary(config: Config) -> dict[str, object]:
+    """The effective configuration, with nothing secret in it."""
+    return {
+        "issuer": config.idp.issuer, "audiences": list(config.tokens.audiences),
+        "resource": config.resource_url, "upstream": config.upstream.origin,
+        "upstream_path": config.upstream.path_prefix or None,
+        "listen": f"{config.host}:{config.port}",
+        "algorithms": sorted(config.tokens.algorithms), "cors_origins": sorted(config.cors_origins),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="oauth-sidecar",
+        description="OAuth 2.1 resource-server sidecar for one MCP server. "
+        "Configured entirely by environment variables.",
+        epilog=_variables_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
+    parser.parse_args(argv)
+    try:
+        config = load(os.environ)
+    except ConfigError as exc:
+        print("oauth-sidecar: cannot start, the configuration has problems:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_level, config.log_format)
+    log = structlog.get_logger("oauth_sidecar")
+    for warning in config.warnings:
+        log.warning("config_warning", message=warning)
+    log.info("starting", version=__version__, **_summary(config))
+    try:
+        web.run_app(
+            create_app(config), host=config.host, port=config.port,
+            shutdown_timeout=config.shutdown_timeout, handler_cancellation=True,
+            access_log=None, print=None, max_field_size=config.max_header_bytes,
+        )
+    except OSError as exc:  # the port is taken, or the address does not exist here
+        log.error("listen_failed", host=config.host, port=config.port, error=str(exc))
+        return EXIT_CONFIG
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

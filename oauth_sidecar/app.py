@@ -1,0 +1,72 @@
+"""create_app(config): builds the components, routes, middleware and lifecycles; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+from aiohttp import web
+
+from oauth_sidecar.config import Config
+from oauth_sidecar.cors import Cors
+from oauth_sidecar.discovery import ProtectedResourceMetadata, protected_resource_paths
+from oauth_sidecar.gate import Gate
+from oauth_sidecar.health import Health
+from oauth_sidecar.http_errors import Handler, json_errors, method_not_allowed
+from oauth_sidecar.idp import IdentityProvider
+from oauth_sidecar.log import access_log, add_request_id
+from oauth_sidecar.proxy import UpstreamProxy
+from oauth_sidecar.tokens import TokenVerifier
+
+IDP = web.AppKey("idp", IdentityProvider)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+PROXY = web.AppKey("proxy", UpstreamProxy)
+
+
+def _lifetime(
+    running: Callable[[], AbstractAsyncContextManager[object]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with running():
+            yield
+
+    return context
+
+
+def create_app(config: Config) -> web.Application:
+    idp = IdentityProvider(config.idp, config.tokens.algorithms)
+    verifier = TokenVerifier(config.tokens, idp)
+    proxy = UpstreamProxy(config)
+    public: set[web.AbstractResource] = set()
+
+    def is_public(request: web.Request) -> bool:
+        return request.match_info.route.resource in public
+
+    gate = Gate(config, verifier, is_public)
+    cors = Cors(config, is_public)
+    app = web.Application(
+        middlewares=[access_log, json_errors, cors.middleware, gate.middleware],
+        client_max_size=64 * 1024,  # only public handlers read bodies; the proxy streams
+    )
+    app[IDP], app[VERIFIER], app[PROXY] = idp, verifier, proxy
+
+    def add_public(path: str, handler: Handler) -> None:
+        resource = app.router.add_resource(path)
+        resource.add_route("GET", handler)
+        resource.add_route("HEAD", handler)
+        resource.add_route("*", method_not_allowed("GET, HEAD"))  # terminal, never the proxy
+        public.add(resource)
+
+    health = Health(idp, proxy)
+    add_public("/healthz", health.live)
+    add_public("/readyz", health.ready)
+    metadata = ProtectedResourceMetadata(config)
+    for path in protected_resource_paths(config):
+        add_public(path, metadata.handle)
+    app.router.add_route("*", "/{path:.*}", proxy.handle)  # everything else: authenticated
+
+    app.cleanup_ctx.append(_lifetime(idp.running))
+    app.cleanup_ctx.append(_lifetime(proxy.running))
+    app.on_response_prepare.append(cors.decorate)
+    app.on_response_prepare.append(add_request_id)
+    return app

@@ -1,0 +1,381 @@
+"""Configuration, parsed once from the environment into frozen values.
+
+Why: a misconfigured auth proxy must refuse to start, listing every problem at once, rather than
+fail at the first request or, worse, let requests through. Nothing downstream reads the
+environment again. Variable names and meanings follow the peer project `mcp-oauth-proxy` so users
+can switch by changing the image.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+# Asymmetric only: a JWKS entry must never be usable as an HMAC secret (CVE-2022-29217 class).
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+DEFAULT_ALGORITHMS = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"
+DEFAULT_CORS_ORIGINS = "https://claude.ai,https://claude.com"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+# Every variable we accept, with its default ("" = unset) and meaning; --help and .env.example
+# are checked against this table by the tests.
+VARIABLES: dict[str, tuple[str, str]] = {
+    "OIDC_ISSUER_URL": ("", "Issuer URL of your OpenID provider (required)."),
+    "OIDC_AUDIENCE": ("", "Accepted `aud` values, comma-separated (required)."),
+    "RESOURCE_URL": ("", "Public URL of the MCP endpoint, e.g. https://h/mcp (required)."),
+    "MCP_UPSTREAM_URL": ("", "URL of the MCP server to forward to (required)."),
+    "MCP_UPSTREAM_PATH": ("", "Upstream path that RESOURCE_URL's path maps to, e.g. /mcp."),
+    "HOST": ("0.0.0.0", "Bind address."),  # noqa: S104 - a container sidecar listens on all
+    "PORT": ("8080", "Listen port."),
+    "LOG_LEVEL": ("info", "debug, info, warning or error."),
+    "LOG_FORMAT": ("auto", "json, console, or auto (console on a terminal, JSON otherwise)."),
+    "CORS_ALLOW_ORIGINS": (DEFAULT_CORS_ORIGINS, "Browser origins allowed, comma-separated."),
+    "SCOPES_SUPPORTED": ("", "Scopes advertised in metadata and the 401 challenge."),
+    "JWT_ALGORITHMS": (DEFAULT_ALGORITHMS, "Accepted JWS algorithms (asymmetric only)."),
+    "JWT_LEEWAY_SECONDS": ("30", "Clock skew tolerated for exp, nbf and iat."),
+    "JWT_MAX_TOKEN_BYTES": ("16384", "Longest bearer token accepted."),
+    "TOKEN_CACHE_SIZE": ("10000", "Verified tokens remembered until expiry (0 disables)."),
+    "JWKS_COOLDOWN_SECONDS": ("30", "Least time between key-set fetches for unknown kids."),
+    "JWKS_REFRESH_SECONDS": ("3600", "Background key refresh when the IdP sends no max-age."),
+    "IDP_TIMEOUT_SECONDS": ("10", "Timeout of each discovery or JWKS fetch."),
+    "OIDC_ALLOW_HTTP": ("false", "Allow a plain-http issuer off loopback (never in production)."),
+    "UPSTREAM_CONNECT_TIMEOUT_SECONDS": ("10", "Timeout to connect to the upstream."),
+    "UPSTREAM_RESPONSE_TIMEOUT_SECONDS": ("300", "Timeout until the upstream's response headers."),
+    "UPSTREAM_IDLE_TIMEOUT_SECONDS": ("300", "Idle timeout between body chunks (0 = none)."),
+    "SSE_IDLE_TIMEOUT_SECONDS": ("0", "Idle timeout for text/event-stream bodies (0 = none)."),
+    "MAX_REQUEST_BODY_BYTES": ("10485760", "Largest request body forwarded."),
+    "MAX_HEADER_BYTES": ("32768", "Largest single request header (large Entra tokens)."),
+    "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
+}
+
+# Peer variables whose feature this release does not implement yet: refusing to start is safer
+# than silently ignoring an allow-list or a rate limit the operator believes is enforced.
+NOT_YET_SUPPORTED = {
+    "ALLOW_SUBS": "allow-lists",
+    "ALLOW_EMAILS": "allow-lists",
+    "ALLOW_GROUPS": "allow-lists",
+    "RATE_LIMIT_RPM": "rate limiting",
+    "STATIC_CLIENT_ID": "static client registration",
+    "STATIC_CLIENT_SECRET": "static client registration",
+    "MCP_SPAWN_CMD": "spawn mode",
+    "MCP_SPAWN_PORT": "spawn mode",
+}
+
+# Prefixes of variables that are ours: an unknown one is most likely a typo.
+OWN_PREFIXES = (
+    "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
+    "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_",
+)  # fmt: skip
+
+
+class ConfigError(Exception):
+    """The environment cannot be turned into a working configuration."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class IdpConfig:
+    issuer: str
+    timeout: float
+    jwks_cooldown: float
+    jwks_refresh: float
+    max_document_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: frozenset[str]
+    leeway: int
+    max_token_bytes: int
+    cache_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    origin: str
+    """scheme://host[:port] of the upstream, no path."""
+    path_prefix: str
+    """Upstream path that the resource path maps to ("" keeps paths unchanged)."""
+    connect_timeout: float
+    response_timeout: float
+    idle_timeout: float | None
+    sse_idle_timeout: float | None
+    max_body_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str
+    port: int
+    log_level: str
+    log_format: str
+    resource_url: str
+    """Canonical: lowercase scheme and host, no default port, no trailing slash."""
+    resource_path: str
+    """Path of resource_url, "" for an origin-only URL."""
+    scopes: tuple[str, ...]
+    cors_origins: frozenset[str]
+    cors_any_origin: bool
+    max_header_bytes: int
+    shutdown_timeout: float
+    idp: IdpConfig
+    tokens: TokenConfig
+    upstream: UpstreamConfig
+    warnings: tuple[str, ...] = ()
+
+
+class _Reader:
+    """Reads variables, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return VARIABLES[name][0]
+        return value.strip()
+
+    def required(self, name: str, hint: str) -> str:
+        value = self.raw(name)
+        if not value:
+            self.problems.append(f"{name} is required: {hint}")
+        return value
+
+    def number(self, name: str, cast: Callable[[str], T], low: T, high: T) -> T:
+        value = self.raw(name)
+        try:
+            parsed = cast(value)
+        except ValueError:
+            self.problems.append(f"{name}={value!r} is not a number")
+            return cast(VARIABLES[name][0])
+        if not low <= parsed <= high:  # type: ignore[operator]
+            self.problems.append(f"{name}={value} is out of range: use {low}..{high}")
+        return parsed
+
+    def flag(self, name: str) -> bool:
+        value = self.raw(name).lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value not in ("0", "false", "no", "off"):
+            self.problems.append(f"{name}={value!r} is not a boolean: use true or false")
+        return False
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name).lower()
+        if value not in choices:
+            self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
+        return value
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """Comma- or space-separated items, order kept, duplicates and blanks dropped."""
+    items = (item.strip() for item in value.replace(",", " ").split())
+    return tuple(dict.fromkeys(item for item in items if item))
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(scheme: str, host: str, port: int | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{shown}"
+    return f"{scheme}://{shown}:{port}"
+
+
+def _check_url(name: str, value: str, problems: list[str], *, allow_http: bool = False) -> bool:
+    """True if value is an absolute http(s) URL without credentials or fragment."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        problems.append(f"{name}={value!r} is not a valid URL ({exc})")
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{name}={value!r} must be an absolute http(s) URL")
+        return False
+    if parts.username or parts.password:
+        problems.append(f"{name} must not contain credentials")
+        return False
+    if parts.fragment:
+        problems.append(f"{name}={value!r} must not contain a fragment (#...)")
+        return False
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(parts.hostname):
+        problems.append(
+            f"{name}={value!r} uses plain http off loopback: use https "
+            "(http is accepted only for 127.0.0.1, ::1 and localhost)"
+        )
+        return False
+    return True
+
+
+def canonical_resource(value: str) -> tuple[str, str]:
+    """RFC 9728 §3: clients compare `resource` byte for byte with the URL they use."""
+    parts = urlsplit(value)
+    path = parts.path.rstrip("/")
+    return _origin(parts.scheme.lower(), parts.hostname or "", parts.port) + path, path
+
+
+def _unknown_variable_warnings(env: Mapping[str, str]) -> list[str]:
+    known = set(VARIABLES) | set(NOT_YET_SUPPORTED)
+    warnings = []
+    for name in sorted(env):
+        if name in known or not name.startswith(OWN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a variable oauth_sidecar knows and is ignored{hint}")
+    return warnings
+
+
+def load(env: Mapping[str, str]) -> Config:
+    """Parse the whole configuration or raise ConfigError listing every problem."""
+    r = _Reader(env)
+    problems = r.problems
+
+    for name, feature in NOT_YET_SUPPORTED.items():
+        if env.get(name, "").strip():
+            problems.append(
+                f"{name} is set, but {feature} is not implemented in this release: "
+                "refusing to start rather than ignore it"
+            )
+
+    allow_http = r.flag("OIDC_ALLOW_HTTP")
+    issuer = r.required("OIDC_ISSUER_URL", "the issuer URL of your OpenID provider")
+    if issuer and _check_url("OIDC_ISSUER_URL", issuer, problems, allow_http=allow_http) and (
+        urlsplit(issuer).query
+    ):
+        problems.append("OIDC_ISSUER_URL must not contain a query (RFC 8414 §2)")
+
+    audiences = split_list(
+        r.required("OIDC_AUDIENCE", "the `aud` your IdP puts in access tokens for this server")
+    )
+
+    resource_raw = r.required("RESOURCE_URL", "the public URL clients use, e.g. https://h/mcp")
+    resource_url, resource_path = "", ""
+    if resource_raw and _check_url("RESOURCE_URL", resource_raw, problems):
+        if urlsplit(resource_raw).query:
+            problems.append("RESOURCE_URL must not contain a query")
+        else:
+            resource_url, resource_path = canonical_resource(resource_raw)
+
+    upstream_raw = r.required("MCP_UPSTREAM_URL", "the URL of the MCP server to protect")
+    upstream_origin, upstream_path = "", r.raw("MCP_UPSTREAM_PATH")
+    if upstream_path and not upstream_path.startswith("/"):
+        problems.append(f"MCP_UPSTREAM_PATH={upstream_path!r} must start with /")
+    if upstream_raw and _check_url("MCP_UPSTREAM_URL", upstream_raw, problems, allow_http=True):
+        parts = urlsplit(upstream_raw)
+        upstream_origin = _origin(parts.scheme.lower(), parts.hostname or "", parts.port)
+        url_path = parts.path.rstrip("/")
+        if parts.query:
+            problems.append("MCP_UPSTREAM_URL must not contain a query")
+        if url_path and upstream_path:
+            problems.append(
+                "MCP_UPSTREAM_URL has a path and MCP_UPSTREAM_PATH is set: give the path once"
+            )
+        upstream_path = upstream_path or url_path
+    upstream_path = upstream_path.rstrip("/")
+
+    algorithms = frozenset(split_list(r.raw("JWT_ALGORITHMS")))
+    bad_algs = sorted(algorithms - ASYMMETRIC_ALGORITHMS)
+    if bad_algs:
+        problems.append(
+            f"JWT_ALGORITHMS has {', '.join(bad_algs)}: only asymmetric algorithms are accepted "
+            f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})"
+        )
+    if not algorithms:
+        problems.append("JWT_ALGORITHMS is empty")
+
+    cors_items = split_list(r.raw("CORS_ALLOW_ORIGINS"))
+    cors_any = "*" in cors_items
+    cors_origins: set[str] = set()
+    for item in cors_items:
+        if item == "*":
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            problems.append(f"CORS_ALLOW_ORIGINS entry {item!r} is not an origin like https://h")
+            continue
+        cors_origins.add(_origin(parts.scheme.lower(), parts.hostname, parts.port))
+
+    port = r.number("PORT", int, 1, 65535)
+    leeway = r.number("JWT_LEEWAY_SECONDS", int, 0, 300)
+    max_token = r.number("JWT_MAX_TOKEN_BYTES", int, 1024, 1 << 20)
+    max_header = r.number("MAX_HEADER_BYTES", int, 8190, 1 << 21)
+    if max_header < max_token + len("Bearer "):
+        problems.append(
+            f"MAX_HEADER_BYTES={max_header} cannot carry a token of JWT_MAX_TOKEN_BYTES={max_token}"
+        )
+    idle = r.number("UPSTREAM_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)
+    sse_idle = r.number("SSE_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)
+
+    config = Config(
+        host=r.raw("HOST"),
+        port=port,
+        log_level=r.choice("LOG_LEVEL", LOG_LEVELS),
+        log_format=r.choice("LOG_FORMAT", LOG_FORMATS),
+        resource_url=resource_url,
+        resource_path=resource_path,
+        scopes=split_list(r.raw("SCOPES_SUPPORTED")),
+        cors_origins=frozenset(cors_origins),
+        cors_any_origin=cors_any,
+        max_header_bytes=max_header,
+        shutdown_timeout=r.number("SHUTDOWN_TIMEOUT_SECONDS", float, 0.0, 3600.0),
+        idp=IdpConfig(
+            issuer=issuer,
+            timeout=r.number("IDP_TIMEOUT_SECONDS", float, 0.1, 120.0),
+            jwks_cooldown=r.number("JWKS_COOLDOWN_SECONDS", float, 0.1, 3600.0),
+            jwks_refresh=r.number("JWKS_REFRESH_SECONDS", float, 1.0, 86400.0),
+        ),
+        tokens=TokenConfig(
+            issuer=issuer,
+            audiences=audiences,
+            algorithms=algorithms,
+            leeway=leeway,
+            max_token_bytes=max_token,
+            cache_size=r.number("TOKEN_CACHE_SIZE", int, 0, 10_000_000),
+        ),
+        upstream=UpstreamConfig(
+            origin=upstream_origin,
+            path_prefix=upstream_path,
+            connect_timeout=r.number("UPSTREAM_CONNECT_TIMEOUT_SECONDS", float, 0.1, 600.0),
+            response_timeout=r.number("UPSTREAM_RESPONSE_TIMEOUT_SECONDS", float, 0.1, 86400.0),
+            idle_timeout=idle or None,
+            sse_idle_timeout=sse_idle or None,
+            max_body_bytes=r.number("MAX_REQUEST_BODY_BYTES", int, 0, 1 << 34),
+        ),
+        warnings=tuple(_unknown_variable_warnings(env)),
+    )
+    if problems:
+        raise ConfigError(problems)
+    if cors_any:
+        warning = (
+            "CORS_ALLOW_ORIGINS=* lets any web page call the MCP endpoint with a user's token "
+            "and disables the MCP DNS-rebinding Origin check"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
+    return config

@@ -1,0 +1,63 @@
+"""CORS for browser-based MCP clients, and the MCP DNS-rebinding Origin rule.
+
+Why: Claude.ai's connector and the MCP Inspector run in browsers, so preflights must be answered
+before authentication and `WWW-Authenticate` / `Mcp-Session-Id` must be readable. The MCP
+Streamable HTTP transport also requires rejecting a present, disallowed `Origin` with 403 (DNS
+rebinding); a request with no `Origin` (server-side clients) is fine. Our headers always replace
+the upstream's (the proxy strips them). All header values are computed once.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from oauth_sidecar.config import Config
+from oauth_sidecar.gate import IsPublic
+from oauth_sidecar.http_errors import Handler, json_error
+
+ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID, "
+    "Mcp-Method, Mcp-Name"
+)
+EXPOSE_HEADERS = "WWW-Authenticate, Mcp-Session-Id, MCP-Protocol-Version"
+MAX_AGE = "600"  # seconds browsers may cache a preflight
+
+
+class Cors:
+    def __init__(self, config: Config, is_public: IsPublic) -> None:
+        self._origins = config.cors_origins
+        self._any = config.cors_any_origin
+        self._is_public = is_public
+
+    def allows(self, origin: str) -> bool:
+        return self._any or origin.lower() in self._origins
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return await handler(request)
+        public = self._is_public(request)
+        allowed = self.allows(origin)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not (allowed or public):
+                return json_error(403, "origin_not_allowed", "This origin may not call this server")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": origin if allowed else "*",
+                "Access-Control-Allow-Methods": ALLOW_METHODS,
+                "Access-Control-Allow-Headers": ALLOW_HEADERS,
+                "Access-Control-Max-Age": MAX_AGE,
+                "Vary": "Origin",
+            })
+        if not (allowed or public):
+            return json_error(403, "origin_not_allowed", "This origin may not call this server")
+        return await handler(request)
+
+    async def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: runs just before headers go out, streamed responses included."""
+        origin = request.headers.get("Origin")
+        if origin is not None and self.allows(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+            response.headers.add("Vary", "Origin")

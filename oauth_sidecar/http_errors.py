@@ -1,0 +1,52 @@
+"""One JSON shape for every refusal we send, and the middleware that enforces it.
+
+Why: clients and operators should never get an HTML page or a traceback from an auth proxy, and
+no error may carry an internal address. Every error body is `{"error", "error_description"}`
+(the RFC 6749 §5.2 shape MCP clients already parse).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("oauth_sidecar.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(
+    status: int, error: str, description: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    body = json.dumps({"error": error, "error_description": description}).encode()
+    response = web.Response(status=status, body=body, content_type="application/json")
+    if headers:
+        response.headers.update(headers)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def method_not_allowed(allow: str) -> Handler:
+    """A terminal handler for other methods on a public path: never fall through to the proxy."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return json_error(405, "method_not_allowed", f"Use {allow}", {"Allow": allow})
+
+    return handle
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTTP exceptions and any bug into JSON, logged once."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        return json_error(500, "server_error", "Internal error")

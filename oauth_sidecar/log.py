@@ -1,0 +1,105 @@
+"""Structured logging: JSON lines to stdout (console on a terminal), one access line per request.
+
+Why: operators grep and ship JSON; auditors need one canonical line per request naming who called.
+Tokens and secrets must never reach a log line: nothing here is ever given the Authorization
+header, and a last-resort processor masks anything shaped like a JWT or a bearer credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
+from oauth_sidecar.http_errors import Handler
+
+REQUEST_ID = web.RequestKey("request_id", str)
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Compact JWS/JWE (base64url JSON header starting with "{") and RFC 6750 credentials.
+SECRET_SHAPES = re.compile(
+    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+|(?i:bearer|basic)\s+[A-Za-z0-9\-._~+/]+=*"
+)
+SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secret", "password"})
+
+access = structlog.get_logger("oauth_sidecar.access")
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask secret-shaped values; a safety net, not the primary defence."""
+    for key, value in event.items():
+        if key.lower() in SECRET_KEYS:
+            event[key] = "[redacted]"
+        elif isinstance(value, str) and ("eyJ" in value or "earer" in value or "asic" in value):
+            event[key] = SECRET_SHAPES.sub("[redacted]", value)
+    return event
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Called once, from __main__ (never from create_app: tests capture logs their own way)."""
+    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
+            level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    # aiohttp and asyncio log through the stdlib: render them the same way.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer, foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one canonical line per request: who, what, outcome, how long. Never the query string."""
+    started = time.perf_counter()
+    supplied = request.headers.get("X-Request-Id", "")
+    request[REQUEST_ID] = supplied if SAFE_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except BaseException:
+        status = 499  # client went away (handler cancelled) or a bug json_errors did not catch
+        raise
+    finally:
+        principal = request.get(PRINCIPAL)
+        access.info(
+            "request", method=request.method, path=request.path, status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            sub=principal.subject if principal else None, auth_error=request.get(AUTH_FAILURE),
+            request_id=request[REQUEST_ID], remote=request.remote,
+        )
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: echo the request id so clients can quote it in bug reports."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id

@@ -1,0 +1,213 @@
+"""The streaming reverse proxy to the one upstream MCP server.
+
+Why: MCP answers with JSON or with Server-Sent Events that may stay open for hours, so bodies are
+streamed both ways and never buffered, there is no total timeout (aiohttp's default of 300 s
+would cut every SSE stream at five minutes), and a client that leaves cancels the upstream
+request. The caller's credentials never go upstream (MCP: "MUST NOT pass through the token");
+the upstream gets its own Host and no browser Origin (the official MCP SDK server answers 421/403
+to foreign ones). Errors before the upstream answers become 502/504 JSON without internal
+addresses; errors after the status line went out drop the connection so the client sees a
+truncated response, not a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from oauth_sidecar.config import Config
+from oauth_sidecar.http_errors import json_error
+
+log = structlog.get_logger("oauth_sidecar.proxy")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies also drop.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})  # fmt: skip
+# Never upstream: the caller's credentials, its Host/Origin, framing we recompute, and any
+# forwarding or identity header a caller could forge (we set X-Forwarded-* ourselves).
+REQUEST_DROP = HOP_BY_HOP | {"authorization", "cookie", "host", "origin", "expect", "forwarded",
+                             "x-real-ip", "x-remote-user", "remote-user"}
+REQUEST_DROP_PREFIXES = ("x-forwarded-", "x-auth-request-")
+RESPONSE_DROP = HOP_BY_HOP
+RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
+# Encoded slash, backslash, dot or NUL mean different paths to different parsers: refuse them.
+AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
+READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
+CHUNKED_BODY_READ = 65536
+
+
+class UpstreamProxy:
+    """Forwards authenticated requests to the upstream and streams the answer back."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config.upstream
+        self._resource_path = config.resource_path
+        public = urlsplit(config.resource_url)
+        self._forwarded_proto = public.scheme
+        self._forwarded_host = public.netloc
+        self._session: aiohttp.ClientSession | None = None
+        self._ready_at = 0.0
+        self._ready = False
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[UpstreamProxy]:
+        """One pooled session for the upstream for the app's lifetime."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._config.connect_timeout,
+            connect=self._config.connect_timeout,
+        )
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)  # streams are long-lived
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a shared jar would mix users' cookies
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        ) as session:
+            self._session = session
+            try:
+                yield self
+            finally:
+                self._session = None
+
+    def upstream_url(self, raw_path: str, raw_query: str) -> URL:
+        """Map the resource path onto MCP_UPSTREAM_PATH; every other path goes unchanged."""
+        prefix, resource = self._config.path_prefix, self._resource_path
+        path = raw_path
+        if prefix:
+            if not resource:
+                path = prefix if raw_path == "/" else prefix + raw_path
+            elif raw_path == resource or raw_path.startswith(resource + "/"):
+                path = prefix + raw_path[len(resource):]
+        url = self._config.origin + path + (f"?{raw_query}" if raw_query else "")
+        return URL(url, encoded=True)
+
+    def _request_headers(self, request: web.Request) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in REQUEST_DROP or lower.startswith(REQUEST_DROP_PREFIXES):
+                continue
+            if lower in headers:
+                headers[lower] += ", " + value
+            else:
+                headers[lower] = value
+        for name in request.headers.get("Connection", "").split(","):
+            headers.pop(name.strip().lower(), None)  # RFC 9110 §7.6.1: named hop-by-hop fields
+        headers["x-forwarded-for"] = request.remote or ""
+        headers["x-forwarded-proto"] = self._forwarded_proto
+        headers["x-forwarded-host"] = self._forwarded_host
+        return headers
+
+    async def reachable(self) -> bool:
+        """A cached TCP connect to the upstream, for /readyz."""
+        now = time.monotonic()
+        if now - self._ready_at < READY_CACHE_SECONDS:
+            return self._ready
+        self._ready_at = now
+        parts = urlsplit(self._config.origin)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(min(self._config.connect_timeout, 2.0)):
+                _, writer = await asyncio.open_connection(parts.hostname, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            self._ready = True
+        except (OSError, TimeoutError):
+            self._ready = False
+        return self._ready
+
+    async def _body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
+        """Stream a body of known length; read a chunked one up to the cap (MCP's are small)."""
+        limit = self._config.max_body_bytes
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise BodyTooLarge
+            return request.content if request.content_length else None
+        if not request.body_exists:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(CHUNKED_BODY_READ):
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        session = self._session
+        if session is None:
+            raise RuntimeError("proxy used outside its cleanup context")
+        raw_path = request.rel_url.raw_path
+        if AMBIGUOUS_PATH.search(raw_path):
+            return json_error(400, "invalid_path", "Encoded slashes, dots and backslashes are "
+                              "not accepted in the path")
+        try:
+            data = await self._body(request)
+        except BodyTooLarge:
+            return json_error(413, "request_too_large", "The request body is too large")
+        url = self.upstream_url(raw_path, request.rel_url.raw_query_string)
+        try:
+            async with asyncio.timeout(self._config.response_timeout):
+                upstream = await session.request(
+                    request.method, url, headers=self._request_headers(request), data=data,
+                    allow_redirects=False,
+                )
+        except TimeoutError:
+            log.warning("upstream_timeout", phase="headers")
+            return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
+        except aiohttp.ClientError as exc:
+            log.warning("upstream_unavailable", error=type(exc).__name__)
+            return json_error(502, "upstream_unavailable", "The MCP server is not reachable")
+        try:
+            return await self._relay(request, upstream)
+        finally:
+            upstream.close()  # no-op after a full read; aborts the upstream if we stopped early
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            lower = name.lower()
+            if lower in RESPONSE_DROP or lower.startswith(RESPONSE_DROP_PREFIXES):
+                continue
+            response.headers.add(name, value)
+        event_stream = upstream.content_type == "text/event-stream"
+        if event_stream:
+            response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
+        idle = self._config.sse_idle_timeout if event_stream else self._config.idle_timeout
+        await response.prepare(request)
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are gone: the only honest signal left is dropping the connection.
+                log.warning("upstream_stream_failed", error=type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:  # the client left (ClientConnectionResetError included)
+                return response
+        await response.write_eof()
+        return response
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds MAX_REQUEST_BODY_BYTES."""

@@ -1,0 +1,256 @@
+"""Bearer JWT -> Principal, or TokenError.
+
+Why: this is the one place that decides whether a caller is who the token says. The invariants are
+fixed at construction: algorithms come from configuration, never from the token; `iss`, `aud`,
+`exp` and `sub` are always required; the key is chosen only from the IdP's published set (never
+`jku`, `x5u`, `x5c` or an embedded `jwk`), and its type must fit the header's `alg`. The token is
+parsed strictly before pyjwt sees it, because pyjwt tolerates duplicate JSON keys, padding and
+string-typed times. Verified tokens are cached by hash until they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jwt
+
+from oauth_sidecar.config import TokenConfig
+from oauth_sidecar.idp import VerificationKey
+
+# RFC 6750 §2.1 b64token; a JWT uses only base64url characters and dots (RFC 7515 §7.1).
+B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+MAX_KID_LENGTH = 256  # real kids are short ids or thumbprints; longer ones are probes
+# Header `typ` values that mark a JWT as something other than an access token.
+NON_ACCESS_TYPES = frozenset({"dpop+jwt", "logout+jwt", "secevent+jwt", "id_token+jwt", "jwe"})
+TIME_CLAIMS = ("exp", "nbf", "iat")
+REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
+
+
+class TokenError(Exception):
+    """Why a request's credentials were refused.
+
+    `reason` is a stable code for logs; `description` is a fixed, safe sentence for the client;
+    `error` is the RFC 6750 error code (None for "no credentials", RFC 6750 §3.1).
+    """
+
+    def __init__(
+        self, reason: str, description: str, *, error: str | None = "invalid_token",
+        status: int = 401,
+    ) -> None:
+        super().__init__(description)
+        self.reason = reason
+        self.description = description
+        self.error = error
+        self.status = status
+
+
+def _invalid(reason: str, description: str) -> TokenError:
+    return TokenError(reason, description)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified caller."""
+
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any]
+    expires_at: float
+    kid: str | None
+
+
+class KeySource(Protocol):
+    """What the verifier needs from the identity provider (see idp.IdentityProvider)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def get_key(self, kid: str | None) -> VerificationKey | None: ...
+
+    def all_keys(self) -> list[VerificationKey]: ...
+
+    async def refresh_for_unknown_kid(self) -> None: ...
+
+
+def bearer_token(authorization: Sequence[str], query_keys: Sequence[str], max_bytes: int) -> str:
+    """The token from exactly one `Authorization: Bearer` header (RFC 6750 §2.1 only)."""
+    if "access_token" in query_keys:
+        raise TokenError(
+            "token_in_query", "Tokens in the query string are not accepted",
+            error="invalid_request", status=400,
+        )
+    if not authorization:
+        raise TokenError("missing", "No bearer token", error=None)
+    if len(authorization) > 1:
+        raise TokenError(
+            "duplicate_authorization", "More than one Authorization header",
+            error="invalid_request", status=400,
+        )
+    scheme, _, token = authorization[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise TokenError("not_bearer", "Only Bearer credentials are accepted", error=None)
+    token = token.strip(" ")
+    if not token:
+        raise _invalid("empty_token", "The bearer token is empty")
+    if len(token) > max_bytes:
+        raise _invalid("token_too_large", "The bearer token is too large")
+    if not B64TOKEN.fullmatch(token):
+        raise _invalid("malformed", "The bearer token is malformed")
+    return token
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate member name")
+    return result
+
+
+def _json_segment(segment: str, what: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        raise _invalid("malformed", f"The token {what} is not base64url JSON") from None
+    if not isinstance(value, dict):
+        raise _invalid("malformed", f"The token {what} is not a JSON object")
+    return value
+
+
+def parse_strict(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and payload of a compact JWS, refusing anything pyjwt would let slide."""
+    segments = token.split(".")
+    if len(segments) == 5:
+        raise _invalid("encrypted", "Encrypted tokens (JWE) are not accepted")
+    if len(segments) != 3 or not all(SEGMENT.fullmatch(s) for s in segments):
+        raise _invalid("malformed", "The bearer token is not a signed JWT")
+    return _json_segment(segments[0], "header"), _json_segment(segments[1], "payload")
+
+
+class TokenVerifier:
+    """Verifies access tokens for one issuer and audience set."""
+
+    def __init__(self, config: TokenConfig, keys: KeySource) -> None:
+        self._config = config
+        self._keys = keys
+        issuer = config.issuer.removesuffix("/")
+        self._issuers = (issuer, issuer + "/")  # one trailing slash tolerated, see idp.same_issuer
+        self._audiences = list(config.audiences)
+        self._cache: dict[bytes, Principal] = {}
+
+    def _cached(self, digest: bytes, now: float) -> Principal | None:
+        principal = self._cache.get(digest)
+        if principal is None:
+            return None
+        # Re-check on every hit: still unexpired, and its key still published (rotation).
+        if now >= principal.expires_at + self._config.leeway or (
+            self._keys.get_key(principal.kid) is None
+        ):
+            del self._cache[digest]
+            return None
+        return principal
+
+    def _remember(self, digest: bytes, principal: Principal) -> None:
+        if self._config.cache_size == 0:
+            return
+        if len(self._cache) >= self._config.cache_size:
+            del self._cache[next(iter(self._cache))]  # oldest first: bounded memory
+        self._cache[digest] = principal
+
+    async def verify(self, token: str) -> Principal:
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.time()
+        principal = self._cached(digest, now)
+        if principal is not None:
+            return principal
+        header, payload = parse_strict(token)
+        alg = self._check_header(header)
+        self._check_claim_types(payload)
+        key = await self._select_key(header.get("kid"), alg)
+        claims = self._decode(token, key.key, alg)
+        principal = Principal(
+            issuer=claims["iss"], subject=claims["sub"], claims=claims,
+            expires_at=float(claims["exp"]), kid=key.kid,
+        )
+        self._remember(digest, principal)
+        return principal
+
+    def _check_header(self, header: dict[str, Any]) -> str:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._config.algorithms:
+            raise _invalid("alg_not_allowed", "The token's signing algorithm is not accepted")
+        if "crit" in header:  # RFC 7515 §4.1.11: we understand no extensions
+            raise _invalid("crit_not_supported", "The token has critical header extensions")
+        cty = header.get("cty")
+        if isinstance(cty, str) and cty.upper() == "JWT":
+            raise _invalid("nested_jwt", "Nested tokens are not accepted")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() in NON_ACCESS_TYPES):
+            raise _invalid("wrong_type", "The token is not an access token")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):
+            raise _invalid("kid_invalid", "The token's key id is invalid")
+        return alg
+
+    def _check_claim_types(self, payload: dict[str, Any]) -> None:
+        """pyjwt casts times with int(), so "99999999999" would pass: insist on numbers."""
+        for name in TIME_CLAIMS:
+            value = payload.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise _invalid("claim_invalid", f"The {name} claim is not a number")
+        sub = payload.get("sub")
+        if "sub" in payload and (not isinstance(sub, str) or not sub.strip()):
+            raise _invalid("claim_invalid", "The sub claim is not a non-empty string")
+
+    async def _select_key(self, kid: str | None, alg: str) -> VerificationKey:
+        key = self._keys.get_key(kid)
+        if key is None and kid is None:
+            candidates = [k for k in self._keys.all_keys() if alg in k.algorithms]
+            key = candidates[0] if len(candidates) == 1 else None
+        if key is None and kid is not None:
+            await self._keys.refresh_for_unknown_kid()
+            key = self._keys.get_key(kid)
+        if key is None:
+            if not self._keys.ready:
+                raise TokenError(
+                    "keys_unavailable", "The identity provider's keys are not available yet",
+                    error="temporarily_unavailable", status=503,
+                )
+            raise _invalid("unknown_kid", "The token was not signed by a known key")
+        if alg not in key.algorithms:
+            raise _invalid("alg_key_mismatch", "The token's algorithm does not fit its key")
+        return key
+
+    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
+        try:
+            return jwt.decode(
+                token, key, algorithms=[alg], audience=self._audiences, issuer=self._issuers,
+                leeway=self._config.leeway, options={"require": REQUIRED_CLAIMS},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _invalid("expired", "The token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise _invalid("not_yet_valid", "The token is not valid yet") from None
+        except jwt.InvalidAudienceError:
+            raise _invalid("wrong_audience", "The token was not issued for this resource") from None
+        except jwt.InvalidIssuerError:
+            raise _invalid("wrong_issuer", "The token is not from the trusted issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _invalid("claim_missing", f"The token has no {exc.claim} claim") from None
+        except jwt.InvalidSignatureError:
+            raise _invalid("bad_signature", "The token signature is invalid") from None
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            raise _invalid("invalid", "The token is invalid") from None
