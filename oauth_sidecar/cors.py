@@ -24,6 +24,13 @@ EXPOSE_HEADERS = "WWW-Authenticate, Mcp-Session-Id, MCP-Protocol-Version"
 MAX_AGE = "600"  # seconds browsers may cache a preflight
 
 
+def allow_headers(request: web.Request) -> str:
+    """Our fixed list plus any requested Mcp-Param-* (MCP 2026-07-28 names them per call)."""
+    asked = request.headers.get("Access-Control-Request-Headers", "")
+    extra = [h.strip() for h in asked.split(",") if h.strip().lower().startswith("mcp-param-")]
+    return ", ".join([ALLOW_HEADERS, *extra]) if extra else ALLOW_HEADERS
+
+
 class Cors:
     def __init__(self, config: Config, is_public: IsPublic) -> None:
         self._origins = config.cors_origins
@@ -46,7 +53,7 @@ class Cors:
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": origin if allowed else "*",
                 "Access-Control-Allow-Methods": ALLOW_METHODS,
-                "Access-Control-Allow-Headers": ALLOW_HEADERS,
+                "Access-Control-Allow-Headers": allow_headers(request),
                 "Access-Control-Max-Age": MAX_AGE,
                 "Vary": "Origin",
             })

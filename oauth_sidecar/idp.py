@@ -209,7 +209,7 @@ class IdentityProvider:
                     await task
                 if self._jwks_flight is not None:
                     self._jwks_flight.cancel()
-                    with suppress(asyncio.CancelledError):
+                    with suppress(asyncio.CancelledError, IdpError):  # a failed last fetch
                         await self._jwks_flight
                 self._session = None
 
@@ -231,10 +231,11 @@ class IdentityProvider:
             try:
                 await self._load_metadata()
                 await self._fetch_jwks_once("scheduled")
-            except IdpError as exc:
+            except Exception as exc:  # a bug must not end refreshing for the process's lifetime
                 failures += 1
+                self.last_error = exc.reason if isinstance(exc, IdpError) else repr(exc)
                 delay = min(RETRY_BACKOFF_MAX, 0.5 * 2**failures) * random.uniform(0.8, 1.2)  # noqa: S311
-                log.error("idp_refresh_failed", error=exc.reason, retry_in=round(delay, 1),
+                log.error("idp_refresh_failed", error=self.last_error, retry_in=round(delay, 1),
                           have_keys=self.ready)
                 await asyncio.sleep(delay)
                 continue
@@ -246,6 +247,8 @@ class IdentityProvider:
         if self._jwks_flight is None or self._jwks_flight.done():
             self._last_jwks_attempt = time.monotonic()
             self._jwks_flight = asyncio.create_task(self._load_jwks(reason))
+            # Retrieve the outcome even if every waiter was cancelled (no "never retrieved").
+            self._jwks_flight.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.shield(self._jwks_flight)
 
     async def _load_metadata(self) -> None:
@@ -278,7 +281,7 @@ class IdentityProvider:
         except IdpError as exc:
             self.last_error = f"jwks: {exc.reason}"
             log.warning("jwks_fetch_failed", reason=reason, error=exc.reason, kept=self.key_count())
-            raise
+            raise IdpError(self.last_error) from None
         refresh = self._config.jwks_refresh if max_age is None else max_age
         refresh = min(max(refresh, self._config.jwks_cooldown), 86400.0)
         self._next_refresh = time.monotonic() + refresh

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from oauth_sidecar.config import Config
@@ -46,6 +47,12 @@ RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
 AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 CHUNKED_BODY_READ = 65536
+
+
+def connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Fields listed in every Connection header line are hop-by-hop too (RFC 9110 §7.6.1)."""
+    names = ",".join(headers.getall("Connection", [])).split(",")
+    return {name.strip().lower() for name in names if name.strip()}
 
 
 class UpstreamProxy:
@@ -94,16 +101,15 @@ class UpstreamProxy:
 
     def _request_headers(self, request: web.Request) -> dict[str, str]:
         headers: dict[str, str] = {}
+        named = connection_named(request.headers)
         for name, value in request.headers.items():
             lower = name.lower()
-            if lower in REQUEST_DROP or lower.startswith(REQUEST_DROP_PREFIXES):
+            if lower in REQUEST_DROP or lower in named or lower.startswith(REQUEST_DROP_PREFIXES):
                 continue
             if lower in headers:
                 headers[lower] += ", " + value
             else:
                 headers[lower] = value
-        for name in request.headers.get("Connection", "").split(","):
-            headers.pop(name.strip().lower(), None)  # RFC 9110 §7.6.1: named hop-by-hop fields
         headers["x-forwarded-for"] = request.remote or ""
         headers["x-forwarded-proto"] = self._forwarded_proto
         headers["x-forwarded-host"] = self._forwarded_host
@@ -179,9 +185,10 @@ class UpstreamProxy:
         self, request: web.Request, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        named = connection_named(upstream.headers)
         for name, value in upstream.headers.items():
             lower = name.lower()
-            if lower in RESPONSE_DROP or lower.startswith(RESPONSE_DROP_PREFIXES):
+            if lower in RESPONSE_DROP or lower in named or lower.startswith(RESPONSE_DROP_PREFIXES):
                 continue
             response.headers.add(name, value)
         event_stream = upstream.content_type == "text/event-stream"

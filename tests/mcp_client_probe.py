@@ -12,6 +12,7 @@ as an ``ExceptionGroup`` wrapping ``mcp.shared.exceptions.MCPError``;
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import httpx2
@@ -24,13 +25,27 @@ from mcp_types import CallToolResult, TextContent
 # Mcp-Session-Id). "auto" first probes `server/discover` (2026-07-28 protocol, no
 # session id) and falls back to initialize if the server does not support it.
 Mode = Literal["legacy", "auto"]
+# Called with every HTTP response the SDK client receives (headers only; body not yet read),
+# so a test can inspect status codes and headers the SDK does not expose.
+OnResponse = Callable[[httpx2.Response], Awaitable[None]]
 
 
-def _http_client(token: str | None, http_timeout: float) -> httpx2.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+def _http_client(
+    token: str | None,
+    http_timeout: float,
+    on_response: OnResponse | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> httpx2.AsyncClient:
+    headers = dict(extra_headers or {})
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    hooks: dict[str, list[Callable[..., Any]]] = {"response": [on_response]} if on_response else {}
     # trust_env=False: never route 127.0.0.1 test traffic via *_PROXY env vars.
     return httpx2.AsyncClient(
-        headers=headers, timeout=httpx2.Timeout(http_timeout), trust_env=False
+        headers=headers,
+        timeout=httpx2.Timeout(http_timeout),
+        trust_env=False,
+        event_hooks=hooks,
     )
 
 
@@ -49,8 +64,10 @@ async def _call_tool(
     *,
     mode: Mode,
     http_timeout: float,
+    on_response: OnResponse | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> str:
-    async with _http_client(token, http_timeout) as http_client:
+    async with _http_client(token, http_timeout, on_response, extra_headers) as http_client:
         transport = streamable_http_client(url, http_client=http_client)
         # cache=None: no client-side response caching of tools/list.
         async with Client(
@@ -63,7 +80,13 @@ async def _call_tool(
 
 
 async def call_echo(
-    url: str, token: str, text: str, *, mode: Mode = "legacy", http_timeout: float = 10.0
+    url: str,
+    token: str,
+    text: str,
+    *,
+    mode: Mode = "legacy",
+    http_timeout: float = 10.0,
+    on_response: OnResponse | None = None,
 ) -> str:
     """Connect with ``Authorization: Bearer <token>``, list tools, call ``echo``.
 
@@ -71,19 +94,41 @@ async def call_echo(
     tools/call; returns the tool's text result.
     """
     return await _call_tool(
-        url, token, "echo", {"text": text}, mode=mode, http_timeout=http_timeout
+        url,
+        token,
+        "echo",
+        {"text": text},
+        mode=mode,
+        http_timeout=http_timeout,
+        on_response=on_response,
     )
 
 
 async def call_whoami(
-    url: str, token: str | None, *, mode: Mode = "legacy", http_timeout: float = 10.0
+    url: str,
+    token: str | None,
+    *,
+    mode: Mode = "legacy",
+    http_timeout: float = 10.0,
+    on_response: OnResponse | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Call the echo server's ``whoami`` tool.
 
+    ``extra_headers`` (e.g. a Cookie) are sent on every request besides the bearer token.
     Returns the HTTP request headers the server saw for the tools/call POST,
     with lower-cased names.
     """
-    raw = await _call_tool(url, token, "whoami", {}, mode=mode, http_timeout=http_timeout)
+    raw = await _call_tool(
+        url,
+        token,
+        "whoami",
+        {},
+        mode=mode,
+        http_timeout=http_timeout,
+        on_response=on_response,
+        extra_headers=extra_headers,
+    )
     headers = json.loads(raw)
     assert isinstance(headers, dict)
     return {str(k): str(v) for k, v in headers.items()}
@@ -102,9 +147,16 @@ def find_mcp_error(exc: BaseException) -> MCPError | None:
 
 
 async def expect_unauthorized(
-    url: str, *, mode: Mode = "legacy", http_timeout: float = 10.0
+    url: str,
+    *,
+    mode: Mode = "legacy",
+    http_timeout: float = 10.0,
+    token: str | None = None,
+    on_response: OnResponse | None = None,
 ) -> MCPError:
-    """Connect WITHOUT a token and assert the connection fails; return the ``MCPError``.
+    """Connect WITHOUT a token (or with a bad ``token``) and assert the connection fails.
+
+    Returns the ``MCPError``.
 
     In mcp 2.3.0 a 401 on the initialize POST (or on the ``server/discover``
     probe in "auto" mode, which then falls back to initialize) is turned by the
@@ -117,7 +169,7 @@ async def expect_unauthorized(
     JSON-RPC error object, in which case that code/message is surfaced instead.
     The HTTP status code is not exposed on the exception.
     """
-    async with _http_client(None, http_timeout) as http_client:
+    async with _http_client(token, http_timeout, on_response) as http_client:
         transport = streamable_http_client(url, http_client=http_client)
         try:
             async with Client(transport, mode=mode, cache=None, read_timeout_seconds=http_timeout):
@@ -127,4 +179,4 @@ async def expect_unauthorized(
             if found is None:
                 raise
             return found
-    raise AssertionError(f"connecting to {url} without a token unexpectedly succeeded")
+    raise AssertionError(f"connecting to {url} without a valid token unexpectedly succeeded")

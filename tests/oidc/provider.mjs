@@ -1,0 +1,252 @@
+// A real, OpenID-certified provider (panva/oidc-provider) for oauth_sidecar's tests.
+//
+// Loopback only, plain http, in-memory storage, a fresh RS256 key on every start: NEVER use this
+// outside tests. Usage (every option also reads an environment variable, see OPTIONS below):
+//
+//   node tests/oidc/provider.mjs --port 0 --issuer-path /realms/demo
+//
+// Prints exactly one JSON line to stdout once listening, e.g.
+//   {"issuer":"http://127.0.0.1:40123/realms/demo","port":40123}
+// and nothing else on stdout (diagnostics go to stderr), so a parent can read the line and then
+// stop reading without ever blocking this process. Exits 0 on SIGTERM/SIGINT, and with
+// --exit-on-stdin-close also when its stdin closes (no orphan if the parent dies hard).
+//
+// What it serves (all under the issuer, whose path may be empty or Keycloak-style):
+//   /.well-known/openid-configuration, the jwks_uri, /token, /auth, /me, ...
+//   client_credentials: a confidential client (client_secret_basic or _post) gets, for
+//     `resource=<absolute URL>`, a JWT access token (typ at+jwt, RS256) with aud = that resource
+//     and the requested scopes among --scopes.
+//   authorization_code + PKCE (S256, required for every client): with --auto-login <account>
+//     every interaction is answered at once — login as <account>, consent to everything asked —
+//     so a test can follow redirects from /auth to the redirect_uri with no browser. The
+//     confidential client and a public (token_endpoint_auth_method none, native) client may use
+//     it; their redirect_uris default to http://127.0.0.1/callback, and loopback redirect URIs of
+//     native clients match any port (RFC 8252 §7.3). A client following the redirects must keep
+//     cookies for an IP host (aiohttp: CookieJar(unsafe=True)) and resolve the relative Location
+//     of the interaction redirect. The token request may omit `resource` (the granted one is
+//     used). Without --auto-login the interaction URL answers 501: there is no login UI.
+//
+// oidc-provider 9 officially supports Node 22 LTS and later; it runs on Node 20 but prints an
+// "Unsupported runtime" warning to stderr.
+
+import * as crypto from 'node:crypto';
+import * as http from 'node:http';
+import { parseArgs } from 'node:util';
+
+import Provider from 'oidc-provider';
+
+const OPTIONS = {
+  port: { type: 'string', env: 'OIDC_PORT', default: '0' },
+  'issuer-path': { type: 'string', env: 'OIDC_ISSUER_PATH', default: '' },
+  'client-id': { type: 'string', env: 'OIDC_CLIENT_ID', default: 'sidecar-test' },
+  'client-secret': { type: 'string', env: 'OIDC_CLIENT_SECRET', default: 'sidecar-secret' },
+  'public-client-id': { type: 'string', env: 'OIDC_PUBLIC_CLIENT_ID', default: 'sidecar-public' },
+  'redirect-uri': { type: 'string', env: 'OIDC_REDIRECT_URI', default: 'http://127.0.0.1/callback' },
+  scopes: { type: 'string', env: 'OIDC_SCOPES', default: 'mcp:read mcp:write' },
+  'access-token-ttl': { type: 'string', env: 'OIDC_ACCESS_TOKEN_TTL', default: '300' },
+  'auto-login': { type: 'string', env: 'OIDC_AUTO_LOGIN', default: '' },
+  'exit-on-stdin-close': { type: 'boolean', env: 'OIDC_EXIT_ON_STDIN_CLOSE', default: false },
+};
+
+function options() {
+  const { values } = parseArgs({
+    options: Object.fromEntries(Object.entries(OPTIONS).map(([k, { type }]) => [k, { type }])),
+    strict: true,
+    allowPositionals: false,
+  });
+  const result = {};
+  for (const [name, { type, env, default: fallback }] of Object.entries(OPTIONS)) {
+    let value = values[name];
+    if (value === undefined && process.env[env] !== undefined && process.env[env] !== '') {
+      value = type === 'boolean' ? /^(1|true|yes|on)$/i.test(process.env[env]) : process.env[env];
+    }
+    result[name] = value ?? fallback;
+  }
+  const port = Number(result.port);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new Error(`--port ${result.port} is not a port number (0 picks a free one)`);
+  }
+  let issuerPath = result['issuer-path'].replace(/\/+$/, '');
+  if (issuerPath && !issuerPath.startsWith('/')) issuerPath = `/${issuerPath}`;
+  if (/[?#]/.test(issuerPath)) throw new Error('--issuer-path must not contain ? or #');
+  const ttl = Number(result['access-token-ttl']);
+  if (!Number.isInteger(ttl) || ttl < 1) throw new Error('--access-token-ttl must be seconds > 0');
+  return {
+    ...result,
+    port,
+    issuerPath,
+    ttl,
+    scopes: result.scopes.split(/[\s,]+/).filter(Boolean),
+  };
+}
+
+function signingJwks() {
+  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const jwk = privateKey.export({ format: 'jwk' });
+  return { keys: [{ ...jwk, kid: `rs256-${crypto.randomBytes(4).toString('hex')}`, alg: 'RS256', use: 'sig' }] };
+}
+
+function configuration(opts) {
+  const grantTypes = ['client_credentials', 'authorization_code'];
+  return {
+    jwks: signingJwks(),
+    clients: [
+      {
+        client_id: opts['client-id'],
+        client_secret: opts['client-secret'],
+        grant_types: grantTypes,
+        response_types: ['code'],
+        redirect_uris: [opts['redirect-uri']],
+        token_endpoint_auth_method: 'client_secret_basic',
+      },
+      {
+        client_id: opts['public-client-id'],
+        application_type: 'native',
+        grant_types: ['authorization_code'],
+        response_types: ['code'],
+        redirect_uris: [opts['redirect-uri']],
+        token_endpoint_auth_method: 'none',
+      },
+    ],
+    clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'none'],
+    cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
+    pkce: { required: () => true },
+    features: {
+      devInteractions: { enabled: false },
+      clientCredentials: { enabled: true },
+      introspection: { enabled: true },
+      revocation: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        // RFC 8707: the token's audience is exactly the resource the client asked for, any
+        // absolute URL (oidc-provider already refuses fragments and relative URIs).
+        defaultResource: (_ctx, _client, oneOf) => oneOf,
+        useGrantedResource: () => true,
+        getResourceServerInfo: (_ctx, resourceIndicator) => ({
+          audience: resourceIndicator,
+          scope: opts.scopes.join(' '),
+          accessTokenTTL: opts.ttl,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'RS256' } },
+        }),
+      },
+    },
+    interactions: {
+      url: (_ctx, interaction) => `${opts.issuerPath}/interaction/${interaction.uid}`,
+    },
+    findAccount: (_ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
+    ttl: {
+      AccessToken: () => opts.ttl,
+      ClientCredentials: () => opts.ttl,
+      AuthorizationCode: () => 60,
+      IdToken: () => opts.ttl,
+      Interaction: () => 600,
+      Session: () => 3600,
+      Grant: () => 3600,
+    },
+    renderError: (ctx, out) => {
+      ctx.type = 'json';
+      ctx.body = out;
+    },
+  };
+}
+
+// --auto-login: answer the login prompt as `accountId`, then consent to everything requested.
+async function autoInteraction(provider, accountId, req, res) {
+  const details = await provider.interactionDetails(req, res);
+  const { prompt, params } = details;
+  if (prompt.name === 'login') {
+    await provider.interactionFinished(req, res, { login: { accountId } }, { mergeWithLastSubmission: false });
+    return;
+  }
+  if (prompt.name !== 'consent') throw new Error(`unsupported prompt ${prompt.name}`);
+  const grant = details.grantId
+    ? await provider.Grant.find(details.grantId)
+    : new provider.Grant({ accountId: details.session.accountId, clientId: params.client_id });
+  const missing = prompt.details;
+  if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+  if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+  for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) {
+    grant.addResourceScope(indicator, scopes.join(' '));
+  }
+  const grantId = await grant.save();
+  const consent = details.grantId ? {} : { grantId };
+  await provider.interactionFinished(req, res, { consent }, { mergeWithLastSubmission: true });
+}
+
+function sendJson(res, status, body) {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+function main() {
+  const opts = options();
+  let provider; // set once the port, hence the issuer, is known
+  let callback;
+  const prefix = opts.issuerPath;
+
+  const server = http.createServer((req, res) => {
+    if (!provider) return sendJson(res, 503, { error: 'starting' });
+    const url = req.url ?? '/';
+    if (prefix) {
+      // Mount the provider under the issuer's path like Keycloak's /realms/<name>; baseUrl is
+      // how oidc-provider learns the mount path (as under Express) to build its URLs.
+      if (url !== prefix && !url.startsWith(`${prefix}/`) && !url.startsWith(`${prefix}?`)) {
+        return sendJson(res, 404, { error: 'not_found' });
+      }
+      req.baseUrl = prefix;
+      req.url = url.slice(prefix.length) || '/';
+    }
+    const interaction = /^\/interaction\/([\w-]+)(?:\?.*)?$/.exec(req.url);
+    if (interaction) {
+      if (!opts['auto-login']) {
+        return sendJson(res, 501, { error: 'no interactive login; start with --auto-login <account>' });
+      }
+      autoInteraction(provider, opts['auto-login'], req, res).catch((err) => {
+        console.error('interaction failed:', err);
+        if (!res.headersSent) sendJson(res, 400, { error: 'interaction_failed', error_description: String(err.message) });
+      });
+      return undefined;
+    }
+    return callback(req, res);
+  });
+
+  let stopping = false;
+  const stop = (why) => {
+    if (stopping) return;
+    stopping = true;
+    console.error(`oidc provider stopping (${why})`);
+    server.close(() => process.exit(0));
+    server.closeAllConnections();
+    setTimeout(() => process.exit(0), 2000).unref();
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  if (opts['exit-on-stdin-close']) {
+    process.stdin.on('end', () => stop('stdin closed'));
+    process.stdin.on('error', () => stop('stdin error'));
+    process.stdin.resume();
+  }
+
+  server.on('error', (err) => {
+    console.error(`oidc provider cannot listen: ${err.message}`);
+    process.exit(1);
+  });
+  server.listen(opts.port, '127.0.0.1', () => {
+    const { port } = server.address();
+    const issuer = `http://127.0.0.1:${port}${prefix}`;
+    provider = new Provider(issuer, configuration(opts));
+    provider.on('server_error', (_ctx, err) => console.error('server_error:', err));
+    provider.on('grant.error', (_ctx, err) => console.error('grant.error:', err.message, err.error_description ?? ''));
+    callback = provider.callback();
+    process.stdout.write(`${JSON.stringify({ issuer, port })}\n`);
+  });
+}
+
+try {
+  main();
+} catch (err) {
+  console.error(`oidc provider: ${err.message}`);
+  process.exit(2);
+}
