@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from oauth_sidecar import __version__
-from oauth_sidecar.app import create_app
+from oauth_sidecar.app import create_app, server_options
 from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
 from oauth_sidecar.log import configure_logging
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         web.run_app(
             create_app(config), host=config.host, port=config.port,
-            shutdown_timeout=config.shutdown_timeout, handler_cancellation=True,
-            access_log=None, print=None, max_field_size=config.max_header_bytes,
+            shutdown_timeout=config.shutdown_timeout, access_log=None, print=None,
+            **server_options(config),
         )
     except OSError as exc:  # the port is taken, or the address does not exist here
         log.error("listen_failed", host=config.host, port=config.port, error=str(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +32,16 @@ def _lifetime(
             yield
 
     return context
+
+
+def server_options(config: Config) -> dict[str, Any]:
+    """How the HTTP server must run this app (shared by __main__ and the tests)."""
+    return {
+        # Cancel the handler when its client disconnects, so an abandoned SSE stream also
+        # closes its upstream request (aiohttp's default keeps it running).
+        "handler_cancellation": True,
+        "max_field_size": config.max_header_bytes,  # Entra tokens with many groups exceed 8 KB
+    }
 
 
 def create_app(config: Config) -> web.Application:
@@ -67,6 +78,7 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(_lifetime(idp.running))
     app.cleanup_ctx.append(_lifetime(proxy.running))
+    app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(cors.decorate)
     app.on_response_prepare.append(add_request_id)
     return app

@@ -207,10 +207,20 @@ def _origin(scheme: str, host: str, port: int | None) -> str:
     return f"{scheme}://{shown}:{port}"
 
 
-def _check_url(name: str, value: str, problems: list[str], *, allow_http: bool = False) -> bool:
-    """True if value is an absolute http(s) URL without credentials or fragment."""
+def _shown(value: str) -> str:
+    """A URL as it may appear in a message: never its user-info (it may hold a password)."""
+    scheme, sep, rest = value.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return value
+
+
+def _check_url(name: str, raw: str, problems: list[str], *, allow_http: bool = False) -> bool:
+    """True if raw is an absolute http(s) URL without credentials or fragment."""
+    value = _shown(raw)
     try:
-        parts = urlsplit(value)
+        parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
         problems.append(f"{name}={value!r} is not a valid URL ({exc})")
@@ -318,7 +328,9 @@ def load(env: Mapping[str, str]) -> Config:
             continue
         parts = urlsplit(item)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
-            problems.append(f"CORS_ALLOW_ORIGINS entry {item!r} is not an origin like https://h")
+            problems.append(
+                f"CORS_ALLOW_ORIGINS entry {_shown(item)!r} is not an origin like https://h"
+            )
             continue
         cors_origins.add(_origin(parts.scheme.lower(), parts.hostname, parts.port))
 
@@ -370,8 +382,8 @@ def load(env: Mapping[str, str]) -> Config:
         ),
         warnings=tuple(_unknown_variable_warnings(env)),
     )
-    if problems:
-        raise ConfigError(problems)
+    if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
+        raise ConfigError(problems + list(config.warnings))
     if cors_any:
         warning = (
             "CORS_ALLOW_ORIGINS=* lets any web page call the MCP endpoint with a user's token "

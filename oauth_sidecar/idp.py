@@ -286,6 +286,10 @@ class IdentityProvider:
         refresh = min(max(refresh, self._config.jwks_cooldown), 86400.0)
         self._next_refresh = time.monotonic() + refresh
         old = set(self._keys.by_kid)
+        for kid, key in key_set.by_kid.items():  # keep identity of unchanged keys (token cache)
+            previous = self._keys.by_kid.get(kid)
+            if previous == key:
+                key_set.by_kid[kid] = previous
         self._keys = key_set
         self.last_error, self.last_success = None, time.time()
         new = set(key_set.by_kid)

@@ -23,22 +23,40 @@ from oauth_sidecar.http_errors import Handler
 
 REQUEST_ID = web.RequestKey("request_id", str)
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Compact JWS/JWE (base64url JSON header starting with "{") and RFC 6750 credentials.
+# Compact JWS/JWE (base64url JSON header starting with "{"), RFC 6750 credentials of any
+# case, and access_token query parameters (as aiohttp prints raw request lines in errors).
 SECRET_SHAPES = re.compile(
-    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+|(?i:bearer|basic)\s+[A-Za-z0-9\-._~+/]+=*"
+    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+"
+    r"|(?i:bearer|basic)\s+[A-Za-z0-9\-._~+/]+=*"
+    r"|(?i:access_token)=[^&\s\"']+"
 )
 SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secret", "password"})
 
 access = structlog.get_logger("oauth_sidecar.access")
 
 
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return SECRET_SHAPES.sub("[redacted]", value)
+    if isinstance(value, dict):
+        return {k: "[redacted]" if str(k).lower() in SECRET_KEYS else _mask(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    return value
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Mask secret-shaped values; a safety net, not the primary defence."""
+    """Mask secret-shaped values, nested ones and rendered tracebacks included.
+
+    A safety net, not the primary defence: nothing in the sidecar passes a token to a logger.
+    It must run after exceptions are rendered, because aiohttp's "Error handling request"
+    tracebacks quote raw request lines and headers.
+    """
     for key, value in event.items():
-        if key.lower() in SECRET_KEYS:
-            event[key] = "[redacted]"
-        elif isinstance(value, str) and ("eyJ" in value or "earer" in value or "asic" in value):
-            event[key] = SECRET_SHAPES.sub("[redacted]", value)
+        if key in ("_record", "_from_structlog"):
+            continue
+        event[key] = "[redacted]" if key.lower() in SECRET_KEYS else _mask(value)
     return event
 
 
@@ -52,10 +70,9 @@ def configure_logging(level: str, fmt: str) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
@@ -64,7 +81,11 @@ def configure_logging(level: str, fmt: str) -> None:
     # aiohttp and asyncio log through the stdlib: render them the same way.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info, redact, renderer,
+        ],
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
     ))
     root = logging.getLogger()
     root.handlers = [handler]

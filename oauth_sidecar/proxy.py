@@ -64,9 +64,14 @@ class UpstreamProxy:
         public = urlsplit(config.resource_url)
         self._forwarded_proto = public.scheme
         self._forwarded_host = public.netloc
+        self._shutdown_timeout = config.shutdown_timeout
         self._session: aiohttp.ClientSession | None = None
         self._ready_at = 0.0
         self._ready = False
+        self._stopping = False
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._event_streams: set[aiohttp.ClientResponse] = set()
+        self._deadline: asyncio.TimerHandle | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[UpstreamProxy]:
@@ -85,7 +90,27 @@ class UpstreamProxy:
             try:
                 yield self
             finally:
+                if self._deadline is not None:
+                    self._deadline.cancel()
                 self._session = None
+
+    async def stop(self, app: web.Application) -> None:
+        """on_shutdown (aiohttp runs it after the listener closed, before it drains handlers).
+
+        Event streams never end by themselves, so they are ended cleanly now (clients resume
+        with Last-Event-ID); other requests get SHUTDOWN_TIMEOUT_SECONDS, then are cancelled,
+        so shutdown is bounded by that one timeout (aiohttp alone would wait it twice).
+        """
+        self._stopping = True
+        for upstream in list(self._event_streams):
+            upstream.close()
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._shutdown_timeout, self._cancel_in_flight
+        )
+
+    def _cancel_in_flight(self) -> None:
+        for task in list(self._in_flight):
+            task.cancel()
 
     def upstream_url(self, raw_path: str, raw_query: str) -> URL:
         """Map the resource path onto MCP_UPSTREAM_PATH; every other path goes unchanged."""
@@ -152,9 +177,18 @@ class UpstreamProxy:
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        session = self._session
-        if session is None:
+        task = asyncio.current_task()
+        if task is None or self._session is None:
             raise RuntimeError("proxy used outside its cleanup context")
+        self._in_flight.add(task)
+        try:
+            return await self._forward(request, self._session)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _forward(
+        self, request: web.Request, session: aiohttp.ClientSession
+    ) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path
         if AMBIGUOUS_PATH.search(raw_path):
             return json_error(400, "invalid_path", "Encoded slashes, dots and backslashes are "
@@ -196,24 +230,37 @@ class UpstreamProxy:
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
         idle = self._config.sse_idle_timeout if event_stream else self._config.idle_timeout
         await response.prepare(request)
+        if event_stream:
+            self._event_streams.add(upstream)
+        try:
+            await self._copy_body(request, upstream, response, idle)
+        finally:
+            self._event_streams.discard(upstream)
+        return response
+
+    async def _copy_body(
+        self, request: web.Request, upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse, idle: float | None,
+    ) -> None:
         while True:
             try:
                 async with asyncio.timeout(idle):
                     chunk = await upstream.content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
+                if self._stopping and upstream.content_type == "text/event-stream":
+                    break  # we closed it for shutdown: end the stream cleanly
                 # Headers are gone: the only honest signal left is dropping the connection.
                 log.warning("upstream_stream_failed", error=type(exc).__name__)
                 if request.transport is not None:
                     request.transport.close()
-                return response
+                return
             if not chunk:
                 break
             try:
                 await response.write(chunk)
             except ConnectionError:  # the client left (ClientConnectionResetError included)
-                return response
+                return
         await response.write_eof()
-        return response
 
 
 class BodyTooLarge(Exception):

@@ -69,6 +69,15 @@ class Principal:
     kid: str | None
 
 
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        return False
+
+
 class KeySource(Protocol):
     """What the verifier needs from the identity provider (see idp.IdentityProvider)."""
 
@@ -146,26 +155,28 @@ class TokenVerifier:
         issuer = config.issuer.removesuffix("/")
         self._issuers = (issuer, issuer + "/")  # one trailing slash tolerated, see idp.same_issuer
         self._audiences = list(config.audiences)
-        self._cache: dict[bytes, Principal] = {}
+        self._cache: dict[bytes, tuple[Principal, VerificationKey]] = {}
 
     def _cached(self, digest: bytes, now: float) -> Principal | None:
-        principal = self._cache.get(digest)
-        if principal is None:
+        entry = self._cache.get(digest)
+        if entry is None:
             return None
-        # Re-check on every hit: still unexpired, and its key still published (rotation).
+        principal, key = entry
+        # Re-check on every hit: still unexpired, and the very key that verified it still
+        # published (the IdP keeps unchanged keys' identity across refreshes; see idp.py).
         if now >= principal.expires_at + self._config.leeway or (
-            self._keys.get_key(principal.kid) is None
+            self._keys.get_key(principal.kid) is not key
         ):
             del self._cache[digest]
             return None
         return principal
 
-    def _remember(self, digest: bytes, principal: Principal) -> None:
+    def _remember(self, digest: bytes, principal: Principal, key: VerificationKey) -> None:
         if self._config.cache_size == 0:
             return
         if len(self._cache) >= self._config.cache_size:
             del self._cache[next(iter(self._cache))]  # oldest first: bounded memory
-        self._cache[digest] = principal
+        self._cache[digest] = (principal, key)
 
     async def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()
@@ -182,7 +193,7 @@ class TokenVerifier:
             issuer=claims["iss"], subject=claims["sub"], claims=claims,
             expires_at=float(claims["exp"]), kid=key.kid,
         )
-        self._remember(digest, principal)
+        self._remember(digest, principal, key)
         return principal
 
     def _check_header(self, header: dict[str, Any]) -> str:
@@ -206,10 +217,7 @@ class TokenVerifier:
         """pyjwt casts times with int(), so "99999999999" would pass: insist on numbers."""
         for name in TIME_CLAIMS:
             value = payload.get(name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
+            if value is not None and not _is_number(value):
                 raise _invalid("claim_invalid", f"The {name} claim is not a number")
         sub = payload.get("sub")
         if "sub" in payload and (not isinstance(sub, str) or not sub.strip()):

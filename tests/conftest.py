@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from oauth_sidecar.app import create_app
+from oauth_sidecar.app import create_app, server_options
 from oauth_sidecar.config import load
 
 AUDIENCE = "https://mcp.example.test/mcp"
@@ -85,7 +85,8 @@ class FakeIdp:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get(self.issuer_suffix + "/.well-known/openid-configuration", self._discovery)
+        discovery = self.issuer_suffix + "/.well-known/openid-configuration"
+        app.router.add_get(discovery, self._discovery)
         app.router.add_get("/jwks", self._jwks)
         return app
 
@@ -234,9 +235,9 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     await server.close()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
     """Bounded wait for background work (house rule: every wait in a test is bounded)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
@@ -250,11 +251,16 @@ async def make_sidecar(
     """Start the production app on loopback with the given extra environment; keys loaded."""
     clients: list[TestClient[web.Request, web.Application]] = []
 
-    async def start(wait_ready: bool = True, **extra: str) -> TestClient[web.Request, web.Application]:
-        app = create_app(load(sidecar_env(idp, upstream, **extra)))
-        client: TestClient[web.Request, web.Application] = TestClient(
-            TestServer(app, host="127.0.0.1")
-        )
+    async def start(
+        wait_ready: bool = True, **extra: str
+    ) -> TestClient[web.Request, web.Application]:
+        config = load(sidecar_env(idp, upstream, **extra))
+        app = create_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        # Serve it as __main__ does; the test server sets handler_cancellation=True itself.
+        options = {k: v for k, v in server_options(config).items() if k != "handler_cancellation"}
+        await server.start_server(**options)
+        client: TestClient[web.Request, web.Application] = TestClient(server)
         await client.start_server()
         clients.append(client)
         if wait_ready:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-
 from conftest import FakeIdp, FakeUpstream, bearer
 
 Client = TestClient[web.Request, web.Application]

@@ -356,7 +356,7 @@ async def test_discovery_issuer_mismatch_is_reported_in_last_error(idp: FakeIdp)
     idp.issuer_in_document = "https://evil.example"
     provider = IdentityProvider(idp_config(idp.issuer), ALGORITHMS)
     async with provider.running():
-        await wait_until(lambda: "issuer" in (provider.last_error or ""), timeout=1.5)
+        await wait_until(lambda: "issuer" in (provider.last_error or ""), within=1.5)
 
 
 @pytest.mark.parametrize(("configured", "in_document"), [("/", ""), ("", "/")])
@@ -519,7 +519,7 @@ async def test_slow_jwks_beyond_timeout_fails_fast_without_hanging() -> None:
         provider = IdentityProvider(idp_config(site.origin, timeout=0.5), ALGORITHMS)
         started = time.monotonic()
         async with asyncio.timeout(3), provider.running():
-            await wait_until(lambda: provider.last_error != "not fetched yet", timeout=2.0)
+            await wait_until(lambda: provider.last_error != "not fetched yet", within=2.0)
             assert provider.last_error == "jwks: TimeoutError"
             assert time.monotonic() - started < 1.5
             assert not provider.ready
@@ -660,7 +660,7 @@ async def test_idp_down_at_start_gives_503_then_recovers_by_itself(
     idp.down = False
     provider = client.app[IDP]
     started = time.monotonic()
-    await wait_until(lambda: provider.ready, timeout=6.0)
+    await wait_until(lambda: provider.ready, within=6.0)
     assert time.monotonic() - started < 3.0  # the first retry comes after about a second
     ready = await client.get("/readyz")
     assert ready.status == 200
@@ -689,7 +689,7 @@ async def test_jwks_max_age_schedules_the_background_refresh(idp: FakeIdp) -> No
         await wait_until(lambda: provider.ready)
         loaded = time.monotonic()
         assert idp.hits["jwks"] == 1
-        await wait_until(lambda: idp.hits["jwks"] >= 2, timeout=4.0)
+        await wait_until(lambda: idp.hits["jwks"] >= 2, within=4.0)
         assert time.monotonic() - loaded > 1.5  # not before max-age ran out
 
 

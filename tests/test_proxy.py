@@ -491,7 +491,7 @@ async def test_sse_events_stream_unbuffered_and_client_disconnect_reaches_upstre
     assert not upstream.stream_closed.is_set()  # the upstream is still holding the stream open
 
     response.close()  # the client leaves
-    await wait_until(upstream.stream_closed.is_set, timeout=5)
+    await wait_until(upstream.stream_closed.is_set, within=5)
 
 
 async def test_upstream_session_has_no_total_timeout(sidecar: Client) -> None:

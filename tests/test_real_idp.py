@@ -55,7 +55,7 @@ async def real_sidecar(real_idp: RealIdp, upstream: FakeUpstream) -> AsyncIterat
     await client.start_server()
     try:
         try:
-            await wait_until(lambda: app[IDP].ready, timeout=KEYS_TIMEOUT)
+            await wait_until(lambda: app[IDP].ready, within=KEYS_TIMEOUT)
         except AssertionError:
             pytest.fail(f"sidecar did not load the provider's keys: {app[IDP].last_error}\n"
                         f"{real_idp.log_tail()}")

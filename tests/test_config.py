@@ -1,0 +1,352 @@
+"""config.load: one pass over the environment, every problem reported together, safe defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from oauth_sidecar.config import (
+    ASYMMETRIC_ALGORITHMS,
+    DEFAULT_ALGORITHMS,
+    NOT_YET_SUPPORTED,
+    VARIABLES,
+    Config,
+    ConfigError,
+    canonical_resource,
+    load,
+    split_list,
+)
+
+BASE = {
+    "OIDC_ISSUER_URL": "https://idp.example.test/realms/demo",
+    "OIDC_AUDIENCE": "https://mcp.example.test/mcp",
+    "RESOURCE_URL": "https://mcp.example.test/mcp",
+    "MCP_UPSTREAM_URL": "http://127.0.0.1:9000",
+}
+REQUIRED = ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "MCP_UPSTREAM_URL")
+
+
+def problems_for(env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(env)
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    return caught.value.problems
+
+
+def loads(**overrides: str) -> Config:
+    return load({**BASE, **overrides})
+
+
+# -- required variables --------------------------------------------------------------------------
+
+
+def test_empty_environment_lists_every_required_variable_at_once() -> None:
+    problems = problems_for({})
+    assert len(problems) == len(REQUIRED)
+    for name, problem in zip(REQUIRED, problems, strict=True):
+        assert problem.startswith(f"{name} is required")
+
+
+@pytest.mark.parametrize("missing", REQUIRED)
+def test_each_required_variable_is_reported_when_missing_or_blank(missing: str) -> None:
+    for value in (None, "", "   "):
+        env = {k: v for k, v in BASE.items() if k != missing}
+        if value is not None:
+            env[missing] = value
+        assert problems_for(env) == [problems_for({})[REQUIRED.index(missing)]]
+
+
+def test_every_problem_is_reported_together() -> None:
+    problems = problems_for({
+        "OIDC_ISSUER_URL": "http://idp.example.test",
+        "RESOURCE_URL": "https://mcp.example.test/mcp?x=1",
+        "MCP_UPSTREAM_URL": "http://127.0.0.1:9000",
+        "PORT": "http",
+        "JWT_ALGORITHMS": "HS256",
+        "LOG_LEVEL": "loud",
+        "CORS_ALLOW_ORIGINS": "claude.ai",
+        "ALLOW_SUBS": "alice",
+    })
+    joined = "\n".join(problems)
+    for name in ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "PORT", "JWT_ALGORITHMS",
+                 "LOG_LEVEL", "CORS_ALLOW_ORIGINS", "ALLOW_SUBS"):
+        assert name in joined, name
+    assert len(problems) == 8
+
+
+# -- table of refused values ---------------------------------------------------------------------
+
+BAD_VALUES: list[tuple[dict[str, str], str]] = [
+    # numbers and ranges
+    ({"PORT": "abc"}, "PORT='abc' is not a number"),
+    ({"PORT": "8080.5"}, "PORT='8080.5' is not a number"),
+    ({"PORT": "0"}, "PORT=0 is out of range: use 1..65535"),
+    ({"PORT": "65536"}, "PORT=65536 is out of range"),
+    ({"JWT_LEEWAY_SECONDS": "-1"}, "JWT_LEEWAY_SECONDS=-1 is out of range"),
+    ({"JWT_LEEWAY_SECONDS": "301"}, "JWT_LEEWAY_SECONDS=301 is out of range"),
+    ({"JWT_MAX_TOKEN_BYTES": "100"}, "JWT_MAX_TOKEN_BYTES=100 is out of range"),
+    ({"TOKEN_CACHE_SIZE": "-5"}, "TOKEN_CACHE_SIZE=-5 is out of range"),
+    ({"IDP_TIMEOUT_SECONDS": "0"}, "IDP_TIMEOUT_SECONDS=0 is out of range"),
+    ({"IDP_TIMEOUT_SECONDS": "nan"}, "IDP_TIMEOUT_SECONDS=nan is out of range"),
+    ({"SHUTDOWN_TIMEOUT_SECONDS": "inf"}, "SHUTDOWN_TIMEOUT_SECONDS=inf is out of range"),
+    ({"SHUTDOWN_TIMEOUT_SECONDS": "-1"}, "SHUTDOWN_TIMEOUT_SECONDS=-1 is out of range"),
+    ({"JWKS_REFRESH_SECONDS": "0.5"}, "JWKS_REFRESH_SECONDS=0.5 is out of range"),
+    ({"JWKS_COOLDOWN_SECONDS": "soon"}, "JWKS_COOLDOWN_SECONDS='soon' is not a number"),
+    ({"UPSTREAM_IDLE_TIMEOUT_SECONDS": "ten"}, "UPSTREAM_IDLE_TIMEOUT_SECONDS='ten' is not a"),
+    ({"SSE_IDLE_TIMEOUT_SECONDS": "-3"}, "SSE_IDLE_TIMEOUT_SECONDS=-3 is out of range"),
+    ({"MAX_REQUEST_BODY_BYTES": "-1"}, "MAX_REQUEST_BODY_BYTES=-1 is out of range"),
+    ({"UPSTREAM_CONNECT_TIMEOUT_SECONDS": "0"}, "UPSTREAM_CONNECT_TIMEOUT_SECONDS=0 is out of"),
+    ({"MAX_HEADER_BYTES": "100"}, "MAX_HEADER_BYTES=100 is out of range"),
+    # choices and flags
+    ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL='verbose' is not one of debug, info, warning, error"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml' is not one of"),
+    ({"OIDC_ALLOW_HTTP": "maybe"}, "OIDC_ALLOW_HTTP='maybe' is not a boolean"),
+    # algorithms: asymmetric only, with the accepted list as the hint
+    ({"JWT_ALGORITHMS": "HS256"}, "JWT_ALGORITHMS has HS256: only asymmetric algorithms"),
+    ({"JWT_ALGORITHMS": "RS256,none"}, "JWT_ALGORITHMS has none: only asymmetric"),
+    ({"JWT_ALGORITHMS": "RS256 NONE"}, "JWT_ALGORITHMS has NONE"),
+    ({"JWT_ALGORITHMS": "HS512,RS256"}, "JWT_ALGORITHMS has HS512"),
+    ({"JWT_ALGORITHMS": " , "}, "JWT_ALGORITHMS is empty"),
+    # issuer: https, or http on loopback only
+    ({"OIDC_ISSUER_URL": "http://idp.example.test"}, "uses plain http off loopback"),
+    ({"OIDC_ISSUER_URL": "http://localhost.evil.test"}, "uses plain http off loopback"),
+    ({"OIDC_ISSUER_URL": "http://127.0.0.1.nip.io"}, "uses plain http off loopback"),
+    ({"OIDC_ISSUER_URL": "http://10.0.0.1"}, "uses plain http off loopback"),
+    ({"OIDC_ISSUER_URL": "https://user:pw@idp.example.test"}, "must not contain credentials"),
+    ({"OIDC_ISSUER_URL": "https://idp.example.test#x"}, "must not contain a fragment"),
+    ({"OIDC_ISSUER_URL": "https://idp.example.test?t=1"}, "must not contain a query"),
+    ({"OIDC_ISSUER_URL": "idp.example.test"}, "must be an absolute http(s) URL"),
+    ({"OIDC_ISSUER_URL": "ftp://idp.example.test"}, "must be an absolute http(s) URL"),
+    ({"OIDC_ISSUER_URL": "https://idp.example.test:99999"}, "is not a valid URL"),
+    # resource
+    ({"RESOURCE_URL": "http://mcp.example.test/mcp"}, "RESOURCE_URL='http://mcp.example.test"),
+    ({"RESOURCE_URL": "https://u:p@mcp.example.test/mcp"}, "RESOURCE_URL must not contain cred"),
+    ({"RESOURCE_URL": "https://mcp.example.test/mcp#top"}, "must not contain a fragment"),
+    ({"RESOURCE_URL": "https://mcp.example.test/mcp?x=1"}, "RESOURCE_URL must not contain a query"),
+    ({"RESOURCE_URL": "/mcp"}, "RESOURCE_URL='/mcp' must be an absolute http(s) URL"),
+    # upstream
+    ({"MCP_UPSTREAM_URL": "http://u:p@127.0.0.1:9000"}, "MCP_UPSTREAM_URL must not contain cred"),
+    ({"MCP_UPSTREAM_URL": "http://127.0.0.1:9000/?x=1"}, "MCP_UPSTREAM_URL must not contain a q"),
+    ({"MCP_UPSTREAM_URL": "http://127.0.0.1:9000/#x"}, "must not contain a fragment"),
+    ({"MCP_UPSTREAM_URL": "unix:///run/mcp.sock"}, "must be an absolute http(s) URL"),
+    ({"MCP_UPSTREAM_PATH": "mcp"}, "MCP_UPSTREAM_PATH='mcp' must start with /"),
+    ({"MCP_UPSTREAM_URL": "http://127.0.0.1:9000/mcp", "MCP_UPSTREAM_PATH": "/mcp"},
+     "MCP_UPSTREAM_URL has a path and MCP_UPSTREAM_PATH is set: give the path once"),
+    # CORS entries must be origins
+    ({"CORS_ALLOW_ORIGINS": "claude.ai"}, "CORS_ALLOW_ORIGINS entry 'claude.ai' is not an origin"),
+    ({"CORS_ALLOW_ORIGINS": "https://claude.ai/app"}, "entry 'https://claude.ai/app' is not"),
+    ({"CORS_ALLOW_ORIGINS": "null"}, "entry 'null' is not an origin"),
+    ({"CORS_ALLOW_ORIGINS": "ftp://claude.ai"}, "entry 'ftp://claude.ai' is not an origin"),
+    ({"CORS_ALLOW_ORIGINS": "https://claude.ai,*.example.com"}, "entry '*.example.com' is not"),
+    # a header cap that cannot carry the largest accepted token
+    ({"MAX_HEADER_BYTES": "10000"},
+     "MAX_HEADER_BYTES=10000 cannot carry a token of JWT_MAX_TOKEN_BYTES=16384"),
+    ({"MAX_HEADER_BYTES": "20000", "JWT_MAX_TOKEN_BYTES": "20000"},
+     "MAX_HEADER_BYTES=20000 cannot carry"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), BAD_VALUES, ids=[str(o) for o, _ in BAD_VALUES]
+)
+def test_bad_value_is_refused_with_a_precise_problem(
+    overrides: dict[str, str], expected: str
+) -> None:
+    problems = problems_for({**BASE, **overrides})
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_symmetric_algorithm_hint_lists_the_accepted_ones() -> None:
+    [problem] = problems_for({**BASE, "JWT_ALGORITHMS": "HS256"})
+    for name in ASYMMETRIC_ALGORITHMS:
+        assert name in problem
+
+
+@pytest.mark.parametrize("name", sorted(NOT_YET_SUPPORTED))
+def test_unimplemented_peer_feature_is_refused_not_ignored(name: str) -> None:
+    [problem] = problems_for({**BASE, name: "something"})
+    assert problem.startswith(f"{name} is set")
+    assert "not implemented" in problem
+    assert NOT_YET_SUPPORTED[name] in problem
+    loads(**{name: "  "})  # blank means unset
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://user:hunter2@idp.example.test",
+        "https://user:hunter2@idp.example.test:port",
+        "https://user:hunter2@idp.example.test:99999",
+    ],
+)
+def test_problem_messages_never_echo_a_url_password(url: str) -> None:
+    for name in ("OIDC_ISSUER_URL", "MCP_UPSTREAM_URL"):
+        problems = problems_for({**BASE, name: url})
+        assert "hunter2" not in "\n".join(problems)
+
+
+# -- accepted values -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    ["http://127.0.0.1:8080/realms/x", "http://localhost:8080", "http://[::1]:9000",
+     "http://127.0.0.2"],
+)
+def test_http_issuer_is_accepted_on_loopback(issuer: str) -> None:
+    assert loads(OIDC_ISSUER_URL=issuer).idp.issuer == issuer
+
+
+@pytest.mark.parametrize("flag", ["true", "TRUE", "1", "yes", "on"])
+def test_http_issuer_off_loopback_is_accepted_when_explicitly_allowed(flag: str) -> None:
+    config = loads(OIDC_ISSUER_URL="http://idp.internal", OIDC_ALLOW_HTTP=flag)
+    assert config.idp.issuer == config.tokens.issuer == "http://idp.internal"
+
+
+def test_allow_http_does_not_relax_the_resource_url() -> None:
+    problems = problems_for({**BASE, "OIDC_ALLOW_HTTP": "true",
+                             "RESOURCE_URL": "http://mcp.example.test/mcp"})
+    assert any("RESOURCE_URL" in p and "plain http" in p for p in problems)
+
+
+def test_upstream_may_be_plain_http_on_a_private_network() -> None:
+    config = loads(MCP_UPSTREAM_URL="http://mcp-server:8000")
+    assert config.upstream.origin == "http://mcp-server:8000"
+    assert config.upstream.path_prefix == ""
+
+
+def test_upstream_path_comes_from_the_url_or_the_variable() -> None:
+    from_url = loads(MCP_UPSTREAM_URL="HTTP://MCP-Server:80/api/mcp/")
+    assert from_url.upstream.origin == "http://mcp-server"
+    assert from_url.upstream.path_prefix == "/api/mcp"
+    from_variable = loads(MCP_UPSTREAM_PATH="/api/mcp/")
+    assert from_variable.upstream.origin == "http://127.0.0.1:9000"
+    assert from_variable.upstream.path_prefix == "/api/mcp"
+
+
+def test_audience_is_a_comma_or_space_separated_list() -> None:
+    config = loads(OIDC_AUDIENCE=" api://mcp, https://mcp.example.test/mcp ,account api://mcp,")
+    assert config.tokens.audiences == ("api://mcp", "https://mcp.example.test/mcp", "account")
+
+
+def test_values_are_stripped() -> None:
+    config = loads(OIDC_ISSUER_URL="  https://idp.example.test/realms/demo \n", PORT=" 9090 ")
+    assert config.idp.issuer == "https://idp.example.test/realms/demo"
+    assert config.port == 9090
+
+
+def test_algorithms_and_scopes_are_parsed_as_lists() -> None:
+    config = loads(JWT_ALGORITHMS="ES256, EdDSA", SCOPES_SUPPORTED="mcp:read,mcp:write mcp:read")
+    assert config.tokens.algorithms == frozenset({"ES256", "EdDSA"})
+    assert config.scopes == ("mcp:read", "mcp:write")
+
+
+def test_cors_origins_are_normalised() -> None:
+    config = loads(CORS_ALLOW_ORIGINS="HTTPS://Claude.AI:443, https://claude.com/, "
+                   "http://localhost:6274")
+    assert config.cors_origins == frozenset(
+        {"https://claude.ai", "https://claude.com", "http://localhost:6274"}
+    )
+    assert not config.cors_any_origin
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical", "path"),
+    [
+        ("HTTPS://MCP.Example.TEST:443/mcp/", "https://mcp.example.test/mcp", "/mcp"),
+        ("https://mcp.example.test/mcp", "https://mcp.example.test/mcp", "/mcp"),
+        ("https://mcp.example.test:8443/a/b/", "https://mcp.example.test:8443/a/b", "/a/b"),
+        ("https://mcp.example.test/", "https://mcp.example.test", ""),
+        ("https://mcp.example.test", "https://mcp.example.test", ""),
+        ("http://127.0.0.1:80/mcp", "http://127.0.0.1/mcp", "/mcp"),
+        ("https://[::1]:8443/mcp/", "https://[::1]:8443/mcp", "/mcp"),
+    ],
+)
+def test_resource_url_canonical_form(raw: str, canonical: str, path: str) -> None:
+    assert canonical_resource(raw) == (canonical, path)
+    config = loads(RESOURCE_URL=raw)
+    assert (config.resource_url, config.resource_path) == (canonical, path)
+
+
+# -- warnings ------------------------------------------------------------------------------------
+
+
+def test_misspelled_variable_warns_with_the_likely_name() -> None:
+    config = loads(OIDC_AUDIENSE="x")
+    [warning] = config.warnings
+    assert "OIDC_AUDIENSE" in warning
+    assert "did you mean OIDC_AUDIENCE?" in warning
+
+
+def test_unknown_own_prefix_warns_and_foreign_variables_are_ignored() -> None:
+    config = loads(JWT_LEEWAY="5", HOME="/root", PATH="/bin", KUBERNETES_SERVICE_HOST="10.0.0.1")
+    [warning] = config.warnings
+    assert warning.startswith("JWT_LEEWAY is not a variable")
+
+
+def test_misspelled_required_variable_is_named_in_the_error() -> None:
+    env = {k: v for k, v in BASE.items() if k != "OIDC_AUDIENCE"}
+    problems = problems_for({**env, "OIDC_AUDIENSE": "x"})
+    assert any("OIDC_AUDIENSE" in problem for problem in problems)
+
+
+def test_cors_wildcard_is_accepted_with_a_warning() -> None:
+    config = loads(CORS_ALLOW_ORIGINS="*, https://claude.ai")
+    assert config.cors_any_origin
+    assert config.cors_origins == frozenset({"https://claude.ai"})
+    [warning] = config.warnings
+    assert warning.startswith("CORS_ALLOW_ORIGINS=*")
+    assert "DNS-rebinding" in warning
+
+
+# -- defaults ------------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = load(BASE)
+    assert config.host == "0.0.0.0"  # noqa: S104 - the documented container default
+    assert config.port == 8080
+    assert (config.log_level, config.log_format) == ("info", "auto")
+    assert config.resource_url == "https://mcp.example.test/mcp"
+    assert config.resource_path == "/mcp"
+    assert config.scopes == ()
+    assert config.cors_origins == frozenset({"https://claude.ai", "https://claude.com"})
+    assert not config.cors_any_origin
+    assert config.max_header_bytes == 32768
+    assert config.shutdown_timeout == 20.0
+    assert config.warnings == ()
+    assert config.idp.issuer == BASE["OIDC_ISSUER_URL"]
+    assert (config.idp.timeout, config.idp.jwks_cooldown, config.idp.jwks_refresh) == (
+        10.0, 30.0, 3600.0)
+    tokens = config.tokens
+    assert tokens.issuer == BASE["OIDC_ISSUER_URL"]
+    assert tokens.audiences == ("https://mcp.example.test/mcp",)
+    assert tokens.algorithms == frozenset(split_list(DEFAULT_ALGORITHMS))
+    assert tokens.algorithms <= ASYMMETRIC_ALGORITHMS
+    assert (tokens.leeway, tokens.max_token_bytes, tokens.cache_size) == (30, 16384, 10000)
+    upstream = config.upstream
+    assert (upstream.origin, upstream.path_prefix) == ("http://127.0.0.1:9000", "")
+    assert (upstream.connect_timeout, upstream.response_timeout) == (10.0, 300.0)
+    assert upstream.idle_timeout == 300.0
+    assert upstream.sse_idle_timeout is None  # SSE streams may idle for hours
+    assert upstream.max_body_bytes == 10 * 1024 * 1024
+
+
+def test_defaults_table_parses_on_its_own() -> None:
+    """Every documented default is a valid value (the table and the parser agree)."""
+    env = {name: default for name, (default, _) in VARIABLES.items() if default}
+    config = load({**env, **BASE})
+    assert config.port == int(VARIABLES["PORT"][0])
+    assert config.warnings == ()
+
+
+def test_zero_idle_timeouts_mean_none() -> None:
+    config = loads(UPSTREAM_IDLE_TIMEOUT_SECONDS="0", SSE_IDLE_TIMEOUT_SECONDS="0")
+    assert config.upstream.idle_timeout is None
+    assert config.upstream.sse_idle_timeout is None
+
+
+def test_config_is_frozen() -> None:
+    config = load(BASE)
+    with pytest.raises(AttributeError):
+        config.port = 1  # type: ignore[misc]
