@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import aiohttp
+from processes import stop_process
 
 OIDC_DIR = Path(__file__).with_name("oidc")
 PROVIDER_SCRIPT = OIDC_DIR / "provider.mjs"
@@ -85,20 +86,6 @@ async def _read_ready_line(
         log.append("stdout: " + text)
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """Close stdin, SIGTERM, bounded wait, SIGKILL if needed; always reap."""
-    if process.stdin is not None:
-        process.stdin.close()
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            async with asyncio.timeout(SHUTDOWN_TIMEOUT):
-                await process.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-    await process.wait()  # reap; after SIGKILL this returns promptly
 
 
 @contextlib.asynccontextmanager
@@ -145,7 +132,7 @@ async def run_oidc_provider(
         yield RealIdp(issuer=ready["issuer"], port=int(ready["port"]), client_id=client_id,
                       client_secret=client_secret, log=log)
     finally:
-        await _stop(process)
+        await stop_process(process)
         # The pipes reach EOF once the child is gone; bounded anyway, then never left pending.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_TIMEOUT):

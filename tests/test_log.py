@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import FakeIdp, FakeUpstream, bearer, sidecar_env
+from processes import free_port
 from structlog.testing import capture_logs
 
 from oauth_sidecar.log import redact
@@ -255,11 +255,6 @@ def test_exception_text_is_redacted() -> None:
     assert "c2lnbmF0dXJl" not in stdout
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def send_raw(port: int, data: bytes) -> bytes:

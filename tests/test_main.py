@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import FakeIdp, FakeUpstream, bearer, sidecar_env, wait_until
+from processes import free_port
 
 from oauth_sidecar import __version__
 from oauth_sidecar.config import NOT_YET_SUPPORTED, VARIABLES, load
@@ -59,11 +60,6 @@ async def sidecar_process(env: dict[str, str]) -> AsyncIterator[Process]:
             await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ import httpx2
 import pytest
 from conftest import FakeIdp, SidecarFactory
 from mcp_client_probe import Mode, call_echo, call_whoami, expect_unauthorized
+from processes import free_port, stop_process
 
 ECHO_SERVER = Path(__file__).with_name("mcp_echo_server.py")
 STARTUP_TIMEOUT = 20.0  # the SDK server needs ~0.8 s; leave room for a loaded CI machine
@@ -66,30 +66,14 @@ class Recorder:
         return [(e.method, e.status) for e in self.exchanges]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            async with asyncio.timeout(SHUTDOWN_TIMEOUT):
-                await process.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-    await process.wait()  # reap; after SIGKILL this returns promptly
 
 
 @pytest.fixture
 async def echo_server(tmp_path: Path) -> AsyncIterator[EchoServer]:
     """The official-SDK echo server as a real child process on a free loopback port."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "mcp_echo_server.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
@@ -128,7 +112,7 @@ async def echo_server(tmp_path: Path) -> AsyncIterator[EchoServer]:
             break
         yield EchoServer(port)
     finally:
-        await _stop(process)
+        await stop_process(process)
 
 
 @pytest.fixture
