@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     configure_logging(config.log_level, config.log_format)
     log = structlog.get_logger("oauth_sidecar")
+    log.info("starting", version=__version__, **_summary(config))
     for warning in config.warnings:
         log.warning("config_warning", message=warning)
-    log.info("starting", version=__version__, **_summary(config))
     try:
         web.run_app(
             create_app(config), host=config.host, port=config.port,

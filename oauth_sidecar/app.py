@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.cors import Cors
 from oauth_sidecar.discovery import ProtectedResourceMetadata, protected_resource_paths
@@ -16,12 +17,17 @@ from oauth_sidecar.health import Health
 from oauth_sidecar.http_errors import Handler, json_errors, method_not_allowed
 from oauth_sidecar.idp import IdentityProvider
 from oauth_sidecar.log import access_log, add_request_id
+from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.proxy import UpstreamProxy
+from oauth_sidecar.ratelimit import RateLimiter
+from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import TokenVerifier
+from oauth_sidecar.upstream_credential import UpstreamCredential
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 PROXY = web.AppKey("proxy", UpstreamProxy)
+SESSIONS = web.AppKey("sessions", SessionBindings)
 
 
 def _lifetime(
@@ -47,19 +53,27 @@ def server_options(config: Config) -> dict[str, Any]:
 def create_app(config: Config) -> web.Application:
     idp = IdentityProvider(config.idp, config.tokens.algorithms)
     verifier = TokenVerifier(config.tokens, idp)
-    proxy = UpstreamProxy(config)
+    policy = AccessPolicy(config.policy)
+    limiter = RateLimiter(config.rate_limits)
+    addresses = ClientAddress(config.trusted_proxies)
+    sessions = SessionBindings(config.session_ttl)
+    credential = (
+        UpstreamCredential(config.upstream_bearer_file) if config.upstream_bearer_file else None
+    )
+    proxy = UpstreamProxy(config, policy, addresses, sessions, credential)
     public: set[web.AbstractResource] = set()
 
     def is_public(request: web.Request) -> bool:
         return request.match_info.route.resource in public
 
-    gate = Gate(config, verifier, is_public)
+    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
+                is_public=is_public)
     cors = Cors(config, is_public)
     app = web.Application(
         middlewares=[access_log, json_errors, cors.middleware, gate.middleware],
         client_max_size=64 * 1024,  # only public handlers read bodies; the proxy streams
     )
-    app[IDP], app[VERIFIER], app[PROXY] = idp, verifier, proxy
+    app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
 
     def add_public(path: str, handler: Handler) -> None:
         resource = app.router.add_resource(path)
@@ -78,6 +92,9 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(_lifetime(idp.running))
     app.cleanup_ctx.append(_lifetime(proxy.running))
+    app.cleanup_ctx.append(_lifetime(limiter.running))
+    if credential is not None:
+        app.cleanup_ctx.append(_lifetime(credential.running))
     app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(cors.decorate)
     app.on_response_prepare.append(add_request_id)

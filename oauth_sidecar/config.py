@@ -16,6 +16,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Asymmetric only: a JWKS entry must never be usable as an HMAC secret (CVE-2022-29217 class).
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -55,15 +56,27 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MAX_REQUEST_BODY_BYTES": ("10485760", "Largest request body forwarded."),
     "MAX_HEADER_BYTES": ("32768", "Largest single request header (large Entra tokens)."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
+    "ALLOW_SUBS": ("", "Subjects (`sub`) allowed, comma-separated."),
+    "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (case-insensitive)."),
+    "ALLOW_EMAIL_DOMAINS": ("", "Domains whose verified emails are allowed, e.g. example.com."),
+    "ALLOW_GROUPS": ("", "Groups allowed (from GROUPS_CLAIM), comma-separated."),
+    "ALLOW_ALL_AUTHENTICATED": ("false", "Admit every valid token when no allow-list is set."),
+    "GROUPS_CLAIM": ("groups", "Claim holding the groups; dotted path, e.g. realm_access.roles."),
+    "INSECURE_ALLOW_UNVERIFIED_EMAIL": ("false", "Match emails without email_verified=true."),
+    "REQUIRED_SCOPES": ("", "Scopes every token must carry (`scope` or `scp`)."),
+    "RATE_LIMIT_RPM": ("60", "Requests per minute per subject (0 = unlimited)."),
+    "RATE_LIMIT_UNAUTHENTICATED_RPM": ("600", "Failed authentications per minute per client IP."),
+    "RATE_LIMIT_STORAGE_URI": ("memory://", "memory://, or redis://host:port/db to share."),
+    "RATE_LIMIT_ON_STORAGE_ERROR": ("allow", "allow or deny requests while the storage fails."),
+    "TRUSTED_PROXIES": ("", "Proxy addresses/CIDRs whose X-Forwarded-For is believed."),
+    "FORWARD_IDENTITY": ("false", "Send X-Forwarded-User/Email/Groups/Issuer upstream."),
+    "MCP_UPSTREAM_BEARER_FILE": ("", "File with a static token sent upstream as Bearer."),
+    "SESSION_BINDING_TTL_SECONDS": ("86400", "How long an idle Mcp-Session-Id stays bound."),
 }
 
 # Peer variables whose feature this release does not implement yet: refusing to start is safer
 # than silently ignoring an allow-list or a rate limit the operator believes is enforced.
 NOT_YET_SUPPORTED = {
-    "ALLOW_SUBS": "allow-lists",
-    "ALLOW_EMAILS": "allow-lists",
-    "ALLOW_GROUPS": "allow-lists",
-    "RATE_LIMIT_RPM": "rate limiting",
     "STATIC_CLIENT_ID": "static client registration",
     "STATIC_CLIENT_SECRET": "static client registration",
     "MCP_SPAWN_CMD": "spawn mode",
@@ -73,8 +86,11 @@ NOT_YET_SUPPORTED = {
 # Prefixes of variables that are ours: an unknown one is most likely a typo.
 OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
-    "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_",
+    "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
+    "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_",
 )  # fmt: skip
+RATE_LIMIT_SCHEMES = {"memory": "async+memory", "redis": "async+redis", "rediss": "async+rediss",
+                      "redis+unix": "async+redis+unix"}
 
 
 class ConfigError(Exception):
@@ -118,6 +134,30 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    subs: frozenset[str]
+    emails: frozenset[str]
+    """Lowercased."""
+    email_domains: frozenset[str]
+    """Lowercased, without "@"."""
+    groups: frozenset[str]
+    groups_claim: tuple[str, ...]
+    """The dotted path, split: ("realm_access", "roles")."""
+    allow_all_authenticated: bool
+    allow_unverified_email: bool
+    required_scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    per_subject_rpm: int
+    unauthenticated_rpm: int
+    storage_uri: str
+    """In the `limits` library's form (async+memory://, async+redis://...)."""
+    fail_open: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str
     port: int
@@ -135,7 +175,18 @@ class Config:
     idp: IdpConfig
     tokens: TokenConfig
     upstream: UpstreamConfig
+    policy: PolicyConfig
+    rate_limits: RateLimitConfig
+    trusted_proxies: tuple[IPNetwork, ...]
+    forward_identity: bool
+    upstream_bearer_file: str
+    session_ttl: float
     warnings: tuple[str, ...] = ()
+
+    @property
+    def advertised_scopes(self) -> tuple[str, ...]:
+        """Scopes named in metadata and challenges: SCOPES_SUPPORTED, else REQUIRED_SCOPES."""
+        return self.scopes or self.policy.required_scopes
 
 
 class _Reader:
@@ -342,6 +393,17 @@ def load(env: Mapping[str, str]) -> Config:
         problems.append(
             f"MAX_HEADER_BYTES={max_header} cannot carry a token of JWT_MAX_TOKEN_BYTES={max_token}"
         )
+    policy = _policy(r)
+    rate_limits = _rate_limits(r)
+    trusted_proxies = _networks(r, "TRUSTED_PROXIES")
+    bearer_file = r.raw("MCP_UPSTREAM_BEARER_FILE")
+    if bearer_file:
+        try:
+            with open(bearer_file, encoding="utf-8") as handle:
+                if not handle.read().strip():
+                    problems.append(f"MCP_UPSTREAM_BEARER_FILE {bearer_file} is empty")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"MCP_UPSTREAM_BEARER_FILE cannot be read: {exc}")
     idle = r.number("UPSTREAM_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)
     sse_idle = r.number("SSE_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)
 
@@ -380,10 +442,28 @@ def load(env: Mapping[str, str]) -> Config:
             sse_idle_timeout=sse_idle or None,
             max_body_bytes=r.number("MAX_REQUEST_BODY_BYTES", int, 0, 1 << 34),
         ),
+        policy=policy,
+        rate_limits=rate_limits,
+        trusted_proxies=trusted_proxies,
+        forward_identity=r.flag("FORWARD_IDENTITY"),
+        upstream_bearer_file=bearer_file,
+        session_ttl=r.number("SESSION_BINDING_TTL_SECONDS", float, 1.0, 30 * 86400.0),
         warnings=tuple(_unknown_variable_warnings(env)),
     )
     if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
         raise ConfigError(problems + list(config.warnings))
+    if policy.allow_all_authenticated and not _has_allow_list(policy):
+        warning = (
+            "ALLOW_ALL_AUTHENTICATED=true: every valid token from the issuer is admitted "
+            "(anyone who can sign in to the IdP can use this MCP server)"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
+    if policy.allow_unverified_email and (policy.emails or policy.email_domains):
+        warning = (
+            "INSECURE_ALLOW_UNVERIFIED_EMAIL=true: on an IdP with self-service sign-up anyone "
+            "can claim an allowed email address"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
     if cors_any:
         warning = (
             "CORS_ALLOW_ORIGINS=* lets any web page call the MCP endpoint with a user's token "
@@ -391,3 +471,71 @@ def load(env: Mapping[str, str]) -> Config:
         )
         config = replace(config, warnings=(*config.warnings, warning))
     return config
+
+
+def _has_allow_list(policy: PolicyConfig) -> bool:
+    return bool(policy.subs or policy.emails or policy.email_domains or policy.groups)
+
+
+def _policy(r: _Reader) -> PolicyConfig:
+    emails = [e.lower() for e in split_list(r.raw("ALLOW_EMAILS"))]
+    for email in emails:
+        local, _, domain = email.partition("@")
+        if email.count("@") != 1 or not local or not domain:
+            r.problems.append(f"ALLOW_EMAILS entry {email!r} is not an email address")
+    domains = [d.lower().removeprefix("@") for d in split_list(r.raw("ALLOW_EMAIL_DOMAINS"))]
+    for domain in domains:
+        if "@" in domain or "*" in domain or domain.startswith(".") or "." not in domain:
+            r.problems.append(
+                f"ALLOW_EMAIL_DOMAINS entry {domain!r} is not a domain like example.com "
+                "(matched exactly; no wildcards, no subdomains)"
+            )
+    claim = r.raw("GROUPS_CLAIM")
+    path = tuple(claim.split("."))
+    if not all(path):
+        r.problems.append(f"GROUPS_CLAIM={claim!r} is not a claim name or dotted path")
+    policy = PolicyConfig(
+        subs=frozenset(split_list(r.raw("ALLOW_SUBS"))),
+        emails=frozenset(emails),
+        email_domains=frozenset(domains),
+        groups=frozenset(split_list(r.raw("ALLOW_GROUPS"))),
+        groups_claim=path,
+        allow_all_authenticated=r.flag("ALLOW_ALL_AUTHENTICATED"),
+        allow_unverified_email=r.flag("INSECURE_ALLOW_UNVERIFIED_EMAIL"),
+        required_scopes=split_list(r.raw("REQUIRED_SCOPES")),
+    )
+    if not _has_allow_list(policy) and not policy.allow_all_authenticated:
+        r.problems.append(
+            "no allow-list is set: set ALLOW_SUBS, ALLOW_EMAILS, ALLOW_EMAIL_DOMAINS or "
+            "ALLOW_GROUPS, or ALLOW_ALL_AUTHENTICATED=true to admit every valid token"
+        )
+    return policy
+
+
+def _rate_limits(r: _Reader) -> RateLimitConfig:
+    uri = r.raw("RATE_LIMIT_STORAGE_URI")
+    scheme, sep, rest = uri.partition("://")
+    storage_uri = ""
+    if not sep or scheme.lower() not in RATE_LIMIT_SCHEMES:
+        r.problems.append(
+            f"RATE_LIMIT_STORAGE_URI={_shown(uri)!r} is not memory:// or a redis:// URI "
+            f"(schemes: {', '.join(RATE_LIMIT_SCHEMES)})"
+        )
+    else:
+        storage_uri = f"{RATE_LIMIT_SCHEMES[scheme.lower()]}://{rest}"
+    return RateLimitConfig(
+        per_subject_rpm=r.number("RATE_LIMIT_RPM", int, 0, 1_000_000),
+        unauthenticated_rpm=r.number("RATE_LIMIT_UNAUTHENTICATED_RPM", int, 0, 1_000_000),
+        storage_uri=storage_uri,
+        fail_open=r.choice("RATE_LIMIT_ON_STORAGE_ERROR", ("allow", "deny")) == "allow",
+    )
+
+
+def _networks(r: _Reader, name: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in split_list(r.raw(name)):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            r.problems.append(f"{name} entry {item!r} is not an IP address or CIDR")
+    return tuple(networks)

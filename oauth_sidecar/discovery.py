@@ -38,8 +38,8 @@ def protected_resource_document(config: Config) -> dict[str, object]:
         "authorization_servers": [config.idp.issuer],
         "bearer_methods_supported": ["header"],  # RFC 9728 §2: never query or body
     }
-    if config.scopes:
-        document["scopes_supported"] = list(config.scopes)
+    if config.advertised_scopes:
+        document["scopes_supported"] = list(config.advertised_scopes)
     return document
 
 

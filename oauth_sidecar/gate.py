@@ -3,8 +3,9 @@
 Why: the peer project decided "public" by path prefix and then fell through to the proxy, so
 unauthenticated requests reached the MCP server (`POST /healthz`, `/.well-known/%2e%2e/mcp`).
 Here public routes are terminal handlers registered for exactly their methods, and the gate asks
-the router which route matched, never the path. Refusals follow RFC 6750 §3 and the MCP
-authorization spec: 401 with `WWW-Authenticate: Bearer resource_metadata="..."`.
+the router which route matched, never the path. For everything else, in order: authenticate
+(401, RFC 6750 §3 and the MCP authorization spec), apply the access policy (403), then the
+per-subject rate limit (429). Each refusal is mapped to HTTP here and only here.
 """
 
 from __future__ import annotations
@@ -13,30 +14,49 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.discovery import metadata_url
 from oauth_sidecar.http_errors import Handler, json_error
+from oauth_sidecar.policy import AccessPolicy, Denied
+from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
 from oauth_sidecar.tokens import Principal, TokenError, TokenVerifier, bearer_token
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 AUTH_FAILURE = web.RequestKey("auth_failure", str)
-KEYS_RETRY_AFTER = "5"  # seconds; the IdP refresher retries faster than that at first
+RETRY_AFTER_UNAVAILABLE = "5"  # seconds; the IdP refresher and Redis retry faster than that
+# No credential at all costs nothing to refuse: only failed verifications spend the per-IP
+# budget, so users behind one egress IP (Claude.ai's connector) are not throttled by the
+# unauthenticated first request every MCP client makes.
+UNCOUNTED_FAILURES = frozenset({"missing", "not_bearer", "keys_unavailable"})
 
 IsPublic = Callable[[web.Request], bool]
 
 
 class Gate:
-    """Authenticates every non-public request and puts the Principal on it."""
+    """Authenticates, authorises and rate-limits every non-public request."""
 
-    def __init__(self, config: Config, verifier: TokenVerifier, is_public: IsPublic) -> None:
+    def __init__(
+        self, config: Config, *, verifier: TokenVerifier, policy: AccessPolicy,
+        limiter: RateLimiter, addresses: ClientAddress, is_public: IsPublic,
+    ) -> None:
         self._verifier = verifier
+        self._policy = policy
+        self._limiter = limiter
+        self._addresses = addresses
         self._is_public = is_public
         self._max_token = config.tokens.max_token_bytes
         # Precomputed challenge parts (house rule 5): only the error code varies per request.
         self._tail = f'resource_metadata="{metadata_url(config)}"'
-        if config.scopes:
-            self._tail += f', scope="{" ".join(config.scopes)}"'
+        if config.advertised_scopes:
+            self._tail += f', scope="{" ".join(config.advertised_scopes)}"'
         self._no_credentials = f"Bearer {self._tail}"
+        # RFC 6750 §3.1 / MCP step-up: name every scope the request needs.
+        required = " ".join(config.policy.required_scopes)
+        self._insufficient_scope = (
+            f'Bearer error="insufficient_scope", scope="{required}", '
+            f'resource_metadata="{metadata_url(config)}"'
+        )
 
     def challenge(self, error: TokenError) -> str:
         if error.error is None:  # RFC 6750 §3.1: no error code when no credentials were sent
@@ -49,22 +69,62 @@ class Gate:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._is_public(request):
             return await handler(request)
+        client_ip = self._addresses.client(request.remote, request.headers.get("X-Forwarded-For"))
+        try:
+            principal = await self._authenticate(request, client_ip)
+            request[PRINCIPAL] = principal  # before the checks below, so refusals are attributed
+            self._policy.check(principal.subject, principal.claims)
+            await self._limiter.hit_subject(principal.issuer, principal.subject)
+        except TokenError as exc:
+            request[AUTH_FAILURE] = exc.reason
+            return self.refuse(exc)
+        except Denied as exc:
+            request[AUTH_FAILURE] = exc.reason
+            return self._deny(exc)
+        except RateLimited as exc:
+            request[AUTH_FAILURE] = f"rate_limited_{exc.scope}"
+            return self._too_many(exc)
+        except RateLimitUnavailable:
+            request[AUTH_FAILURE] = "rate_limit_unavailable"
+            return json_error(503, "temporarily_unavailable", "Rate limiting is unavailable",
+                              {"Retry-After": RETRY_AFTER_UNAVAILABLE})
+        return await handler(request)
+
+    async def _authenticate(self, request: web.Request, client_ip: str) -> Principal:
         query_keys = list(request.query) if request.query_string else []
         try:
             token = bearer_token(request.headers.getall("Authorization", []), query_keys,
                                  self._max_token)
-            principal = await self._verifier.verify(token)
+            principal = self._verifier.cached(token)
+            if principal is None:  # verification costs CPU: only within the IP's budget
+                await self._limiter.check_failures(client_ip)
+                principal = await self._verifier.verify(token)
         except TokenError as exc:
-            request[AUTH_FAILURE] = exc.reason
-            return self.refuse(exc)
-        request[PRINCIPAL] = principal
-        return await handler(request)
+            if exc.reason not in UNCOUNTED_FAILURES:
+                await self._limiter.hit_failure(client_ip)
+            raise
+        return principal
 
     def refuse(self, error: TokenError) -> web.Response:
         if error.status == 503:
             return json_error(503, error.error or "temporarily_unavailable", error.description,
-                              {"Retry-After": KEYS_RETRY_AFTER})
+                              {"Retry-After": RETRY_AFTER_UNAVAILABLE})
         return json_error(
             error.status, error.error or "unauthorized", error.description,
             {"WWW-Authenticate": self.challenge(error)},
         )
+
+    def _deny(self, denied: Denied) -> web.Response:
+        if denied.scope_missing:
+            return json_error(403, "insufficient_scope", "The token lacks a required scope",
+                              {"WWW-Authenticate": self._insufficient_scope})
+        # Names the class of refusal, never the allow-lists.
+        return json_error(403, "access_denied", "This account may not use this server")
+
+    def _too_many(self, limited: RateLimited) -> web.Response:
+        return json_error(429, "rate_limited", "Too many requests", {
+            "Retry-After": str(limited.retry_after),
+            "RateLimit-Limit": str(limited.limit),
+            "RateLimit-Remaining": "0",
+            "RateLimit-Reset": str(limited.retry_after),
+        })

@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import structlog
@@ -26,8 +26,14 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
+from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.policy import AccessPolicy
+from oauth_sidecar.sessions import SessionBindings
+from oauth_sidecar.tokens import Principal
+from oauth_sidecar.upstream_credential import UpstreamCredential
 
 log = structlog.get_logger("oauth_sidecar.proxy")
 
@@ -45,6 +51,9 @@ RESPONSE_DROP = HOP_BY_HOP
 RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
 # Encoded slash, backslash, dot or NUL mean different paths to different parsers: refuse them.
 AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
+# Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
+# is percent-encoded so a claim can never split or inject a header.
+HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 CHUNKED_BODY_READ = 65536
 
@@ -55,11 +64,23 @@ def connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
     return {name.strip().lower() for name in names if name.strip()}
 
 
+def header_value(value: str) -> str:
+    return quote(value, safe=HEADER_SAFE)
+
+
 class UpstreamProxy:
     """Forwards authenticated requests to the upstream and streams the answer back."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, policy: AccessPolicy, addresses: ClientAddress,
+        sessions: SessionBindings, credential: UpstreamCredential | None,
+    ) -> None:
         self._config = config.upstream
+        self._policy = policy
+        self._addresses = addresses
+        self._sessions = sessions
+        self._credential = credential
+        self._forward_identity = config.forward_identity
         self._resource_path = config.resource_path
         public = urlsplit(config.resource_url)
         self._forwarded_proto = public.scheme
@@ -124,7 +145,7 @@ class UpstreamProxy:
         url = self._config.origin + path + (f"?{raw_query}" if raw_query else "")
         return URL(url, encoded=True)
 
-    def _request_headers(self, request: web.Request) -> dict[str, str]:
+    def _request_headers(self, request: web.Request, principal: Principal) -> dict[str, str]:
         headers: dict[str, str] = {}
         named = connection_named(request.headers)
         for name, value in request.headers.items():
@@ -135,10 +156,27 @@ class UpstreamProxy:
                 headers[lower] += ", " + value
             else:
                 headers[lower] = value
-        headers["x-forwarded-for"] = request.remote or ""
+        headers["x-forwarded-for"] = self._addresses.forwarded_for(
+            request.remote, request.headers.get("X-Forwarded-For")
+        )
         headers["x-forwarded-proto"] = self._forwarded_proto
         headers["x-forwarded-host"] = self._forwarded_host
+        if self._credential is not None and self._credential.authorization:
+            headers["authorization"] = self._credential.authorization
+        if self._forward_identity:
+            self._add_identity(headers, principal)
         return headers
+
+    def _add_identity(self, headers: dict[str, str], principal: Principal) -> None:
+        """X-Forwarded-User/Email/Groups/Issuer; caller copies were dropped above."""
+        headers["x-forwarded-user"] = header_value(principal.subject)
+        headers["x-forwarded-issuer"] = header_value(principal.issuer)
+        email = self._policy.verified_email(principal.claims)
+        if email is not None:
+            headers["x-forwarded-email"] = header_value(email)
+        groups = self._policy.groups(principal.claims)
+        if groups:
+            headers["x-forwarded-groups"] = ",".join(header_value(g) for g in groups)
 
     async def reachable(self) -> bool:
         """A cached TCP connect to the upstream, for /readyz."""
@@ -193,6 +231,13 @@ class UpstreamProxy:
         if AMBIGUOUS_PATH.search(raw_path):
             return json_error(400, "invalid_path", "Encoded slashes, dots and backslashes are "
                               "not accepted in the path")
+        principal = request[PRINCIPAL]
+        identity = (principal.issuer, principal.subject)
+        session_id = request.headers.get("Mcp-Session-Id")
+        owner = self._sessions.owner(session_id) if session_id else None
+        if owner is not None and owner != identity:
+            request[AUTH_FAILURE] = "session_owned_by_another_identity"
+            return json_error(404, "session_not_found", "No such session")
         try:
             data = await self._body(request)
         except BodyTooLarge:
@@ -201,8 +246,8 @@ class UpstreamProxy:
         try:
             async with asyncio.timeout(self._config.response_timeout):
                 upstream = await session.request(
-                    request.method, url, headers=self._request_headers(request), data=data,
-                    allow_redirects=False,
+                    request.method, url, headers=self._request_headers(request, principal),
+                    data=data, allow_redirects=False,
                 )
         except TimeoutError:
             log.warning("upstream_timeout", phase="headers")
@@ -210,10 +255,26 @@ class UpstreamProxy:
         except aiohttp.ClientError as exc:
             log.warning("upstream_unavailable", error=type(exc).__name__)
             return json_error(502, "upstream_unavailable", "The MCP server is not reachable")
+        self._track_session(request.method, session_id, owner, upstream, identity)
         try:
             return await self._relay(request, upstream)
         finally:
             upstream.close()  # no-op after a full read; aborts the upstream if we stopped early
+
+    def _track_session(
+        self, method: str, presented: str | None, owner: tuple[str, str] | None,
+        upstream: aiohttp.ClientResponse, identity: tuple[str, str],
+    ) -> None:
+        """Bind session ids the upstream accepted or issued to the caller; forget ended ones."""
+        if upstream.status >= 400:
+            return
+        issued = upstream.headers.get("Mcp-Session-Id")
+        if issued:
+            self._sessions.bind(issued, identity)
+        elif presented and method == "DELETE":
+            self._sessions.forget(presented)
+        elif presented and owner is None:  # created before a restart or on another replica
+            self._sessions.bind(presented, identity)
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse

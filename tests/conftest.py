@@ -202,6 +202,8 @@ def sidecar_env(idp: FakeIdp, upstream: FakeUpstream, **extra: str) -> dict[str,
         "RESOURCE_URL": RESOURCE_URL,
         "MCP_UPSTREAM_URL": upstream.url,
         "JWKS_COOLDOWN_SECONDS": "1",
+        "ALLOW_ALL_AUTHENTICATED": "true",
+        "RATE_LIMIT_RPM": "0",  # rate limits are tested on their own (test_ratelimit.py)
     }
     env.update(extra)
     return env

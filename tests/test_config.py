@@ -21,6 +21,7 @@ BASE = {
     "OIDC_AUDIENCE": "https://mcp.example.test/mcp",
     "RESOURCE_URL": "https://mcp.example.test/mcp",
     "MCP_UPSTREAM_URL": "http://127.0.0.1:9000",
+    "ALLOW_SUBS": "user-1",
 }
 REQUIRED = ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "MCP_UPSTREAM_URL")
 
@@ -41,9 +42,10 @@ def loads(**overrides: str) -> Config:
 
 def test_empty_environment_lists_every_required_variable_at_once() -> None:
     problems = problems_for({})
-    assert len(problems) == len(REQUIRED)
-    for name, problem in zip(REQUIRED, problems, strict=True):
+    assert len(problems) == len(REQUIRED) + 1
+    for name, problem in zip(REQUIRED, problems, strict=False):
         assert problem.startswith(f"{name} is required")
+    assert problems[-1].startswith("no allow-list is set")
 
 
 @pytest.mark.parametrize("missing", REQUIRED)
@@ -64,13 +66,13 @@ def test_every_problem_is_reported_together() -> None:
         "JWT_ALGORITHMS": "HS256",
         "LOG_LEVEL": "loud",
         "CORS_ALLOW_ORIGINS": "claude.ai",
-        "ALLOW_SUBS": "alice",
+        "STATIC_CLIENT_ID": "alice",
     })
     joined = "\n".join(problems)
     for name in ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "PORT", "JWT_ALGORITHMS",
-                 "LOG_LEVEL", "CORS_ALLOW_ORIGINS", "ALLOW_SUBS"):
+                 "LOG_LEVEL", "CORS_ALLOW_ORIGINS", "STATIC_CLIENT_ID", "allow-list"):
         assert name in joined, name
-    assert len(problems) == 8
+    assert len(problems) == 9
 
 
 # -- table of refused values ---------------------------------------------------------------------

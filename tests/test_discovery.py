@@ -125,7 +125,7 @@ async def test_nested_resource_path_gets_its_own_path_inserted_metadata(
 def test_metadata_url_prefers_the_path_inserted_form() -> None:
     env = {
         "OIDC_ISSUER_URL": "https://idp.example.test/realms/demo",
-        "OIDC_AUDIENCE": "mcp",
+        "OIDC_AUDIENCE": "mcp", "ALLOW_ALL_AUTHENTICATED": "true",
         "RESOURCE_URL": "https://mcp.example.test/mcp",
         "MCP_UPSTREAM_URL": "http://127.0.0.1:9000",
     }

@@ -97,10 +97,11 @@ async def test_empty_environment_exits_2_listing_every_required_variable() -> No
 async def test_unimplemented_feature_variable_refuses_to_start() -> None:
     env = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": "mcp",
            "RESOURCE_URL": "https://mcp.example.test/mcp",
-           "MCP_UPSTREAM_URL": "http://127.0.0.1:9", "RATE_LIMIT_RPM": "60"}
+           "MCP_UPSTREAM_URL": "http://127.0.0.1:9", "ALLOW_SUBS": "u",
+           "STATIC_CLIENT_ID": "client"}
     code, _, stderr = await run_cli(env=env)
     assert code == 2
-    assert "RATE_LIMIT_RPM is set" in stderr
+    assert "STATIC_CLIENT_ID is set" in stderr
 
 
 async def test_version_flag_prints_the_version() -> None:

@@ -50,6 +50,7 @@ async def real_sidecar(real_idp: RealIdp, upstream: FakeUpstream) -> AsyncIterat
         "OIDC_AUDIENCE": AUDIENCE,
         "RESOURCE_URL": RESOURCE_URL,
         "MCP_UPSTREAM_URL": upstream.url,
+        "ALLOW_SUBS": real_idp.client_id,  # client_credentials tokens name the client
     }))
     client: Client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()

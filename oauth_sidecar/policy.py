@@ -1,0 +1,95 @@
+"""AccessPolicy: which verified callers may use the MCP server, and with which scopes.
+
+Why: a valid token only says who the caller is; anyone who can sign in to the IdP has one. The
+allow-lists decide (any configured list matching admits, the peer project's OR semantics), and
+they are pure functions of the claims so they are easy to test exhaustively. Emails count only
+when the IdP says they are verified (on an IdP with self-service sign-up an unverified `email` is
+attacker-chosen) and domains match exactly after the single `@`, never as a suffix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from oauth_sidecar.config import PolicyConfig
+
+
+class Denied(Exception):
+    """The caller is authenticated but not admitted.
+
+    `reason` is a stable code for logs; `scope_missing` marks an RFC 6750 insufficient_scope
+    refusal (the client may step up), as opposed to an allow-list refusal (it may not).
+    """
+
+    def __init__(self, reason: str, *, scope_missing: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.scope_missing = scope_missing
+
+
+def _is_true(value: Any) -> bool:
+    """email_verified is a boolean, but Cognito and some older IdPs send the string "true"."""
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def _words(value: Any) -> list[str]:
+    """A scope claim: an RFC 8693 space-separated string (Entra `scp` too), or a list (Okta)."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return []
+
+
+class AccessPolicy:
+    def __init__(self, config: PolicyConfig) -> None:
+        self._config = config
+        self._required = frozenset(config.required_scopes)
+
+    def verified_email(self, claims: Mapping[str, Any]) -> str | None:
+        """The caller's email, lowercased, if well-formed and verified (or verification waived)."""
+        email = claims.get("email")
+        if not isinstance(email, str) or email.count("@") != 1:
+            return None
+        local, _, domain = email.partition("@")
+        if not local or not domain:
+            return None
+        if not (self._config.allow_unverified_email or _is_true(claims.get("email_verified"))):
+            return None
+        return email.lower()
+
+    def groups(self, claims: Mapping[str, Any]) -> list[str]:
+        """Groups at the configured dotted path; anything but a list of strings is no groups."""
+        value: Any = claims
+        for part in self._config.groups_claim:
+            if not isinstance(value, Mapping):
+                return []
+            value = value.get(part)
+        if not isinstance(value, list):
+            return []
+        return [item for item in value if isinstance(item, str)]
+
+    def scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
+        return frozenset(_words(claims.get("scope")) + _words(claims.get("scp")))
+
+    def check(self, subject: str, claims: Mapping[str, Any]) -> None:
+        """Raise Denied unless the caller is admitted and holds every required scope."""
+        if not self._admitted(subject, claims):
+            raise Denied("not_allowed")
+        if self._required and not self._required <= self.scopes(claims):
+            raise Denied("insufficient_scope", scope_missing=True)
+
+    def _admitted(self, subject: str, claims: Mapping[str, Any]) -> bool:
+        config = self._config
+        if not (config.subs or config.emails or config.email_domains or config.groups):
+            return config.allow_all_authenticated
+        if subject in config.subs:
+            return True
+        if config.emails or config.email_domains:
+            email = self.verified_email(claims)
+            if email is not None and (
+                email in config.emails or email.partition("@")[2] in config.email_domains
+            ):
+                return True
+        return bool(config.groups) and not config.groups.isdisjoint(self.groups(claims))

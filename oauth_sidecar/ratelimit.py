@@ -1,0 +1,153 @@
+"""Per-subject and per-client-IP rate limits over the `limits` library.
+
+Why: one user (or one stolen token) must not be able to monopolise the MCP server, and a flood
+of garbage tokens must not burn CPU without bound. Budgets are moving windows: RATE_LIMIT_RPM
+requests in any 60 seconds, so a client may spend its whole minute at once (MCP clients open a
+session with a burst of initialize / tools/list calls) but never more. The storage is in-memory
+by default, or Redis so several replicas share one budget. When the storage fails, the operator
+chose fail-open or fail-closed; either way it is logged once per incident and never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import structlog
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+
+from oauth_sidecar.config import RateLimitConfig
+
+log = structlog.get_logger("oauth_sidecar.ratelimit")
+
+STORAGE_TIMEOUT = 1.0  # seconds: a slow Redis must not hold every request hostage
+UNAVAILABLE_RETRY_AFTER = 5  # seconds, when failing closed
+NAMESPACE = "oauth_sidecar"
+
+
+class RateLimited(Exception):
+    """Over budget: `retry_after` seconds until one more request fits."""
+
+    def __init__(self, scope: str, limit: int, retry_after: int, reset_at: float) -> None:
+        super().__init__(scope)
+        self.scope = scope
+        self.limit = limit
+        self.retry_after = retry_after
+        self.reset_at = reset_at
+
+
+class RateLimitUnavailable(Exception):
+    """The storage failed and the operator chose fail-closed."""
+
+
+class RateLimiter:
+    def __init__(self, config: RateLimitConfig) -> None:
+        self._config = config
+        self._subject_item = RateLimitItemPerMinute(max(config.per_subject_rpm, 1))
+        self._ip_item = RateLimitItemPerMinute(max(config.unauthenticated_rpm, 1))
+        self._storage: Storage | None = None
+        self._strategy: MovingWindowRateLimiter | None = None
+        self._failing = False
+
+    @property
+    def limits_subjects(self) -> bool:
+        return self._config.per_subject_rpm > 0
+
+    @property
+    def limits_failures(self) -> bool:
+        return self._config.unauthenticated_rpm > 0
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[RateLimiter]:
+        options: dict[str, Any] = {}
+        if not self._config.storage_uri.startswith("async+memory"):
+            options = {"implementation": "redispy", "socket_timeout": STORAGE_TIMEOUT,
+                       "socket_connect_timeout": STORAGE_TIMEOUT}
+        storage = storage_from_string(self._config.storage_uri, wrap_exceptions=True, **options)
+        if not isinstance(storage, Storage):
+            raise TypeError(f"{self._config.storage_uri} is not an async storage")
+        self._storage, self._strategy = storage, MovingWindowRateLimiter(storage)
+        try:
+            yield self
+        finally:
+            await _close(storage)
+            self._storage = self._strategy = None
+
+    async def hit_subject(self, issuer: str, subject: str) -> None:
+        """Count one request for this subject; raise RateLimited when over budget."""
+        if self.limits_subjects:
+            key = hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()[:32]
+            item = self._subject_item
+            if not await self._call(lambda s: s.hit(item, NAMESPACE, "subject", key)):
+                raise await self._limited(item, "subject", key)
+
+    async def check_failures(self, client_ip: str) -> None:
+        """Raise RateLimited if this IP used up its budget of failed authentications."""
+        if self.limits_failures:
+            item = self._ip_item
+            if not await self._call(lambda s: s.test(item, NAMESPACE, "client_ip", client_ip)):
+                raise await self._limited(item, "client_ip", client_ip)
+
+    async def hit_failure(self, client_ip: str) -> None:
+        """Count one failed authentication from this IP (the refusal is already decided)."""
+        if self.limits_failures:
+            item = self._ip_item
+            with suppress(RateLimitUnavailable):
+                await self._call(lambda s: s.hit(item, NAMESPACE, "client_ip", client_ip))
+
+    async def _limited(self, item: RateLimitItemPerMinute, scope: str, key: str) -> RateLimited:
+        window: list[float] = []
+
+        async def stats(strategy: MovingWindowRateLimiter) -> bool:
+            window.append((await strategy.get_window_stats(item, NAMESPACE, scope, key)).reset_time)
+            return True
+
+        with suppress(RateLimitUnavailable):
+            await self._call(stats)
+        # limits reports reset_time as epoch seconds (not a delay); a full window if unknown.
+        reset_at = window[0] if window else time.time() + 60
+        return RateLimited(scope, item.amount, max(1, math.ceil(reset_at - time.time())), reset_at)
+
+    async def _call(self, operation: Callable[[MovingWindowRateLimiter], Awaitable[bool]]) -> bool:
+        """Run one storage operation with a timeout and the configured failure policy."""
+        strategy = self._strategy
+        if strategy is None:
+            raise RuntimeError("rate limiter used outside its cleanup context")
+        try:
+            async with asyncio.timeout(STORAGE_TIMEOUT):
+                result = await operation(strategy)
+        except (StorageError, TimeoutError, OSError) as exc:
+            if not self._failing:
+                self._failing = True
+                log.error("rate_limit_storage_failed", error=type(exc).__name__,
+                          policy="allow" if self._config.fail_open else "deny")
+            if self._config.fail_open:
+                return True
+            raise RateLimitUnavailable from None
+        if self._failing:
+            self._failing = False
+            log.info("rate_limit_storage_recovered")
+        return result
+
+
+async def _close(storage: Storage) -> None:
+    """Release what the storage holds: Redis connections, or the memory storage's timer task."""
+    if isinstance(storage, MemoryStorage):
+        timer = storage.timer
+        if timer is not None and not timer.done():
+            timer.cancel()
+        return
+    client = getattr(getattr(storage, "bridge", None), "storage", None)
+    close = getattr(client, "aclose", None)
+    if close is not None:
+        with suppress(OSError, StorageError):  # already gone: nothing to release
+            await close()
