@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 
+from multidict import CIMultiDictProxy
+
 from oauth_sidecar.config import IPNetwork
+
+
+def forwarded_chain(headers: CIMultiDictProxy[str]) -> str | None:
+    """All X-Forwarded-For lines as one list (RFC 9110 §5.3): some proxies add a line of their
+    own after the caller's instead of appending to it, so reading only the first is spoofable."""
+    lines = headers.getall("X-Forwarded-For", [])
+    return ", ".join(lines) if lines else None
 
 
 class ClientAddress:

@@ -400,8 +400,11 @@ def load(env: Mapping[str, str]) -> Config:
     if bearer_file:
         try:
             with open(bearer_file, encoding="utf-8") as handle:
-                if not handle.read().strip():
-                    problems.append(f"MCP_UPSTREAM_BEARER_FILE {bearer_file} is empty")
+                content = handle.read().strip()
+            if not content:
+                problems.append(f"MCP_UPSTREAM_BEARER_FILE {bearer_file} is empty")
+            elif any(c in content for c in "\r\n\0"):
+                problems.append(f"MCP_UPSTREAM_BEARER_FILE {bearer_file} has more than one line")
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(f"MCP_UPSTREAM_BEARER_FILE cannot be read: {exc}")
     idle = r.number("UPSTREAM_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.discovery import metadata_url
 from oauth_sidecar.http_errors import Handler, json_error
@@ -69,7 +69,7 @@ class Gate:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._is_public(request):
             return await handler(request)
-        client_ip = self._addresses.client(request.remote, request.headers.get("X-Forwarded-For"))
+        client_ip = self._addresses.client(request.remote, forwarded_chain(request.headers))
         try:
             principal = await self._authenticate(request, client_ip)
             request[PRINCIPAL] = principal  # before the checks below, so refusals are attributed

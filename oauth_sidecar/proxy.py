@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
@@ -150,14 +150,18 @@ class UpstreamProxy:
         named = connection_named(request.headers)
         for name, value in request.headers.items():
             lower = name.lower()
-            if lower in REQUEST_DROP or lower in named or lower.startswith(REQUEST_DROP_PREFIXES):
+            # WSGI/CGI servers read X_Forwarded_User as X-Forwarded-User (CVE-2025-64484 class).
+            canonical = lower.replace("_", "-")
+            if canonical in REQUEST_DROP or lower in named or (
+                canonical.startswith(REQUEST_DROP_PREFIXES)
+            ):
                 continue
             if lower in headers:
                 headers[lower] += ", " + value
             else:
                 headers[lower] = value
         headers["x-forwarded-for"] = self._addresses.forwarded_for(
-            request.remote, request.headers.get("X-Forwarded-For")
+            request.remote, forwarded_chain(request.headers)
         )
         headers["x-forwarded-proto"] = self._forwarded_proto
         headers["x-forwarded-host"] = self._forwarded_host
@@ -233,7 +237,10 @@ class UpstreamProxy:
                               "not accepted in the path")
         principal = request[PRINCIPAL]
         identity = (principal.issuer, principal.subject)
-        session_id = request.headers.get("Mcp-Session-Id")
+        session_ids = request.headers.getall("Mcp-Session-Id", [])
+        if len(session_ids) > 1:  # which one would the upstream use? Never guess.
+            return json_error(400, "invalid_request", "More than one Mcp-Session-Id header")
+        session_id = session_ids[0] if session_ids else None
         owner = self._sessions.owner(session_id) if session_id else None
         if owner is not None and owner != identity:
             request[AUTH_FAILURE] = "session_owned_by_another_identity"
@@ -268,11 +275,12 @@ class UpstreamProxy:
         """Bind session ids the upstream accepted or issued to the caller; forget ended ones."""
         if upstream.status >= 400:
             return
+        if presented and method == "DELETE":  # ended, even if the answer repeats the id
+            self._sessions.forget(presented)
+            return
         issued = upstream.headers.get("Mcp-Session-Id")
         if issued:
             self._sessions.bind(issued, identity)
-        elif presented and method == "DELETE":
-            self._sessions.forget(presented)
         elif presented and owner is None:  # created before a restart or on another replica
             self._sessions.bind(presented, identity)
 

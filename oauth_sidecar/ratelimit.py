@@ -30,6 +30,9 @@ from oauth_sidecar.config import RateLimitConfig
 log = structlog.get_logger("oauth_sidecar.ratelimit")
 
 STORAGE_TIMEOUT = 1.0  # seconds: a slow Redis must not hold every request hostage
+# After a failure, apply the failure policy at once for this long instead of making every
+# request wait STORAGE_TIMEOUT for a storage that is down; then one request tries again.
+RETRY_STORAGE_AFTER = 5.0
 UNAVAILABLE_RETRY_AFTER = 5  # seconds, when failing closed
 NAMESPACE = "oauth_sidecar"
 
@@ -57,6 +60,7 @@ class RateLimiter:
         self._storage: Storage | None = None
         self._strategy: MovingWindowRateLimiter | None = None
         self._failing = False
+        self._skip_storage_until = 0.0
 
     @property
     def limits_subjects(self) -> bool:
@@ -122,21 +126,27 @@ class RateLimiter:
         strategy = self._strategy
         if strategy is None:
             raise RuntimeError("rate limiter used outside its cleanup context")
+        if self._failing and time.monotonic() < self._skip_storage_until:
+            return self._on_failure()
         try:
             async with asyncio.timeout(STORAGE_TIMEOUT):
                 result = await operation(strategy)
         except (StorageError, TimeoutError, OSError) as exc:
+            self._skip_storage_until = time.monotonic() + RETRY_STORAGE_AFTER
             if not self._failing:
                 self._failing = True
                 log.error("rate_limit_storage_failed", error=type(exc).__name__,
                           policy="allow" if self._config.fail_open else "deny")
-            if self._config.fail_open:
-                return True
-            raise RateLimitUnavailable from None
+            return self._on_failure()
         if self._failing:
             self._failing = False
             log.info("rate_limit_storage_recovered")
         return result
+
+    def _on_failure(self) -> bool:
+        if self._config.fail_open:
+            return True
+        raise RateLimitUnavailable
 
 
 async def _close(storage: Storage) -> None:

@@ -1,0 +1,554 @@
+"""Rate limits: a per-subject budget (memory:// per process, or one budget shared by every
+replica through a real redis-server), an explicit policy when the storage fails, and a per-IP
+budget of failed authentications that only a trusted proxy's X-Forwarded-For can split."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import FakeIdp, FakeUpstream, SidecarFactory, as_json, bearer
+from multidict import CIMultiDictProxy
+from processes import free_port, stop_process
+from structlog.testing import capture_logs
+
+from oauth_sidecar import ratelimit
+from oauth_sidecar.app import VERIFIER
+from oauth_sidecar.tokens import Principal
+
+Client = TestClient[web.Request, web.Application]
+
+REQUEST_TIMEOUT = 10.0  # every request in this file is bounded
+REDIS_START_TIMEOUT = 10.0  # seconds for a fresh redis-server to answer PING
+WINDOW = 60  # seconds: every budget is "per minute"
+TEST_NET_CLIENT = "203.0.113.7"  # RFC 5737 documentation addresses
+OTHER_TEST_NET_CLIENT = "203.0.113.8"
+
+RETRY_FAST = 0.2  # seconds: a short storage retry window so recovery tests stay quick
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: Any
+
+
+async def send(
+    client: Client, token: str | None = None, headers: dict[str, str] | None = None
+) -> Reply:
+    """One bounded POST /mcp; the body is parsed when it is JSON."""
+    all_headers = {**(bearer(token) if token is not None else {}), **(headers or {})}
+    async with asyncio.timeout(REQUEST_TIMEOUT):
+        response = await client.post("/mcp", data=b"{}", headers=all_headers)
+        text = await response.text()
+    body = as_json(text) if response.content_type == "application/json" else text
+    return Reply(response.status, response.headers, body)
+
+
+def assert_too_many(reply: Reply, limit: int) -> None:
+    """429 JSON with delays in seconds: limits' reset_time is an epoch, never a delay."""
+    assert reply.status == 429, reply
+    assert reply.body["error"] == "rate_limited"
+    retry_after = int(reply.headers["Retry-After"])  # an integer number of seconds
+    assert 1 <= retry_after <= WINDOW, retry_after
+    assert reply.headers["RateLimit-Limit"] == str(limit)
+    assert reply.headers["RateLimit-Remaining"] == "0"
+    assert 1 <= int(reply.headers["RateLimit-Reset"]) <= WINDOW
+
+
+def bad_signature(idp: FakeIdp, sub: str = "mallory") -> str:
+    """A well-formed token of the right issuer whose signature belongs to another token."""
+    header, payload, _ = idp.mint(claims={"sub": sub}).split(".")
+    other_signature = idp.mint(claims={"sub": "someone-else"}).split(".")[2]
+    return f"{header}.{payload}.{other_signature}"
+
+
+def expired(idp: FakeIdp, sub: str = "mallory") -> str:
+    now = int(time.time())
+    return idp.mint(claims={"sub": sub, "exp": now - 3600, "iat": now - 7200, "nbf": now - 7200})
+
+
+def failing_tokens(idp: FakeIdp) -> list[str]:
+    """Three tokens that each cost a verification and fail it."""
+    return [bad_signature(idp), expired(idp), "garbage.not-a.jwt"]
+
+
+def count_verifications(client: Client, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Tokens the app's verifier was asked to verify (cache hits never get here)."""
+    verifier = client.app[VERIFIER]
+    original = verifier.verify
+    verified: list[str] = []
+
+    async def counting(token: str) -> Principal:
+        verified.append(token)
+        return await original(token)
+
+    monkeypatch.setattr(verifier, "verify", counting)
+    return verified
+
+
+def events_named(
+    events: list[MutableMapping[str, Any]], name: str
+) -> list[MutableMapping[str, Any]]:
+    return [event for event in events if event["event"] == name]
+
+
+# -- a real redis-server ------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child on loopback that a test can stop and start again on the same port."""
+
+    port: int
+    workdir: Path
+    process: asyncio.subprocess.Process | None = None
+    starts: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail(
+                "redis-server is not installed (apt-get install redis-server): the Redis "
+                "rate-limit tests need a real one, and CI installs it", pytrace=False,
+            )
+        self.starts += 1
+        logfile = self.workdir / f"redis-{self.starts}.log"
+        self.process = await asyncio.create_subprocess_exec(
+            executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(logfile),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        while not await self._answers_ping():
+            if self.process.returncode is not None or time.monotonic() > deadline:
+                log = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
+                await self.stop()
+                pytest.fail(f"redis-server on 127.0.0.1:{self.port} did not start:\n{log}")
+            await asyncio.sleep(0.02)
+
+    async def _answers_ping(self) -> bool:
+        try:
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                try:
+                    writer.write(b"PING\r\n")
+                    await writer.drain()
+                    answer = await reader.readline()
+                finally:
+                    writer.close()
+                    await writer.wait_closed()
+        except (OSError, TimeoutError):
+            return False
+        return answer == b"+PONG\r\n"
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, but nothing answers (a hung Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGCONT)
+
+    async def stop(self) -> None:
+        self.resume()  # a stopped process would sit on SIGTERM until the SIGKILL deadline
+        process, self.process = self.process, None
+        if process is not None:
+            await stop_process(process)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+
+
+# -- per-subject budget (memory://) -------------------------------------------------------------
+
+
+async def test_subject_gets_its_budget_then_429_with_retry_after_and_nothing_reaches_upstream(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="5")
+    token = idp.mint(claims={"sub": "alice"})
+    for _ in range(5):
+        assert (await send(sidecar, token)).status == 200
+    assert len(upstream.requests) == 5
+
+    reply = await send(sidecar, token)
+
+    assert_too_many(reply, limit=5)
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert len(upstream.requests) == 5  # the refused request never went upstream
+
+
+async def test_each_subject_has_its_own_budget(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="5")
+    alice, bob = idp.mint(claims={"sub": "alice"}), idp.mint(claims={"sub": "bob"})
+    for _ in range(5):
+        assert (await send(sidecar, alice)).status == 200
+    assert (await send(sidecar, alice)).status == 429
+
+    for _ in range(5):
+        assert (await send(sidecar, bob)).status == 200
+    assert_too_many(await send(sidecar, bob), limit=5)
+    assert len(upstream.requests) == 10
+
+
+async def test_different_tokens_of_one_subject_share_its_budget(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="5")
+    for _ in range(5):  # each mint has its own jti: a new token every time
+        assert (await send(sidecar, idp.mint(claims={"sub": "alice"}))).status == 200
+
+    assert_too_many(await send(sidecar, idp.mint(claims={"sub": "alice"})), limit=5)
+
+
+async def test_zero_rpm_disables_the_subject_limit(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="0")
+    token = idp.mint(claims={"sub": "alice"})
+    for _ in range(30):
+        reply = await send(sidecar, token)
+        assert reply.status == 200
+        assert "RateLimit-Limit" not in reply.headers
+    assert len(upstream.requests) == 30
+
+
+async def test_access_log_attributes_the_429_to_the_subject(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="1")
+    token = idp.mint(claims={"sub": "alice"})
+    with capture_logs() as events:
+        assert (await send(sidecar, token)).status == 200
+        assert (await send(sidecar, token)).status == 429
+    passed, refused = events_named(events, "request")
+    assert (passed["status"], passed["sub"], passed["auth_error"]) == (200, "alice", None)
+    assert (refused["status"], refused["sub"]) == (429, "alice")
+    assert refused["auth_error"] == "rate_limited_subject"
+    assert token not in str(events)
+
+
+# -- one budget shared through Redis --------------------------------------------------------------
+
+
+async def alternate(replicas: tuple[Client, Client], token: str, requests: int) -> list[int]:
+    """Send `requests` requests of one token, alternating between two replicas."""
+    return [(await send(replicas[i % 2], token)).status for i in range(requests)]
+
+
+async def test_replicas_share_one_budget_through_redis_but_each_has_its_own_in_memory(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
+    upstream: FakeUpstream,
+) -> None:
+    shared = (
+        await make_sidecar(RATE_LIMIT_RPM="6", RATE_LIMIT_STORAGE_URI=redis_server.uri),
+        await make_sidecar(RATE_LIMIT_RPM="6", RATE_LIMIT_STORAGE_URI=redis_server.uri),
+    )
+    separate = (
+        await make_sidecar(RATE_LIMIT_RPM="6", RATE_LIMIT_STORAGE_URI="memory://"),
+        await make_sidecar(RATE_LIMIT_RPM="6", RATE_LIMIT_STORAGE_URI="memory://"),
+    )
+    token = idp.mint(claims={"sub": "alice"})
+
+    through_redis = await alternate(shared, token, 20)
+    in_memory = await alternate(separate, token, 20)
+
+    assert through_redis == [200] * 6 + [429] * 14  # one budget for the whole deployment
+    assert in_memory.count(200) == 12  # each replica's own budget of 6
+    assert in_memory[12:] == [429] * 8
+    assert len(upstream.requests) == 18
+    assert_too_many(await send(shared[0], token), limit=6)
+    assert_too_many(await send(shared[1], token), limit=6)
+
+
+async def test_concurrent_requests_never_exceed_the_shared_budget(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
+    upstream: FakeUpstream,
+) -> None:
+    replicas = (
+        await make_sidecar(RATE_LIMIT_RPM="6", RATE_LIMIT_STORAGE_URI=redis_server.uri),
+        await make_sidecar(RATE_LIMIT_RPM="6", RATE_LIMIT_STORAGE_URI=redis_server.uri),
+    )
+    token = idp.mint(claims={"sub": "alice"})
+    for replica in replicas:  # verified once each, so the burst below only counts
+        await send(replica, idp.mint(claims={"sub": "warm-up"}))
+    before = len(upstream.requests)
+
+    replies = await asyncio.gather(*(send(replicas[i % 2], token) for i in range(24)))
+
+    assert sorted(reply.status for reply in replies) == [200] * 6 + [429] * 18
+    assert len(upstream.requests) == before + 6
+
+
+async def test_concurrent_requests_never_exceed_the_memory_budget(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="6")
+    tokens = [idp.mint(claims={"sub": "alice"}) for _ in range(24)]  # uncached: interleaved
+
+    replies = await asyncio.gather(*(send(sidecar, token) for token in tokens))
+
+    assert sorted(reply.status for reply in replies) == [200] * 6 + [429] * 18
+
+
+# -- the storage fails ----------------------------------------------------------------------------
+
+
+async def test_redis_outage_fails_open_logs_once_and_limits_resume_when_it_returns(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ratelimit, "RETRY_STORAGE_AFTER", RETRY_FAST)
+    sidecar = await make_sidecar(
+        RATE_LIMIT_RPM="3", RATE_LIMIT_STORAGE_URI=redis_server.uri,
+        RATE_LIMIT_ON_STORAGE_ERROR="allow",
+    )
+    token = idp.mint(claims={"sub": "alice"})
+    assert (await send(sidecar, token)).status == 200
+
+    await redis_server.stop()
+    with capture_logs() as outage:
+        statuses = [(await send(sidecar, token)).status for _ in range(8)]
+        statuses += [(await send(sidecar, idp.mint(claims={"sub": "alice"}))).status
+                     for _ in range(2)]  # uncached tokens also consult the per-IP budget
+    assert statuses == [200] * 10  # past the budget of 3: auth still enforced, limits are not
+    [failed] = events_named(outage, "rate_limit_storage_failed")
+    assert failed["policy"] == "allow"
+    assert failed["log_level"] == "error"
+    assert events_named(outage, "rate_limit_storage_recovered") == []
+
+    await redis_server.start()  # a new, empty redis-server on the same port
+    await asyncio.sleep(RETRY_FAST * 1.5)  # past the window in which storage is not retried
+    with capture_logs() as recovery:
+        statuses = [(await send(sidecar, token)).status for _ in range(6)]
+    assert statuses == [200] * 3 + [429] * 3  # the budget applies again
+    assert len(events_named(recovery, "rate_limit_storage_recovered")) == 1
+    assert events_named(recovery, "rate_limit_storage_failed") == []
+
+
+async def test_redis_outage_with_deny_policy_answers_503_never_500(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
+    upstream: FakeUpstream,
+) -> None:
+    sidecar = await make_sidecar(
+        RATE_LIMIT_RPM="3", RATE_LIMIT_STORAGE_URI=redis_server.uri,
+        RATE_LIMIT_ON_STORAGE_ERROR="deny",
+    )
+    token = idp.mint(claims={"sub": "alice"})
+    assert (await send(sidecar, token)).status == 200
+
+    await redis_server.stop()
+    with capture_logs() as events:
+        replies = [await send(sidecar, token) for _ in range(5)]
+        replies.append(await send(sidecar, idp.mint(claims={"sub": "bob"})))  # uncached
+    for reply in replies:
+        assert reply.status == 503, reply
+        assert reply.body["error"] == "temporarily_unavailable"
+        assert 1 <= int(reply.headers["Retry-After"]) <= WINDOW
+    [failed] = events_named(events, "rate_limit_storage_failed")
+    assert failed["policy"] == "deny"
+    assert {e["auth_error"] for e in events_named(events, "request")} == {"rate_limit_unavailable"}
+    assert len(upstream.requests) == 1
+
+
+async def test_hung_redis_holds_requests_no_longer_than_the_storage_timeout(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ratelimit, "RETRY_STORAGE_AFTER", RETRY_FAST)
+    sidecar = await make_sidecar(
+        RATE_LIMIT_RPM="3", RATE_LIMIT_STORAGE_URI=redis_server.uri,
+        RATE_LIMIT_ON_STORAGE_ERROR="allow",
+    )
+    alice = idp.mint(claims={"sub": "alice"})
+    assert (await send(sidecar, alice)).status == 200
+
+    redis_server.pause()
+    with capture_logs() as events:
+        started = time.monotonic()
+        statuses = [(await send(sidecar, alice)).status for _ in range(2)]
+        elapsed = time.monotonic() - started
+        redis_server.resume()
+        await asyncio.sleep(RETRY_FAST * 1.5)
+        bob = idp.mint(claims={"sub": "bob"})
+        statuses += [(await send(sidecar, bob)).status for _ in range(5)]
+
+    assert statuses[:2] == [200, 200]  # fail open after STORAGE_TIMEOUT (1 s), not 300 s
+    assert elapsed < 2 * 2.5, elapsed
+    # Answers of the abandoned commands must not be read as answers to bob's: his own budget.
+    assert statuses[2:] == [200] * 3 + [429] * 2
+    assert len(events_named(events, "rate_limit_storage_failed")) == 1
+    assert len(events_named(events, "rate_limit_storage_recovered")) == 1
+
+
+async def test_during_an_outage_only_one_request_waits_for_the_storage_timeout(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
+) -> None:
+    sidecar = await make_sidecar(
+        RATE_LIMIT_RPM="3", RATE_LIMIT_STORAGE_URI=redis_server.uri,
+        RATE_LIMIT_ON_STORAGE_ERROR="allow",
+    )
+    alice = idp.mint(claims={"sub": "alice"})
+    assert (await send(sidecar, alice)).status == 200
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        assert (await send(sidecar, alice)).status == 200  # pays the 1 s storage timeout
+        first = time.monotonic() - started
+        started = time.monotonic()
+        statuses = [(await send(sidecar, alice)).status for _ in range(10)]
+        rest = time.monotonic() - started
+    finally:
+        redis_server.resume()
+    assert statuses == [200] * 10
+    # Not a speed assertion: ten requests that each waited for the storage would take >= 10 s.
+    assert first >= ratelimit.STORAGE_TIMEOUT * 0.9
+    assert rest < ratelimit.STORAGE_TIMEOUT * 5
+
+
+@pytest.mark.parametrize(("policy", "status"), [("allow", 200), ("deny", 503)])
+async def test_unreachable_redis_at_start_up_does_not_stop_the_app(
+    make_sidecar: SidecarFactory, idp: FakeIdp, policy: str, status: int
+) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with capture_logs() as events:
+        sidecar = await make_sidecar(
+            RATE_LIMIT_RPM="2", RATE_LIMIT_STORAGE_URI=closed, RATE_LIMIT_ON_STORAGE_ERROR=policy,
+        )
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            assert (await sidecar.get("/healthz")).status == 200
+        token = idp.mint(claims={"sub": "alice"})
+        replies = [await send(sidecar, token) for _ in range(5)]
+    assert [reply.status for reply in replies] == [status] * 5
+    if status == 503:
+        assert all(reply.headers["Retry-After"].isdigit() for reply in replies)
+    [failed] = events_named(events, "rate_limit_storage_failed")
+    assert failed["policy"] == policy
+
+
+# -- per-IP budget of failed authentications ----------------------------------------------------
+
+
+async def test_failed_verifications_exhaust_the_ip_budget_and_new_tokens_get_429_unverified(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3")
+    verified_before = idp.mint(claims={"sub": "alice"})
+    assert (await send(sidecar, verified_before)).status == 200  # now in the token cache
+    verifications = count_verifications(sidecar, monkeypatch)
+
+    for token in failing_tokens(idp):
+        assert (await send(sidecar, token)).status == 401
+    assert len(verifications) == 3
+
+    fresh = idp.mint(claims={"sub": "bob"})
+    with capture_logs() as events:
+        reply = await send(sidecar, fresh)
+    assert_too_many(reply, limit=3)
+    assert len(verifications) == 3  # refused before spending CPU on the signature
+    [entry] = events_named(events, "request")
+    assert entry["auth_error"] == "rate_limited_client_ip"
+    assert entry["sub"] is None
+    assert (await send(sidecar, "garbage.again.jwt")).status == 429
+
+    before = len(upstream.requests)
+    assert (await send(sidecar, verified_before)).status == 200  # cached: no verification cost
+    assert len(upstream.requests) == before + 1
+
+
+async def test_requests_without_credentials_never_spend_the_ip_budget(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3")
+    for _ in range(20):  # every MCP client's first request, e.g. many users behind one NAT
+        assert (await send(sidecar)).status == 401
+    for _ in range(5):
+        assert (await send(sidecar, headers={"Authorization": "Basic dXNlcjpwYXNz"})).status == 401
+
+    assert (await send(sidecar, idp.mint(claims={"sub": "alice"}))).status == 200
+
+
+async def test_zero_unauthenticated_rpm_disables_the_ip_budget(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="0")
+    for _ in range(4):
+        for token in failing_tokens(idp):
+            assert (await send(sidecar, token)).status == 401
+
+    assert (await send(sidecar, idp.mint(claims={"sub": "alice"}))).status == 200
+
+
+async def test_trusted_proxy_forwarded_for_gives_each_client_its_own_failure_budget(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3", TRUSTED_PROXIES="127.0.0.1")
+    flooder = {"X-Forwarded-For": TEST_NET_CLIENT}
+    for token in failing_tokens(idp):
+        assert (await send(sidecar, token, flooder)).status == 401
+
+    assert_too_many(await send(sidecar, idp.mint(claims={"sub": "x"}), flooder), limit=3)
+    # The caller writes the leftmost entries: prepending one does not escape the budget.
+    spoofed = {"X-Forwarded-For": f"198.51.100.1, {TEST_NET_CLIENT}"}
+    assert (await send(sidecar, idp.mint(claims={"sub": "x"}), spoofed)).status == 429
+    neighbour = {"X-Forwarded-For": OTHER_TEST_NET_CLIENT}
+    assert (await send(sidecar, idp.mint(claims={"sub": "y"}), neighbour)).status == 200
+    assert (await send(sidecar, idp.mint(claims={"sub": "z"}))).status == 200  # the proxy itself
+
+
+async def test_trusted_proxy_line_wins_over_a_caller_written_forwarded_for_line(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3", TRUSTED_PROXIES="127.0.0.1")
+    for i, token in enumerate(failing_tokens(idp)):
+        # The caller rotates its own line; the trusted proxy adds a second line with the truth.
+        lines = [("X-Forwarded-For", f"198.51.100.{i + 1}"), ("X-Forwarded-For", TEST_NET_CLIENT)]
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            response = await sidecar.post("/mcp", headers=[*bearer(token).items(), *lines])
+            assert response.status == 401
+            await response.read()
+
+    flooder = {"X-Forwarded-For": TEST_NET_CLIENT}
+    assert_too_many(await send(sidecar, idp.mint(claims={"sub": "x"}), flooder), limit=3)
+
+
+async def test_forwarded_for_is_ignored_without_trusted_proxies(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3")
+    for token in failing_tokens(idp):
+        assert (await send(sidecar, token, {"X-Forwarded-For": TEST_NET_CLIENT})).status == 401
+
+    neighbour = {"X-Forwarded-For": OTHER_TEST_NET_CLIENT}  # claimed, not believed: 127.0.0.1
+    assert_too_many(await send(sidecar, idp.mint(claims={"sub": "y"}), neighbour), limit=3)
+    assert (await send(sidecar, idp.mint(claims={"sub": "z"}))).status == 429

@@ -1,0 +1,381 @@
+"""Mcp-Session-Id binding: a session belongs to the identity that created it.
+
+Unit tests pin SessionBindings (LRU bound, idle expiry on an injected clock); the rest runs the
+production app in front of upstreams that script exactly which session ids they issue, accept,
+echo and end, with FORWARD_IDENTITY on so the upstream can tell which user reached it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer
+from multidict import CIMultiDict
+from structlog.testing import capture_logs
+
+from oauth_sidecar import sessions
+from oauth_sidecar.app import SESSIONS
+from oauth_sidecar.sessions import SessionBindings
+
+Client = TestClient[web.Request, web.Application]
+
+ALICE = ("https://idp.example.test", "alice")
+BOB = ("https://idp.example.test", "bob")
+ALICE_AT_OTHER_ISSUER = ("https://other-idp.example.test", "alice")
+
+
+# --- SessionBindings ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Replace the sessions module's clock only (never the event loop's)."""
+    fake = Clock()
+    monkeypatch.setattr(sessions, "time", SimpleNamespace(monotonic=fake.monotonic))
+    return fake
+
+
+def test_unknown_session_has_no_owner() -> None:
+    bindings = SessionBindings(ttl=60)
+    assert bindings.owner("nope") is None
+    assert len(bindings) == 0
+
+
+def test_bound_session_has_its_owner() -> None:
+    bindings = SessionBindings(ttl=60)
+    bindings.bind("s1", ALICE)
+    bindings.bind("s2", BOB)
+    assert bindings.owner("s1") == ALICE
+    assert bindings.owner("s2") == BOB
+    assert len(bindings) == 2
+
+
+def test_owner_is_issuer_and_subject() -> None:
+    bindings = SessionBindings(ttl=60)
+    bindings.bind("s1", ALICE)
+    assert bindings.owner("s1") != ALICE_AT_OTHER_ISSUER
+
+
+def test_forget_removes_the_binding_and_ignores_unknown_ids() -> None:
+    bindings = SessionBindings(ttl=60)
+    bindings.bind("s1", ALICE)
+    bindings.forget("s1")
+    bindings.forget("s1")
+    bindings.forget("never-bound")
+    assert bindings.owner("s1") is None
+    assert len(bindings) == 0
+
+
+def test_rebinding_replaces_the_owner() -> None:
+    bindings = SessionBindings(ttl=60)
+    bindings.bind("s1", ALICE)
+    bindings.bind("s1", BOB)
+    assert bindings.owner("s1") == BOB
+    assert len(bindings) == 1
+
+
+def test_least_recently_used_binding_is_evicted_beyond_the_bound() -> None:
+    bindings = SessionBindings(ttl=60, max_sessions=3)
+    for i in range(3):
+        bindings.bind(f"s{i}", ALICE)
+    assert bindings.owner("s0") == ALICE  # s0 is now the most recently used
+    bindings.bind("s3", BOB)
+    assert len(bindings) == 3
+    assert bindings.owner("s1") is None  # the least recently used went first
+    assert [bindings.owner(s) for s in ("s0", "s2", "s3")] == [ALICE, ALICE, BOB]
+
+
+def test_many_bindings_stay_within_the_bound() -> None:
+    bindings = SessionBindings(ttl=60, max_sessions=10)
+    for i in range(1000):
+        bindings.bind(f"s{i}", BOB)
+    assert len(bindings) == 10
+    assert bindings.owner("s989") is None
+    assert bindings.owner("s999") == BOB
+
+
+def test_idle_binding_expires_after_ttl(clock: Clock) -> None:
+    bindings = SessionBindings(ttl=10)
+    bindings.bind("s1", ALICE)
+    clock.now += 10
+    assert bindings.owner("s1") == ALICE  # exactly ttl idle is still bound
+    clock.now += 10.001
+    assert bindings.owner("s1") is None
+    assert len(bindings) == 0  # and the expired entry is gone
+
+
+def test_use_refreshes_the_idle_timer(clock: Clock) -> None:
+    bindings = SessionBindings(ttl=10)
+    bindings.bind("s1", ALICE)
+    for _ in range(5):
+        clock.now += 8
+        assert bindings.owner("s1") == ALICE
+    clock.now += 11
+    assert bindings.owner("s1") is None
+
+
+def test_rebinding_refreshes_the_idle_timer(clock: Clock) -> None:
+    bindings = SessionBindings(ttl=10)
+    bindings.bind("s1", ALICE)
+    clock.now += 8
+    bindings.bind("s1", ALICE)
+    clock.now += 8
+    assert bindings.owner("s1") == ALICE
+
+
+# --- through the production app: the shared FakeUpstream (always answers session-1) -------------
+
+
+def token_for(idp: FakeIdp, sub: str) -> dict[str, str]:
+    return bearer(idp.mint(claims={"sub": sub}))
+
+
+async def test_session_is_refused_to_another_user(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    sidecar: Client = await make_sidecar()
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+
+    created = await sidecar.post("/mcp", data=b"{}", headers=alice)
+    assert created.status == 200
+    assert created.headers["Mcp-Session-Id"] == "session-1"
+    reached = len(upstream.requests)
+
+    with capture_logs() as events:
+        hijack = await sidecar.post("/mcp", data=b"{}",
+                                    headers={**bob, "Mcp-Session-Id": "session-1"})
+    assert hijack.status == 404
+    assert hijack.content_type == "application/json"
+    assert (await hijack.json())["error"] == "session_not_found"
+    assert "Mcp-Session-Id" not in hijack.headers
+    assert len(upstream.requests) == reached  # nothing of Bob's reached the upstream
+    [line] = [e for e in events if e["event"] == "request"]
+    assert line["sub"] == "bob"
+    assert line["auth_error"] == "session_owned_by_another_identity"
+
+    again = await sidecar.post("/mcp", data=b"{}",
+                               headers={**alice, "Mcp-Session-Id": "session-1"})
+    assert again.status == 200
+    assert len(upstream.requests) == reached + 1
+    assert sidecar.app[SESSIONS].owner("session-1") == (idp.issuer, "alice")
+
+
+async def test_two_session_headers_are_refused_so_no_one_hides_behind_the_first(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    sidecar: Client = await make_sidecar()
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+    assert (await sidecar.post("/mcp", data=b"{}", headers=alice)).status == 200
+    reached = len(upstream.requests)
+    headers = CIMultiDict(bob)
+    headers.add("Mcp-Session-Id", "bob-session")
+    headers.add("Mcp-Session-Id", "session-1")
+    refused = await sidecar.post("/mcp", data=b"{}", headers=headers)
+    assert refused.status == 400
+    assert (await refused.json())["error"] == "invalid_request"
+    assert len(upstream.requests) == reached
+
+
+async def test_refusal_covers_every_method(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    sidecar: Client = await make_sidecar()
+    await sidecar.post("/mcp", data=b"{}", headers=token_for(idp, "alice"))
+    reached = len(upstream.requests)
+    bob = {**token_for(idp, "bob"), "Mcp-Session-Id": "session-1"}
+    for method in ("GET", "POST", "DELETE"):
+        response = await sidecar.request(method, "/mcp", headers=bob)
+        assert response.status == 404, method
+    assert len(upstream.requests) == reached
+    assert sidecar.app[SESSIONS].owner("session-1") == (idp.issuer, "alice")
+
+
+# --- a scripted MCP upstream --------------------------------------------------------------------
+
+
+@dataclass
+class SessionUpstream:
+    """Issues sess-N on a request without a session, accepts the ids it knows, answers 404 to
+    others, ends sessions on DELETE. `echo` adds Mcp-Session-Id to every answer about a known
+    session, as the official MCP Python SDK does (its DELETE answer included)."""
+
+    echo: bool = False
+    fail_status: int | None = None
+    """When set, every request is answered with this status (and an Mcp-Session-Id)."""
+    known: set[str] = field(default_factory=set)
+    seen: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    """(method, Mcp-Session-Id, X-Forwarded-User) of each request that arrived."""
+    server: TestServer | None = None
+    issued: int = 0
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def users(self) -> list[str | None]:
+        return [user for _, _, user in self.seen]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        session_id = request.headers.get("Mcp-Session-Id")
+        self.seen.append((request.method, session_id, request.headers.get("X-Forwarded-User")))
+        if self.fail_status is not None:
+            return web.json_response({"error": "refused"}, status=self.fail_status,
+                                     headers={"Mcp-Session-Id": session_id or "fresh"})
+        if session_id is None:
+            self.issued += 1
+            issued = f"sess-{self.issued}"
+            self.known.add(issued)
+            return web.json_response({"ok": True}, headers={"Mcp-Session-Id": issued})
+        if session_id not in self.known:
+            return web.json_response({"error": "unknown session"}, status=404)
+        headers = {"Mcp-Session-Id": session_id} if self.echo else {}
+        if request.method == "DELETE":
+            self.known.discard(session_id)
+            return web.Response(status=200, headers=headers)
+        return web.json_response({"ok": True}, headers=headers)
+
+
+StartSessionSidecar = Callable[..., Awaitable[tuple[Client, SessionUpstream]]]
+
+
+@pytest.fixture
+async def start_sessions(make_sidecar: SidecarFactory) -> AsyncIterator[StartSessionSidecar]:
+    servers: list[TestServer] = []
+
+    async def start(*, echo: bool = False) -> tuple[Client, SessionUpstream]:
+        scripted = SessionUpstream(echo=echo)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", scripted.handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        scripted.server = server
+        client: Client = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, FORWARD_IDENTITY="true")
+        return client, scripted
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.mark.parametrize("echo", [False, True], ids=["plain", "echoing"])
+async def test_issued_session_belongs_to_its_creator(
+    start_sessions: StartSessionSidecar, idp: FakeIdp, echo: bool
+) -> None:
+    sidecar, scripted = await start_sessions(echo=echo)
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+    created = await sidecar.post("/mcp", data=b"{}", headers=alice)
+    assert created.headers["Mcp-Session-Id"] == "sess-1"
+    for _ in range(3):
+        used = await sidecar.post("/mcp", data=b"{}", headers={**alice, "Mcp-Session-Id": "sess-1"})
+        assert used.status == 200
+    hijack = await sidecar.get("/mcp", headers={**bob, "Mcp-Session-Id": "sess-1"})
+    assert hijack.status == 404
+    assert scripted.users() == ["alice"] * 4
+    # Bob gets his own session, and Alice cannot use it either.
+    own = await sidecar.post("/mcp", data=b"{}", headers=bob)
+    assert own.headers["Mcp-Session-Id"] == "sess-2"
+    refused = await sidecar.post("/mcp", data=b"{}", headers={**alice, "Mcp-Session-Id": "sess-2"})
+    assert refused.status == 404
+    assert scripted.users() == ["alice"] * 4 + ["bob"]
+
+
+async def test_delete_forgets_the_binding(
+    start_sessions: StartSessionSidecar, idp: FakeIdp
+) -> None:
+    sidecar, scripted = await start_sessions()
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+    await sidecar.post("/mcp", data=b"{}", headers=alice)
+    bindings = sidecar.app[SESSIONS]
+    assert bindings.owner("sess-1") == (idp.issuer, "alice")
+
+    ended = await sidecar.delete("/mcp", headers={**alice, "Mcp-Session-Id": "sess-1"})
+    assert ended.status == 200
+    assert bindings.owner("sess-1") is None
+    assert len(bindings) == 0
+
+    # The sidecar no longer stands in the way; the upstream answers for its ended session.
+    late = await sidecar.post("/mcp", data=b"{}", headers={**bob, "Mcp-Session-Id": "sess-1"})
+    assert late.status == 404
+    assert scripted.seen[-1] == ("POST", "sess-1", "bob")
+    assert bindings.owner("sess-1") is None
+
+
+async def test_delete_forgets_the_binding_when_the_upstream_echoes_the_id(
+    start_sessions: StartSessionSidecar, idp: FakeIdp
+) -> None:
+    sidecar, _ = await start_sessions(echo=True)
+    alice = token_for(idp, "alice")
+    await sidecar.post("/mcp", data=b"{}", headers=alice)
+    ended = await sidecar.delete("/mcp", headers={**alice, "Mcp-Session-Id": "sess-1"})
+    assert ended.status == 200
+    assert ended.headers["Mcp-Session-Id"] == "sess-1"
+    assert sidecar.app[SESSIONS].owner("sess-1") is None
+
+
+async def test_failed_delete_keeps_the_binding(
+    start_sessions: StartSessionSidecar, idp: FakeIdp
+) -> None:
+    sidecar, scripted = await start_sessions()
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+    await sidecar.post("/mcp", data=b"{}", headers=alice)
+    scripted.known.clear()  # the upstream refuses the DELETE (404)
+    ended = await sidecar.delete("/mcp", headers={**alice, "Mcp-Session-Id": "sess-1"})
+    assert ended.status == 404
+    assert sidecar.app[SESSIONS].owner("sess-1") == (idp.issuer, "alice")
+    hijack = await sidecar.get("/mcp", headers={**bob, "Mcp-Session-Id": "sess-1"})
+    assert hijack.status == 404
+    assert "bob" not in scripted.users()
+
+
+async def test_unknown_session_accepted_by_upstream_binds_first_presenter(
+    start_sessions: StartSessionSidecar, idp: FakeIdp
+) -> None:
+    sidecar, scripted = await start_sessions()
+    scripted.known.add("restored-7")  # e.g. created before a sidecar restart
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+
+    first = await sidecar.post("/mcp", data=b"{}",
+                               headers={**alice, "Mcp-Session-Id": "restored-7"})
+    assert first.status == 200
+    assert "Mcp-Session-Id" not in first.headers  # bound although the upstream did not repeat it
+    assert sidecar.app[SESSIONS].owner("restored-7") == (idp.issuer, "alice")
+
+    hijack = await sidecar.post("/mcp", data=b"{}", headers={**bob, "Mcp-Session-Id": "restored-7"})
+    assert hijack.status == 404
+    again = await sidecar.get("/mcp", headers={**alice, "Mcp-Session-Id": "restored-7"})
+    assert again.status == 200
+    assert scripted.users() == ["alice", "alice"]
+
+
+@pytest.mark.parametrize("status", [400, 404, 500])
+async def test_upstream_error_for_unknown_session_does_not_bind_it(
+    start_sessions: StartSessionSidecar, idp: FakeIdp, status: int
+) -> None:
+    sidecar, scripted = await start_sessions()
+    alice, bob = token_for(idp, "alice"), token_for(idp, "bob")
+
+    scripted.fail_status = status  # even an id in the error answer must not be bound
+    guess = await sidecar.post("/mcp", data=b"{}", headers={**alice, "Mcp-Session-Id": "guessed-9"})
+    assert guess.status == status
+    assert sidecar.app[SESSIONS].owner("guessed-9") is None
+    assert len(sidecar.app[SESSIONS]) == 0
+    # Bob presenting the same id is not refused by the sidecar: the upstream decides.
+    other = await sidecar.post("/mcp", data=b"{}", headers={**bob, "Mcp-Session-Id": "guessed-9"})
+    assert other.status == status
+    assert scripted.users() == ["alice", "bob"]
