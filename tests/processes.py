@@ -5,8 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
+import time
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
 
 STOP_GRACE = 10.0  # seconds a child gets between SIGTERM and SIGKILL
+REPO = Path(__file__).resolve().parent.parent
+PROCESS_TIMEOUT = 15.0  # seconds a sidecar process gets to start, answer or exit (loaded CI)
 
 
 def free_port() -> int:
@@ -31,3 +41,34 @@ async def stop_process(process: asyncio.subprocess.Process, grace: float = STOP_
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
     await process.wait()  # reap; after SIGKILL this returns promptly
+
+
+@asynccontextmanager
+async def sidecar_process(env: dict[str, str]) -> AsyncIterator[Process]:
+    """The installed entry point in its own process; always reaped, killed if it hangs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "oauth_sidecar", env=env, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str, proc: Process) -> None:
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while True:
+        if proc.returncode is not None:
+            raise AssertionError(f"sidecar exited early with {proc.returncode}")
+        try:
+            async with session.get(base + "/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("sidecar never became ready")
+        await asyncio.sleep(0.05)

@@ -9,22 +9,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import FakeIdp, FakeUpstream, bearer, sidecar_env, wait_until
-from processes import free_port
+from processes import PROCESS_TIMEOUT, REPO, free_port, sidecar_process, wait_ready
 
 from oauth_sidecar import __version__
 from oauth_sidecar.config import NOT_YET_SUPPORTED, VARIABLES, load
 
-REPO = Path(__file__).resolve().parent.parent
 REQUIRED = ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "MCP_UPSTREAM_URL")
-PROCESS_TIMEOUT = 15.0  # generous for a loaded CI machine; normal runs take well under a second
 SHUTDOWN_TIMEOUT = 2.0
 SHUTDOWN_SLACK = 4.0
 Process = asyncio.subprocess.Process
@@ -45,41 +40,8 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     return proc.returncode, stdout.decode(), stderr.decode()
 
 
-@asynccontextmanager
-async def sidecar_process(env: dict[str, str]) -> AsyncIterator[Process]:
-    """The installed entry point in its own process; always reaped, killed if it hangs."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "oauth_sidecar", env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
-
-
-
-
 def json_lines(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, proc: Process) -> None:
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while True:
-        if proc.returncode is not None:
-            raise AssertionError(f"sidecar exited early with {proc.returncode}")
-        try:
-            async with session.get(base + "/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("sidecar never became ready")
-        await asyncio.sleep(0.05)
 
 
 # -- configuration errors and documentation ------------------------------------------------------

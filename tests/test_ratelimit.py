@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import FakeIdp, FakeUpstream, SidecarFactory, as_json, bearer
+from conftest import FakeIdp, FakeUpstream, SidecarFactory, as_json, bearer, sidecar_env
 from multidict import CIMultiDictProxy
-from processes import free_port, stop_process
+from processes import PROCESS_TIMEOUT, free_port, sidecar_process, stop_process, wait_ready
 from structlog.testing import capture_logs
 
 from oauth_sidecar import ratelimit
@@ -552,3 +553,36 @@ async def test_forwarded_for_is_ignored_without_trusted_proxies(
     neighbour = {"X-Forwarded-For": OTHER_TEST_NET_CLIENT}  # claimed, not believed: 127.0.0.1
     assert_too_many(await send(sidecar, idp.mint(claims={"sub": "y"}), neighbour), limit=3)
     assert (await send(sidecar, idp.mint(claims={"sub": "z"}))).status == 429
+
+
+async def test_two_sidecar_processes_sharing_one_redis_hold_a_subject_to_one_budget(
+    redis_server: RedisServer, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """The replica setup for real: two `python -m oauth_sidecar` processes, one redis-server.
+
+    (With RATE_LIMIT_STORAGE_URI=memory:// the same run lets 12 through: a budget each.)
+    """
+    budget = 6
+    ports = [free_port(), free_port()]
+    timeout = aiohttp.ClientTimeout(total=PROCESS_TIMEOUT)
+    envs = [
+        sidecar_env(idp, upstream, HOST="127.0.0.1", PORT=str(port), RATE_LIMIT_RPM=str(budget),
+                    RATE_LIMIT_STORAGE_URI=redis_server.uri)
+        for port in ports
+    ]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    token = idp.mint(claims={"sub": "alice"})
+    async with (
+        sidecar_process(envs[0]) as first, sidecar_process(envs[1]) as second,
+        aiohttp.ClientSession(timeout=timeout) as session,
+    ):
+        await wait_ready(session, bases[0], first)
+        await wait_ready(session, bases[1], second)
+        statuses: list[int] = []
+        for i in range(20):  # alternate between the replicas
+            async with session.post(bases[i % 2] + "/mcp", data=b"{}",
+                                    headers=bearer(token)) as response:
+                statuses.append(response.status)
+    assert statuses.count(200) == budget, statuses
+    assert statuses.count(429) == 20 - budget
+    assert statuses[:budget] == [200] * budget  # the budget is spent first, across both
