@@ -8,10 +8,15 @@ from typing import Any
 
 from aiohttp import web
 
+from oauth_sidecar.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.cors import Cors
-from oauth_sidecar.discovery import ProtectedResourceMetadata, protected_resource_paths
+from oauth_sidecar.discovery import (
+    ProtectedResourceMetadata,
+    authorization_server_metadata_paths,
+    protected_resource_paths,
+)
 from oauth_sidecar.gate import Gate
 from oauth_sidecar.health import Health
 from oauth_sidecar.http_errors import Handler, json_errors, method_not_allowed
@@ -20,6 +25,7 @@ from oauth_sidecar.log import access_log, add_request_id
 from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
+from oauth_sidecar.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import TokenVerifier
 from oauth_sidecar.upstream_credential import UpstreamCredential
@@ -75,11 +81,12 @@ def create_app(config: Config) -> web.Application:
     )
     app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
 
-    def add_public(path: str, handler: Handler) -> None:
+    def add_public(path: str, handler: Handler, methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
         resource = app.router.add_resource(path)
-        resource.add_route("GET", handler)
-        resource.add_route("HEAD", handler)
-        resource.add_route("*", method_not_allowed("GET, HEAD"))  # terminal, never the proxy
+        for method in methods:
+            resource.add_route(method, handler)
+        # Terminal for every other method: a public path never falls through to the proxy.
+        resource.add_route("*", method_not_allowed(", ".join(methods)))
         public.add(resource)
 
     health = Health(idp, proxy)
@@ -88,11 +95,27 @@ def create_app(config: Config) -> web.Application:
     metadata = ProtectedResourceMetadata(config)
     for path in protected_resource_paths(config):
         add_public(path, metadata.handle)
+    redirects = RedirectAllowList(config.auth_server)
+    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses)
+    registration = StaticRegistration(config.auth_server, redirects)
+    # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
+    add_public("/authorize", authserver.authorize)
+    add_public("/token", authserver.token, ("POST",))
+    async def register(request: web.Request) -> web.StreamResponse:
+        return await authserver.over_budget(request) or await registration.handle(request)
+
+    for path in (REGISTRATION_PATH, "/register"):
+        add_public(path, register, ("POST",))
+    if authserver.facade:
+        add_public(CALLBACK_PATH, authserver.callback)
+        for path in authorization_server_metadata_paths(config):
+            add_public(path, authserver.metadata)
     app.router.add_route("*", "/{path:.*}", proxy.handle)  # everything else: authenticated
 
     app.cleanup_ctx.append(_lifetime(idp.running))
     app.cleanup_ctx.append(_lifetime(proxy.running))
     app.cleanup_ctx.append(_lifetime(limiter.running))
+    app.cleanup_ctx.append(_lifetime(authserver.running))
     if credential is not None:
         app.cleanup_ctx.append(_lifetime(credential.running))
     app.on_shutdown.append(proxy.stop)

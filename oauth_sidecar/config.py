@@ -24,6 +24,10 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"
 DEFAULT_CORS_ORIGINS = "https://claude.ai,https://claude.com"
+DEFAULT_REDIRECT_URIS = (
+    "https://claude.ai/api/mcp/auth_callback,https://claude.com/api/mcp/auth_callback"
+)
+MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 
@@ -72,13 +76,18 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "FORWARD_IDENTITY": ("false", "Send X-Forwarded-User/Email/Groups/Issuer upstream."),
     "MCP_UPSTREAM_BEARER_FILE": ("", "File with a static token sent upstream as Bearer."),
     "SESSION_BINDING_TTL_SECONDS": ("86400", "How long an idle Mcp-Session-Id stays bound."),
+    "AUTH_SERVER_MODE": ("", "direct or facade (default: facade with STATIC_CLIENT_ID)."),
+    "STATIC_CLIENT_ID": ("", "Client id at the IdP handed out by /oauth/register."),
+    "STATIC_CLIENT_SECRET": ("", "Its secret; added by the /token relay, never published."),
+    "STATIC_CLIENT_CONFIDENTIAL": ("false", "Publish the secret in /oauth/register answers."),
+    "ALLOWED_REDIRECT_URIS": (DEFAULT_REDIRECT_URIS, "Client redirect URIs accepted, exactly."),
+    "ALLOW_LOOPBACK_REDIRECTS": ("true", "Also accept http://127.0.0.1|localhost|[::1]:any/..."),
+    "STATE_SECRET": ("", "Key signing the relay's state (share it across replicas)."),
 }
 
 # Peer variables whose feature this release does not implement yet: refusing to start is safer
 # than silently ignoring an allow-list or a rate limit the operator believes is enforced.
 NOT_YET_SUPPORTED = {
-    "STATIC_CLIENT_ID": "static client registration",
-    "STATIC_CLIENT_SECRET": "static client registration",
     "MCP_SPAWN_CMD": "spawn mode",
     "MCP_SPAWN_PORT": "spawn mode",
 }
@@ -87,7 +96,7 @@ NOT_YET_SUPPORTED = {
 OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
-    "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_",
+    "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_",
 )  # fmt: skip
 RATE_LIMIT_SCHEMES = {"memory": "async+memory", "redis": "async+redis", "rediss": "async+rediss",
                       "redis+unix": "async+redis+unix"}
@@ -158,6 +167,19 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthServerConfig:
+    facade: bool
+    """True: we are the authorization server clients see, relaying to the IdP (RFC 9207-safe)."""
+    client_id: str
+    client_secret: str
+    publish_secret: bool
+    redirect_uris: frozenset[str]
+    allow_loopback_redirects: bool
+    state_secret: str
+    """"" means: a random key per process (a single replica)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str
     port: int
@@ -181,6 +203,7 @@ class Config:
     forward_identity: bool
     upstream_bearer_file: str
     session_ttl: float
+    auth_server: AuthServerConfig
     warnings: tuple[str, ...] = ()
 
     @property
@@ -451,6 +474,7 @@ def load(env: Mapping[str, str]) -> Config:
         forward_identity=r.flag("FORWARD_IDENTITY"),
         upstream_bearer_file=bearer_file,
         session_ttl=r.number("SESSION_BINDING_TTL_SECONDS", float, 1.0, 30 * 86400.0),
+        auth_server=_auth_server(r),
         warnings=tuple(_unknown_variable_warnings(env)),
     )
     if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
@@ -465,6 +489,13 @@ def load(env: Mapping[str, str]) -> Config:
         warning = (
             "INSECURE_ALLOW_UNVERIFIED_EMAIL=true: on an IdP with self-service sign-up anyone "
             "can claim an allowed email address"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
+    if config.auth_server.facade and not config.auth_server.state_secret:
+        warning = (
+            "STATE_SECRET is not set: sign-ins are signed with a random per-process key, so with "
+            "several replicas a sign-in started on one fails on another; set the same "
+            "STATE_SECRET everywhere"
         )
         config = replace(config, warnings=(*config.warnings, warning))
     if cors_any:
@@ -542,3 +573,45 @@ def _networks(r: _Reader, name: str) -> tuple[IPNetwork, ...]:
         except ValueError:
             r.problems.append(f"{name} entry {item!r} is not an IP address or CIDR")
     return tuple(networks)
+
+
+def _auth_server(r: _Reader) -> AuthServerConfig:
+    client_id, secret = r.raw("STATIC_CLIENT_ID"), r.raw("STATIC_CLIENT_SECRET")
+    mode = r.raw("AUTH_SERVER_MODE").lower() or ("facade" if client_id else "direct")
+    if mode not in ("direct", "facade"):
+        r.problems.append(f"AUTH_SERVER_MODE={mode!r} is not direct or facade")
+    if mode == "facade" and not client_id:
+        r.problems.append(
+            "AUTH_SERVER_MODE=facade needs STATIC_CLIENT_ID: the relay signs users in with one "
+            "client registered at the IdP with the callback <RESOURCE_URL origin>/oauth/callback"
+        )
+    if secret and not client_id:
+        r.problems.append("STATIC_CLIENT_SECRET is set without STATIC_CLIENT_ID")
+    publish = r.flag("STATIC_CLIENT_CONFIDENTIAL")
+    if publish and not secret:
+        r.problems.append("STATIC_CLIENT_CONFIDENTIAL=true needs STATIC_CLIENT_SECRET")
+    uris = []
+    for uri in split_list(r.raw("ALLOWED_REDIRECT_URIS")):
+        parts = urlsplit(uri)
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or (
+            parts.username or parts.password
+        ):
+            r.problems.append(
+                f"ALLOWED_REDIRECT_URIS entry {_shown(uri)!r} is not an absolute http(s) URL "
+                "without fragment or credentials"
+            )
+        elif parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            r.problems.append(f"ALLOWED_REDIRECT_URIS entry {uri!r} must use https")
+        else:
+            uris.append(uri)
+    state_secret = r.raw("STATE_SECRET")
+    if state_secret and len(state_secret) < MIN_STATE_SECRET:
+        r.problems.append(
+            f"STATE_SECRET is shorter than {MIN_STATE_SECRET} characters "
+            "(use e.g. `openssl rand -hex 32`)"
+        )
+    return AuthServerConfig(
+        facade=mode == "facade", client_id=client_id, client_secret=secret,
+        publish_secret=publish, redirect_uris=frozenset(uris),
+        allow_loopback_redirects=r.flag("ALLOW_LOOPBACK_REDIRECTS"), state_secret=state_secret,
+    )

@@ -64,7 +64,11 @@ class Cors:
     async def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
         """on_response_prepare: runs just before headers go out, streamed responses included."""
         origin = request.headers.get("Origin")
-        if origin is not None and self.allows(origin):
+        if origin is None:
+            return
+        if self.allows(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             response.headers.add("Vary", "Origin")
+        elif self._is_public(request):  # metadata, registration and token: no credentials
+            response.headers.setdefault("Access-Control-Allow-Origin", "*")

@@ -26,16 +26,30 @@ def protected_resource_paths(config: Config) -> list[str]:
     return paths
 
 
+def public_origin(config: Config) -> str:
+    """scheme://host[:port] clients use; also our issuer in facade mode."""
+    return config.resource_url.removesuffix(config.resource_path)
+
+
+def authorization_server_metadata_paths(config: Config) -> list[str]:
+    """RFC 8414 §3 and OIDC forms, at the root and path-inserted with the resource path, since
+    clients following older MCP revisions build them from the MCP URL itself."""
+    roots = ["/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"]
+    return roots + [root + config.resource_path for root in roots if config.resource_path]
+
+
 def metadata_url(config: Config) -> str:
     """The absolute URL put in `WWW-Authenticate: Bearer resource_metadata="..."`."""
-    origin = config.resource_url.removesuffix(config.resource_path)
-    return origin + protected_resource_paths(config)[-1]
+    return public_origin(config) + protected_resource_paths(config)[-1]
 
 
 def protected_resource_document(config: Config) -> dict[str, object]:
     document: dict[str, object] = {
         "resource": config.resource_url,
-        "authorization_servers": [config.idp.issuer],
+        # Facade: we are the authorization server clients see (authserver.py); direct: the IdP.
+        "authorization_servers": [
+            public_origin(config) if config.auth_server.facade else config.idp.issuer
+        ],
         "bearer_methods_supported": ["header"],  # RFC 9728 §2: never query or body
     }
     if config.advertised_scopes:

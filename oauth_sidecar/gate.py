@@ -17,7 +17,7 @@ from aiohttp import web
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.discovery import metadata_url
-from oauth_sidecar.http_errors import Handler, json_error
+from oauth_sidecar.http_errors import Handler, json_error, rate_limited
 from oauth_sidecar.policy import AccessPolicy, Denied
 from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
 from oauth_sidecar.tokens import Principal, TokenError, TokenVerifier, bearer_token
@@ -83,7 +83,7 @@ class Gate:
             return self._deny(exc)
         except RateLimited as exc:
             request[AUTH_FAILURE] = f"rate_limited_{exc.scope}"
-            return self._too_many(exc)
+            return rate_limited(exc)
         except RateLimitUnavailable:
             request[AUTH_FAILURE] = "rate_limit_unavailable"
             return json_error(503, "temporarily_unavailable", "Rate limiting is unavailable",
@@ -120,11 +120,3 @@ class Gate:
                               {"WWW-Authenticate": self._insufficient_scope})
         # Names the class of refusal, never the allow-lists.
         return json_error(403, "access_denied", "This account may not use this server")
-
-    def _too_many(self, limited: RateLimited) -> web.Response:
-        return json_error(429, "rate_limited", "Too many requests", {
-            "Retry-After": str(limited.retry_after),
-            "RateLimit-Limit": str(limited.limit),
-            "RateLimit-Remaining": "0",
-            "RateLimit-Reset": str(limited.retry_after),
-        })

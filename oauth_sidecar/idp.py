@@ -181,6 +181,10 @@ class IdentityProvider:
         return bool(self._keys.by_kid)
 
     @property
+    def issuer(self) -> str:
+        return self._config.issuer
+
+    @property
     def metadata(self) -> dict[str, Any] | None:
         """The last good discovery document."""
         return self._metadata

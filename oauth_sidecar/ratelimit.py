@@ -101,6 +101,13 @@ class RateLimiter:
             if not await self._call(lambda s: s.test(item, NAMESPACE, "client_ip", client_ip)):
                 raise await self._limited(item, "client_ip", client_ip)
 
+    async def hit_client(self, client_ip: str) -> None:
+        """Count one call to an unauthenticated endpoint (register, token relay, authorize)."""
+        if self.limits_failures:
+            item = self._ip_item
+            if not await self._call(lambda s: s.hit(item, NAMESPACE, "client_ip", client_ip)):
+                raise await self._limited(item, "client_ip", client_ip)
+
     async def hit_failure(self, client_ip: str) -> None:
         """Count one failed authentication from this IP (the refusal is already decided)."""
         if self.limits_failures:

@@ -66,11 +66,11 @@ def test_every_problem_is_reported_together() -> None:
         "JWT_ALGORITHMS": "HS256",
         "LOG_LEVEL": "loud",
         "CORS_ALLOW_ORIGINS": "claude.ai",
-        "STATIC_CLIENT_ID": "alice",
+        "MCP_SPAWN_CMD": "server --port 1",
     })
     joined = "\n".join(problems)
     for name in ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "PORT", "JWT_ALGORITHMS",
-                 "LOG_LEVEL", "CORS_ALLOW_ORIGINS", "STATIC_CLIENT_ID", "allow-list"):
+                 "LOG_LEVEL", "CORS_ALLOW_ORIGINS", "MCP_SPAWN_CMD", "allow-list"):
         assert name in joined, name
     assert len(problems) == 9
 

@@ -60,10 +60,10 @@ async def test_unimplemented_feature_variable_refuses_to_start() -> None:
     env = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": "mcp",
            "RESOURCE_URL": "https://mcp.example.test/mcp",
            "MCP_UPSTREAM_URL": "http://127.0.0.1:9", "ALLOW_SUBS": "u",
-           "STATIC_CLIENT_ID": "client"}
+           "MCP_SPAWN_CMD": "server --port 1"}
     code, _, stderr = await run_cli(env=env)
     assert code == 2
-    assert "STATIC_CLIENT_ID is set" in stderr
+    assert "MCP_SPAWN_CMD is set" in stderr
 
 
 async def test_version_flag_prints_the_version() -> None:
