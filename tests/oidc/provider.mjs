@@ -12,10 +12,13 @@
 // --exit-on-stdin-close also when its stdin closes (no orphan if the parent dies hard).
 //
 // What it serves (all under the issuer, whose path may be empty or Keycloak-style):
-//   /.well-known/openid-configuration, the jwks_uri, /token, /auth, /me, ...
+//   /.well-known/openid-configuration (also as /.well-known/oauth-authorization-server under the
+//   issuer), the jwks_uri, /token, /auth, /me, /reg, ...
 //   client_credentials: a confidential client (client_secret_basic or _post) gets, for
 //     `resource=<absolute URL>`, a JWT access token (typ at+jwt, RS256) with aud = that resource
-//     and the requested scopes among --scopes.
+//     and the requested scopes among --scopes. The --scopes are also listed in the discovery
+//     document's scopes_supported (with openid and offline_access), so clients may register and
+//     ask for them.
 //   authorization_code + PKCE (S256, required for every client): with --auto-login <account>
 //     every interaction is answered at once — login as <account>, consent to everything asked —
 //     so a test can follow redirects from /auth to the redirect_uri with no browser. The
@@ -25,6 +28,19 @@
 //     cookies for an IP host (aiohttp: CookieJar(unsafe=True)) and resolve the relative Location
 //     of the interaction redirect. The token request may omit `resource` (the granted one is
 //     used). Without --auto-login the interaction URL answers 501: there is no login UI.
+//   Dynamic Client Registration (RFC 7591, OpenID Registration): open, no initial access token,
+//     at the registration_endpoint of the discovery document (<issuer>/reg), so an MCP client
+//     can register itself. PKCE stays required for every client, registered ones included.
+//   Refresh tokens: issued when the grant includes `offline_access` (the MCP SDK asks for it
+//     when scopes_supported lists it, with prompt=consent) and the client may use refresh_token.
+//     A refresh with `resource` yields again a JWT access token for that resource.
+//   RFC 9207: every authorization response carries `iss` (oidc-provider always sends it and
+//     advertises authorization_response_iss_parameter_supported: true).
+//   --static-client <id>:<secret>:<redirect_uri>[,<redirect_uri>...] (repeatable; environment:
+//     OIDC_STATIC_CLIENTS, whitespace-separated) pre-registers a confidential web client
+//     (client_secret_basic, authorization_code + refresh_token + client_credentials) with
+//     exactly these redirect URIs, e.g. a proxy's http://127.0.0.1:<port>/oauth/callback.
+//     The id and the secret must not contain ':'; the redirect URIs must not contain ','.
 //
 // oidc-provider 9 officially supports Node 22 LTS and later; it runs on Node 20 but prints an
 // "Unsupported runtime" warning to stderr.
@@ -45,20 +61,24 @@ const OPTIONS = {
   scopes: { type: 'string', env: 'OIDC_SCOPES', default: 'mcp:read mcp:write' },
   'access-token-ttl': { type: 'string', env: 'OIDC_ACCESS_TOKEN_TTL', default: '300' },
   'auto-login': { type: 'string', env: 'OIDC_AUTO_LOGIN', default: '' },
+  'static-client': { type: 'string', multiple: true, env: 'OIDC_STATIC_CLIENTS', default: [] },
   'exit-on-stdin-close': { type: 'boolean', env: 'OIDC_EXIT_ON_STDIN_CLOSE', default: false },
 };
 
 function options() {
   const { values } = parseArgs({
-    options: Object.fromEntries(Object.entries(OPTIONS).map(([k, { type }]) => [k, { type }])),
+    options: Object.fromEntries(
+      Object.entries(OPTIONS).map(([k, { type, multiple }]) => [k, { type, multiple: !!multiple }]),
+    ),
     strict: true,
     allowPositionals: false,
   });
   const result = {};
-  for (const [name, { type, env, default: fallback }] of Object.entries(OPTIONS)) {
+  for (const [name, { type, multiple, env, default: fallback }] of Object.entries(OPTIONS)) {
     let value = values[name];
     if (value === undefined && process.env[env] !== undefined && process.env[env] !== '') {
-      value = type === 'boolean' ? /^(1|true|yes|on)$/i.test(process.env[env]) : process.env[env];
+      if (multiple) value = process.env[env].split(/\s+/).filter(Boolean);
+      else value = type === 'boolean' ? /^(1|true|yes|on)$/i.test(process.env[env]) : process.env[env];
     }
     result[name] = value ?? fallback;
   }
@@ -77,6 +97,30 @@ function options() {
     issuerPath,
     ttl,
     scopes: result.scopes.split(/[\s,]+/).filter(Boolean),
+    staticClients: result['static-client'].map(staticClient),
+  };
+}
+
+// "<id>:<secret>:<uri>[,<uri>...]": the URIs contain ':' themselves, so split at the first two.
+function staticClient(spec) {
+  const first = spec.indexOf(':');
+  const second = first < 0 ? -1 : spec.indexOf(':', first + 1);
+  const clientId = spec.slice(0, first);
+  const secret = spec.slice(first + 1, second);
+  const redirectUris = spec.slice(second + 1).split(',').filter(Boolean);
+  if (second < 0 || !clientId || !secret || redirectUris.length === 0) {
+    throw new Error(`--static-client ${JSON.stringify(spec)} is not <id>:<secret>:<redirect_uri>[,...]`);
+  }
+  for (const uri of redirectUris) {
+    if (!URL.canParse(uri)) throw new Error(`--static-client redirect URI ${JSON.stringify(uri)} is not a URL`);
+  }
+  return {
+    client_id: clientId,
+    client_secret: secret,
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    response_types: ['code'],
+    redirect_uris: redirectUris,
+    token_endpoint_auth_method: 'client_secret_basic',
   };
 }
 
@@ -87,7 +131,7 @@ function signingJwks() {
 }
 
 function configuration(opts) {
-  const grantTypes = ['client_credentials', 'authorization_code'];
+  const grantTypes = ['client_credentials', 'authorization_code', 'refresh_token'];
   return {
     jwks: signingJwks(),
     clients: [
@@ -102,13 +146,19 @@ function configuration(opts) {
       {
         client_id: opts['public-client-id'],
         application_type: 'native',
-        grant_types: ['authorization_code'],
+        grant_types: ['authorization_code', 'refresh_token'],
         response_types: ['code'],
         redirect_uris: [opts['redirect-uri']],
         token_endpoint_auth_method: 'none',
       },
+      ...opts.staticClients,
     ],
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'none'],
+    // The resource's scopes are also Authorization Server scopes, so they are in scopes_supported
+    // and a client may register with them: the MCP SDK registers with the scope it is about to
+    // request (the challenge's, else the PRM's, else these), and oidc-provider refuses
+    // registration scopes it does not know (invalid_client_metadata).
+    scopes: ['openid', 'offline_access', ...opts.scopes],
     cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
     pkce: { required: () => true },
     features: {
@@ -116,6 +166,8 @@ function configuration(opts) {
       clientCredentials: { enabled: true },
       introspection: { enabled: true },
       revocation: { enabled: true },
+      // Open Dynamic Client Registration, as MCP clients expect (RFC 7591).
+      registration: { enabled: true },
       resourceIndicators: {
         enabled: true,
         // RFC 8707: the token's audience is exactly the resource the client asked for, any
@@ -143,6 +195,7 @@ function configuration(opts) {
       Interaction: () => 600,
       Session: () => 3600,
       Grant: () => 3600,
+      RefreshToken: () => 3600,
     },
     renderError: (ctx, out) => {
       ctx.type = 'json';
