@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import structlog
 from aiohttp import web
 
 from oauth_sidecar import __version__
-from oauth_sidecar.app import create_app, server_options
+from oauth_sidecar.app import CHILD, create_app, server_options
+from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
 from oauth_sidecar.log import configure_logging
 
 EXIT_CONFIG = 2
+EXIT_CHILD_FAILED = 1
 
 
 def _variables_help() -> str:
@@ -59,15 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting", version=__version__, **_summary(config))
     for warning in config.warnings:
         log.warning("config_warning", message=warning)
+    def shut_down() -> None:  # MCP_SPAWN_RESTART=never: the child died, so do we (non-zero)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    app = create_app(config, on_child_give_up=shut_down)
     try:
         web.run_app(
-            create_app(config), host=config.host, port=config.port,
+            app, host=config.host, port=config.port,
             shutdown_timeout=config.shutdown_timeout, access_log=None, print=None,
             **server_options(config),
         )
     except OSError as exc:  # the port is taken, or the address does not exist here
         log.error("listen_failed", host=config.host, port=config.port, error=str(exc))
         return EXIT_CONFIG
+    except ChildStartError as exc:  # e.g. MCP_SPAWN_PORT already taken by another process
+        log.error("child_start_failed", reason=exc.reason)
+        return EXIT_CONFIG
+    child = app.get(CHILD)
+    if child is not None and child.gave_up:
+        log.error("stopped", reason="the MCP child process was given up")
+        return EXIT_CHILD_FAILED
     log.info("stopped")
     return 0
 

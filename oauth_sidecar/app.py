@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from oauth_sidecar.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
+from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.cors import Cors
@@ -34,6 +35,7 @@ IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
+CHILD = web.AppKey("child", ChildProcess)
 
 
 def _lifetime(
@@ -56,7 +58,10 @@ def server_options(config: Config) -> dict[str, Any]:
     }
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(
+    config: Config, *, on_child_give_up: Callable[[], None] | None = None
+) -> web.Application:
+    """on_child_give_up: what to do when a spawned child is given up (__main__: shut down)."""
     idp = IdentityProvider(config.idp, config.tokens.algorithms)
     verifier = TokenVerifier(config.tokens, idp)
     policy = AccessPolicy(config.policy)
@@ -66,7 +71,9 @@ def create_app(config: Config) -> web.Application:
     credential = (
         UpstreamCredential(config.upstream_bearer_file) if config.upstream_bearer_file else None
     )
-    proxy = UpstreamProxy(config, policy, addresses, sessions, credential)
+    child = ChildProcess(config.spawn, on_child_give_up) if config.spawn else None
+    proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,
+                          credential=credential, child=child)
     public: set[web.AbstractResource] = set()
 
     def is_public(request: web.Request) -> bool:
@@ -89,7 +96,7 @@ def create_app(config: Config) -> web.Application:
         resource.add_route("*", method_not_allowed(", ".join(methods)))
         public.add(resource)
 
-    health = Health(idp, proxy)
+    health = Health(idp, proxy, child)
     add_public("/healthz", health.live)
     add_public("/readyz", health.ready)
     metadata = ProtectedResourceMetadata(config)
@@ -112,6 +119,9 @@ def create_app(config: Config) -> web.Application:
             add_public(path, authserver.metadata)
     app.router.add_route("*", "/{path:.*}", proxy.handle)  # everything else: authenticated
 
+    if child is not None:  # first in, last out: the child outlives every request
+        app[CHILD] = child
+        app.cleanup_ctx.append(_lifetime(child.running))
     app.cleanup_ctx.append(_lifetime(idp.running))
     app.cleanup_ctx.append(_lifetime(proxy.running))
     app.cleanup_ctx.append(_lifetime(limiter.running))

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
+import os
+import shlex
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -83,13 +87,14 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "ALLOWED_REDIRECT_URIS": (DEFAULT_REDIRECT_URIS, "Client redirect URIs accepted, exactly."),
     "ALLOW_LOOPBACK_REDIRECTS": ("true", "Also accept http://127.0.0.1|localhost|[::1]:any/..."),
     "STATE_SECRET": ("", "Key signing the relay's state (share it across replicas)."),
-}
-
-# Peer variables whose feature this release does not implement yet: refusing to start is safer
-# than silently ignoring an allow-list or a rate limit the operator believes is enforced.
-NOT_YET_SUPPORTED = {
-    "MCP_SPAWN_CMD": "spawn mode",
-    "MCP_SPAWN_PORT": "spawn mode",
+    "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
+    "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1."),
+    "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),
+    "MCP_SPAWN_READY_PATH": ("", "Optional HTTP path probed for readiness (any status < 500)."),
+    "MCP_SPAWN_RESTART": ("always", "always: restart with backoff; never: exit when it dies."),
+    "MCP_SPAWN_MAX_RESTARTS": ("5", "Crashes within 5 minutes before giving up (stays down)."),
+    "MCP_SPAWN_STOP_TIMEOUT_SECONDS": ("10", "SIGTERM-to-SIGKILL grace for the child's group."),
+    "MCP_SPAWN_ENV": ("", "Names of the sidecar's variables to pass to the child."),
 }
 
 # Prefixes of variables that are ours: an unknown one is most likely a typo.
@@ -180,6 +185,19 @@ class AuthServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpawnConfig:
+    argv: tuple[str, ...]
+    port: int
+    env: dict[str, str]
+    """The child's whole environment: an allow-list, never the sidecar's secrets."""
+    ready_timeout: float
+    ready_path: str
+    restart: bool
+    max_restarts: int
+    stop_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str
     port: int
@@ -204,6 +222,7 @@ class Config:
     upstream_bearer_file: str
     session_ttl: float
     auth_server: AuthServerConfig
+    spawn: SpawnConfig | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -325,7 +344,7 @@ def canonical_resource(value: str) -> tuple[str, str]:
 
 
 def _unknown_variable_warnings(env: Mapping[str, str]) -> list[str]:
-    known = set(VARIABLES) | set(NOT_YET_SUPPORTED)
+    known = set(VARIABLES)
     warnings = []
     for name in sorted(env):
         if name in known or not name.startswith(OWN_PREFIXES):
@@ -340,13 +359,6 @@ def load(env: Mapping[str, str]) -> Config:
     """Parse the whole configuration or raise ConfigError listing every problem."""
     r = _Reader(env)
     problems = r.problems
-
-    for name, feature in NOT_YET_SUPPORTED.items():
-        if env.get(name, "").strip():
-            problems.append(
-                f"{name} is set, but {feature} is not implemented in this release: "
-                "refusing to start rather than ignore it"
-            )
 
     allow_http = r.flag("OIDC_ALLOW_HTTP")
     issuer = r.required("OIDC_ISSUER_URL", "the issuer URL of your OpenID provider")
@@ -367,7 +379,15 @@ def load(env: Mapping[str, str]) -> Config:
         else:
             resource_url, resource_path = canonical_resource(resource_raw)
 
-    upstream_raw = r.required("MCP_UPSTREAM_URL", "the URL of the MCP server to protect")
+    spawn = _spawn(r, env)
+    if spawn is not None:
+        upstream_raw = f"http://127.0.0.1:{spawn.port}"
+        if r.raw("MCP_UPSTREAM_URL"):
+            problems.append("MCP_UPSTREAM_URL and MCP_SPAWN_CMD are both set: choose one upstream")
+    else:
+        upstream_raw = r.required(
+            "MCP_UPSTREAM_URL", "the URL of the MCP server to protect (or MCP_SPAWN_CMD)"
+        )
     upstream_origin, upstream_path = "", r.raw("MCP_UPSTREAM_PATH")
     if upstream_path and not upstream_path.startswith("/"):
         problems.append(f"MCP_UPSTREAM_PATH={upstream_path!r} must start with /")
@@ -475,6 +495,7 @@ def load(env: Mapping[str, str]) -> Config:
         upstream_bearer_file=bearer_file,
         session_ttl=r.number("SESSION_BINDING_TTL_SECONDS", float, 1.0, 30 * 86400.0),
         auth_server=_auth_server(r),
+        spawn=spawn,
         warnings=tuple(_unknown_variable_warnings(env)),
     )
     if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
@@ -614,4 +635,76 @@ def _auth_server(r: _Reader) -> AuthServerConfig:
         facade=mode == "facade", client_id=client_id, client_secret=secret,
         publish_secret=publish, redirect_uris=frozenset(uris),
         allow_loopback_redirects=r.flag("ALLOW_LOOPBACK_REDIRECTS"), state_secret=state_secret,
+    )
+
+
+# What a child inherits by default: enough to run a program, nothing that could be a secret.
+CHILD_ENV_BASE = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME")
+CHILD_ENV_PREFIX = "MCP_SPAWN_ENV_"  # MCP_SPAWN_ENV_FOO=bar gives the child FOO=bar
+# The sidecar's own credentials never go to the child, even if listed in MCP_SPAWN_ENV.
+CHILD_ENV_FORBIDDEN = frozenset({
+    "STATIC_CLIENT_SECRET", "STATE_SECRET", "RATE_LIMIT_STORAGE_URI", "MCP_UPSTREAM_BEARER_FILE",
+})  # fmt: skip
+
+
+def _spawn_argv(r: _Reader, command: str) -> tuple[str, ...]:
+    """A JSON array of strings, or shell-like words (quotes honoured, no shell is run)."""
+    if command.startswith("["):
+        try:
+            parsed = json.loads(command)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list) or not parsed or not all(
+            isinstance(a, str) for a in parsed
+        ):
+            r.problems.append("MCP_SPAWN_CMD looks like JSON but is not an array of strings")
+            return ()
+        return tuple(parsed)
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        r.problems.append(f"MCP_SPAWN_CMD cannot be split into words: {exc}")
+        return ()
+    if not words:
+        r.problems.append("MCP_SPAWN_CMD is empty")
+    return tuple(words)
+
+
+def _spawn(r: _Reader, env: Mapping[str, str]) -> SpawnConfig | None:
+    command, port_raw = r.raw("MCP_SPAWN_CMD"), r.raw("MCP_SPAWN_PORT")
+    if not command:
+        if port_raw:
+            r.problems.append("MCP_SPAWN_PORT is set without MCP_SPAWN_CMD")
+        return None
+    if not port_raw:
+        r.problems.append("MCP_SPAWN_CMD needs MCP_SPAWN_PORT: the port the child listens on")
+    port = r.number("MCP_SPAWN_PORT", int, 1, 65535) if port_raw else 0
+    argv = _spawn_argv(r, command)
+    child_env = {name: env[name] for name in CHILD_ENV_BASE if name in env}
+    for name in split_list(r.raw("MCP_SPAWN_ENV")):
+        if name in CHILD_ENV_FORBIDDEN:
+            r.problems.append(f"MCP_SPAWN_ENV lists {name}: the sidecar's secrets never go to the "
+                              "child")
+        elif name in env:
+            child_env[name] = env[name]
+    for name, value in env.items():
+        if name.startswith(CHILD_ENV_PREFIX) and len(name) > len(CHILD_ENV_PREFIX):
+            child_env[name.removeprefix(CHILD_ENV_PREFIX)] = value
+    if argv:
+        program = argv[0]
+        found = shutil.which(program, path=child_env.get("PATH", os.defpath))
+        if found is None:
+            shown = "not executable" if os.path.exists(program) else "not found"
+            r.problems.append(f"MCP_SPAWN_CMD program {program!r} is {shown} (PATH of the child: "
+                              f"{child_env.get('PATH', os.defpath)})")
+    ready_path = r.raw("MCP_SPAWN_READY_PATH")
+    if ready_path and not ready_path.startswith("/"):
+        r.problems.append(f"MCP_SPAWN_READY_PATH={ready_path!r} must start with /")
+    return SpawnConfig(
+        argv=argv, port=port, env=child_env,
+        ready_timeout=r.number("MCP_SPAWN_READY_TIMEOUT_SECONDS", float, 0.5, 3600.0),
+        ready_path=ready_path,
+        restart=r.choice("MCP_SPAWN_RESTART", ("always", "never")) == "always",
+        max_restarts=r.number("MCP_SPAWN_MAX_RESTARTS", int, 0, 1000),
+        stop_timeout=r.number("MCP_SPAWN_STOP_TIMEOUT_SECONDS", float, 0.0, 600.0),
     )

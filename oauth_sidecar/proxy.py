@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
@@ -72,9 +73,11 @@ class UpstreamProxy:
     """Forwards authenticated requests to the upstream and streams the answer back."""
 
     def __init__(
-        self, config: Config, policy: AccessPolicy, addresses: ClientAddress,
-        sessions: SessionBindings, credential: UpstreamCredential | None,
+        self, config: Config, *, policy: AccessPolicy, addresses: ClientAddress,
+        sessions: SessionBindings, credential: UpstreamCredential | None = None,
+        child: ChildProcess | None = None,
     ) -> None:
+        self._child = child
         self._config = config.upstream
         self._policy = policy
         self._addresses = addresses
@@ -235,6 +238,10 @@ class UpstreamProxy:
         if AMBIGUOUS_PATH.search(raw_path):
             return json_error(400, "invalid_path", "Encoded slashes, dots and backslashes are "
                               "not accepted in the path")
+        if self._child is not None and not self._child.ready:  # fail fast, never hang
+            return json_error(503, "upstream_unavailable",
+                              f"The MCP server is not ready ({self._child.state})",
+                              {"Retry-After": "2"})
         principal = request[PRINCIPAL]
         identity = (principal.issuer, principal.subject)
         session_ids = request.headers.getall("Mcp-Session-Id", [])
