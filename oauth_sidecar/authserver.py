@@ -157,7 +157,8 @@ class AuthorizationServer:
         if self._scopes:
             offered = upstream.get("scopes_supported")
             offline = isinstance(offered, list) and "offline_access" in offered
-            document["scopes_supported"] = [*self._scopes, *(["offline_access"] if offline else [])]
+            scopes = [*self._scopes, *(["offline_access"] if offline else [])]
+            document["scopes_supported"] = list(dict.fromkeys(scopes))
         return document
 
     async def metadata(self, request: web.Request) -> web.Response:
@@ -212,14 +213,16 @@ class AuthorizationServer:
         if client_id != self._config.client_id:
             return json_error(400, "invalid_request", "Unknown client_id")
         assert redirect_uri is not None  # noqa: S101 - allows() refused None
-        state = self._states.seal({"r": redirect_uri, "s": query.get("state")})
+        state = self._states.seal({"kind": "state", "r": redirect_uri, "s": query.get("state")})
         params = {**query, "redirect_uri": self._callback, "state": state}
         return _redirect(with_query(target, params))
 
     async def callback(self, request: web.Request) -> web.Response:
         query = request.query
         sealed = self._states.open(query.get("state"))
-        if sealed is None or not self._redirects.allows(sealed.get("r")):
+        if sealed is None or sealed.get("kind") != "state" or not self._redirects.allows(
+            sealed.get("r")
+        ):
             return json_error(400, "invalid_request",
                               "The sign-in took too long or did not start here; try again")
         iss = query.get("iss")
@@ -234,7 +237,10 @@ class AuthorizationServer:
                               "is not this server's identity provider")
         params: dict[str, str] = {}
         if "code" in query:
-            params["code"] = query["code"]
+            # The client gets the IdP's code sealed with its redirect_uri, so /token can insist
+            # on the same redirect_uri (RFC 6749 §4.1.3) although the IdP only saw our callback.
+            params["code"] = self._states.seal({"kind": "code", "c": query["code"],
+                                                "r": sealed["r"]})
         elif "error" in query:
             for name in ("error", "error_description", "error_uri"):
                 if name in query:
@@ -281,6 +287,14 @@ class AuthorizationServer:
         if "Authorization" in request.headers:  # the client's own authentication, for the IdP
             headers["Authorization"] = request.headers["Authorization"]
         if self.facade and fields.get("grant_type") == "authorization_code":
+            code = self._states.open(fields.get("code"))
+            if code is None or code.get("kind") != "code" or not isinstance(code.get("c"), str):
+                return json_error(400, "invalid_grant", "The authorization code is invalid or "
+                                  "expired")
+            if fields.get("redirect_uri") != code.get("r"):
+                return json_error(400, "invalid_grant",
+                                  "redirect_uri differs from the authorization request's")
+            fields["code"] = code["c"]
             fields["redirect_uri"] = self._callback  # the IdP bound the code to our callback
         if (self._config.client_secret and fields.get("client_id") == self._config.client_id
                 and "Authorization" not in headers and "client_secret" not in fields):
@@ -288,7 +302,11 @@ class AuthorizationServer:
         try:
             async with session.post(target, data=fields, headers=headers,
                                     allow_redirects=False) as response:
-                body = await response.content.read(MAX_TOKEN_RESPONSE_BYTES + 1)
+                body = b""
+                async for chunk in response.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > MAX_TOKEN_RESPONSE_BYTES:
+                        break
                 status, content_type = response.status, response.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("token_relay_failed", error=type(exc).__name__)

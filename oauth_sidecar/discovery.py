@@ -52,8 +52,10 @@ def protected_resource_document(config: Config) -> dict[str, object]:
         ],
         "bearer_methods_supported": ["header"],  # RFC 9728 §2: never query or body
     }
-    if config.advertised_scopes:
-        document["scopes_supported"] = list(config.advertised_scopes)
+    # offline_access is the authorization server's business, never the resource's (MCP spec).
+    scopes = [scope for scope in config.advertised_scopes if scope != "offline_access"]
+    if scopes:
+        document["scopes_supported"] = scopes
     return document
 
 

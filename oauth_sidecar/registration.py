@@ -67,12 +67,14 @@ class StaticRegistration:
                               "This server offers no client registration")
         if (request.content_length or 0) > MAX_REGISTRATION_BYTES:
             return _invalid("invalid_client_metadata", "The registration document is too large")
-        try:
-            raw = await request.content.read(MAX_REGISTRATION_BYTES + 1)
+        raw = b""
+        async for chunk in request.content.iter_chunked(65536):
+            raw += chunk
             if len(raw) > MAX_REGISTRATION_BYTES:
                 return _invalid("invalid_client_metadata", "The registration document is too large")
+        try:
             metadata = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _invalid("invalid_client_metadata", "The body is not JSON")
         if not isinstance(metadata, dict):
             return _invalid("invalid_client_metadata", "The body is not a JSON object")
@@ -86,7 +88,9 @@ class StaticRegistration:
             return _invalid("invalid_redirect_uri",
                             "A redirect URI is not allowed by this server")
         grants = metadata.get("grant_types", ["authorization_code"])
-        if not isinstance(grants, list) or not grants or not set(grants) <= ALLOWED_GRANTS:
+        if not isinstance(grants, list) or not grants or not all(
+            isinstance(grant, str) and grant in ALLOWED_GRANTS for grant in grants
+        ):
             return _invalid("invalid_client_metadata",
                             "Only authorization_code and refresh_token grants are offered")
         responses = metadata.get("response_types", ["code"])
