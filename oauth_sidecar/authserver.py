@@ -255,7 +255,11 @@ class AuthorizationServer:
     def _authenticate_static_client(self, fields: dict[str, str], headers: dict[str, str]) -> None:
         """Add the static client's secret the way the IdP accepts it (RFC 6749 §2.3.1)."""
         methods = (self._idp.metadata or {}).get("token_endpoint_auth_methods_supported")
-        if isinstance(methods, list) and "client_secret_post" in methods:
+        # Basic is what every server must support (RFC 6749 §2.3.1) and what IdPs that enforce
+        # the registered method expect; the body only when the IdP offers nothing else.
+        if isinstance(methods, list) and "client_secret_post" in methods and (
+            "client_secret_basic" not in methods
+        ):
             fields["client_secret"] = self._config.client_secret
             return
         # RFC 8414 §2: client_secret_basic is the default when the IdP lists nothing.

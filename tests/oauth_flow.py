@@ -541,12 +541,20 @@ async def run_echo_server(log_dir: Path) -> AsyncIterator[EchoServer]:
 @dataclass(frozen=True)
 class Sidecar:
     port: int
+    """The public port: the one RESOURCE_URL names."""
     config: Config
     app: web.Application
+    listen_port: int = 0
+    """The port this instance listens on: `port`, unless it sits behind a front (replicas)."""
 
     @property
     def origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def listen_origin(self) -> str:
+        """Where this very instance answers (differs from `origin` behind a front)."""
+        return f"http://127.0.0.1:{self.listen_port or self.port}"
 
     @property
     def mcp_url(self) -> str:
@@ -577,15 +585,19 @@ def sidecar_env(
 async def run_sidecar(
     issuer: str, upstream_url: str, env: Mapping[str, str] | None = None, *,
     port: int | None = None,
+    listen_port: int | None = None,
 ) -> AsyncIterator[Sidecar]:
     """The production app (create_app(load(env))) on 127.0.0.1:<port>, its IdP keys loaded.
 
-    The port is chosen before create_app because RESOURCE_URL names it.
+    The port is chosen before create_app because RESOURCE_URL names it. `listen_port` makes the
+    instance listen elsewhere while RESOURCE_URL still names `port`: one of several replicas
+    behind a front that owns the public port.
     """
     port = port or free_port()
+    listen_port = listen_port or port
     config = load(sidecar_env(port, issuer, upstream_url, env))
     app = create_app(config)
-    server = TestServer(app, host="127.0.0.1", port=port)
+    server = TestServer(app, host="127.0.0.1", port=listen_port)
     # As __main__ serves it; the test server sets handler_cancellation=True itself.
     await server.start_server(max_field_size=config.max_header_bytes)
     try:
@@ -594,6 +606,6 @@ async def run_sidecar(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"sidecar did not load the IdP's keys: {app[IDP].last_error}")
             await asyncio.sleep(0.02)
-        yield Sidecar(port, config, app)
+        yield Sidecar(port, config, app, listen_port)
     finally:
         await server.close()

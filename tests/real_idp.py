@@ -17,7 +17,7 @@ import contextlib
 import json
 import shutil
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,6 @@ async def _read_ready_line(
         log.append("stdout: " + text)
 
 
-
-
 @contextlib.asynccontextmanager
 async def run_oidc_provider(
     issuer_path: str = "",
@@ -96,11 +94,17 @@ async def run_oidc_provider(
     client_secret: str = CLIENT_SECRET,
     scopes: str = "mcp:read mcp:write",
     auto_login: str | None = None,
+    static_clients: Sequence[str] = (),
+    access_token_ttl: int | None = None,
 ) -> AsyncIterator[RealIdp]:
     """Run oidc-provider on 127.0.0.1 (free port) with issuer http://127.0.0.1:<port><path>.
 
     `auto_login="user-1"` makes every authorization_code interaction log in as user-1 and
     consent at once (see provider.mjs); the follower of the redirects must keep cookies.
+    `static_clients` pre-registers confidential clients (client_secret_basic), each given as
+    "<id>:<secret>:<redirect_uri>[,<redirect_uri>...]" (provider.mjs --static-client), e.g. a
+    facade sidecar's http://127.0.0.1:<port>/oauth/callback. `access_token_ttl` (seconds, > 0)
+    replaces the provider's default lifetime of access tokens (300 s).
     """
     node = shutil.which("node")
     if node is None:
@@ -114,6 +118,10 @@ async def run_oidc_provider(
     ]
     if auto_login:
         args += ["--auto-login", auto_login]
+    for spec in static_clients:
+        args += ["--static-client", spec]
+    if access_token_ttl is not None:
+        args += ["--access-token-ttl", str(access_token_ttl)]
     process = await asyncio.create_subprocess_exec(
         *args, cwd=OIDC_DIR, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

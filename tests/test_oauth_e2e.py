@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -54,10 +54,16 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def direct_stack(tmp_path: Path, issuer_path: str = "", **env: str) -> AsyncIterator[Stack]:
+async def direct_stack(
+    tmp_path: Path, issuer_path: str = "", *, static_clients: Sequence[str] = (),
+    access_token_ttl: int | None = None, **env: str,
+) -> AsyncIterator[Stack]:
     """oidc-provider (auto-login as user-1) <- sidecar (PRM names the IdP) -> SDK echo server."""
     async with (
-        run_oidc_provider(issuer_path, auto_login=USER) as idp,
+        run_oidc_provider(
+            issuer_path, auto_login=USER, static_clients=static_clients,
+            access_token_ttl=access_token_ttl,
+        ) as idp,
         run_echo_server(tmp_path) as echo,
         run_sidecar(idp.issuer, echo.url, env) as sidecar,
     ):
@@ -226,8 +232,9 @@ async def test_advertised_scopes_are_requested_granted_and_required(tmp_path: Pa
     """SCOPES_SUPPORTED reaches the SDK through the challenge and the PRM; it registers and
     authorizes with exactly those (plus offline_access, which the AS offers), the token carries
     them for the resource, and REQUIRED_SCOPES is satisfied."""
-    env = {"SCOPES_SUPPORTED": "mcp:read mcp:write", "REQUIRED_SCOPES": "mcp:read"}
-    async with direct_stack(tmp_path, **env) as stack:
+    async with direct_stack(
+        tmp_path, SCOPES_SUPPORTED="mcp:read mcp:write", REQUIRED_SCOPES="mcp:read"
+    ) as stack:
         result = await run_sdk_oauth_session(stack.sidecar.mcp_url)
     first = result.exchanges[0]
     assert first.status == 401
@@ -277,12 +284,9 @@ async def test_subject_outside_the_allow_list_signs_in_but_is_refused(tmp_path: 
     assert result.results == []
 
 
-async def test_expired_access_token_is_refreshed_with_the_resource(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_expired_access_token_is_refreshed_with_the_resource(tmp_path: Path) -> None:
     ttl = 1
-    monkeypatch.setenv("OIDC_ACCESS_TOKEN_TTL", str(ttl))  # provider.mjs --access-token-ttl
-    async with direct_stack(tmp_path) as stack:
+    async with direct_stack(tmp_path, access_token_ttl=ttl) as stack:
         mcp_url, issuer = stack.sidecar.mcp_url, stack.idp.issuer
         client = SdkOAuthClient(mcp_url)
         first = await client.session()
@@ -316,14 +320,12 @@ def static_client(client_id: str, secret: str, redirect_uri: str) -> OAuthClient
     )
 
 
-async def test_static_confidential_client_skips_registration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_static_confidential_client_skips_registration(tmp_path: Path) -> None:
     """provider.mjs --static-client (what a facade would use): the SDK, given the client,
     registers nothing and signs in with client_secret_basic at the pre-registered redirect URI."""
     redirect_uri = f"http://127.0.0.1:{free_port()}/oauth/callback"
-    monkeypatch.setenv("OIDC_STATIC_CLIENTS", f"mcp-static:static-secret:{redirect_uri}")
-    async with direct_stack(tmp_path, "/realms/demo") as stack:
+    spec = f"mcp-static:static-secret:{redirect_uri}"
+    async with direct_stack(tmp_path, "/realms/demo", static_clients=[spec]) as stack:
         result = await run_sdk_oauth_session(
             stack.sidecar.mcp_url, redirect_uri=redirect_uri,
             client_info=static_client("mcp-static", "static-secret", redirect_uri),
@@ -341,15 +343,13 @@ async def test_static_confidential_client_skips_registration(
     assert result.text == "hello through the sidecar"
 
 
-async def test_static_client_is_bound_to_its_redirect_uris(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_static_client_is_bound_to_its_redirect_uris(tmp_path: Path) -> None:
     """The IdP refuses a static client's authorization to any other redirect URI (the binding a
     facade's one static client relies on), before any redirect to that URI."""
     registered = f"http://127.0.0.1:{free_port()}/oauth/callback"
     other = f"http://127.0.0.1:{free_port()}/callback"
-    monkeypatch.setenv("OIDC_STATIC_CLIENTS", f"mcp-static:static-secret:{registered}")
-    async with direct_stack(tmp_path) as stack:
+    spec = f"mcp-static:static-secret:{registered}"
+    async with direct_stack(tmp_path, static_clients=[spec]) as stack:
         result = await run_sdk_oauth_session(
             stack.sidecar.mcp_url, redirect_uri=other, allow_failure=True,
             client_info=static_client("mcp-static", "static-secret", other),
