@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     def shut_down() -> None:  # MCP_SPAWN_RESTART=never: the child died, so do we (non-zero)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    app = create_app(config, on_child_give_up=shut_down)
+    # Only MCP_SPAWN_RESTART=never ends the sidecar; a crash loop otherwise stays up, reported
+    # by /readyz, for an operator to see.
+    never = config.spawn is not None and not config.spawn.restart
+    app = create_app(config, on_child_give_up=shut_down if never else None)
     try:
         web.run_app(
             app, host=config.host, port=config.port,

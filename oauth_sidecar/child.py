@@ -75,6 +75,14 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+async def _exited(process: asyncio.subprocess.Process) -> int:
+    """The child's exit code. Process.wait() on Python 3.11 also waits for its pipes to close,
+    and a grandchild (npx's node) that inherited them keeps them open after the child died."""
+    while process.returncode is None:  # noqa: ASYNC110 - asyncio offers no exit-only event
+        await asyncio.sleep(READY_POLL)
+    return process.returncode
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -159,7 +167,7 @@ class ChildProcess:
                 self.state = ChildState.READY
                 log.info("child_ready", pid=process.pid, port=self._config.port,
                          seconds=round(time.monotonic() - started, 2))
-                code = await process.wait()
+                code = await _exited(process)
                 self.last_exit = _describe_exit(code)
                 log.error("child_exited", pid=self.pid, how=self.last_exit,
                           uptime=round(time.monotonic() - started, 1))
@@ -235,15 +243,20 @@ class ChildProcess:
 
     async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
         """Child output -> `child_output` events; read continuously so the child never blocks."""
-        pending = b""
+        pending, cutting = b"", False
         while chunk := await stream.read(65536):
             *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) > MAX_LINE:
-                lines.append(pending)
-                pending = b""
+            if cutting:  # the rest of a line already emitted, cut: drop it
+                if not lines:
+                    pending = b""
+                    continue
+                lines, cutting = lines[1:], False
             for line in lines:
                 self._emit(name, line)
-        if pending:
+            if len(pending) > MAX_LINE:
+                self._emit(name, pending)
+                pending, cutting = b"", True
+        if pending and not cutting:
             self._emit(name, pending)
 
     def _emit(self, name: str, line: bytes) -> None:
@@ -268,12 +281,12 @@ class ChildProcess:
         deadline = time.monotonic() + self._config.stop_timeout
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                await process.wait()
+                await _exited(process)
         while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - no event
             await asyncio.sleep(0.05)  # to wait on: grandchildren are not our children
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-        await process.wait()
+        await _exited(process)
         if self._pumps:  # every writer is gone, so the pipes are at EOF
             _, late = await asyncio.wait(self._pumps, timeout=1.0)
             for pump in late:
