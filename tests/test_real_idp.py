@@ -8,6 +8,7 @@ a real child process on loopback. Needs `npm ci --prefix tests/oidc`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AUDIENCE, RESOURCE_URL, FakeUpstream, bearer, wait_until
+from conftest import AUDIENCE, RESOURCE_URL, FakeUpstream, bearer, new_rsa, wait_until
 from real_idp import RealIdp, client_credentials_token, run_oidc_provider
 
 from oauth_sidecar.app import IDP, create_app
@@ -144,3 +145,47 @@ async def test_tampered_real_token_is_refused(
     status, challenge, text = await _post_mcp(real_sidecar, token)
     assert status == 200, (status, challenge, text)
     assert len(upstream.requests) == 1
+
+
+async def test_provider_process_gone_while_running_keeps_serving_with_the_cached_keys(
+    upstream: FakeUpstream,
+) -> None:
+    """The IdP process dies after start-up: tokens it already signed keep working from the
+    cached key set, a token with an unknown kid is refused in bounded time (one failed fetch,
+    connection refused) and the sidecar stays ready: an IdP outage is not an MCP outage."""
+    async with run_oidc_provider() as provider:
+        app = create_app(load({
+            "OIDC_ISSUER_URL": provider.issuer, "OIDC_AUDIENCE": AUDIENCE,
+            "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": upstream.url,
+            "ALLOW_SUBS": provider.client_id, "IDP_TIMEOUT_SECONDS": "2",
+            "JWKS_COOLDOWN_SECONDS": "0.1",
+        }))
+        client: Client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        try:
+            await wait_until(lambda: app[IDP].ready, within=KEYS_TIMEOUT)
+            token = await client_credentials_token(provider, AUDIENCE, "mcp:read")
+        except BaseException:
+            await client.close()
+            raise
+    try:  # the provider process has been stopped and reaped here
+        header, claims = _parts(token)
+        stranger = new_rsa("never-published")
+        unknown_kid = jwt.encode(claims, stranger.private, algorithm="RS256",
+                                 headers={"kid": stranger.kid})
+        status, _, text = await _post_mcp(client, token)
+        assert status == 200, text
+        await asyncio.sleep(0.2)  # past JWKS_COOLDOWN_SECONDS, so the unknown kid may fetch
+        status, challenge, _ = await _post_mcp(client, unknown_kid)
+        assert status == 401
+        assert 'error="invalid_token"' in challenge
+        assert app[IDP].last_error is not None  # the refresh it caused failed...
+        assert app[IDP].ready  # ...and the last good keys were kept
+        readyz = await client.get("/readyz")
+        assert readyz.status == 200, await readyz.text()
+        status, _, text = await _post_mcp(client, token)
+        assert status == 200, text
+        assert len(upstream.requests) == 2
+        assert header["kid"] != "never-published"
+    finally:
+        await client.close()
