@@ -23,12 +23,14 @@ from oauth_sidecar.http_errors import Handler
 
 REQUEST_ID = web.RequestKey("request_id", str)
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Compact JWS/JWE (base64url JSON header starting with "{"), RFC 6750 credentials of any
-# case, and access_token query parameters (as aiohttp prints raw request lines in errors).
-SECRET_SHAPES = re.compile(
-    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+"
-    r"|(?i:bearer|basic)\s+[A-Za-z0-9\-._~+/]+=*"
-    r"|(?i:access_token)=[^&\s\"']+"
+# RFC 6750 credentials of any case (a repeated scheme word, "Bearer Bearer x", is a common
+# client mistake), access_token query parameters (aiohttp prints raw request lines in errors)
+# and compact JWS/JWE (base64url JSON header starting with "{"). Applied in this order, each to
+# the previous one's output, so no shape swallows the scheme word another one needs.
+SECRET_SHAPES = (
+    re.compile(r"(?i:(?:bearer|basic)\s+)+[A-Za-z0-9\-._~+/]+=*"),
+    re.compile(r"(?i:access_token)=[^&\s\"']+"),
+    re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+"),
 )
 SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secret", "password"})
 
@@ -37,7 +39,9 @@ access = structlog.get_logger("oauth_sidecar.access")
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        return SECRET_SHAPES.sub("[redacted]", value)
+        for shape in SECRET_SHAPES:
+            value = shape.sub("[redacted]", value)
+        return value
     if isinstance(value, dict):
         return {k: "[redacted]" if str(k).lower() in SECRET_KEYS else _mask(v)
                 for k, v in value.items()}

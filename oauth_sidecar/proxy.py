@@ -55,6 +55,10 @@ AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
 # Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
 # is percent-encoded so a claim can never split or inject a header.
 HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
+# MCP transport: a session id "MUST only contain visible ASCII characters (0x21 to 0x7E)".
+# Checked before the binding: aiohttp decodes other bytes with surrogateescape and its header
+# writer drops the surrogates, so "s-1\xff" would be checked as one id and sent as another.
+SESSION_ID = re.compile(r"[\x21-\x7e]+")
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 CHUNKED_BODY_READ = 65536
 
@@ -248,6 +252,8 @@ class UpstreamProxy:
         if len(session_ids) > 1:  # which one would the upstream use? Never guess.
             return json_error(400, "invalid_request", "More than one Mcp-Session-Id header")
         session_id = session_ids[0] if session_ids else None
+        if session_id is not None and not SESSION_ID.fullmatch(session_id):
+            return json_error(400, "invalid_request", "The Mcp-Session-Id header is malformed")
         owner = self._sessions.owner(session_id) if session_id else None
         if owner is not None and owner != identity:
             request[AUTH_FAILURE] = "session_owned_by_another_identity"
