@@ -55,6 +55,9 @@ def server_options(config: Config) -> dict[str, Any]:
         # closes its upstream request (aiohttp's default keeps it running).
         "handler_cancellation": True,
         "max_field_size": config.max_header_bytes,  # Entra tokens with many groups exceed 8 KB
+        # Bodies are relayed as sent: decoding Content-Encoding here while the proxy forwards the
+        # client's Content-Encoding and Content-Length would hand the upstream another body.
+        "auto_decompress": False,
     }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from oauth_sidecar.ratelimit import RateLimited
 
@@ -59,6 +60,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    except (web.RequestPayloadError, HttpProcessingError):  # the body broke its own framing
+        return json_error(400, "invalid_request", "The request body is malformed")
     except Exception:
         log.exception("unhandled_error", path=request.path)
         return json_error(500, "server_error", "Internal error")

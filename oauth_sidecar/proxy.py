@@ -59,6 +59,8 @@ HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
 # Checked before the binding: aiohttp decodes other bytes with surrogateescape and its header
 # writer drops the surrogates, so "s-1\xff" would be checked as one id and sent as another.
 SESSION_ID = re.compile(r"[\x21-\x7e]+")
+# TRACE echoes the request, MCP_UPSTREAM_BEARER_FILE's credential included; CONNECT tunnels.
+NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 CHUNKED_BODY_READ = 65536
 
@@ -218,11 +220,15 @@ class UpstreamProxy:
         if not request.body_exists:
             return None
         chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(CHUNKED_BODY_READ):
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
+        # Bounded like a length-framed body's wait for the answer: a body that stops arriving
+        # (or that aiohttp's C parser stopped delivering after a framing error) must not hold
+        # the handler until the client leaves.
+        async with asyncio.timeout(self._config.response_timeout):
+            async for chunk in request.content.iter_chunked(CHUNKED_BODY_READ):
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -238,6 +244,8 @@ class UpstreamProxy:
     async def _forward(
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
+        if request.method in NEVER_FORWARDED:
+            return json_error(405, "method_not_allowed", f"{request.method} is not forwarded")
         raw_path = request.rel_url.raw_path
         if AMBIGUOUS_PATH.search(raw_path):
             return json_error(400, "invalid_path", "Encoded slashes, dots and backslashes are "
@@ -262,6 +270,10 @@ class UpstreamProxy:
             data = await self._body(request)
         except BodyTooLarge:
             return json_error(413, "request_too_large", "The request body is too large")
+        except TimeoutError:
+            refused = json_error(408, "request_timeout", "The request body did not arrive in time")
+            refused.force_close()  # where the body ends is unknown: the connection is unusable
+            return refused
         url = self.upstream_url(raw_path, request.rel_url.raw_query_string)
         try:
             async with asyncio.timeout(self._config.response_timeout):
