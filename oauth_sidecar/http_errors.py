@@ -18,6 +18,7 @@ from oauth_sidecar.ratelimit import RateLimited
 
 log = structlog.get_logger("oauth_sidecar.http")
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -62,6 +63,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
     except (web.RequestPayloadError, HttpProcessingError):  # the body broke its own framing
         return json_error(400, "invalid_request", "The request body is malformed")
+    except ConnectionResetError:
+        if request.transport is None or request.transport.is_closing():
+            # The client left while we answered (e.g. before the response headers went out):
+            # nothing to send and nothing wrong here; the access log says 499.
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        return _server_error(request)
     except Exception:
-        log.exception("unhandled_error", path=request.path)
-        return json_error(500, "server_error", "Internal error")
+        return _server_error(request)
+
+
+def _server_error(request: web.Request) -> web.Response:
+    log.exception("unhandled_error", path=request.path)
+    return json_error(500, "server_error", "Internal error")
