@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,6 +24,7 @@ from oauth_sidecar.log import access_log
 
 Client = TestClient[web.Request, web.Application]
 BOUND = 5.0
+REQUEST_BOUND = aiohttp.ClientTimeout(total=BOUND)
 
 
 async def bug(request: web.Request) -> web.StreamResponse:
@@ -64,7 +66,7 @@ async def client() -> AsyncIterator[Client]:
 
 async def test_a_bug_is_one_logged_500_in_json_without_details(client: Client) -> None:
     with capture_logs() as events:
-        response = await client.get("/bug", timeout=BOUND)
+        response = await client.get("/bug", timeout=REQUEST_BOUND)
         body = await response.text()
     assert response.status == 500
     assert json.loads(body) == {"error": "server_error", "error_description": "Internal error"}
@@ -93,7 +95,7 @@ async def test_a_client_that_left_is_logged_as_499_not_as_an_error(client: Clien
 
 async def test_a_body_that_broke_its_framing_is_a_400(client: Client) -> None:
     with capture_logs() as events:
-        response = await client.post("/body", data=b"{}", timeout=BOUND)
+        response = await client.post("/body", data=b"{}", timeout=REQUEST_BOUND)
         body = await response.json()
     assert response.status == 400
     assert body["error"] == "invalid_request"
