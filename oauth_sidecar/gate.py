@@ -69,9 +69,8 @@ class Gate:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._is_public(request):
             return await handler(request)
-        client_ip = self._addresses.client(request.remote, forwarded_chain(request.headers))
         try:
-            principal = await self._authenticate(request, client_ip)
+            principal = await self._authenticate(request)
             request[PRINCIPAL] = principal  # before the checks below, so refusals are attributed
             self._policy.check(principal.subject, principal.claims)
             await self._limiter.hit_subject(principal.issuer, principal.subject)
@@ -90,20 +89,24 @@ class Gate:
                               {"Retry-After": RETRY_AFTER_UNAVAILABLE})
         return await handler(request)
 
-    async def _authenticate(self, request: web.Request, client_ip: str) -> Principal:
+    async def _authenticate(self, request: web.Request) -> Principal:
         query_keys = list(request.query) if request.query_string else []
         try:
             token = bearer_token(request.headers.getall("Authorization", []), query_keys,
                                  self._max_token)
             principal = self._verifier.cached(token)
             if principal is None:  # verification costs CPU: only within the IP's budget
-                await self._limiter.check_failures(client_ip)
+                await self._limiter.check_failures(self._client_ip(request))
                 principal = await self._verifier.verify(token)
         except TokenError as exc:
             if exc.reason not in UNCOUNTED_FAILURES:
-                await self._limiter.hit_failure(client_ip)
+                await self._limiter.hit_failure(self._client_ip(request))
             raise
         return principal
+
+    def _client_ip(self, request: web.Request) -> str:
+        """Only needed off the hot path (a cache miss or a failure)."""
+        return self._addresses.client(request.remote, forwarded_chain(request.headers))
 
     def refuse(self, error: TokenError) -> web.Response:
         if error.status == 503:

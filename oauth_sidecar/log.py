@@ -8,10 +8,10 @@ header, and a last-resort processor masks anything shaped like a JWT or a bearer
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -35,6 +35,7 @@ SECRET_SHAPES = (
 SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secret", "password"})
 
 access = structlog.get_logger("oauth_sidecar.access")
+_access_enabled = True  # configure_logging turns it off for LOG_LEVEL warning and above
 
 
 def _mask(value: Any) -> Any:
@@ -94,14 +95,18 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())
+    global _access_enabled  # noqa: PLW0603 - set once, here, before serving
+    _access_enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
 
 
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one canonical line per request: who, what, outcome, how long. Never the query string."""
-    started = time.perf_counter()
     supplied = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = supplied if SAFE_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+    request[REQUEST_ID] = supplied if SAFE_REQUEST_ID.fullmatch(supplied) else os.urandom(16).hex()
+    if not _access_enabled:  # LOG_LEVEL above info: skip the timing and the event's fields
+        return await handler(request)
+    started = time.perf_counter()
     status = 500
     try:
         response = await handler(request)

@@ -63,6 +63,8 @@ SESSION_ID = re.compile(r"[\x21-\x7e]+")
 NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 CHUNKED_BODY_READ = 65536
+# Bodies (both ways) up to this size and of known length are read whole and sent in one write.
+WHOLE_BODY_BYTES = 65536
 
 
 def connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -211,24 +213,26 @@ class UpstreamProxy:
         return self._ready
 
     async def _body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
-        """Stream a body of known length; read a chunked one up to the cap (MCP's are small)."""
+        """A small body of known length is read whole (sent upstream with its headers in one
+        write), a large one streamed; a chunked one is read up to the cap (MCP's are small).
+        The caller bounds the wait: a body that stops arriving (or that aiohttp's C parser
+        stopped delivering after a framing error) must not hold the handler."""
         limit = self._config.max_body_bytes
-        if request.content_length is not None:
-            if request.content_length > limit:
+        length = request.content_length
+        if length is not None:
+            if length > limit:
                 raise BodyTooLarge
-            return request.content if request.content_length else None
+            if length > WHOLE_BODY_BYTES:
+                return request.content
+            return await request.content.readexactly(length) if length else None
         if not request.body_exists:
             return None
         chunks, size = [], 0
-        # Bounded like a length-framed body's wait for the answer: a body that stops arriving
-        # (or that aiohttp's C parser stopped delivering after a framing error) must not hold
-        # the handler until the client leaves.
-        async with asyncio.timeout(self._config.response_timeout):
-            async for chunk in request.content.iter_chunked(CHUNKED_BODY_READ):
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge
-                chunks.append(chunk)
+        async for chunk in request.content.iter_chunked(CHUNKED_BODY_READ):
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -266,22 +270,29 @@ class UpstreamProxy:
         if owner is not None and owner != identity:
             request[AUTH_FAILURE] = "session_owned_by_another_identity"
             return json_error(404, "session_not_found", "No such session")
-        try:
-            data = await self._body(request)
-        except BodyTooLarge:
-            return json_error(413, "request_too_large", "The request body is too large")
-        except TimeoutError:
-            refused = json_error(408, "request_timeout", "The request body did not arrive in time")
-            refused.force_close()  # where the body ends is unknown: the connection is unusable
-            return refused
         url = self.upstream_url(raw_path, request.rel_url.raw_query_string)
+        body_read = False
         try:
+            # One bound for the body to arrive and the upstream's headers to come back.
             async with asyncio.timeout(self._config.response_timeout):
+                data = await self._body(request)
+                body_read = True
                 upstream = await session.request(
                     request.method, url, headers=self._request_headers(request, principal),
                     data=data, allow_redirects=False,
                 )
+        except BodyTooLarge:
+            return json_error(413, "request_too_large", "The request body is too large")
+        except asyncio.IncompleteReadError:  # the client closed before its body was complete
+            refused = json_error(400, "invalid_request", "The request body is incomplete")
+            refused.force_close()
+            return refused
         except TimeoutError:
+            if not body_read:
+                refused = json_error(408, "request_timeout",
+                                     "The request body did not arrive in time")
+                refused.force_close()  # where the body ends is unknown: the connection is unusable
+                return refused
             log.warning("upstream_timeout", phase="headers")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
         except aiohttp.ClientError as exc:
@@ -312,14 +323,13 @@ class UpstreamProxy:
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        named = connection_named(upstream.headers)
-        for name, value in upstream.headers.items():
-            lower = name.lower()
-            if lower in RESPONSE_DROP or lower in named or lower.startswith(RESPONSE_DROP_PREFIXES):
-                continue
-            response.headers.add(name, value)
         event_stream = upstream.content_type == "text/event-stream"
+        length = upstream.content_length
+        if (not event_stream and length is not None and length <= WHOLE_BODY_BYTES
+                and request.method != "HEAD"):
+            return await self._relay_whole(upstream)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        self._copy_headers(upstream, response)
         if event_stream:
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
         idle = self._config.sse_idle_timeout if event_stream else self._config.idle_timeout
@@ -330,6 +340,32 @@ class UpstreamProxy:
             await self._copy_body(request, upstream, response, idle)
         finally:
             self._event_streams.discard(upstream)
+        return response
+
+    @staticmethod
+    def _copy_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+        named = connection_named(upstream.headers)
+        for name, value in upstream.headers.items():
+            lower = name.lower()
+            if lower in RESPONSE_DROP or lower in named or lower.startswith(RESPONSE_DROP_PREFIXES):
+                continue
+            response.headers.add(name, value)
+
+    async def _relay_whole(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """A small answer of known length (most JSON-RPC replies) is read whole and sent in one
+        write: one timer instead of one per chunk, and an upstream failing mid-body is still
+        an honest 502/504 because nothing has been sent yet."""
+        try:
+            async with asyncio.timeout(self._config.idle_timeout):
+                body = await upstream.read()
+        except TimeoutError:
+            log.warning("upstream_timeout", phase="body")
+            return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
+        except aiohttp.ClientError as exc:
+            log.warning("upstream_stream_failed", error=type(exc).__name__)
+            return json_error(502, "upstream_unavailable", "The MCP server's answer broke off")
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+        self._copy_headers(upstream, response)
         return response
 
     async def _copy_body(

@@ -61,6 +61,7 @@ class RateLimiter:
         self._strategy: MovingWindowRateLimiter | None = None
         self._failing = False
         self._skip_storage_until = 0.0
+        self._in_memory = config.storage_uri.startswith("async+memory")
 
     @property
     def limits_subjects(self) -> bool:
@@ -73,7 +74,7 @@ class RateLimiter:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RateLimiter]:
         options: dict[str, Any] = {}
-        if not self._config.storage_uri.startswith("async+memory"):
+        if not self._in_memory:
             options = {"implementation": "redispy", "socket_timeout": STORAGE_TIMEOUT,
                        "socket_connect_timeout": STORAGE_TIMEOUT}
         storage = storage_from_string(self._config.storage_uri, wrap_exceptions=True, **options)
@@ -136,8 +137,11 @@ class RateLimiter:
         if self._failing and time.monotonic() < self._skip_storage_until:
             return self._on_failure()
         try:
-            async with asyncio.timeout(STORAGE_TIMEOUT):
+            if self._in_memory:  # nothing to wait for: a timer would only cost time
                 result = await operation(strategy)
+            else:
+                async with asyncio.timeout(STORAGE_TIMEOUT):
+                    result = await operation(strategy)
         except (StorageError, TimeoutError, OSError) as exc:
             self._skip_storage_until = time.monotonic() + RETRY_STORAGE_AFTER
             if not self._failing:

@@ -25,6 +25,7 @@ from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, wait_until
 from multidict import CIMultiDict
 
 from oauth_sidecar.app import PROXY
+from oauth_sidecar.proxy import WHOLE_BODY_BYTES
 
 Client = TestClient[web.Request, web.Application]
 Respond = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -643,17 +644,32 @@ async def test_upstream_reset_before_headers_gives_502(
         assert (await response.json())["error"] == "upstream_unavailable"
 
 
-async def _truncated_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 100\r\n\r\n" + b'{"partial":')
-    await writer.drain()
+def _truncated_body(length: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                             Awaitable[None]]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % length + b'{"partial":')
+        await writer.drain()
+
+    return answer
 
 
-async def test_upstream_closing_mid_body_is_a_client_error_not_a_clean_end(
+async def test_upstream_closing_mid_body_of_a_small_answer_is_a_502(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
-    async with raw_upstream(_truncated_body) as url:
+    """Small answers of known length are read whole before anything is sent: still honest."""
+    async with raw_upstream(_truncated_body(100)) as url:
+        sidecar = await make_sidecar(MCP_UPSTREAM_URL=url)
+        response = await sidecar.get("/mcp", headers=bearer(idp.mint()), timeout=BOUND)
+        assert response.status == 502
+        assert (await response.json())["error"] == "upstream_unavailable"
+
+
+async def test_upstream_closing_mid_body_of_a_streamed_answer_is_a_client_error_not_a_clean_end(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    async with raw_upstream(_truncated_body(WHOLE_BODY_BYTES + 1)) as url:
         sidecar = await make_sidecar(MCP_UPSTREAM_URL=url)
         response = await sidecar.get("/mcp", headers=bearer(idp.mint()), timeout=BOUND)
         assert response.status == 200

@@ -794,6 +794,11 @@ BODIES = [
     Case("length-over-default-limit-claimed-tokenless",
          (post(f"Content-Length: {DEFAULT_BODY_LIMIT + 1}"),), (CHALLENGE,), closed=None,
          stop_after=1),
+    # Slow body with a token: waited for up to UPSTREAM_RESPONSE_TIMEOUT_SECONDS, then 408.
+    Case("slow-length-body-with-token-times-out",
+         (post(AUTH, "Content-Length: 1000", body="0123456789"),),
+         (Answer(408, "request_timeout"),), closed=None, stop_after=1,
+         env={"UPSTREAM_RESPONSE_TIMEOUT_SECONDS": "0.5"}),
     # Slow loris without a token: refused at once, before the body (which aiohttp then drains
     # for up to its 10 s lingering time before it closes).
     Case("slow-body-tokenless", (post("Content-Length: 1000", body="0123456789"),), (CHALLENGE,),
@@ -812,10 +817,10 @@ async def test_oversize_bodies_are_refused_and_consumed_as_bodies(
 async def test_slow_body_with_token_never_completes_upstream_or_poisons_the_next_request(
     make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
-    """Content-Length 1000, 10 bytes sent, then silence: the proxy streams what it has and waits
-    (there is no body timeout); our bound ends it. When the client leaves, the upstream request
-    is aborted rather than returned to the pool, so the next request is not read as the rest of
-    the first one's body."""
+    """Content-Length 1000, 10 bytes sent, then silence: the proxy waits for the whole (small)
+    body before it calls the upstream, up to UPSTREAM_RESPONSE_TIMEOUT_SECONDS (then 408, see
+    slow-length-body-with-token-times-out); our bound ends it first. Nothing reaches the upstream,
+    and the next request on another connection is served normally."""
     client = await make_sidecar()
     slow = await send(client.port, post(AUTH, "Content-Length: 1000", body="0123456789"),
                       token=idp.mint(), read_bound=LINGER_TIMEOUT)
