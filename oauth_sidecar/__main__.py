@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
@@ -37,7 +38,16 @@ def _summary(config: Config) -> dict[str, object]:
         "upstream_path": config.upstream.path_prefix or None,
         "listen": f"{config.host}:{config.port}",
         "algorithms": sorted(config.tokens.algorithms), "cors_origins": sorted(config.cors_origins),
+        "event_loop": config.event_loop,
     }
+
+
+def _new_event_loop(config: Config) -> asyncio.AbstractEventLoop:
+    if config.event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - an optional extra, present when config chose it
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(config, on_child_give_up=shut_down if never else None)
     try:
         web.run_app(
-            app, host=config.host, port=config.port,
+            app, host=config.host, port=config.port, loop=_new_event_loop(config),
             shutdown_timeout=config.shutdown_timeout, access_log=None, print=None,
             **server_options(config),
         )

@@ -9,6 +9,7 @@ can switch by changing the image.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -34,6 +35,7 @@ DEFAULT_REDIRECT_URIS = (
 MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 # Every variable we accept, with its default ("" = unset) and meaning; --help and .env.example
 # are checked against this table by the tests.
@@ -47,6 +49,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "PORT": ("8080", "Listen port."),
     "LOG_LEVEL": ("info", "debug, info, warning or error."),
     "LOG_FORMAT": ("auto", "json, console, or auto (console on a terminal, JSON otherwise)."),
+    "EVENT_LOOP": ("auto", "auto (uvloop when installed), uvloop, or asyncio."),
     "CORS_ALLOW_ORIGINS": (DEFAULT_CORS_ORIGINS, "Browser origins allowed, comma-separated."),
     "SCOPES_SUPPORTED": ("", "Scopes advertised in metadata and the 401 challenge."),
     "JWT_ALGORITHMS": (DEFAULT_ALGORITHMS, "Accepted JWS algorithms (asymmetric only)."),
@@ -203,6 +206,8 @@ class Config:
     port: int
     log_level: str
     log_format: str
+    event_loop: str
+    """"uvloop" or "asyncio", resolved from EVENT_LOOP."""
     resource_url: str
     """Canonical: lowercase scheme and host, no default port, no trailing slash."""
     resource_path: str
@@ -274,6 +279,15 @@ class _Reader:
         if value not in choices:
             self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
         return value
+
+
+def _event_loop(choice: str, problems: list[str]) -> str:
+    """uvloop is an optional extra (`pip install 'oauth-sidecar[uvloop]'`): faster sockets."""
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
+        problems.append("EVENT_LOOP=uvloop but uvloop is not installed "
+                        "(pip install 'oauth-sidecar[uvloop]')")
+    return "uvloop" if choice == "uvloop" or (choice == "auto" and installed) else "asyncio"
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -458,6 +472,7 @@ def load(env: Mapping[str, str]) -> Config:
         port=port,
         log_level=r.choice("LOG_LEVEL", LOG_LEVELS),
         log_format=r.choice("LOG_FORMAT", LOG_FORMATS),
+        event_loop=_event_loop(r.choice("EVENT_LOOP", EVENT_LOOPS), problems),
         resource_url=resource_url,
         resource_path=resource_path,
         scopes=split_list(r.raw("SCOPES_SUPPORTED")),

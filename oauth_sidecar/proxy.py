@@ -356,8 +356,11 @@ class UpstreamProxy:
         write: one timer instead of one per chunk, and an upstream failing mid-body is still
         an honest 502/504 because nothing has been sent yet."""
         try:
-            async with asyncio.timeout(self._config.idle_timeout):
+            if upstream.content.is_eof():  # usually: the body came with the headers
                 body = await upstream.read()
+            else:
+                async with asyncio.timeout(self._config.idle_timeout):
+                    body = await upstream.read()
         except TimeoutError:
             log.warning("upstream_timeout", phase="body")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")

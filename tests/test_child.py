@@ -726,11 +726,13 @@ async def test_crash_loop_gives_up_and_readyz_reports_the_child_failed(
     assert sidecar.child.gave_up
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_restart_never_makes_the_sidecar_exit_1_when_the_child_dies(
-    idp: FakeIdp, leftovers: Leftovers
+    idp: FakeIdp, leftovers: Leftovers, event_loop: str
 ) -> None:
     port = free_port()
-    env = process_env(idp, fake("serve", str(port)), port, MCP_SPAWN_RESTART="never")
+    env = process_env(idp, fake("serve", str(port)), port, MCP_SPAWN_RESTART="never",
+                      EVENT_LOOP=event_loop)
     async with run_sidecar(env, leftovers) as run, \
             aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
         await run.until_ready(session)
@@ -843,11 +845,12 @@ async def test_chatty_child_is_read_continuously_but_its_log_lines_are_budgeted(
 # -- shutdown -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_sigterm_stops_the_child_and_the_sidecar_exits_0(
-    idp: FakeIdp, leftovers: Leftovers
+    idp: FakeIdp, leftovers: Leftovers, event_loop: str
 ) -> None:
     port = free_port()
-    env = process_env(idp, fake("serve", str(port)), port)
+    env = process_env(idp, fake("serve", str(port)), port, EVENT_LOOP=event_loop)
     async with run_sidecar(env, leftovers) as run:
         async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
             await run.until_ready(session)
@@ -859,6 +862,7 @@ async def test_sigterm_stops_the_child_and_the_sidecar_exits_0(
     assert took < 3
     assert is_gone(pid)  # at once: the sidecar reaped it before exiting
     assert run.events[-1]["event"] == "stopped"
+    assert run.events[0]["event_loop"] == event_loop
     assert not named(run.events, "child_exited")
     assert not named(run.events, "child_given_up")
 

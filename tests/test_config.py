@@ -342,3 +342,19 @@ def test_config_is_frozen() -> None:
     config = load(BASE)
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("value", "resolved"), [
+    ("auto", "uvloop"),  # the test extra installs uvloop
+    ("uvloop", "uvloop"),
+    ("asyncio", "asyncio"),
+    ("ASYNCIO", "asyncio"),
+])
+def test_event_loop_choice_is_resolved(value: str, resolved: str) -> None:
+    assert load({**BASE, "EVENT_LOOP": value}).event_loop == resolved
+
+
+def test_event_loop_must_be_a_known_choice() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({**BASE, "EVENT_LOOP": "trio"})
+    assert caught.value.problems == ["EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"]

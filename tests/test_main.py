@@ -129,13 +129,14 @@ async def sigterm_with_stream_open(
         return time.monotonic() - started, stdout.decode(), stderr.decode()
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_serves_logs_json_and_exits_cleanly_on_sigterm_with_a_stream_open(
-    idp: FakeIdp, upstream: FakeUpstream
+    idp: FakeIdp, upstream: FakeUpstream, event_loop: str
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = sidecar_env(idp, upstream, HOST="127.0.0.1", PORT=str(port),
-                      SHUTDOWN_TIMEOUT_SECONDS=str(SHUTDOWN_TIMEOUT))
+                      SHUTDOWN_TIMEOUT_SECONDS=str(SHUTDOWN_TIMEOUT), EVENT_LOOP=event_loop)
     token = idp.mint()
     timeout = aiohttp.ClientTimeout(total=PROCESS_TIMEOUT, sock_connect=1)
     async with sidecar_process(env) as proc, aiohttp.ClientSession(timeout=timeout) as session:
@@ -155,6 +156,7 @@ async def test_serves_logs_json_and_exits_cleanly_on_sigterm_with_a_stream_open(
     events = json_lines(stdout)  # LOG_FORMAT=auto and stdout is a pipe: every line is JSON
     names = [event["event"] for event in events]
     assert names[0] == "starting"
+    assert events[0]["event_loop"] == event_loop
     assert names[-1] == "stopped"
     access = [e for e in events if e["event"] == "request"]
     served = [e for e in access if e["path"] == "/mcp" and e["status"] == 200]
