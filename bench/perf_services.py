@@ -1,0 +1,157 @@
+"""The performance harness's helpers in one process: an SSE upstream and a fake OpenID provider.
+
+Started by bench/run.py, never by hand (it exits when its parent does). Two aiohttp apps on
+loopback:
+
+- the SSE upstream (`--sse-port`), reached through the upstream nginx, which sends every
+  `GET /mcp` here (POSTs nginx answers itself). A GET must accept `text/event-stream`:
+  - `?interval_ms=N[&phase_ms=P]`: one event every N ms, at P ms past each multiple of N on
+    the monotonic clock (so streams given different phases never send at the same moment and
+    the client never has a burst to work through), `data:` carrying the send time as
+    `time.monotonic_ns()` (CLOCK_MONOTONIC, the same clock in every process of this machine),
+    so the client computes the per-event delivery latency;
+  - otherwise an idle MCP stream: one `: open` comment at once, then a `: keepalive` comment
+    every `--keepalive` seconds (15), the way an idle MCP server stream looks.
+  `GET /stats` (asked directly) counts the streams open now, the JWKS and discovery fetches.
+- the IdP (`--idp-port`): OIDC discovery naming itself as the issuer, and the JWKS the harness
+  wrote to `--jwks-file` (the harness holds the private key and mints the tokens). The JWKS is
+  served without Cache-Control, so the sidecar refreshes it only hourly: every fetch during a
+  run is one the sidecar chose to make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+WATCHDOG_PERIOD = 1.0  # seconds between checks that the parent is still alive
+
+
+class Services:
+    def __init__(self, jwks: dict[str, object], keepalive: float) -> None:
+        self.jwks = jwks
+        self.keepalive = keepalive
+        self.idp_origin = ""
+        self.streams_open = 0
+        self.streams_started = 0
+        self.events_sent = 0
+        self.jwks_fetches = 0
+        self.discovery_fetches = 0
+
+    # -- the SSE upstream ------------------------------------------------------------------------
+
+    def sse_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/mcp", self.stream)
+        app.router.add_get("/stats", self.stats)
+        return app
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        if "text/event-stream" not in request.headers.get("Accept", ""):
+            return web.json_response({"error": "GET /mcp needs Accept: text/event-stream"},
+                                     status=406)
+        interval_ms = request.query.get("interval_ms")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        self.streams_open += 1
+        self.streams_started += 1
+        try:
+            await response.prepare(request)
+            if interval_ms is None:
+                await response.write(b": open\n\n")
+                while True:
+                    await asyncio.sleep(self.keepalive)
+                    await response.write(b": keepalive\n\n")
+            interval = max(float(interval_ms), 1.0) / 1000
+            phase = float(request.query.get("phase_ms", "0")) / 1000 % interval
+            seq = 0
+            # Absolute schedule on a grid: a slow write must not drift it.
+            next_at = (math.floor(time.monotonic() / interval) + 1) * interval + phase
+            while True:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                await response.write(f"id: {seq}\ndata: {time.monotonic_ns()}\n\n".encode())
+                self.events_sent += 1
+                seq += 1
+                next_at += interval
+        finally:  # the client left (handler cancelled) or a write failed
+            self.streams_open -= 1
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "streams_open": self.streams_open, "streams_started": self.streams_started,
+            "events_sent": self.events_sent, "jwks_fetches": self.jwks_fetches,
+            "discovery_fetches": self.discovery_fetches,
+        })
+
+    # -- the IdP ---------------------------------------------------------------------------------
+
+    def idp_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self.discovery)
+        app.router.add_get("/jwks", self.keys)
+        return app
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        self.discovery_fetches += 1
+        return web.json_response({
+            "issuer": self.idp_origin, "jwks_uri": self.idp_origin + "/jwks",
+            "authorization_endpoint": self.idp_origin + "/authorize",
+            "token_endpoint": self.idp_origin + "/token",
+            "code_challenge_methods_supported": ["S256"],
+        })
+
+    async def keys(self, request: web.Request) -> web.Response:
+        self.jwks_fetches += 1
+        return web.json_response(self.jwks)
+
+
+async def serve(args: argparse.Namespace, jwks: dict[str, object]) -> int:
+    services = Services(jwks, args.keepalive)
+    services.idp_origin = f"http://127.0.0.1:{args.idp_port}"
+    runners: list[web.AppRunner] = []
+    for app, port in ((services.sse_app(), args.sse_port), (services.idp_app(), args.idp_port)):
+        # handler_cancellation: a stream whose client left ends now, not at its next write.
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    try:
+        while not stop.is_set() and os.getppid() == parent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCHDOG_PERIOD)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sse-port", type=int, required=True)
+    parser.add_argument("--idp-port", type=int, required=True)
+    parser.add_argument("--jwks-file", required=True)
+    parser.add_argument("--keepalive", type=float, default=15.0,
+                        help="seconds between comments on an idle stream [15]")
+    args = parser.parse_args()
+    return asyncio.run(serve(args, json.loads(Path(args.jwks_file).read_text())))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
