@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiohttp import web
+from loopback import serve_until_stopped
 
 SESSION_HEADER = "Mcp-Session-Id"
-WATCHDOG_PERIOD = 1.0  # seconds between checks that the parent is still alive
 
 
 @dataclass
@@ -151,35 +148,9 @@ class Services:
 async def serve(args: argparse.Namespace, jwks: dict[str, object]) -> int:
     services = Services(jwks, args.event_interval, args.event_bytes)
     services.idp_origin = f"http://127.0.0.1:{args.idp_port}"
-    runners: list[web.AppRunner] = []
-    # handler_cancellation: a stream whose client left ends now, not at its next write.
-    for app, port in ((services.idp_app(), args.idp_port),
-                      (services.upstream_app(), args.upstream_port)):
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                               shutdown_timeout=2.0)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
-    deadline = time.monotonic() + args.max_lifetime
-    try:
-        while not stop.is_set():
-            if os.getppid() != parent:
-                print("fake_services: parent gone, exiting", file=sys.stderr)
-                break
-            if time.monotonic() > deadline:
-                print("fake_services: --max-lifetime reached, exiting", file=sys.stderr)
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), WATCHDOG_PERIOD)
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+    apps = [(services.idp_app(), args.idp_port), (services.upstream_app(), args.upstream_port)]
+    await serve_until_stopped("fake_services", apps, shutdown_timeout=2.0,
+                              max_lifetime=args.max_lifetime)
     return 0
 
 

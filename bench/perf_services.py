@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 from aiohttp import web
-
-WATCHDOG_PERIOD = 1.0  # seconds between checks that the parent is still alive
+from loopback import serve_until_stopped
 
 
 class Services:
@@ -118,26 +114,8 @@ class Services:
 async def serve(args: argparse.Namespace, jwks: dict[str, object]) -> int:
     services = Services(jwks, args.keepalive)
     services.idp_origin = f"http://127.0.0.1:{args.idp_port}"
-    runners: list[web.AppRunner] = []
-    for app, port in ((services.sse_app(), args.sse_port), (services.idp_app(), args.idp_port)):
-        # handler_cancellation: a stream whose client left ends now, not at its next write.
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                               shutdown_timeout=1.0)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
-    try:
-        while not stop.is_set() and os.getppid() == parent:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), WATCHDOG_PERIOD)
-    finally:
-        for runner in runners:
-            await runner.cleanup()
+    apps = [(services.sse_app(), args.sse_port), (services.idp_app(), args.idp_port)]
+    await serve_until_stopped("perf_services", apps, shutdown_timeout=1.0)
     return 0
 
 
