@@ -226,9 +226,10 @@ except ValueError:
 
 def run_python(script: str) -> str:
     result = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False,
         timeout=SUBPROCESS_TIMEOUT, cwd=REPO,
     )
+    assert result.returncode == 0, result.stderr  # say why, if the interpreter failed
     return result.stdout
 
 
@@ -278,6 +279,7 @@ async def test_malformed_requests_carrying_a_token_do_not_log_it(
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     token = idp.mint()
+    failure: OSError | None = None
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         while True:
@@ -294,9 +296,13 @@ async def test_malformed_requests_carrying_a_token_do_not_log_it(
             f"GET /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}{'a' * 40000}\r\n\r\n",
         ):
             assert (await send_raw(port, request.encode("latin-1"))).startswith(b"HTTP/1.")
+    except OSError as exc:  # the sidecar went away: say why below
+        failure = exc
     finally:
         proc.terminate()
-        stdout, _ = await asyncio.wait_for(proc.communicate(), SUBPROCESS_TIMEOUT)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), SUBPROCESS_TIMEOUT)
+    if failure is not None:
+        pytest.fail(f"{failure!r}; the sidecar exited {proc.returncode}: {stderr.decode()[-3000:]}")
     text = stdout.decode()
     assert "Error handling request" in text  # the malformed requests were logged ...
     for part in secret_parts(token):
