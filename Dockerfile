@@ -6,7 +6,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY oauth_sidecar ./oauth_sidecar
-RUN pip install . && useradd --system --uid 10001 --no-create-home sidecar
+RUN pip install '.[uvloop]' && useradd --system --uid 10001 --no-create-home sidecar
 
 USER 10001
 EXPOSE 8080
