@@ -40,7 +40,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, bearer
 from mcp_client_probe import call_echo
-from processes import PROCESS_TIMEOUT, REPO, free_port
+from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
 from structlog.testing import capture_logs
 
 from oauth_sidecar import child as child_module
@@ -337,21 +337,6 @@ def process_env(idp: FakeIdp, command: str, spawn_port: int, **extra: str) -> di
                      LOG_FORMAT="json", SHUTDOWN_TIMEOUT_SECONDS="1", **extra)
 
 
-async def run_cli(env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "oauth_sidecar", env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
-
-
 # -- configuration --------------------------------------------------------------------------------
 
 
@@ -450,7 +435,7 @@ def test_unrunnable_program_is_a_configuration_error(tmp_path: Path, kind: str) 
 @pytest.mark.parametrize("kind", ["missing-on-path", "not-executable"])
 async def test_unrunnable_program_exits_2_with_a_clean_message(tmp_path: Path, kind: str) -> None:
     program, shown = unrunnable(kind, tmp_path)
-    code, stdout, stderr = await run_cli(unrunnable_env(program))
+    code, stdout, stderr = await run_cli(env=unrunnable_env(program))
     assert code == 2
     assert stdout == ""
     assert "Traceback" not in stderr

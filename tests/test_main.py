@@ -7,14 +7,13 @@ import json
 import re
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import FakeIdp, FakeUpstream, bearer, sidecar_env, wait_until
-from processes import PROCESS_TIMEOUT, REPO, free_port, sidecar_process, wait_ready
+from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli, sidecar_process, wait_ready
 
 from oauth_sidecar import __version__
 from oauth_sidecar.config import VARIABLES, load
@@ -23,21 +22,6 @@ REQUIRED = ("OIDC_ISSUER_URL", "OIDC_AUDIENCE", "RESOURCE_URL", "MCP_UPSTREAM_UR
 SHUTDOWN_TIMEOUT = 2.0
 SHUTDOWN_SLACK = 4.0
 Process = asyncio.subprocess.Process
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "oauth_sidecar", *args, env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:

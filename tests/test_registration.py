@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import FakeUpstream, SidecarFactory
-from multidict import CIMultiDictProxy
+from test_authserver import Reply
 
 from oauth_sidecar.config import ConfigError, load
 
@@ -36,16 +35,6 @@ BASE_ENV = {
     "ALLOW_SUBS": "user-1",
 }
 
-
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDictProxy[str]
-    text: str
-
-    def json(self) -> Any:
-        assert self.headers.get("Content-Type", "").startswith("application/json"), self.headers
-        return json.loads(self.text)
 
 
 async def register(
