@@ -1,4 +1,5 @@
-"""Command line: load the configuration (print every problem, exit 2), set up logging, serve."""
+"""Command line: `oauth-sidecar [serve]` loads the configuration (every problem printed, exit 2),
+sets up logging and serves; other subcommands are thin entry points into their own modules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 import structlog
 from aiohttp import web
@@ -50,23 +52,42 @@ def _new_event_loop(config: Config) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oauth-sidecar",
         description="OAuth 2.1 resource-server sidecar for one MCP server. "
-        "Configured entirely by environment variables.",
+        "Configured entirely by environment variables. Without a command it serves.",
         epilog=_variables_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
-    parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="serve (the default): protect the configured MCP server")
+    return parser
+
+
+def load_or_report(env: Mapping[str, str]) -> Config | None:
+    """The configuration, or None after printing every problem to stderr."""
     try:
-        config = load(os.environ)
+        return load(env)
     except ConfigError as exc:
         print("oauth-sidecar: cannot start, the configuration has problems:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    del args  # only `serve` so far
+    config = load_or_report(os.environ)
+    if config is None:
         return EXIT_CONFIG
+    return serve(config)
+
+
+def serve(config: Config) -> int:
+    """Run the sidecar until SIGTERM/SIGINT; the exit code says why it stopped."""
     configure_logging(config.log_level, config.log_format)
     log = structlog.get_logger("oauth_sidecar")
     log.info("starting", version=__version__, **_summary(config))
