@@ -36,12 +36,15 @@ MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+# Cognito access tokens carry no `aud`, only the app client's id in `client_id`.
+AUDIENCE_CLAIMS = ("aud", "client_id")
 
 # Every variable we accept, with its default ("" = unset) and meaning; --help and .env.example
 # are checked against this table by the tests.
 VARIABLES: dict[str, tuple[str, str]] = {
     "OIDC_ISSUER_URL": ("", "Issuer URL of your OpenID provider (required)."),
     "OIDC_AUDIENCE": ("", "Accepted `aud` values, comma-separated (required)."),
+    "JWT_AUDIENCE_CLAIM": ("aud", "Claim holding the audience: aud, or client_id (AWS Cognito)."),
     "RESOURCE_URL": ("", "Public URL of the MCP endpoint, e.g. https://h/mcp (required)."),
     "MCP_UPSTREAM_URL": ("", "URL of the MCP server to forward to (required)."),
     "MCP_UPSTREAM_PATH": ("", "Upstream path that RESOURCE_URL's path maps to, e.g. /mcp."),
@@ -135,6 +138,8 @@ class TokenConfig:
     leeway: int
     max_token_bytes: int
     cache_size: int
+    audience_claim: str = "aud"
+    """Where the audience is: `aud` (RFC 9068), or `client_id` for AWS Cognito access tokens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,6 +498,7 @@ def load(env: Mapping[str, str]) -> Config:
             leeway=leeway,
             max_token_bytes=max_token,
             cache_size=r.number("TOKEN_CACHE_SIZE", int, 0, 10_000_000),
+            audience_claim=r.choice("JWT_AUDIENCE_CLAIM", AUDIENCE_CLAIMS),
         ),
         upstream=UpstreamConfig(
             origin=upstream_origin,

@@ -35,7 +35,7 @@ MAX_KID_LENGTH = 256  # real kids are short ids or thumbprints; longer ones are 
 # Header `typ` values that mark a JWT as something other than an access token.
 NON_ACCESS_TYPES = frozenset({"dpop+jwt", "logout+jwt", "secevent+jwt", "id_token+jwt", "jwe"})
 TIME_CLAIMS = ("exp", "nbf", "iat")
-REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
+REQUIRED_CLAIMS = ("exp", "iss", "sub")  # and the audience claim (`aud` unless configured)
 
 
 class TokenError(Exception):
@@ -157,6 +157,9 @@ class TokenVerifier:
         issuer = config.issuer.removesuffix("/")
         self._issuers = (issuer, issuer + "/")  # one trailing slash tolerated, see idp.same_issuer
         self._audiences = list(config.audiences)
+        self._audience_claim = config.audience_claim
+        # pyjwt's order: exp, iss, aud, sub (the audience claim takes aud's place).
+        self._required = (*REQUIRED_CLAIMS[:2], config.audience_claim, REQUIRED_CLAIMS[2])
         algorithms = get_default_algorithms()
         self._signers = {name: algorithms[name] for name in config.algorithms}
         self._cache: dict[bytes, tuple[Principal, VerificationKey]] = {}
@@ -266,7 +269,7 @@ class TokenVerifier:
     def _check_claims(self, claims: dict[str, Any], now: float) -> None:
         """RFC 7519 §4.1 checks, in pyjwt's order and with its semantics (times truncated to
         integers, `leeway` both ways); the types were checked by _check_claim_types."""
-        for name in REQUIRED_CLAIMS:
+        for name in self._required:
             if claims.get(name) is None:
                 raise _invalid("claim_missing", f"The token has no {name} claim")
         leeway = self._config.leeway
@@ -281,9 +284,9 @@ class TokenVerifier:
             raise _invalid("expired", "The token has expired")
         if not isinstance(claims["iss"], str) or claims["iss"] not in self._issuers:
             raise _invalid("wrong_issuer", "The token is not from the trusted issuer")
-        audiences = claims["aud"]
+        audiences = claims[self._audience_claim]
         if not audiences:  # "" or []: pyjwt's MissingRequiredClaimError
-            raise _invalid("claim_missing", "The token has no aud claim")
+            raise _invalid("claim_missing", f"The token has no {self._audience_claim} claim")
         if isinstance(audiences, str):
             audiences = [audiences]
         if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences) or (

@@ -953,3 +953,50 @@ def test_parse_strict_refusals(token: str, reason: str) -> None:
         parse_strict(token)
     assert (caught.value.reason, caught.value.error, caught.value.status) == (
         reason, "invalid_token", 401)
+
+
+# --------------------------------------------------------------------------------------------
+# JWT_AUDIENCE_CLAIM=client_id: AWS Cognito access tokens carry the app client in `client_id`
+# --------------------------------------------------------------------------------------------
+
+COGNITO_CLIENT = "4l1c3app0cl1ent1d"
+
+
+def cognito_access(ctx: Ctx, **override: Any) -> str:
+    payload = claims(ctx, **{"client_id": COGNITO_CLIENT, "token_use": "access", **override})
+    del payload["aud"]
+    return forge(rsa_header(ctx), payload, ctx.rsa)
+
+
+COGNITO_REFUSED = [
+    pytest.param(lambda c: cognito_access(c, client_id="another-client"), "wrong_audience",
+                 id="other-app-client"),
+    pytest.param(lambda c: cognito_access(c, client_id=[]), "claim_missing",
+                 id="client-id-empty"),
+    # An ID token names the client in `aud` and has no client_id: not an access token for us.
+    pytest.param(lambda c: forge(rsa_header(c), claims(c, aud=COGNITO_CLIENT, token_use="id"),
+                                 c.rsa), "claim_missing", id="id-token"),
+]
+
+
+@pytest.mark.parametrize(("build", "reason"), COGNITO_REFUSED)
+async def test_audience_in_client_id_refuses_other_clients_and_id_tokens(
+    ctx: Ctx, start: Start, upstream: FakeUpstream, build: Builder, reason: str
+) -> None:
+    sidecar = await start(JWT_AUDIENCE_CLAIM="client_id", OIDC_AUDIENCE=COGNITO_CLIENT)
+    assert_refused(await send(sidecar, auth(build(ctx))), upstream, reason=reason)
+
+
+async def test_audience_in_client_id_admits_the_app_clients_access_token(
+    ctx: Ctx, start: Start, upstream: FakeUpstream
+) -> None:
+    sidecar = await start(JWT_AUDIENCE_CLAIM="client_id", OIDC_AUDIENCE=COGNITO_CLIENT)
+    assert_accepted(await send(sidecar, auth(cognito_access(ctx))), upstream)
+
+
+async def test_client_id_is_not_an_audience_by_default(
+    sidecar: Client, ctx: Ctx, upstream: FakeUpstream
+) -> None:
+    """Without the setting, a token whose only audience is client_id=<ours> has no aud."""
+    token = cognito_access(ctx, client_id=AUDIENCE)
+    assert_refused(await send(sidecar, auth(token)), upstream, reason="claim_missing")
