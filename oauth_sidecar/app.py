@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from oauth_sidecar.allow_files import AllowListFiles
 from oauth_sidecar.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
 from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.client_ip import ClientAddress
@@ -36,6 +37,7 @@ VERIFIER = web.AppKey("verifier", TokenVerifier)
 PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
+ALLOW_FILES = web.AppKey("allow_files", AllowListFiles)
 
 
 def _lifetime(
@@ -131,6 +133,9 @@ def create_app(
     app.cleanup_ctx.append(_lifetime(authserver.running))
     if credential is not None:
         app.cleanup_ctx.append(_lifetime(credential.running))
+    if config.policy.files:
+        app[ALLOW_FILES] = AllowListFiles(config.policy.files, policy)
+        app.cleanup_ctx.append(_lifetime(app[ALLOW_FILES].running))
     app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(cors.decorate)
     app.on_response_prepare.append(add_request_id)

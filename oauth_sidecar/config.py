@@ -32,6 +32,7 @@ DEFAULT_CORS_ORIGINS = "https://claude.ai,https://claude.com"
 DEFAULT_REDIRECT_URIS = (
     "https://claude.ai/api/mcp/auth_callback,https://claude.com/api/mcp/auth_callback"
 )
+MAX_ALLOW_FILE_BYTES = 1 << 20  # a million characters of entries: far beyond any real list
 MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -74,6 +75,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (case-insensitive)."),
     "ALLOW_EMAIL_DOMAINS": ("", "Domains whose verified emails are allowed, e.g. example.com."),
     "ALLOW_GROUPS": ("", "Groups allowed (from GROUPS_CLAIM), comma-separated."),
+    "ALLOW_SUBS_FILE": ("", "File of subjects allowed, one per line; re-read when it changes."),
+    "ALLOW_EMAILS_FILE": ("", "File of emails allowed, one per line; re-read when it changes."),
+    "ALLOW_EMAIL_DOMAINS_FILE": ("", "File of email domains allowed; re-read when it changes."),
+    "ALLOW_GROUPS_FILE": ("", "File of groups allowed, one per line; re-read when it changes."),
     "ALLOW_ALL_AUTHENTICATED": ("false", "Admit every valid token when no allow-list is set."),
     "GROUPS_CLAIM": ("groups", "Claim holding the groups; dotted path, e.g. realm_access.roles."),
     "INSECURE_ALLOW_UNVERIFIED_EMAIL": ("false", "Match emails without email_verified=true."),
@@ -156,6 +161,17 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowFile:
+    """An allow-list kept in a file (a Kubernetes ConfigMap), united with its variable's entries."""
+
+    kind: str
+    """subs, emails, email_domains or groups: the PolicyConfig field it feeds."""
+    path: str
+    from_variable: frozenset[str]
+    """The entries of the plain variable (ALLOW_EMAILS for ALLOW_EMAILS_FILE), always kept."""
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
     subs: frozenset[str]
     emails: frozenset[str]
@@ -168,6 +184,8 @@ class PolicyConfig:
     allow_all_authenticated: bool
     allow_unverified_email: bool
     required_scopes: tuple[str, ...]
+    files: tuple[AllowFile, ...] = ()
+    """Allow-lists re-read when their file changes; their entries are already in the sets above."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,37 +571,89 @@ def _has_allow_list(policy: PolicyConfig) -> bool:
     return bool(policy.subs or policy.emails or policy.email_domains or policy.groups)
 
 
+# The allow-lists: PolicyConfig field -> the variable naming its entries (+ "_FILE").
+ALLOW_LISTS = {
+    "subs": "ALLOW_SUBS", "emails": "ALLOW_EMAILS", "email_domains": "ALLOW_EMAIL_DOMAINS",
+    "groups": "ALLOW_GROUPS",
+}
+
+
+def allow_entries(kind: str, entries: list[str], source: str) -> tuple[frozenset[str], list[str]]:
+    """Normalised entries of one allow-list and the problems found in them (named by source)."""
+    problems: list[str] = []
+    if kind == "emails":
+        entries = [e.lower() for e in entries]
+        for email in entries:
+            local, _, domain = email.partition("@")
+            if email.count("@") != 1 or not local or not domain:
+                problems.append(f"{source} entry {email!r} is not an email address")
+    elif kind == "email_domains":
+        entries = [d.lower().removeprefix("@") for d in entries]
+        for domain in entries:
+            if "@" in domain or "*" in domain or domain.startswith(".") or "." not in domain:
+                problems.append(
+                    f"{source} entry {domain!r} is not a domain like example.com "
+                    "(matched exactly; no wildcards, no subdomains)"
+                )
+    return frozenset(entries), problems
+
+
+def read_allow_file(path: str) -> list[str]:
+    """Entries one per line (commas also separate); blank lines and `#` comments ignored.
+
+    Raises OSError or UnicodeDecodeError when the file cannot be read.
+    """
+    with open(path, encoding="utf-8") as file:
+        text = file.read(MAX_ALLOW_FILE_BYTES + 1)
+    if len(text) > MAX_ALLOW_FILE_BYTES:
+        raise OSError(f"larger than {MAX_ALLOW_FILE_BYTES} bytes")
+    entries: list[str] = []
+    for line in text.splitlines():
+        entries.extend(split_list(line.partition("#")[0]))
+    return entries
+
+
+def _allow_list(r: _Reader, kind: str) -> tuple[frozenset[str], AllowFile | None]:
+    name = ALLOW_LISTS[kind]
+    from_variable, problems = allow_entries(kind, list(split_list(r.raw(name))), name)
+    r.problems.extend(problems)
+    path = r.raw(f"{name}_FILE")
+    if not path:
+        return from_variable, None
+    try:
+        from_file, problems = allow_entries(kind, read_allow_file(path), f"{name}_FILE {path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        r.problems.append(f"{name}_FILE cannot be read: {exc}")
+        return from_variable, None
+    r.problems.extend(problems)
+    return from_variable | from_file, AllowFile(kind, path, from_variable)
+
+
 def _policy(r: _Reader) -> PolicyConfig:
-    emails = [e.lower() for e in split_list(r.raw("ALLOW_EMAILS"))]
-    for email in emails:
-        local, _, domain = email.partition("@")
-        if email.count("@") != 1 or not local or not domain:
-            r.problems.append(f"ALLOW_EMAILS entry {email!r} is not an email address")
-    domains = [d.lower().removeprefix("@") for d in split_list(r.raw("ALLOW_EMAIL_DOMAINS"))]
-    for domain in domains:
-        if "@" in domain or "*" in domain or domain.startswith(".") or "." not in domain:
-            r.problems.append(
-                f"ALLOW_EMAIL_DOMAINS entry {domain!r} is not a domain like example.com "
-                "(matched exactly; no wildcards, no subdomains)"
-            )
+    lists = {kind: _allow_list(r, kind) for kind in ALLOW_LISTS}
     claim = r.raw("GROUPS_CLAIM")
     path = tuple(claim.split("."))
     if not all(path):
         r.problems.append(f"GROUPS_CLAIM={claim!r} is not a claim name or dotted path")
+    files = tuple(file for _, file in lists.values() if file is not None)
     policy = PolicyConfig(
-        subs=frozenset(split_list(r.raw("ALLOW_SUBS"))),
-        emails=frozenset(emails),
-        email_domains=frozenset(domains),
-        groups=frozenset(split_list(r.raw("ALLOW_GROUPS"))),
+        subs=lists["subs"][0],
+        emails=lists["emails"][0],
+        email_domains=lists["email_domains"][0],
+        groups=lists["groups"][0],
         groups_claim=path,
         allow_all_authenticated=r.flag("ALLOW_ALL_AUTHENTICATED"),
         allow_unverified_email=r.flag("INSECURE_ALLOW_UNVERIFIED_EMAIL"),
         required_scopes=split_list(r.raw("REQUIRED_SCOPES")),
+        files=files,
     )
-    if not _has_allow_list(policy) and not policy.allow_all_authenticated:
+    # A configured file counts even while empty: it admits nobody until entries are added.
+    file_named = any(r.raw(f"{name}_FILE") for name in ALLOW_LISTS.values())
+    if not (_has_allow_list(policy) or file_named) and not policy.allow_all_authenticated:
         r.problems.append(
             "no allow-list is set: set ALLOW_SUBS, ALLOW_EMAILS, ALLOW_EMAIL_DOMAINS or "
-            "ALLOW_GROUPS, or ALLOW_ALL_AUTHENTICATED=true to admit every valid token"
+            "ALLOW_GROUPS (or their _FILE variants), or ALLOW_ALL_AUTHENTICATED=true to admit "
+            "every valid token"
         )
     return policy
 

@@ -10,9 +10,10 @@ attacker-chosen) and domains match exactly after the single `@`, never as a suff
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from oauth_sidecar.config import PolicyConfig
+from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig
 
 
 class Denied(Exception):
@@ -46,6 +47,18 @@ class AccessPolicy:
     def __init__(self, config: PolicyConfig) -> None:
         self._config = config
         self._required = frozenset(config.required_scopes)
+
+    def allow_list(self, kind: str) -> frozenset[str]:
+        """One allow-list: subs, emails, email_domains or groups (config.ALLOW_LISTS)."""
+        entries: frozenset[str] = getattr(self._config, kind)
+        return entries
+
+    def replace_allow_list(self, kind: str, entries: frozenset[str]) -> None:
+        """Swap one list at once (allow_files.py): a request sees the old list or the new."""
+        if kind not in ALLOW_LISTS:
+            raise ValueError(f"{kind!r} is not an allow-list")
+        change: dict[str, Any] = {kind: entries}
+        self._config = replace(self._config, **change)
 
     def verified_email(self, claims: Mapping[str, Any]) -> str | None:
         """The caller's email, lowercased, if well-formed and verified (or verification waived)."""
@@ -83,7 +96,8 @@ class AccessPolicy:
     def _admitted(self, subject: str, claims: Mapping[str, Any]) -> bool:
         config = self._config
         if not (config.subs or config.emails or config.email_domains or config.groups):
-            return config.allow_all_authenticated
+            # A list file that is empty for now admits nobody, never everybody.
+            return config.allow_all_authenticated and not config.files
         if subject in config.subs:
             return True
         if config.emails or config.email_domains:
