@@ -16,7 +16,7 @@ from aiohttp import web
 from oauth_sidecar import __version__
 from oauth_sidecar.app import CHILD, create_app, server_options
 from oauth_sidecar.child import ChildStartError
-from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
+from oauth_sidecar.config import VARIABLES, Config, ConfigError, load, shown_url
 from oauth_sidecar.log import configure_logging
 
 EXIT_CONFIG = 2
@@ -33,15 +33,35 @@ def _variables_help() -> str:
 
 
 def _summary(config: Config) -> dict[str, object]:
-    """The effective configuration, with nothing secret in it."""
-    return {
+    """The effective configuration, with nothing secret in it (and no allow-list entries:
+    they are personal data; their counts and files show what is in force)."""
+    policy, auth, limits = config.policy, config.auth_server, config.rate_limits
+    storage = limits.storage_uri.removeprefix("async+").partition("?")[0]  # a query may hold a key
+    summary: dict[str, object] = {
         "issuer": config.idp.issuer, "audiences": list(config.tokens.audiences),
         "resource": config.resource_url, "upstream": config.upstream.origin,
         "upstream_path": config.upstream.path_prefix or None,
         "listen": f"{config.host}:{config.port}",
+        "auth_server_mode": "facade" if auth.facade else "direct",
+        "static_client_id": auth.client_id or None,
+        "static_client_secret": "(set)" if auth.client_secret else None,
+        "allow": {
+            "subs": len(policy.subs), "emails": len(policy.emails),
+            "email_domains": len(policy.email_domains), "groups": len(policy.groups),
+            "files": [file.path for file in policy.files],
+            "all_authenticated": policy.allow_all_authenticated,
+        },
+        "required_scopes": list(policy.required_scopes),
+        "rate_limit_rpm": limits.per_subject_rpm,
+        "rate_limit_storage": shown_url(storage),
         "algorithms": sorted(config.tokens.algorithms), "cors_origins": sorted(config.cors_origins),
         "event_loop": config.event_loop,
     }
+    if config.tokens.audience_claim != "aud":
+        summary["audience_claim"] = config.tokens.audience_claim
+    if config.spawn is not None:
+        summary["spawn"] = {"program": config.spawn.argv[0], "port": config.spawn.port}
+    return summary
 
 
 def _new_event_loop(config: Config) -> asyncio.AbstractEventLoop:

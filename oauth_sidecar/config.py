@@ -337,7 +337,7 @@ def _origin(scheme: str, host: str, port: int | None) -> str:
     return f"{scheme}://{shown}:{port}"
 
 
-def _shown(value: str) -> str:
+def shown_url(value: str) -> str:
     """A URL as it may appear in a message: never its user-info (it may hold a password)."""
     scheme, sep, rest = value.partition("://")
     authority, slash, path = rest.partition("/")
@@ -348,7 +348,7 @@ def _shown(value: str) -> str:
 
 def _check_url(name: str, raw: str, problems: list[str], *, allow_http: bool = False) -> bool:
     """True if raw is an absolute http(s) URL without credentials or fragment."""
-    value = _shown(raw)
+    value = shown_url(raw)
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -460,7 +460,7 @@ def load(env: Mapping[str, str]) -> Config:
         parts = urlsplit(item)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
             problems.append(
-                f"CORS_ALLOW_ORIGINS entry {_shown(item)!r} is not an origin like https://h"
+                f"CORS_ALLOW_ORIGINS entry {shown_url(item)!r} is not an origin like https://h"
             )
             continue
         cors_origins.add(_origin(parts.scheme.lower(), parts.hostname, parts.port))
@@ -664,7 +664,7 @@ def _rate_limits(r: _Reader) -> RateLimitConfig:
     storage_uri = ""
     if not sep or scheme.lower() not in RATE_LIMIT_SCHEMES:
         r.problems.append(
-            f"RATE_LIMIT_STORAGE_URI={_shown(uri)!r} is not memory:// or a redis:// URI "
+            f"RATE_LIMIT_STORAGE_URI={shown_url(uri)!r} is not memory:// or a redis:// URI "
             f"(schemes: {', '.join(RATE_LIMIT_SCHEMES)})"
         )
     else:
@@ -709,7 +709,7 @@ def _auth_server(r: _Reader) -> AuthServerConfig:
             parts.username or parts.password
         ):
             r.problems.append(
-                f"ALLOWED_REDIRECT_URIS entry {_shown(uri)!r} is not an absolute http(s) URL "
+                f"ALLOWED_REDIRECT_URIS entry {shown_url(uri)!r} is not an absolute http(s) URL "
                 "without fragment or credentials"
             )
         elif parts.scheme == "http" and not is_loopback_host(parts.hostname):

@@ -208,3 +208,37 @@ async def test_log_format_is_honoured(
     else:
         assert not first.startswith("{")
         assert "starting" in first
+
+
+async def test_start_up_line_summarises_the_configuration_without_secrets(
+    idp: FakeIdp, upstream: FakeUpstream, tmp_path: Any
+) -> None:
+    """What an operator needs to see what is in force; no secret and no allow-list entry."""
+    secrets = {"STATIC_CLIENT_SECRET": "client-secret-7f3a", "STATE_SECRET": "s" * 40,
+               "redis password": "hunter2-redis"}
+    groups = tmp_path / "groups"
+    groups.write_text("mcp-users\nstaff\n", encoding="utf-8")
+    with socket.socket() as taken:  # a taken port ends the run right after the start-up line
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = sidecar_env(
+            idp, upstream, HOST="127.0.0.1", PORT=str(taken.getsockname()[1]),
+            ALLOW_ALL_AUTHENTICATED="false", ALLOW_EMAILS="alice@example.com",
+            ALLOW_GROUPS_FILE=str(groups), AUTH_SERVER_MODE="facade", STATIC_CLIENT_ID="mcp-app",
+            STATIC_CLIENT_SECRET=secrets["STATIC_CLIENT_SECRET"],
+            STATE_SECRET=secrets["STATE_SECRET"], RATE_LIMIT_RPM="120",
+            RATE_LIMIT_STORAGE_URI=f"redis://:{secrets['redis password']}@127.0.0.1:1/0",
+        )
+        code, stdout, stderr = await run_cli(env=env)
+    assert code == 2, stderr
+    starting = json_lines(stdout)[0]
+    assert starting["event"] == "starting"
+    assert starting["auth_server_mode"] == "facade"
+    assert starting["static_client_id"] == "mcp-app"
+    assert starting["static_client_secret"] == "(set)"
+    assert starting["allow"] == {"subs": 0, "emails": 1, "email_domains": 0, "groups": 2,
+                                 "files": [str(groups)], "all_authenticated": False}
+    assert starting["rate_limit_rpm"] == 120
+    assert starting["rate_limit_storage"] == "redis://***@127.0.0.1:1/0"
+    for secret in (*secrets.values(), "alice@example.com", "staff"):
+        assert secret not in stdout + stderr
