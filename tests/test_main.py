@@ -31,8 +31,11 @@ def json_lines(stdout: str) -> list[dict[str, Any]]:
 # -- configuration errors and documentation ------------------------------------------------------
 
 
-async def test_empty_environment_exits_2_listing_every_required_variable() -> None:
-    code, stdout, stderr = await run_cli(env={})
+@pytest.mark.parametrize("command", [(), ("serve",)], ids=["default", "serve"])
+async def test_empty_environment_exits_2_listing_every_required_variable(
+    command: tuple[str, ...],
+) -> None:
+    code, stdout, stderr = await run_cli(*command, env={})
     assert code == 2
     assert stdout == ""
     assert "cannot start" in stderr
@@ -44,6 +47,12 @@ async def test_version_flag_prints_the_version() -> None:
     code, stdout, _ = await run_cli("--version", env={})
     assert code == 0
     assert stdout.strip() == f"oauth-sidecar {__version__}"
+
+
+async def test_unknown_command_exits_2_naming_the_commands() -> None:
+    code, _, stderr = await run_cli("srve", env={})
+    assert code == 2
+    assert "invalid choice: 'srve'" in stderr
 
 
 async def test_help_lists_every_variable() -> None:
