@@ -1,0 +1,496 @@
+"""The identity-provider pages and the Claude.ai connector guide stay true for this code.
+
+Every environment block in them (a ```sh block of `KEY=value` lines, comments allowed) names only
+variables the sidecar knows and loads with the production `config.load()` without a problem or a
+warning; the index table's mode and groups claim match each page; every relative link resolves.
+Then the settings of each page run a real sidecar (`make_sidecar`) in front of the fake IdP, and
+tokens shaped like that IdP's pass or fail as the page says.
+
+Placeholders: `<anything>` in a block is what the reader fills in; the test puts a 32-character
+stand-in there (long enough for STATE_SECRET, valid in host names, IDs and secrets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer
+
+from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
+
+Client = TestClient[web.Request, web.Application]
+
+REPO = Path(__file__).resolve().parent.parent
+IDP_DIR = REPO / "examples" / "identity-providers"
+INDEX = IDP_DIR / "README.md"
+CONNECTOR = REPO / "examples" / "claude-ai-connector.md"
+IDP_PAGES = {
+    name: IDP_DIR / f"{name}.md"
+    for name in ("keycloak", "authentik", "auth0", "okta", "entra-id", "google", "cognito")
+}
+WITHOUT_ENV_BLOCK = {"google"}  # not supported directly: the page must not offer settings
+DOCS = [INDEX, *IDP_PAGES.values(), CONNECTOR]
+
+FENCE = re.compile(r"^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
+ASSIGNMENT = re.compile(r"(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)")
+COMMENTED_ASSIGNMENT = re.compile(r"#\s*(?P<name>[A-Z][A-Z0-9_]*)=")
+PLACEHOLDER = re.compile(r"<[^<>\n]+>")
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+HEADING = re.compile(r"^#+\s+(?P<title>.+)$", re.MULTILINE)
+
+
+def stand_in(placeholder: str) -> str:
+    """A placeholder's test value: deterministic, 32 characters of [0-9a-f] after a letter."""
+    return "p" + hashlib.sha256(placeholder.encode()).hexdigest()[:31]
+
+
+@dataclass(frozen=True)
+class EnvBlock:
+    source: str
+    """Where it is (file:line), for messages."""
+    env: dict[str, str]
+    commented: tuple[str, ...]
+    """Names in commented-out assignments (`# KEY=value`): a typo there misleads readers too."""
+
+
+def is_env_block(body: str) -> bool:
+    """Every non-blank line a comment or an assignment (a command block has other lines)."""
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    return bool(lines) and all(
+        line.startswith("#") or ASSIGNMENT.match(line) for line in lines
+    ) and any(not line.startswith("#") for line in lines)
+
+
+def parse_env_block(body: str, source: str) -> EnvBlock:
+    """KEY=value lines as a shell would read them after placeholders are filled in."""
+    env: dict[str, str] = {}
+    commented = []
+    for raw in body.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            match = COMMENTED_ASSIGNMENT.match(line)
+            if match:
+                commented.append(match.group("name"))
+            continue
+        match = ASSIGNMENT.match(line)
+        assert match, f"{source}: not KEY=value: {line!r}"
+        name = match.group("name")
+        filled = PLACEHOLDER.sub(lambda m: stand_in(m.group(0)), match.group("value"))
+        words = shlex.split(filled, comments=True)
+        assert len(words) <= 1, f"{source}: {name}'s value is several shell words: quote it"
+        assert name not in env, f"{source}: {name} is set twice"
+        env[name] = words[0] if words else ""
+    return EnvBlock(source, env, tuple(commented))
+
+
+def sh_blocks(path: Path) -> list[tuple[int, str]]:
+    """(line number, body) of each ```sh block."""
+    text = path.read_text()
+    return [
+        (text.count("\n", 0, match.start()) + 1, match.group("body"))
+        for match in FENCE.finditer(text) if match.group("lang") == "sh"
+    ]
+
+
+def env_blocks(path: Path) -> list[EnvBlock]:
+    return [
+        parse_env_block(body, f"{path.relative_to(REPO)}:{line}")
+        for line, body in sh_blocks(path) if is_env_block(body)
+    ]
+
+
+def page_env(name: str) -> dict[str, str]:
+    (block,) = env_blocks(IDP_PAGES[name])
+    return block.env
+
+
+def page_config(name: str) -> Config:
+    return load(page_env(name))
+
+
+# --------------------------------------------------------------------------------------------
+# The extractor itself: it must find blocks and be able to fail
+# --------------------------------------------------------------------------------------------
+
+SAMPLE = """Some prose.
+
+```sh
+curl -i https://mcp.example.com/mcp
+```
+
+```sh
+OIDC_ISSUER_URL=https://<tenant>.example.com/   # a comment
+OIDC_AUDIANCE=<api id>
+SCOPES_SUPPORTED="openid profile"
+# GROUPS_CLAIMS=roles
+```
+"""
+
+
+def test_the_extractor_finds_env_blocks_fills_placeholders_and_exposes_typos(
+    tmp_path: Path,
+) -> None:
+    page = tmp_path / "sample.md"
+    page.write_text(SAMPLE)
+    (block,) = [parse_env_block(body, "sample") for _, body in sh_blocks(page)
+                if is_env_block(body)]
+    assert block.env == {
+        "OIDC_ISSUER_URL": f"https://{stand_in('<tenant>')}.example.com/",
+        "OIDC_AUDIANCE": stand_in("<api id>"),
+        "SCOPES_SUPPORTED": "openid profile",
+    }
+    assert block.commented == ("GROUPS_CLAIMS",)
+    # Both misspellings are what the every-page check reports as unknown.
+    named = set(block.env) | set(block.commented)
+    assert named - set(VARIABLES) == {"OIDC_AUDIANCE", "GROUPS_CLAIMS"}
+    with pytest.raises(ConfigError):  # and the load check fails on the typo'd block
+        load(block.env)
+
+
+def test_an_unquoted_value_with_spaces_is_refused() -> None:
+    with pytest.raises(AssertionError, match="several shell words"):
+        parse_env_block("SCOPES_SUPPORTED=openid profile\n", "sample")
+
+
+def test_stand_ins_are_long_enough_for_a_state_secret() -> None:
+    assert len(stand_in("<openssl rand -hex 32>")) >= 32
+
+
+# --------------------------------------------------------------------------------------------
+# Every page's blocks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(IDP_PAGES))
+def test_each_idp_page_has_exactly_one_env_block_or_none_when_unsupported(name: str) -> None:
+    expected = 0 if name in WITHOUT_ENV_BLOCK else 1
+    assert len(env_blocks(IDP_PAGES[name])) == expected
+
+
+def test_the_connector_guide_has_its_env_block() -> None:
+    assert len(env_blocks(CONNECTOR)) == 1
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_env_blocks_name_only_variables_the_sidecar_knows(path: Path) -> None:
+    for block in env_blocks(path):
+        unknown = (set(block.env) | set(block.commented)) - set(VARIABLES)
+        assert unknown == set(), block.source
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_command_blocks_set_no_sidecar_variable(path: Path) -> None:
+    """A sidecar variable outside an env block would escape the load check."""
+    for line, body in sh_blocks(path):
+        if is_env_block(body):
+            continue
+        for text in body.splitlines():
+            match = ASSIGNMENT.match(text.strip())
+            assert not (match and match.group("name") in VARIABLES), f"{path.name}:{line}"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_env_blocks_load_without_problems_or_warnings(path: Path) -> None:
+    for block in env_blocks(path):
+        try:
+            config = load(block.env)
+        except ConfigError as exc:
+            pytest.fail(f"{block.source}: {exc.problems}")
+        assert config.warnings == (), block.source
+
+
+# --------------------------------------------------------------------------------------------
+# The index table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    page: str
+    cells: list[str]
+
+    @property
+    def audience(self) -> str:
+        return self.cells[2]
+
+    @property
+    def groups(self) -> str:
+        return self.cells[3]
+
+    @property
+    def mode(self) -> str:
+        return self.cells[-1]
+
+
+def table_rows() -> dict[str, Row]:
+    rows = {}
+    for line in INDEX.read_text().splitlines():
+        match = re.match(r"\| \[[^]]+\]\((?P<page>[a-z0-9-]+)\.md\) \|", line)
+        if match:
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows[match.group("page")] = Row(match.group("page"), cells)
+    return rows
+
+
+def test_the_index_table_has_one_row_per_idp_page() -> None:
+    assert set(table_rows()) == set(IDP_PAGES)
+    assert {len(row.cells) for row in table_rows().values()} == {7}
+
+
+@pytest.mark.parametrize("name", sorted(IDP_PAGES))
+def test_the_index_table_mode_matches_the_page(name: str) -> None:
+    row = table_rows()[name]
+    if name in WITHOUT_ENV_BLOCK:
+        assert row.mode.startswith("not supported")
+        return
+    config = page_config(name)
+    assert row.mode == ("facade" if config.auth_server.facade else "direct")
+    assert bool(page_env(name).get("STATIC_CLIENT_ID")) == config.auth_server.facade
+
+
+@pytest.mark.parametrize("name", sorted(set(IDP_PAGES) - WITHOUT_ENV_BLOCK))
+def test_the_index_table_names_the_pages_groups_claim_and_audience_claim(name: str) -> None:
+    row, config = table_rows()[name], page_config(name)
+    assert f"`{'.'.join(config.policy.groups_claim)}`" in row.groups
+    if config.tokens.audience_claim != "aud":
+        assert f"`JWT_AUDIENCE_CLAIM={config.tokens.audience_claim}`" in row.audience
+
+
+# --------------------------------------------------------------------------------------------
+# Links
+# --------------------------------------------------------------------------------------------
+
+
+def slug(title: str) -> str:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_relative_links_resolve(path: Path) -> None:
+    links = [m.group("target") for m in LINK.finditer(path.read_text())]
+    relative = [t for t in links if not re.match(r"[a-z]+:", t)]
+    for target in relative:
+        file_part, _, anchor = target.partition("#")
+        resolved = (path.parent / file_part).resolve() if file_part else path
+        assert resolved.is_file(), f"{path.name}: {target}"
+        if anchor:
+            titles = HEADING.findall(resolved.read_text())
+            assert anchor in {slug(t) for t in titles}, f"{path.name}: {target}"
+
+
+def test_every_idp_page_links_back_to_the_index_and_the_index_to_the_guide() -> None:
+    for name, path in IDP_PAGES.items():
+        if name not in WITHOUT_ENV_BLOCK:
+            assert "](README.md#check-it)" in path.read_text(), name
+    assert "](../claude-ai-connector.md)" in INDEX.read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Each page's settings against a real sidecar, with tokens shaped like that IdP's
+# --------------------------------------------------------------------------------------------
+
+TokenBuilder = Callable[[FakeIdp, Config], str]
+
+
+async def sidecar_for(
+    name: str, make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> tuple[Client, Config]:
+    """The page's environment, pointed at the fake IdP and upstream; nothing else changed."""
+    env = {**page_env(name), "OIDC_ISSUER_URL": idp.issuer, "MCP_UPSTREAM_URL": upstream.url,
+           "ALLOW_ALL_AUTHENTICATED": "false"}
+    return await make_sidecar(**env), load({**env, "JWKS_COOLDOWN_SECONDS": "1"})
+
+
+async def call(sidecar: Client, token: str) -> tuple[int, dict[str, Any]]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    async with sidecar.post("/mcp", json=body, headers={
+        **bearer(token), "Accept": "application/json, text/event-stream",
+    }) as response:
+        return response.status, await response.json()
+
+
+def keycloak(idp: FakeIdp, config: Config, *, roles: tuple[str, ...] = ("mcp-users",),
+             aud: Any = None) -> str:
+    return idp.mint(claims={
+        "aud": aud if aud is not None else [config.tokens.audiences[0], "account"],
+        "sub": str(uuid.uuid4()), "typ": "Bearer", "azp": config.auth_server.client_id,
+        "realm_access": {"roles": ["default-roles-mcp", "offline_access", *roles]},
+        "resource_access": {"account": {"roles": ["manage-account", "view-profile"]}},
+        "scope": "openid profile email", "email_verified": True, "email": "alice@example.com",
+        "preferred_username": "alice",
+    }, header={"typ": "JWT"})
+
+
+def authentik(idp: FakeIdp, config: Config, *, groups: tuple[str, ...] = ("mcp-users",)) -> str:
+    return idp.mint(claims={
+        "iss": idp.issuer + "/",  # authentik's issuer ends with a slash
+        "aud": config.tokens.audiences[0], "azp": config.tokens.audiences[0],
+        "sub": hashlib.sha256(b"user-7").hexdigest(),
+        "acr": "goauthentik.io/providers/oauth2/default",
+        "email": "alice@example.com", "email_verified": False,  # the 2025.10+ default
+        "name": "Alice", "preferred_username": "alice", "groups": list(groups),
+    })
+
+
+def auth0(idp: FakeIdp, config: Config, *, permissions: tuple[str, ...] = ("use:mcp",)) -> str:
+    return idp.mint(claims={
+        "iss": idp.issuer + "/",
+        "aud": [config.tokens.audiences[0], idp.issuer + "/userinfo"],
+        "sub": "auth0|6581a1b2c3d4e5f6", "azp": config.auth_server.client_id,
+        "scope": "openid profile email", "permissions": list(permissions),
+    })
+
+
+def okta(idp: FakeIdp, config: Config, *, groups: tuple[str, ...] = ("mcp-users",)) -> str:
+    return idp.mint(claims={
+        "ver": 1, "aud": config.tokens.audiences[0], "cid": config.auth_server.client_id,
+        "uid": "00u1a2b3c4d5e6f7g8h9", "sub": "alice@example.com",
+        "scp": ["openid", "profile", "email"], "groups": list(groups),
+    })
+
+
+ENTRA_GROUPS = 200  # the most a JWT carries before Entra switches to an overage pointer
+
+
+def entra(idp: FakeIdp, config: Config, *, roles: tuple[str, ...] = ("MCP.User",),
+          scp: str = "mcp.access", version: str = "2.0") -> str:
+    tenant = str(uuid.UUID(int=7))
+    claims: dict[str, Any] = {
+        "aud": config.tokens.audiences[0], "ver": version, "tid": tenant,
+        "azp": config.auth_server.client_id, "azpacr": "1", "oid": str(uuid.uuid4()),
+        "sub": "Xy3kLm9PqR2sTuVw4XyZ0aBcDeFgHiJkLmNoPqRsTu", "name": "Alice Example",
+        "preferred_username": "alice@example.com", "scp": scp, "roles": list(roles),
+        "groups": [str(uuid.uuid4()) for _ in range(ENTRA_GROUPS)],
+        "uti": "AbCdEfGhIjKlMnOpQrStUv", "rh": "0.AAAA" + "x" * 60,
+    }
+    if version == "1.0":  # what an API still on token version 1 gets, even via the v2 endpoint
+        claims |= {"iss": f"https://sts.windows.net/{tenant}/", "aud": "api://mcp-api"}
+    return idp.mint(claims=claims, header={"typ": "JWT", "x5t": "a" * 27})
+
+
+def cognito(idp: FakeIdp, config: Config, *, client_id: str | None = None,
+            groups: tuple[str, ...] = ("mcp-users",)) -> str:
+    claims: dict[str, Any] = {
+        "sub": str(uuid.uuid4()), "token_use": "access", "scope": "openid email profile",
+        "client_id": client_id or config.tokens.audiences[0], "username": "alice",
+        "origin_jti": str(uuid.uuid4()), "event_id": str(uuid.uuid4()), "version": 2,
+        "auth_time": 1_700_000_000,
+    }
+    if groups:
+        claims["cognito:groups"] = list(groups)
+    return idp.mint(claims=claims, drop=("aud",))
+
+
+def cognito_id_token(idp: FakeIdp, config: Config) -> str:
+    return idp.mint(claims={
+        "aud": config.tokens.audiences[0], "token_use": "id", "sub": str(uuid.uuid4()),
+        "cognito:groups": ["mcp-users"], "email": "alice@example.com", "email_verified": True,
+        "cognito:username": "alice",
+    })
+
+
+ADMITTED: list[Any] = [
+    pytest.param("keycloak", keycloak, id="keycloak"),
+    pytest.param("authentik", authentik, id="authentik"),
+    pytest.param("auth0", auth0, id="auth0"),
+    pytest.param("okta", okta, id="okta"),
+    pytest.param("entra-id", entra, id="entra-id"),
+    pytest.param("cognito", cognito, id="cognito"),
+]
+
+
+def test_every_page_with_settings_has_an_admitted_token_shape() -> None:
+    assert {p.values[0] for p in ADMITTED} == set(IDP_PAGES) - WITHOUT_ENV_BLOCK
+
+
+@pytest.mark.parametrize(("name", "build"), ADMITTED)
+async def test_the_pages_settings_admit_its_idps_access_token(
+    name: str, build: TokenBuilder, make_sidecar: SidecarFactory, idp: FakeIdp,
+    upstream: FakeUpstream,
+) -> None:
+    sidecar, config = await sidecar_for(name, make_sidecar, idp, upstream)
+    status, body = await call(sidecar, build(idp, config))
+    assert status == 200, body
+    assert len(upstream.requests) == 1
+    assert "Authorization" not in upstream.requests[0].headers
+
+
+WRONG_AUDIENCE = "The token was not issued for this resource"
+REFUSED: list[Any] = [
+    # Keycloak without the Audience mapper: its default aud is "account".
+    pytest.param("keycloak", lambda i, c: keycloak(i, c, aud="account"), 401, WRONG_AUDIENCE,
+                 id="keycloak-default-aud"),
+    pytest.param("keycloak", lambda i, c: keycloak(i, c, roles=()), 403,
+                 "This account may not use this server", id="keycloak-without-realm-role"),
+    pytest.param("authentik", lambda i, c: authentik(i, c, groups=("staff",)), 403,
+                 "This account may not use this server", id="authentik-other-group"),
+    pytest.param("auth0", lambda i, c: auth0(i, c, permissions=()), 403,
+                 "This account may not use this server", id="auth0-without-permission"),
+    pytest.param("okta", lambda i, c: okta(i, c, groups=("Everyone",)), 403,
+                 "This account may not use this server", id="okta-other-group"),
+    pytest.param("entra-id", lambda i, c: entra(i, c, roles=()), 403,
+                 "This account may not use this server", id="entra-without-app-role"),
+    pytest.param("entra-id", lambda i, c: entra(i, c, scp="User.Read"), 403,
+                 "The token lacks a required scope", id="entra-without-api-scope"),
+    pytest.param("entra-id", lambda i, c: entra(i, c, version="1.0"), 401,
+                 "The token is not from the trusted issuer", id="entra-v1-token"),
+    pytest.param("cognito", lambda i, c: cognito(i, c, client_id="another-app-client"), 401,
+                 WRONG_AUDIENCE, id="cognito-other-app-client"),
+    pytest.param("cognito", cognito_id_token, 401, "The token has no client_id claim",
+                 id="cognito-id-token"),
+    pytest.param("cognito", lambda i, c: cognito(i, c, groups=()), 403,
+                 "This account may not use this server", id="cognito-in-no-group"),
+]
+
+
+@pytest.mark.parametrize(("name", "build", "status", "description"), REFUSED)
+async def test_the_pages_settings_refuse_what_the_page_says_they_refuse(
+    name: str, build: TokenBuilder, status: int, description: str, *,
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
+) -> None:
+    sidecar, config = await sidecar_for(name, make_sidecar, idp, upstream)
+    got, body = await call(sidecar, build(idp, config))
+    assert (got, body["error_description"]) == (status, description)
+    assert upstream.requests == []
+
+
+def test_cognito_groups_claim_is_one_claim_name_not_a_path() -> None:
+    assert page_config("cognito").policy.groups_claim == ("cognito:groups",)
+
+
+async def test_an_entra_token_with_200_groups_is_about_11_kb_and_fits_the_pages_settings(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
+) -> None:
+    """entra-id.md: "a token with 200 group IDs is about 11 KB, within the defaults"."""
+    assert "a token with 200 group IDs is about 11 KB" in IDP_PAGES["entra-id"].read_text()
+    sidecar, config = await sidecar_for("entra-id", make_sidecar, idp, upstream)
+    token = entra(idp, config)
+    assert 10_000 <= len(token) <= 12_500, len(token)
+    assert len(token) <= config.tokens.max_token_bytes
+    assert config.max_header_bytes >= len("Bearer ") + config.tokens.max_token_bytes
+    status, body = await call(sidecar, token)
+    assert status == 200, body
+
+
+async def test_a_smaller_token_limit_would_refuse_that_entra_token(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
+) -> None:
+    """The size matters: the same token against an 8 KB limit is cut off."""
+    env = {**page_env("entra-id"), "OIDC_ISSUER_URL": idp.issuer, "MCP_UPSTREAM_URL": upstream.url,
+           "JWT_MAX_TOKEN_BYTES": "8192"}
+    sidecar = await make_sidecar(**env)
+    status, body = await call(sidecar, entra(idp, load(env)))
+    assert (status, body["error_description"]) == (401, "The bearer token is too large")
