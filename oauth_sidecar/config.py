@@ -80,7 +80,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "ALLOW_EMAIL_DOMAINS_FILE": ("", "File of email domains allowed; re-read when it changes."),
     "ALLOW_GROUPS_FILE": ("", "File of groups allowed, one per line; re-read when it changes."),
     "ALLOW_ALL_AUTHENTICATED": ("false", "Admit every valid token when no allow-list is set."),
-    "GROUPS_CLAIM": ("groups", "Claim holding the groups; dotted path, e.g. realm_access.roles."),
+    "GROUPS_CLAIM": ("groups", "Claim holding the groups: a dotted path, or a URL (one name)."),
     "INSECURE_ALLOW_UNVERIFIED_EMAIL": ("false", "Match emails without email_verified=true."),
     "REQUIRED_SCOPES": ("", "Scopes every token must carry (`scope` or `scp`)."),
     "RATE_LIMIT_RPM": ("60", "Requests per minute per subject (0 = unlimited)."),
@@ -632,7 +632,8 @@ def _allow_list(r: _Reader, kind: str) -> tuple[frozenset[str], AllowFile | None
 def _policy(r: _Reader) -> PolicyConfig:
     lists = {kind: _allow_list(r, kind) for kind in ALLOW_LISTS}
     claim = r.raw("GROUPS_CLAIM")
-    path = tuple(claim.split("."))
+    # Auth0 requires namespaced custom claims (`https://example.com/roles`): a URL is one name.
+    path = (claim,) if "://" in claim else tuple(claim.split("."))
     if not all(path):
         r.problems.append(f"GROUPS_CLAIM={claim!r} is not a claim name or dotted path")
     files = tuple(file for _, file in lists.values() if file is not None)

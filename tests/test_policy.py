@@ -456,6 +456,11 @@ async def test_denial_is_logged_with_reason_and_subject(
                  id="by_group"),
     pytest.param({"ALLOW_GROUPS": "mcp-users", "GROUPS_CLAIM": "realm_access.roles"},
                  {"sub": "u-10", "realm_access": {"roles": ["mcp-users"]}}, id="by_keycloak_role"),
+    # Auth0 Actions must namespace custom claims: the URL is one claim name, dots and all.
+    pytest.param({"ALLOW_GROUPS": "mcp-users", "GROUPS_CLAIM": "https://mcp.example.com/roles"},
+                 {"sub": "u-11", "https://mcp.example.com/roles": ["mcp-users"],
+                  "https://mcp": {"example": {"com/roles": ["mcp-users"]}}},
+                 id="by_auth0_namespaced_claim"),
 ])
 async def test_allowed_caller_reaches_upstream(
     make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
@@ -467,7 +472,7 @@ async def test_allowed_caller_reaches_upstream(
     assert len(upstream.requests) == 1
     # A lookalike of the same caller is refused by the same sidecar.
     other = {**claims, "sub": "zz-other", "email": "zz@evil.example", "groups": ["x"],
-             "realm_access": {"roles": ["x"]}}
+             "realm_access": {"roles": ["x"]}, "https://mcp.example.com/roles": ["x"]}
     refused = await sidecar.post("/mcp", data=b"{}", headers=bearer(idp.mint(claims=other)))
     assert refused.status == 403
     assert len(upstream.requests) == 1
