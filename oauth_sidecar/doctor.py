@@ -52,6 +52,7 @@ from oauth_sidecar.discovery import (
 )
 from oauth_sidecar.gate import Gate
 from oauth_sidecar.idp import (
+    MAX_REDIRECTS,
     IdentityProvider,
     VerificationKey,
     discovery_urls,
@@ -499,9 +500,9 @@ class _Doctor:
         if not isinstance(jwks_uri, str) or session is None:
             return
         try:
-            async with session.get(jwks_uri, allow_redirects=False,
+            async with session.get(jwks_uri, max_redirects=MAX_REDIRECTS,
                                    headers={"Accept": "application/json"}) as response:
-                body = await response.content.read(self.config.idp.max_document_bytes)
+                body = await _read_capped(response, self.config.idp.max_document_bytes)
                 status, date, age = (response.status, response.headers.get("Date"),
                                      response.headers.get("Age"))
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -624,8 +625,8 @@ class _Doctor:
             missing = [s for s in config.advertised_scopes if s not in offered]
             if missing:
                 self.add(WARNING, "scope_not_offered",
-                         f"scopes {', '.join(missing)} are advertised to clients (SCOPES_SUPPORTED"
-                         f" / REQUIRED_SCOPES) but not in the IdP's scopes_supported: it may "
+                         f"scope(s) {', '.join(missing)} advertised to clients (SCOPES_SUPPORTED"
+                         f" / REQUIRED_SCOPES) but absent from the IdP's scopes_supported: it may "
                          "refuse them at sign-in",
                          "define these scopes at the IdP, or advertise the ones it issues")
 
@@ -688,7 +689,7 @@ class _Doctor:
             async with session.get(with_query(endpoint, params), allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=PROBE_SECONDS)) as response:
                 status, location = response.status, response.headers.get("Location", "")
-                body = await response.content.read(PROBE_BODY_BYTES)
+                body = await _read_capped(response, PROBE_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.add(WARNING, "relay_probe_failed",
                      f"could not ask the IdP's authorization endpoint {endpoint}: "
@@ -806,6 +807,7 @@ class _Doctor:
                                    timeout=timeout) as response:
                 status = response.status  # only the status line: an SSE body never ends
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self.line("upstream", f"GET {url}: unreachable ({type(exc).__name__})")
             self.add(ERROR, "upstream_unreachable",
                      f"GET {url} failed: {type(exc).__name__}: {exc}".rstrip(": "),
                      "check MCP_UPSTREAM_URL (or the spawned child); while the upstream is "
@@ -827,6 +829,16 @@ class _Doctor:
                      "allow the Host of MCP_UPSTREAM_URL in the MCP server's settings")
         elif status >= 500:
             self.add(WARNING, "upstream_error", f"the upstream answered {status} at {url}")
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body (the rest is left unread)."""
+    body = b""
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) >= limit:
+            return body[:limit]
+    return body
 
 
 def _error_in(body: bytes) -> tuple[str, str] | None:

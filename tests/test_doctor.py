@@ -481,11 +481,11 @@ async def test_clock_skew_beyond_the_leeway_is_a_warning(
 # -- spawn mode ------------------------------------------------------------------------------------
 
 
-def spawn_env(idp: FakeIdp, upstream: FakeUpstream, mode: str, port: int,
+def spawn_env(idp: FakeIdp, upstream: FakeUpstream, port: int, *child: str,
               **extra: str) -> dict[str, str]:
-    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps(
-        [sys.executable, str(FAKE_CHILD), mode, *([str(port)] if mode == "serve" else ["3"])]),
-        MCP_SPAWN_PORT=str(port), **extra)
+    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps([sys.executable, str(FAKE_CHILD),
+                                                             *child]),
+                    MCP_SPAWN_PORT=str(port), **extra)
     del env["MCP_UPSTREAM_URL"]
     return env
 
@@ -502,7 +502,7 @@ async def test_spawned_child_is_started_reported_ready_and_stopped(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
     port = free_port()
-    report = await check(spawn_env(idp, upstream, "serve", port))
+    report = await check(spawn_env(idp, upstream, port, "serve", str(port)))
     assert report.codes(ERROR, WARNING) == set(), report.findings
     pid = report.child_pid
     assert pid is not None
@@ -513,16 +513,22 @@ async def test_spawned_child_is_started_reported_ready_and_stopped(
     assert not group_alive(pid)
 
 
-async def test_spawned_child_that_exits_is_an_error_and_leaves_nothing(
-    idp: FakeIdp, upstream: FakeUpstream
+@pytest.mark.parametrize(("child", "why"), [
+    (("exit-now", "3"), "exited before listening (exit code 3)"),
+    (("never-listen",), "not ready after 1 s"),  # the peer orphaned this one
+])
+async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothing(
+    idp: FakeIdp, upstream: FakeUpstream, child: tuple[str, ...], why: str
 ) -> None:
-    report = await check(spawn_env(idp, upstream, "exit-now", free_port(),
-                                   MCP_SPAWN_READY_TIMEOUT_SECONDS="5"))
+    report = await check(spawn_env(idp, upstream, free_port(), *child,
+                                   MCP_SPAWN_READY_TIMEOUT_SECONDS="1"))
     severity, message, _ = finding(report, "child_not_ready")
     assert severity == ERROR
-    assert "exited before listening (exit code 3)" in message
+    assert why in message
     assert report.child_pid is not None
     assert not group_alive(report.child_pid)
+    assert any(line.startswith(f"child stopped: pid {report.child_pid} and its group are gone")
+               for line in report.sections["upstream"])
 
 
 # -- --token: the explanation agrees with the real sidecar -----------------------------------------
@@ -619,6 +625,12 @@ async def test_token_explanation_details(idp: FakeIdp, upstream: FakeUpstream) -
     ok, detail = check_of(admitted, "allow-list")
     assert ok is True
     assert "ALLOW_GROUPS has admins (claim groups)" in detail
+
+    slashes = await check(env, idp.mint(claims={"iss": idp.issuer + "//"}))
+    ok, detail = check_of(slashes, "iss")
+    assert ok is False
+    assert detail == (f"'{idp.issuer}//' is not OIDC_ISSUER_URL '{idp.issuer}' (they differ in "
+                      "trailing slashes; only one is tolerated)")
 
     future = await check(env, idp.mint(claims={"nbf": now + 600, "groups": ["admins"]}))
     ok, detail = check_of(future, "nbf")
