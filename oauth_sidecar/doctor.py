@@ -87,6 +87,11 @@ MICROSOFT_GRAPH = frozenset({"00000003-0000-0000-c000-000000000000", "https://gr
 # IdPs known to put RFC 9207 `iss` in authorization responses even where metadata is silent.
 ISS_SENDER_HOSTS = (("clerk.", "Clerk"), (".clerk.accounts.dev", "Clerk"),
                     ("fusionauth", "FusionAuth"))
+# Guesses that a token with a matching aud disproves (the others are about what is accepted).
+UNLIKELY_AUDIENCE = frozenset({
+    "audience_keycloak_mapper", "audience_auth0_api", "audience_okta_default", "audience_entra_v1",
+    "audience_entra_v2", "audience_near_resource", "audience_client_id",
+})  # fmt: skip
 SECTIONS = ("identity provider", "keys", "upstream")
 
 
@@ -454,9 +459,10 @@ class _Doctor:
         aud_ok = token_report is not None and any(
             c.name == "aud" and c.ok for c in token_report.checks)
         for guess in audience:  # a real token with a matching aud settles the guess
+            settled = aud_ok and guess.code in UNLIKELY_AUDIENCE
             self.report.findings.append(dataclasses.replace(
                 guess, severity=NOTE, message=guess.message + " (but the given token's aud "
-                "matched)") if aud_ok and guess.severity == WARNING else guess)
+                "matched)") if settled else guess)
 
     # -- identity provider and keys -------------------------------------------------------------
 
