@@ -13,10 +13,10 @@ from collections.abc import Mapping
 import structlog
 from aiohttp import web
 
-from oauth_sidecar import __version__
+from oauth_sidecar import __version__, doctor
 from oauth_sidecar.app import CHILD, create_app, server_options
 from oauth_sidecar.child import ChildStartError
-from oauth_sidecar.config import VARIABLES, Config, ConfigError, load, shown_url
+from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load, shown_url
 from oauth_sidecar.log import configure_logging
 
 EXIT_CONFIG = 2
@@ -83,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve (the default): protect the configured MCP server")
+    check = commands.add_parser(
+        "check", help="diagnose the configuration, IdP and upstream (exit 0 pass, 1 fail)",
+        description="Load the configuration, fetch the IdP's metadata and keys, reach the "
+        "upstream (or spawn the child and stop it), print what an MCP client will see and every "
+        "known pitfall with its fix. Exit 0: pass; 1: an error (or a refused --token); 2: the "
+        "configuration does not load.",
+    )
+    token = check.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="TOKEN", help="explain, claim by claim, whether this "
+                       "access token would be accepted; '-' reads it from stdin (a token on the "
+                       "command line lands in your shell history)")
+    token.add_argument("--token-file", metavar="PATH", help="read the token from this file")
+    check.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("-v", "--verbose", action="store_true",
+                       help="log at LOG_LEVEL to stderr (e.g. the spawned child's output); "
+                       "default: warnings only")
     return parser
 
 
@@ -99,11 +116,25 @@ def load_or_report(env: Mapping[str, str]) -> Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    del args  # only `serve` so far
     config = load_or_report(os.environ)
     if config is None:
         return EXIT_CONFIG
+    if args.command == "check":
+        return check(config, args)
     return serve(config)
+
+
+def check(config: Config, args: argparse.Namespace) -> int:
+    """`check`: the report on stdout, logs (warnings, or LOG_LEVEL with -v) on stderr."""
+    level = config.log_level if args.verbose else max(
+        config.log_level, "warning", key=LOG_LEVELS.index)
+    configure_logging(level, config.log_format, sys.stderr)
+    try:
+        token = doctor.read_token(args.token, args.token_file, sys.stdin)
+    except ValueError as exc:
+        print(f"oauth-sidecar check: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return doctor.run(config, token, strict=args.strict, as_json=args.json)
 
 
 def serve(config: Config) -> int:

@@ -100,13 +100,40 @@ def _redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location, **NO_STORE})
 
 
+def facade_metadata(config: Config, upstream: Mapping[str, Any]) -> dict[str, Any]:
+    """The IdP's RFC 8414 document as the facade presents it (pure: `check` prints it too)."""
+    issuer = public_origin(config)
+    document = {k: v for k, v in upstream.items() if k not in FACADE_DROP}
+    document.update({
+        "issuer": issuer,
+        "authorization_endpoint": issuer + "/authorize",
+        "token_endpoint": issuer + "/token",
+        "registration_endpoint": issuer + REGISTRATION_PATH,
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
+        # Clients refuse to proceed without S256 (OAuth 2.1 requires PKCE).
+        "code_challenge_methods_supported": ["S256"],
+        # The relay adds the static client's secret itself: clients authenticate as public.
+        "token_endpoint_auth_methods_supported": ["none"] + (
+            ["client_secret_post"] if config.auth_server.publish_secret else []
+        ),
+        "authorization_response_iss_parameter_supported": True,  # RFC 9207
+    })
+    if config.advertised_scopes:
+        offered = upstream.get("scopes_supported")
+        offline = isinstance(offered, list) and "offline_access" in offered
+        scopes = [*config.advertised_scopes, *(["offline_access"] if offline else [])]
+        document["scopes_supported"] = list(dict.fromkeys(scopes))
+    return document
+
+
 class AuthorizationServer:
     def __init__(
         self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList,
         limiter: RateLimiter, addresses: ClientAddress,
     ) -> None:
         self._config = config.auth_server
-        self._scopes = config.advertised_scopes
+        self._whole_config = config
         self._idp = idp
         self._redirects = redirects
         self._limiter = limiter
@@ -136,31 +163,6 @@ class AuthorizationServer:
 
     # -- metadata -----------------------------------------------------------------------------
 
-    def metadata_document(self, upstream: Mapping[str, Any]) -> dict[str, Any]:
-        """The IdP's RFC 8414 document, as the facade must present it."""
-        document = {k: v for k, v in upstream.items() if k not in FACADE_DROP}
-        document.update({
-            "issuer": self.issuer,
-            "authorization_endpoint": self.issuer + "/authorize",
-            "token_endpoint": self.issuer + "/token",
-            "registration_endpoint": self.issuer + REGISTRATION_PATH,
-            "response_types_supported": ["code"],
-            "grant_types_supported": ["authorization_code", "refresh_token"],
-            # Clients refuse to proceed without S256 (OAuth 2.1 requires PKCE).
-            "code_challenge_methods_supported": ["S256"],
-            # The relay adds the static client's secret itself: clients authenticate as public.
-            "token_endpoint_auth_methods_supported": ["none"] + (
-                ["client_secret_post"] if self._config.publish_secret else []
-            ),
-            "authorization_response_iss_parameter_supported": True,  # RFC 9207
-        })
-        if self._scopes:
-            offered = upstream.get("scopes_supported")
-            offline = isinstance(offered, list) and "offline_access" in offered
-            scopes = [*self._scopes, *(["offline_access"] if offline else [])]
-            document["scopes_supported"] = list(dict.fromkeys(scopes))
-        return document
-
     async def metadata(self, request: web.Request) -> web.Response:
         upstream = self._idp.metadata
         if upstream is None:
@@ -168,7 +170,7 @@ class AuthorizationServer:
                               "The identity provider's metadata is not available yet",
                               {"Retry-After": "5"})
         if self._document is None or self._document[0] != id(upstream):
-            body = json.dumps(self.metadata_document(upstream), indent=2).encode()
+            body = json.dumps(facade_metadata(self._whole_config, upstream), indent=2).encode()
             self._document = (id(upstream), body)
         return web.Response(body=self._document[1], content_type="application/json",
                             headers={"Cache-Control": "public, max-age=300"})

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from aiohttp import web
@@ -65,9 +65,12 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Called once, from __main__ (never from create_app: tests capture logs their own way)."""
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Called once, from __main__ (never from create_app: tests capture logs their own way).
+
+    `stream` defaults to stdout; `check` logs to stderr, keeping its report alone on stdout."""
+    stream = stream or sys.stdout
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
@@ -80,11 +83,11 @@ def configure_logging(level: str, fmt: str) -> None:
         processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     # aiohttp and asyncio log through the stdlib: render them the same way.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -71,6 +71,8 @@ class FakeIdp:
     jwks_override: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
     discovery_override: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
     issuer_in_document: str | None = None
+    document_changes: dict[str, Any] = field(default_factory=dict)
+    """Merged into the discovery document; a None value removes that member."""
     jwks_max_age: int | None = None
     down: bool = False
 
@@ -99,13 +101,19 @@ class FakeIdp:
             raise web.HTTPServiceUnavailable
         if self.discovery_override is not None:
             return await self.discovery_override(request)
-        return web.json_response({
+        document: dict[str, Any] = {
             "issuer": self.issuer_in_document or self.issuer,
             "jwks_uri": self.origin + "/jwks",
             "authorization_endpoint": self.origin + "/authorize",
             "token_endpoint": self.origin + "/token",
             "code_challenge_methods_supported": ["S256"],
-        })
+        }
+        for name, value in self.document_changes.items():
+            if value is None:
+                document.pop(name, None)
+            else:
+                document[name] = value
+        return web.json_response(document)
 
     async def _jwks(self, request: web.Request) -> web.StreamResponse:
         self._count("jwks")

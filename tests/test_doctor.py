@@ -1,0 +1,725 @@
+"""`oauth-sidecar check` catches each known pitfall, against real servers on loopback: the fake
+IdP serving modified discovery documents, the real node oidc-provider for the relay probe, the
+recording upstream, a real spawned child, and the real sidecar as the oracle for token verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from conftest import (
+    AUDIENCE,
+    RESOURCE_URL,
+    FakeIdp,
+    FakeUpstream,
+    SidecarFactory,
+    bearer,
+    new_ec,
+    new_rsa,
+    sidecar_env,
+)
+from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
+from real_idp import RealIdp, client_credentials_token, run_oidc_provider
+
+from oauth_sidecar.app import create_app
+from oauth_sidecar.authserver import CALLBACK_PATH
+from oauth_sidecar.config import load
+from oauth_sidecar.discovery import authorization_server_metadata_paths, protected_resource_document
+from oauth_sidecar.doctor import (
+    ERROR,
+    NOTE,
+    WARNING,
+    Report,
+    audience_findings,
+    diagnose,
+    read_token,
+    render,
+    resource_findings,
+)
+
+FAKE_CHILD = Path(__file__).resolve().parent / "children" / "fake_mcp_server.py"
+STATIC_ID, STATIC_SECRET = "doctor-static", "doctor-secret"
+STATE_SECRET = "s" * 32
+
+
+def clean_env(idp: FakeIdp, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
+    """A configuration with nothing to warn about: direct mode, an IdP with DCR, an allow-list."""
+    idp.document_changes.setdefault("registration_endpoint", idp.origin + "/register")
+    return sidecar_env(idp, upstream, **{"ALLOW_ALL_AUTHENTICATED": "false",
+                                         "ALLOW_SUBS": "user-1", **extra})
+
+
+async def check(env: dict[str, str], token: str | None = None) -> Report:
+    return await diagnose(load(env), token)
+
+
+def finding(report: Report, code: str) -> tuple[str, str, str]:
+    [found] = [f for f in report.findings if f.code == code]
+    return found.severity, found.message, found.fix
+
+
+def check_of(report: Report, name: str) -> tuple[bool | None, str]:
+    assert report.token is not None
+    [found] = [c for c in report.token.checks if c.name == name]
+    return found.ok, found.detail
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+async def test_clean_configuration_passes_with_no_error_or_warning(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    env = clean_env(idp, upstream)
+    report = await check(env)
+    assert report.codes(ERROR, WARNING) == set(), report.findings
+    assert report.passed(strict=True)
+    assert report.codes(NOTE) == {"registration"}
+    assert "keys loaded: 1" in report.sections["identity provider"]
+    assert any("RSA 2048 bits, verifies" in line for line in report.sections["keys"])
+    assert f"GET {upstream.url}/mcp -> HTTP 200: reachable" in report.sections["upstream"]
+    assert upstream.requests[-1].method == "GET"
+    documents = list(report.documents.values())
+    assert protected_resource_document(load(env)) in documents
+    idp_document = documents[-1]  # direct mode: clients read the IdP's own document
+    assert isinstance(idp_document, dict)
+    assert idp_document["issuer"] == idp.issuer
+
+
+async def test_check_command_passes_and_prints_what_clients_see(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    env = clean_env(idp, upstream)
+    code, stdout, stderr = await run_cli("check", env=env)
+    assert code == 0, stdout + stderr
+    assert stdout.rstrip().endswith("Result: PASS (0 error(s), 0 warning(s))")
+    assert '"resource": "https://mcp.example.test/mcp"' in stdout
+    assert 'Bearer resource_metadata="https://mcp.example.test/.well-known/oauth-protected-' \
+           'resource/mcp"' in stdout
+    code, stdout, _ = await run_cli("check", "--json", env=env)
+    assert code == 0
+    document = json.loads(stdout)
+    assert document["passed"] is True
+    assert document["token"] is None
+
+
+async def test_check_command_fails_with_exit_1_naming_the_pitfall_and_its_fix(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.issuer_in_document = idp.issuer + "/"
+    code, stdout, stderr = await run_cli("check", env=clean_env(idp, upstream))
+    assert code == 1, stdout + stderr
+    assert "ERROR   issuer_trailing_slash:" in stdout
+    assert f"fix: set OIDC_ISSUER_URL={idp.issuer}/" in stdout
+    assert "Result: FAIL (1 error(s)" in stdout
+
+
+async def test_configuration_problems_exit_2_as_serve_prints_them(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """Pitfall: RESOURCE_URL over plain http off loopback. config.load already refuses it."""
+    env = clean_env(idp, upstream, RESOURCE_URL="http://mcp.example.test/mcp")
+    code, stdout, stderr = await run_cli("check", env=env)
+    assert code == 2
+    assert stdout == ""
+    assert "the configuration has problems" in stderr
+    assert "RESOURCE_URL='http://mcp.example.test/mcp' uses plain http off loopback" in stderr
+
+
+def test_resource_url_off_port_443_is_a_warning_and_loopback_http_a_note() -> None:
+    base = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": AUDIENCE,
+            "MCP_UPSTREAM_URL": "http://127.0.0.1:9", "ALLOW_SUBS": "u"}
+    odd_port = resource_findings(load({**base, "RESOURCE_URL": "https://h.example:8443/mcp"}))
+    assert [(f.severity, f.code) for f in odd_port] == [(WARNING, "resource_port")]
+    loopback = resource_findings(load({**base, "RESOURCE_URL": "http://127.0.0.1:8080/mcp"}))
+    assert [(f.severity, f.code) for f in loopback] == [(NOTE, "resource_loopback")]
+    assert resource_findings(load({**base, "RESOURCE_URL": RESOURCE_URL})) == []
+
+
+async def test_strict_turns_warnings_into_failure(idp: FakeIdp, upstream: FakeUpstream) -> None:
+    env = clean_env(idp, upstream, ALLOW_ALL_AUTHENTICATED="true", ALLOW_SUBS="")
+    report = await check(env)
+    assert report.codes(ERROR, WARNING) == {"config_warning"}
+    assert report.passed()
+    assert not report.passed(strict=True)
+    assert render(report, strict=True).rstrip().endswith(
+        "Result: FAIL (0 error(s), 1 warning(s), --strict)")
+
+
+# -- pitfall 1: issuer trailing slash --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "severity"), [("direct", ERROR), ("facade", WARNING)])
+async def test_issuer_trailing_slash_mismatch(
+    idp: FakeIdp, upstream: FakeUpstream, mode: str, severity: str
+) -> None:
+    """idp.same_issuer tolerates it (so does the verifier); direct-mode clients compare exactly."""
+    idp.issuer_in_document = idp.issuer + "/"
+    facade = {"STATIC_CLIENT_ID": STATIC_ID, "STATE_SECRET": STATE_SECRET} if (
+        mode == "facade") else {}
+    report = await check(clean_env(idp, upstream, **facade))
+    found, message, fix = finding(report, "issuer_trailing_slash")
+    assert found == severity
+    assert f"{idp.issuer!r}" in message
+    assert f"{idp.issuer + '/'!r}" in message
+    assert fix == f"set OIDC_ISSUER_URL={idp.issuer}/"
+    assert "keys loaded: 1" in report.sections["identity provider"]  # the sidecar copes
+
+
+async def test_issuer_that_differs_otherwise_fails_discovery(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.issuer_in_document = idp.issuer + "/other"
+    report = await check(clean_env(idp, upstream))
+    severity, message, fix = finding(report, "discovery_failed")
+    assert severity == ERROR
+    assert f"names issuer '{idp.issuer}/other'" in message
+    assert fix.startswith("set OIDC_ISSUER_URL to the issuer exactly")
+
+
+# -- pitfall 2: S256 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("methods", [None, ["plain"]], ids=["absent", "plain-only"])
+@pytest.mark.parametrize(("mode", "severity"), [("direct", ERROR), ("facade", WARNING)])
+async def test_idp_metadata_without_s256(
+    idp: FakeIdp, upstream: FakeUpstream, methods: list[str] | None, mode: str, severity: str
+) -> None:
+    idp.document_changes["code_challenge_methods_supported"] = methods
+    facade = {"STATIC_CLIENT_ID": STATIC_ID, "STATE_SECRET": STATE_SECRET} if (
+        mode == "facade") else {}
+    report = await check(clean_env(idp, upstream, **facade))
+    found, message, _ = finding(report, "pkce_s256_missing")
+    assert found == severity
+    assert ("absent" if methods is None else '["plain"]') in message
+    if mode == "facade":  # the facade advertises S256 on the IdP's behalf
+        [served] = [d for t, d in report.documents.items() if "served by the sidecar" in t]
+        assert isinstance(served, dict)
+        assert served["code_challenge_methods_supported"] == ["S256"]
+
+
+# -- pitfall 3: RFC 9207 and the relay, against the real node oidc-provider -----------------------
+
+
+@pytest.fixture
+async def public_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+async def oidc(public_port: int) -> AsyncIterator[RealIdp]:
+    callback = f"http://127.0.0.1:{public_port}{CALLBACK_PATH}"
+    spec = f"{STATIC_ID}:{STATIC_SECRET}:{callback}"
+    async with run_oidc_provider(static_clients=[spec]) as real:
+        yield real
+
+
+def facade_env(real: RealIdp, upstream: FakeUpstream, port: int) -> dict[str, str]:
+    return {
+        "OIDC_ISSUER_URL": real.issuer, "OIDC_AUDIENCE": AUDIENCE,
+        "RESOURCE_URL": f"http://127.0.0.1:{port}/mcp", "MCP_UPSTREAM_URL": upstream.url,
+        "ALLOW_SUBS": "user-1", "STATIC_CLIENT_ID": STATIC_ID,
+        "STATIC_CLIENT_SECRET": STATIC_SECRET, "STATE_SECRET": STATE_SECRET,
+        "REQUIRED_SCOPES": "mcp:read",
+    }
+
+
+async def test_facade_in_front_of_an_rfc9207_idp_relays_and_the_callback_is_accepted(
+    oidc: RealIdp, upstream: FakeUpstream, public_port: int
+) -> None:
+    report = await check(facade_env(oidc, upstream, public_port))
+    assert report.codes(ERROR, WARNING) == set(), report.findings
+    severity, message, _ = finding(report, "rfc9207_iss")
+    assert severity == NOTE
+    assert "always relays the authorization response" in message
+    assert finding(report, "relay_ok")[0] == NOTE
+    probe = [s for s in report.sections["identity provider"] if "relay sign-in probe" in s]
+    assert probe == [f"relay sign-in probe (client_id={STATIC_ID}, redirect_uri=http://127.0.0.1:"
+                     f"{public_port}{CALLBACK_PATH}): HTTP 303 -> /interaction/"
+                     + probe[0].rpartition("/interaction/")[2]]
+
+
+async def test_facade_whose_callback_the_idp_refuses_is_an_error(
+    oidc: RealIdp, upstream: FakeUpstream
+) -> None:
+    other_port = free_port()  # RESOURCE_URL's origin is not the one registered at the IdP
+    report = await check(facade_env(oidc, upstream, other_port))
+    severity, message, fix = finding(report, "relay_refused")
+    assert severity == ERROR
+    assert "invalid_redirect_uri" in message
+    assert fix == (f"register http://127.0.0.1:{other_port}{CALLBACK_PATH} as a redirect URI "
+                   f"of client {STATIC_ID} at the IdP")
+    assert not report.passed()
+
+
+async def test_facade_with_an_unknown_client_is_an_error(
+    oidc: RealIdp, upstream: FakeUpstream, public_port: int
+) -> None:
+    env = {**facade_env(oidc, upstream, public_port), "STATIC_CLIENT_ID": "nobody"}
+    report = await check(env)
+    severity, message, _ = finding(report, "relay_refused")
+    assert severity == ERROR
+    assert "invalid_client" in message
+
+
+async def test_direct_mode_in_front_of_an_rfc9207_idp_is_fine(
+    oidc: RealIdp, upstream: FakeUpstream, public_port: int
+) -> None:
+    env = facade_env(oidc, upstream, public_port)
+    for name in ("STATIC_CLIENT_ID", "STATIC_CLIENT_SECRET", "STATE_SECRET"):
+        del env[name]
+    report = await check(env)
+    assert report.codes(ERROR, WARNING) == set(), report.findings
+    assert finding(report, "rfc9207_iss")[0] == NOTE
+    message = finding(report, "rfc9207_iss")[1]
+    assert "direct mode clients discovered the IdP's own issuer" in message
+    assert "relay sign-in probe" not in " ".join(report.sections["identity provider"])
+
+
+@pytest.mark.parametrize("mode", ["direct", "facade"])
+def test_no_configuration_rewrites_the_issuer_without_relaying(mode: str) -> None:
+    """Pins what check's report claims: only facade mode serves metadata with the sidecar's own
+    issuer, and facade mode always routes the relay's callback."""
+    env = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": AUDIENCE,
+           "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+           "ALLOW_SUBS": "u", "AUTH_SERVER_MODE": mode, "STATIC_CLIENT_ID": STATIC_ID,
+           "STATE_SECRET": STATE_SECRET}
+    config = load(env)
+    app = create_app(config)
+    paths = {r.canonical for r in app.router.resources()}
+    serves_metadata = set(authorization_server_metadata_paths(config)) <= paths
+    assert serves_metadata == (mode == "facade")
+    assert (CALLBACK_PATH in paths) == serves_metadata
+
+
+# -- pitfall 4: no way to register -----------------------------------------------------------------
+
+
+async def test_direct_mode_without_dcr_or_static_client_is_an_error(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.document_changes["registration_endpoint"] = None
+    report = await check(clean_env(idp, upstream))
+    severity, message, fix = finding(report, "no_registration")
+    assert severity == ERROR
+    assert "has no registration_endpoint" in message
+    assert "STATIC_CLIENT_ID" in fix
+
+
+async def test_client_id_metadata_documents_are_a_way_to_register(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.document_changes.update(registration_endpoint=None,
+                                client_id_metadata_document_supported=True)
+    report = await check(clean_env(idp, upstream))
+    assert report.codes(ERROR, WARNING) == set()
+    assert "Client ID Metadata Documents" in finding(report, "registration")[1]
+
+
+async def test_direct_mode_with_a_static_client_reaches_only_claude(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.document_changes["registration_endpoint"] = None
+    report = await check(clean_env(idp, upstream, AUTH_SERVER_MODE="direct",
+                                   STATIC_CLIENT_ID=STATIC_ID))
+    assert finding(report, "static_client_direct")[0] == WARNING
+    assert "no_registration" not in report.codes()
+
+
+# -- pitfall 6: audiences the IdP is unlikely to issue ---------------------------------------------
+
+
+async def test_keycloak_issuer_warns_about_the_audience_mapper_until_a_token_proves_it(
+    upstream: FakeUpstream,
+) -> None:
+    from aiohttp.test_utils import TestServer
+
+    keycloak = FakeIdp(keys=[new_rsa()], issuer_suffix="/realms/demo")
+    server = TestServer(keycloak.app(), host="127.0.0.1")
+    await server.start_server()
+    keycloak.server = server
+    try:
+        env = clean_env(keycloak, upstream)
+        report = await check(env)
+        severity, message, fix = finding(report, "audience_keycloak_mapper")
+        assert severity == WARNING
+        assert "aud=account by default" in message
+        assert f"Included Custom Audience = {AUDIENCE}" in fix
+        proven = await check(env, keycloak.mint())
+        assert finding(proven, "audience_keycloak_mapper")[0] == NOTE
+        assert proven.passed(strict=True)
+    finally:
+        await server.close()
+
+
+def _audience_codes(
+    issuer: str, audience: str, resource: str = RESOURCE_URL, claim: str = "aud"
+) -> dict[str, str]:
+    config = load({"OIDC_ISSUER_URL": issuer, "OIDC_AUDIENCE": audience, "RESOURCE_URL": resource,
+                   "MCP_UPSTREAM_URL": "http://127.0.0.1:9", "ALLOW_SUBS": "u",
+                   "JWT_AUDIENCE_CLAIM": claim})
+    return {f.code: f.severity for f in audience_findings(config)}
+
+
+@pytest.mark.parametrize(("issuer", "audience", "expected"), [
+    ("https://accounts.google.com", "123.apps.googleusercontent.com",
+     {"audience_google_opaque": ERROR}),
+    ("https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC", AUDIENCE,
+     {"audience_cognito_no_aud": ERROR}),
+    ("https://kc.example.com/realms/demo", AUDIENCE, {"audience_keycloak_mapper": WARNING}),
+    ("https://kc.example.com/realms/demo", "account", {"audience_keycloak_account": WARNING}),
+    ("https://tenant.eu.auth0.com/", AUDIENCE, {"audience_auth0_api": WARNING}),
+    ("https://tenant.auth0.com/", "https://tenant.auth0.com/userinfo",
+     {"audience_auth0_userinfo": ERROR}),
+    ("https://dev-1.okta.com/oauth2/default", AUDIENCE, {"audience_okta_default": WARNING}),
+    ("https://dev-1.okta.com/oauth2/default", "api://default", {}),
+    ("https://dev-1.okta.com", AUDIENCE, {"audience_okta_org_server": ERROR}),
+    ("https://login.microsoftonline.com/0b1c2d3e-0000-4000-8000-000000000000/v2.0",
+     "api://mcp", {"audience_entra_v2": WARNING}),
+    ("https://login.microsoftonline.com/0b1c2d3e-0000-4000-8000-000000000000/v2.0",
+     "8f1d2c3b-1111-4222-8333-944455566677", {}),
+    ("https://login.microsoftonline.com/0b1c2d3e-0000-4000-8000-000000000000/v2.0",
+     "00000003-0000-0000-c000-000000000000", {"audience_entra_graph": ERROR}),
+    ("https://sts.windows.net/0b1c2d3e-0000-4000-8000-000000000000/", "api://mcp",
+     {"audience_entra_v1": WARNING}),
+    ("https://idp.example.test", "https://idp.example.test/", {"audience_is_issuer": WARNING}),
+    ("https://idp.example.test", RESOURCE_URL + "/", {"audience_near_resource": WARNING}),
+    ("https://idp.example.test", "my-client-id", {"audience_client_id": WARNING}),
+    ("https://idp.example.test", AUDIENCE, {}),
+])
+def test_audience_heuristics_by_idp(issuer: str, audience: str, expected: dict[str, str]) -> None:
+    assert _audience_codes(issuer, audience) == expected
+
+
+COGNITO = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC"
+
+
+@pytest.mark.parametrize(("audience", "expected"), [
+    ("1example23456789abcdefghij", {}),
+    (AUDIENCE, {"audience_cognito_client_id": WARNING}),
+])
+def test_cognito_with_the_audience_in_client_id(audience: str, expected: dict[str, str]) -> None:
+    assert _audience_codes(COGNITO, audience, claim="client_id") == expected
+
+
+def test_every_audience_hint_says_what_to_configure_at_the_idp() -> None:
+    config = load({"OIDC_ISSUER_URL": "https://tenant.auth0.com/", "OIDC_AUDIENCE": AUDIENCE,
+                   "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+                   "ALLOW_SUBS": "u"})
+    [hint] = audience_findings(config)
+    assert f"Identifier {RESOURCE_URL}" in hint.fix
+    assert "Default Audience" in hint.fix
+
+
+# -- keys, IdP and upstream reachability, clock ----------------------------------------------------
+
+
+async def test_no_key_usable_with_the_allowed_algorithms(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.keys = [new_ec("ec-only")]
+    report = await check(clean_env(idp, upstream, JWT_ALGORITHMS="RS256"))
+    severity, message, fix = finding(report, "no_usable_key")
+    assert severity == ERROR
+    assert "no usable signing key" in message
+    assert "JWT_ALGORITHMS (now RS256)" in fix
+    assert any(line.startswith("kid 'ec-only': skipped: no allowed algorithm fits this key")
+               for line in report.sections["keys"])
+
+
+async def test_unreachable_discovery_and_jwks_are_errors(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.down = True
+    report = await check(clean_env(idp, upstream))
+    assert finding(report, "discovery_failed")[0] == ERROR
+    assert "HTTP 503" in finding(report, "discovery_failed")[1]
+
+    idp.down = False
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500)
+
+    idp.jwks_override = broken
+    report = await check(clean_env(idp, upstream))
+    assert finding(report, "jwks_unavailable") == (
+        ERROR, "the IdP's key set: jwks: HTTP 500", "check that this host reaches the jwks_uri "
+        "above")
+
+
+async def test_unreachable_upstream_is_an_error(idp: FakeIdp, upstream: FakeUpstream) -> None:
+    env = clean_env(idp, upstream, MCP_UPSTREAM_URL=f"http://127.0.0.1:{free_port()}")
+    report = await check(env)
+    severity, message, _ = finding(report, "upstream_unreachable")
+    assert severity == ERROR
+    assert message.startswith(f"GET {env['MCP_UPSTREAM_URL']}/mcp failed: ")
+
+
+async def test_upstream_path_mapping_and_status_are_reported(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    report = await check(clean_env(idp, upstream, MCP_UPSTREAM_PATH="/v1/mcp"))
+    assert f"GET {upstream.url}/v1/mcp -> HTTP 200: reachable" in report.sections["upstream"]
+    assert upstream.requests[-1].path_qs == "/v1/mcp"
+
+
+async def test_clock_skew_beyond_the_leeway_is_a_warning(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    async def late_clock(request: web.Request) -> web.StreamResponse:
+        date = format_datetime(datetime.fromtimestamp(time.time() - 300, UTC), usegmt=True)
+        return web.json_response({"keys": [k.jwk() for k in idp.keys]}, headers={"Date": date})
+
+    idp.jwks_override = late_clock
+    report = await check(clean_env(idp, upstream))
+    severity, message, _ = finding(report, "clock_skew")
+    assert severity == WARNING
+    assert "ahead of the IdP's" in message
+    [clock] = [line for line in report.sections["keys"] if line.startswith("clock:")]
+    assert re.fullmatch(r"clock: this host is 5 m [0-2] s ahead of the IdP \(Date header\)", clock)
+
+
+# -- spawn mode ------------------------------------------------------------------------------------
+
+
+def spawn_env(idp: FakeIdp, upstream: FakeUpstream, port: int, *child: str,
+              **extra: str) -> dict[str, str]:
+    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps([sys.executable, str(FAKE_CHILD),
+                                                             *child]),
+                    MCP_SPAWN_PORT=str(port), **extra)
+    del env["MCP_UPSTREAM_URL"]
+    return env
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_spawned_child_is_started_reported_ready_and_stopped(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    port = free_port()
+    report = await check(spawn_env(idp, upstream, port, "serve", str(port)))
+    assert report.codes(ERROR, WARNING) == set(), report.findings
+    pid = report.child_pid
+    assert pid is not None
+    lines = report.sections["upstream"]
+    assert f"child ready: pid {pid}, port {port} accepts connections" in lines
+    assert f"GET http://127.0.0.1:{port}/mcp -> HTTP 200: reachable" in lines
+    assert f"child stopped: pid {pid} and its group are gone" in lines
+    assert not group_alive(pid)
+
+
+@pytest.mark.parametrize(("child", "why"), [
+    (("exit-now", "3"), "exited before listening (exit code 3)"),
+    (("never-listen",), "not ready after 1 s"),  # the peer orphaned this one
+])
+async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothing(
+    idp: FakeIdp, upstream: FakeUpstream, child: tuple[str, ...], why: str
+) -> None:
+    report = await check(spawn_env(idp, upstream, free_port(), *child,
+                                   MCP_SPAWN_READY_TIMEOUT_SECONDS="1"))
+    severity, message, _ = finding(report, "child_not_ready")
+    assert severity == ERROR
+    assert why in message
+    assert report.child_pid is not None
+    assert not group_alive(report.child_pid)
+    assert any(line.startswith(f"child stopped: pid {report.child_pid} and its group are gone")
+               for line in report.sections["upstream"])
+
+
+# -- --token: the explanation agrees with the real sidecar -----------------------------------------
+
+
+TOKEN_CASES: dict[str, tuple[dict[str, str], dict[str, Any], str | None, int]] = {
+    # name: (extra env, mint arguments, the check that fails (None: accepted), sidecar status)
+    "valid": ({}, {}, None, 200),
+    "expired": ({}, {"claims": {"exp": int(time.time()) - 3600}}, "exp", 401),
+    "wrong-aud": ({}, {"claims": {"aud": "https://other.example.test/mcp"}}, "aud", 401),
+    "wrong-iss": ({}, {"claims": {"iss": "https://evil.example.test"}}, "iss", 401),
+    "iss-two-slashes": ({}, {"iss_suffix": "//"}, "iss", 401),
+    "unknown-kid": ({}, {"header": {"kid": "never-published"}}, "key", 401),
+    "bad-signature": ({}, {"tamper": True}, "signature", 401),
+    "not-allowed": ({}, {"claims": {"sub": "mallory"}}, "allow-list", 403),
+    "missing-scope": ({"REQUIRED_SCOPES": "mcp:write"}, {"claims": {"scope": "mcp:read"}},
+                      "scope", 403),
+}
+
+
+def mint(idp: FakeIdp, spec: dict[str, Any]) -> str:
+    claims = dict(spec.get("claims", {}))
+    if "iss_suffix" in spec:
+        claims["iss"] = idp.issuer + spec["iss_suffix"]
+    token = idp.mint(claims=claims, header=spec.get("header"))
+    if spec.get("tamper"):  # one bit of the signature flipped
+        head, body, signature = token.split(".")
+        raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
+        raw[len(raw) // 2] ^= 0x01
+        token = ".".join((head, body, base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()))
+    return token
+
+
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+async def test_token_explanation_names_the_failing_claim_and_agrees_with_the_sidecar(
+    idp: FakeIdp, upstream: FakeUpstream, make_sidecar: SidecarFactory, case: str
+) -> None:
+    extra, spec, failing, status = TOKEN_CASES[case]
+    extra = {"ALLOW_ALL_AUTHENTICATED": "false", "ALLOW_SUBS": "user-1", **extra}
+    token = mint(idp, spec)
+    report = await check(clean_env(idp, upstream, **extra), token)
+    sidecar = await make_sidecar(**extra)
+    async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
+        real_status = response.status
+        real_challenge = response.headers.get("WWW-Authenticate", "")
+    assert report.token is not None
+    assert report.token.status == real_status == status
+    assert report.token.accepted == (status == 200)
+    assert report.passed() == (status == 200)
+    assert report.token.failed_checks() == ([failing] if failing else [])
+    if status == 401:
+        assert report.token.challenge == real_challenge
+    text = render(report)
+    _, payload, signature = token.split(".")
+    assert payload not in text
+    assert signature not in text
+    assert token not in json.dumps(report.token.checks, default=str)
+
+
+async def test_token_with_the_issuer_and_one_trailing_slash_is_accepted_and_says_so(
+    idp: FakeIdp, upstream: FakeUpstream, make_sidecar: SidecarFactory
+) -> None:
+    token = idp.mint(claims={"iss": idp.issuer + "/"})
+    report = await check(sidecar_env(idp, upstream), token)
+    ok, detail = check_of(report, "iss")
+    assert ok is True
+    assert detail == (f"'{idp.issuer}/' differs from OIDC_ISSUER_URL '{idp.issuer}' only by a "
+                      "trailing slash: accepted (one trailing slash is tolerated)")
+    sidecar = await make_sidecar()
+    async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
+        assert response.status == 200
+    assert report.token is not None
+    assert report.token.accepted
+
+
+async def test_token_explanation_details(idp: FakeIdp, upstream: FakeUpstream) -> None:
+    now = int(time.time())
+    env = sidecar_env(idp, upstream, ALLOW_ALL_AUTHENTICATED="false",
+                      ALLOW_EMAILS="alice@example.com", ALLOW_GROUPS="admins")
+    expired = idp.mint(claims={"exp": now - 3600, "email": "alice@example.com",
+                               "email_verified": False, "groups": ["staff"]})
+    report = await check(env, expired)
+    ok, detail = check_of(report, "exp")
+    assert ok is False
+    assert "expired 1 h 0 m 0 s ago (leeway 30 s)" in detail or "expired 1 h 0 m 1 s ago" in detail
+    ok, detail = check_of(report, "allow-list")
+    assert ok is False
+    assert "email_verified=False" in detail
+    assert "groups at claim groups: ['staff'], none in ALLOW_GROUPS" in detail
+    assert report.token is not None
+    assert report.token.reason == "expired"  # the verifier stops at the first failure
+
+    admitted = await check(env, idp.mint(claims={"groups": ["admins"]}))
+    ok, detail = check_of(admitted, "allow-list")
+    assert ok is True
+    assert "ALLOW_GROUPS has admins (claim groups)" in detail
+
+    slashes = await check(env, idp.mint(claims={"iss": idp.issuer + "//"}))
+    ok, detail = check_of(slashes, "iss")
+    assert ok is False
+    assert detail == (f"'{idp.issuer}//' is not OIDC_ISSUER_URL '{idp.issuer}' (they differ in "
+                      "trailing slashes; only one is tolerated)")
+
+    future = await check(env, idp.mint(claims={"nbf": now + 600, "groups": ["admins"]}))
+    ok, detail = check_of(future, "nbf")
+    assert ok is False
+    assert "in the future, beyond the 30 s leeway" in detail
+    assert future.token is not None
+    assert future.token.reason == "not_yet_valid"
+
+
+async def test_token_from_a_file_through_the_command(
+    idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    token = idp.mint()
+    path = tmp_path / "token"
+    path.write_text(f"Bearer {token}\n")
+    env = clean_env(idp, upstream)
+    code, stdout, stderr = await run_cli("check", "--token-file", str(path), env=env)
+    assert code == 0, stdout + stderr
+    assert "verdict: ACCEPTED" in stdout
+    assert "Result: PASS (0 error(s), 0 warning(s), token accepted)" in stdout
+    for part in token.split(".")[1:]:
+        assert part not in stdout
+        assert part not in stderr
+
+
+async def test_refused_token_on_stdin_fails_the_command(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    token = idp.mint(claims={"aud": "https://other.example.test/mcp"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "oauth_sidecar", "check", "--token", "-",
+        env=clean_env(idp, upstream), cwd=REPO, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(token.encode()), PROCESS_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stdout = out.decode()
+    assert proc.returncode == 1, stdout + err.decode()
+    assert "FAIL  aud" in stdout
+    assert "verdict: REFUSED: HTTP 401 (wrong_audience)" in stdout
+    assert token.split(".")[2] not in stdout + err.decode()
+
+
+async def test_real_idp_token_is_explained(
+    oidc: RealIdp, upstream: FakeUpstream, public_port: int
+) -> None:
+    """A token minted by an independent implementation (typ at+jwt, RFC 8707 aud)."""
+    env = facade_env(oidc, upstream, public_port)
+    env.update(OIDC_AUDIENCE=env["RESOURCE_URL"], ALLOW_SUBS=oidc.client_id)
+    token = await client_credentials_token(oidc, env["RESOURCE_URL"], "mcp:read")
+    report = await check(env, token)
+    assert report.token is not None
+    assert report.token.accepted, report.token.checks
+    assert check_of(report, "typ") == (True, "at+jwt (RFC 9068 access token)")
+
+
+def test_read_token_sources(tmp_path: Path) -> None:
+    assert read_token(None, None, io.StringIO("")) is None
+    assert read_token("abc", None, io.StringIO("")) == "abc"
+    assert read_token("-", None, io.StringIO("  Bearer xyz\n")) == "xyz"
+    path = tmp_path / "t"
+    path.write_text("from-file\n")
+    assert read_token(None, str(path), io.StringIO("")) == "from-file"
+    with pytest.raises(ValueError, match="empty"):
+        read_token("-", None, io.StringIO("\n"))
+    with pytest.raises(ValueError, match="cannot read"):
+        read_token(None, str(tmp_path / "missing"), io.StringIO(""))
+
+
+async def test_help_says_tokens_on_the_command_line_land_in_history() -> None:
+    code, stdout, _ = await run_cli("check", "--help", env={})
+    assert code == 0
+    assert "shell history" in " ".join(stdout.split())
+    assert "--token-file PATH" in stdout
