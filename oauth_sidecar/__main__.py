@@ -103,12 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_or_report(env: Mapping[str, str]) -> Config | None:
+def load_or_report(env: Mapping[str, str], heading: str) -> Config | None:
     """The configuration, or None after printing every problem to stderr."""
     try:
         return load(env)
     except ConfigError as exc:
-        print("oauth-sidecar: cannot start, the configuration has problems:", file=sys.stderr)
+        print(heading, file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return None
@@ -116,7 +116,10 @@ def load_or_report(env: Mapping[str, str]) -> Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = load_or_report(os.environ)
+    config = load_or_report(os.environ, (
+        "oauth-sidecar check: FAIL, the sidecar would not start; the configuration has problems:"
+        if args.command == "check" else
+        "oauth-sidecar: cannot start, the configuration has problems:"))
     if config is None:
         return EXIT_CONFIG
     if args.command == "check":

@@ -269,6 +269,10 @@ class IdentityProvider:
                     f"discovery document at {url} names issuer {issuer!r}, "
                     f"not OIDC_ISSUER_URL {self._config.issuer!r}"
                 )
+            if issuer != self._config.issuer and self._metadata is None:  # once, at start-up
+                # Tolerated for tokens, but MCP clients compare the metadata's issuer exactly.
+                log.warning("issuer_trailing_slash", configured=self._config.issuer,
+                            published=issuer, fix=f"set OIDC_ISSUER_URL={issuer}")
             jwks_uri = document.get("jwks_uri")
             if not isinstance(jwks_uri, str) or not self._acceptable_url(jwks_uri):
                 raise IdpError(f"discovery document at {url} has no usable jwks_uri")

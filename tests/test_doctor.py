@@ -135,6 +135,8 @@ async def test_configuration_problems_exit_2_as_serve_prints_them(
     code, stdout, stderr = await run_cli("check", env=env)
     assert code == 2
     assert stdout == ""
+    assert stderr.startswith("oauth-sidecar check: FAIL, the sidecar would not start; the "
+                             "configuration has problems:")
     assert "the configuration has problems" in stderr
     assert "RESOURCE_URL='http://mcp.example.test/mcp' uses plain http off loopback" in stderr
 

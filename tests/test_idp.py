@@ -31,6 +31,7 @@ from conftest import (
 )
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP
 from oauth_sidecar.config import DEFAULT_ALGORITHMS, IdpConfig, TokenConfig
@@ -366,9 +367,15 @@ async def test_issuers_differing_only_by_trailing_slash_match(
     key = new_rsa()
     async with serve() as site:
         serve_idp(site, site.origin + in_document, key, "/.well-known/openid-configuration")
+        published = site.origin + in_document
         provider = IdentityProvider(idp_config(site.origin + configured), ALGORITHMS)
-        async with provider.running():
-            await wait_until(lambda: provider.ready)
+        with capture_logs() as logs:
+            async with provider.running():
+                await wait_until(lambda: provider.ready)
+    # Tokens pass, but MCP clients compare the metadata's issuer exactly: say so once.
+    warned = [e for e in logs if e["event"] == "issuer_trailing_slash"]
+    assert [(e["log_level"], e["fix"]) for e in warned] == [
+        ("warning", f"set OIDC_ISSUER_URL={published}")]
 
 
 @pytest.mark.parametrize("jwks_uri", [None, 42, "", "ftp://127.0.0.1/jwks", "/jwks"])
