@@ -161,9 +161,10 @@ class PrometheusMetrics(Metrics):
         if child is None:
             child = self._request_children[route, status] = self._requests.labels(route, status)
         child.inc()
-        failure = request.get(self._auth_failure)
-        if failure is not None:
-            self._auth_failures.labels(failure).inc()
+        if status >= 400:  # every refusal is; request.get costs a raised KeyError when absent
+            failure = request.get(self._auth_failure)
+            if failure is not None:
+                self._auth_failures.labels(failure).inc()
 
     def rate_limited(self, scope: str) -> None:
         self._rate_limited.labels(scope).inc()
