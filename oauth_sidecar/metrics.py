@@ -104,7 +104,7 @@ class PrometheusMetrics(Metrics):
         self._config = config
         self._route_classes = route_classes
         self._auth_failure = auth_failure
-        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.registry = registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
         self._watched = _Watched()
