@@ -21,7 +21,8 @@ the second, each process pinned with `taskset -c`; with one CPU or no taskset, u
   (a rotating set of distinct tokens, TOKEN_CACHE_SIZE below their number, so every request
   misses the verified-token cache), sidecar-ratelimit (the default per-subject limiter on,
   memory storage, RATE_LIMIT_RPM=1000000 so it never refuses), sidecar-accesslog (LOG_LEVEL=info:
-  one JSON access line per request, to a file), and a sidecar for the unknown-kid flood
+  one JSON access line per request, to a file), sidecar-metrics (METRICS_PORT set: every request
+  counted for Prometheus), and a sidecar for the unknown-kid flood
   (RATE_LIMIT_UNAUTHENTICATED_RPM=0 so every request reaches the key lookup,
   JWKS_COOLDOWN_SECONDS=2 so the flood spans several cooldown windows).
 
@@ -113,8 +114,8 @@ TARGETS = {"cached": 0.8, "distinct": 0.5, "added_p99_ms": 2.0, "kb_per_stream":
 
 MEASURES = ("throughput", "latency", "sse", "idle", "jwt", "jwks")
 CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "sidecar-distinct",
-         "sidecar-ratelimit", "sidecar-accesslog", "minimal-proxy-uvloop", "sidecar-uvloop",
-         "baseline", "baseline-distinct")
+         "sidecar-ratelimit", "sidecar-accesslog", "sidecar-metrics", "minimal-proxy-uvloop",
+         "sidecar-uvloop", "baseline", "baseline-distinct")
 LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar")
 IDLE_CASES = ("minimal-proxy", "sidecar")
 
@@ -653,6 +654,8 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None:
                                 RATE_LIMIT_STORAGE_URI="memory://"))
     if "sidecar-accesslog" in want:
         starters.append(sidecar("sidecar-accesslog", LOG_LEVEL="info"))
+    if "sidecar-metrics" in want:
+        starters.append(sidecar("sidecar-metrics", METRICS_PORT=str(free_port())))
     if "sidecar-uvloop" in want:
         starters.append(sidecar("sidecar-uvloop", EVENT_LOOP="uvloop"))
     if s.baseline and "baseline" in want:
@@ -1187,6 +1190,8 @@ def summarise(results: Results) -> None:
         summary["uvloop_ratio"] = on_uvloop
         verdict("same, both on uvloop (sidecar-uvloop / minimal-proxy-uvloop)", on_uvloop,
                 TARGETS["cached"], True, "x")
+    if "sidecar-metrics" in t and "sidecar" in t:
+        summary["metrics_ratio"] = paired_ratio(t, "sidecar-metrics", "sidecar", "rps")
     for case, base in (("sidecar", "baseline"), ("sidecar-distinct", "baseline-distinct")):
         if case in t and base in t:
             gain = paired_ratio(t, case, base, "rps")
@@ -1252,8 +1257,12 @@ def report(results: Results) -> str:
                 f"{s['distinct_tokens']} tokens, TOKEN_CACHE_SIZE={s['distinct_tokens'] // 2}); "
                 "sidecar-ratelimit: RATE_LIMIT_RPM=1000000, memory://, one subject; "
                 "sidecar-accesslog: LOG_LEVEL=info, access log to a file; "
+                "sidecar-metrics: METRICS_PORT set (Prometheus counters on every request); "
                 "-uvloop: the same on uvloop (EVENT_LOOP=uvloop, minimal_proxy.py --uvloop); "
                 "the others run on asyncio's loop"]
+        if "metrics_ratio" in sm:
+            out.append(f"   sidecar-metrics / sidecar req/s (median of each round's ratio): "
+                       f"{fmt(sm['metrics_ratio'], 3)}")
     if r.latency:
         up50 = sm["latency_p50_ms"].get("upstream", math.nan)
         up99 = sm["latency_p99_ms"].get("upstream", math.nan)

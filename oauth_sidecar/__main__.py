@@ -18,6 +18,7 @@ from oauth_sidecar.app import CHILD, create_app, server_options
 from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load, shown_url
 from oauth_sidecar.log import configure_logging
+from oauth_sidecar.metrics import MetricsListenError
 
 EXIT_CONFIG = 2
 EXIT_CHILD_FAILED = 1
@@ -56,6 +57,7 @@ def _summary(config: Config) -> dict[str, object]:
         "rate_limit_storage": shown_url(storage),
         "algorithms": sorted(config.tokens.algorithms), "cors_origins": sorted(config.cors_origins),
         "event_loop": config.event_loop,
+        "metrics": f"{config.metrics.host}:{config.metrics.port}" if config.metrics else None,
     }
     if config.tokens.audience_claim != "aud":
         summary["audience_claim"] = config.tokens.audience_claim
@@ -160,6 +162,10 @@ def serve(config: Config) -> int:
             shutdown_timeout=config.shutdown_timeout, access_log=None, print=None,
             **server_options(config),
         )
+    except MetricsListenError as exc:  # METRICS_PORT is taken, or METRICS_HOST is not ours
+        log.error("listen_failed", listener="metrics", host=exc.host, port=exc.port,
+                  error=exc.error)
+        return EXIT_CONFIG
     except OSError as exc:  # the port is taken, or the address does not exist here
         log.error("listen_failed", host=config.host, port=config.port, error=str(exc))
         return EXIT_CONFIG

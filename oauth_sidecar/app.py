@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from oauth_sidecar import __version__
 from oauth_sidecar.allow_files import AllowListFiles
 from oauth_sidecar.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
 from oauth_sidecar.child import ChildProcess
@@ -19,11 +20,12 @@ from oauth_sidecar.discovery import (
     authorization_server_metadata_paths,
     protected_resource_paths,
 )
-from oauth_sidecar.gate import Gate
+from oauth_sidecar.gate import AUTH_FAILURE, Gate
 from oauth_sidecar.health import Health
 from oauth_sidecar.http_errors import Handler, json_errors, method_not_allowed
 from oauth_sidecar.idp import IdentityProvider
 from oauth_sidecar.log import access_log, add_request_id
+from oauth_sidecar.metrics import Metrics, PrometheusMetrics
 from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
@@ -38,6 +40,7 @@ PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
 ALLOW_FILES = web.AppKey("allow_files", AllowListFiles)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def _lifetime(
@@ -48,6 +51,20 @@ def _lifetime(
             yield
 
     return context
+
+
+def _watch(
+    metrics: Metrics, idp: IdentityProvider, proxy: UpstreamProxy, child: ChildProcess | None
+) -> None:
+    """What the components already keep, read at each scrape (nothing per request)."""
+    metrics.watch("open_streams", "Event streams (SSE) being relayed now", proxy.open_streams)
+    metrics.watch("proxied_in_flight", "Requests being forwarded upstream now", proxy.in_flight)
+    metrics.watch("jwks_keys", "Usable signing keys held", idp.key_count)
+    if child is not None:
+        metrics.watch("child_up", "1 while the spawned MCP server is ready, else 0",
+                      lambda: float(child.ready))
+        metrics.watch("child_restarts", "Restarts of the spawned MCP server",
+                      lambda: child.restarts, counter=True)
 
 
 def server_options(config: Config) -> dict[str, Any]:
@@ -67,10 +84,14 @@ def create_app(
     config: Config, *, on_child_give_up: Callable[[], None] | None = None
 ) -> web.Application:
     """on_child_give_up: what to do when a spawned child is given up (__main__: shut down)."""
-    idp = IdentityProvider(config.idp, config.tokens.algorithms)
+    route_classes: dict[web.AbstractResource, str] = {}  # metrics' `route` label
+    metrics = PrometheusMetrics(
+        config.metrics, __version__, route_classes=route_classes, auth_failure=AUTH_FAILURE
+    ) if config.metrics else Metrics()
+    idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
     verifier = TokenVerifier(config.tokens, idp)
     policy = AccessPolicy(config.policy)
-    limiter = RateLimiter(config.rate_limits)
+    limiter = RateLimiter(config.rate_limits, metrics)
     addresses = ClientAddress(config.trusted_proxies)
     sessions = SessionBindings(config.session_ttl)
     credential = (
@@ -78,7 +99,7 @@ def create_app(
     )
     child = ChildProcess(config.spawn, on_child_give_up) if config.spawn else None
     proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,
-                          credential=credential, child=child)
+                          credential=credential, child=child, metrics=metrics)
     public: set[web.AbstractResource] = set()
 
     def is_public(request: web.Request) -> bool:
@@ -88,43 +109,53 @@ def create_app(
                 is_public=is_public)
     cors = Cors(config, is_public)
     app = web.Application(
-        middlewares=[access_log, json_errors, cors.middleware, gate.middleware],
+        middlewares=[access_log, *metrics.middlewares(), json_errors, cors.middleware,
+                     gate.middleware],
         client_max_size=64 * 1024,  # only public handlers read bodies; the proxy streams
     )
     app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
+    app[METRICS] = metrics
 
-    def add_public(path: str, handler: Handler, methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
+    def add_public(path: str, handler: Handler, kind: str,
+                   methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
         resource = app.router.add_resource(path)
         for method in methods:
             resource.add_route(method, handler)
         # Terminal for every other method: a public path never falls through to the proxy.
         resource.add_route("*", method_not_allowed(", ".join(methods)))
         public.add(resource)
+        route_classes[resource] = kind
 
     health = Health(idp, proxy, child)
-    add_public("/healthz", health.live)
-    add_public("/readyz", health.ready)
+    add_public("/healthz", health.live, "health")
+    add_public("/readyz", health.ready, "health")
     metadata = ProtectedResourceMetadata(config)
     for path in protected_resource_paths(config):
-        add_public(path, metadata.handle)
+        add_public(path, metadata.handle, "metadata")
     redirects = RedirectAllowList(config.auth_server)
     authserver = AuthorizationServer(config, idp, redirects, limiter, addresses)
     registration = StaticRegistration(config.auth_server, redirects)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
-    add_public("/authorize", authserver.authorize)
-    add_public("/token", authserver.token, ("POST",))
+    add_public("/authorize", authserver.authorize, "oauth")
+    add_public("/token", authserver.token, "oauth", ("POST",))
     async def register(request: web.Request) -> web.StreamResponse:
         return await authserver.over_budget(request) or await registration.handle(request)
 
     for path in (REGISTRATION_PATH, "/register"):
-        add_public(path, register, ("POST",))
+        add_public(path, register, "oauth", ("POST",))
     if authserver.facade:
-        add_public(CALLBACK_PATH, authserver.callback)
+        add_public(CALLBACK_PATH, authserver.callback, "oauth")
         for path in authorization_server_metadata_paths(config):
-            add_public(path, authserver.metadata)
-    app.router.add_route("*", "/{path:.*}", proxy.handle)  # everything else: authenticated
+            add_public(path, authserver.metadata, "metadata")
+    mcp = app.router.add_resource("/{path:.*}")
+    mcp.add_route("*", proxy.handle)  # everything else: authenticated
+    route_classes[mcp] = "mcp"
+    _watch(metrics, idp, proxy, child)
 
-    if child is not None:  # first in, last out: the child outlives every request
+    # First in, last out: a taken METRICS_PORT fails start-up before the child is spawned, and
+    # the numbers stay scrapable until everything else has stopped.
+    app.cleanup_ctx.append(_lifetime(metrics.running))
+    if child is not None:  # the child outlives every request
         app[CHILD] = child
         app.cleanup_ctx.append(_lifetime(child.running))
     app.cleanup_ctx.append(_lifetime(idp.running))

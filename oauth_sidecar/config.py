@@ -106,13 +106,15 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MCP_SPAWN_MAX_RESTARTS": ("5", "Crashes within 5 minutes before giving up (stays down)."),
     "MCP_SPAWN_STOP_TIMEOUT_SECONDS": ("10", "SIGTERM-to-SIGKILL grace for the child's group."),
     "MCP_SPAWN_ENV": ("", "Names of the sidecar's variables to pass to the child."),
+    "METRICS_PORT": ("", "Serve Prometheus metrics at /metrics on this port (unset = off)."),
+    "METRICS_HOST": ("127.0.0.1", "Bind address of the metrics listener."),
 }
 
 # Prefixes of variables that are ours: an unknown one is most likely a typo.
 OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
-    "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_",
+    "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
 )  # fmt: skip
 RATE_LIMIT_SCHEMES = {"memory": "async+memory", "redis": "async+redis", "rediss": "async+rediss",
                       "redis+unix": "async+redis+unix"}
@@ -224,6 +226,12 @@ class SpawnConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str
     port: int
@@ -251,6 +259,8 @@ class Config:
     session_ttl: float
     auth_server: AuthServerConfig
     spawn: SpawnConfig | None = None
+    metrics: MetricsConfig | None = None
+    """None: no metrics listener (METRICS_PORT unset)."""
     warnings: tuple[str, ...] = ()
 
     @property
@@ -284,7 +294,7 @@ class _Reader:
             parsed = cast(value)
         except ValueError:
             self.problems.append(f"{name}={value!r} is not a number")
-            return cast(VARIABLES[name][0])
+            return cast(VARIABLES[name][0] or str(low))  # no default (a port): any placeholder
         if not low <= parsed <= high:  # type: ignore[operator]
             self.problems.append(f"{name}={value} is out of range: use {low}..{high}")
         return parsed
@@ -535,6 +545,7 @@ def load(env: Mapping[str, str]) -> Config:
         session_ttl=r.number("SESSION_BINDING_TTL_SECONDS", float, 1.0, 30 * 86400.0),
         auth_server=_auth_server(r),
         spawn=spawn,
+        metrics=_metrics(r, port, spawn),
         warnings=tuple(_unknown_variable_warnings(env)),
     )
     if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
@@ -676,6 +687,18 @@ def _rate_limits(r: _Reader) -> RateLimitConfig:
         storage_uri=storage_uri,
         fail_open=r.choice("RATE_LIMIT_ON_STORAGE_ERROR", ("allow", "deny")) == "allow",
     )
+
+
+def _metrics(r: _Reader, port: int, spawn: SpawnConfig | None) -> MetricsConfig | None:
+    if not r.raw("METRICS_PORT"):
+        return None
+    metrics_port = r.number("METRICS_PORT", int, 1, 65535)
+    if metrics_port == port:
+        r.problems.append(f"METRICS_PORT={metrics_port} is PORT: metrics are served on a listener "
+                          "of their own, never on the public port")
+    if spawn is not None and metrics_port == spawn.port:
+        r.problems.append(f"METRICS_PORT={metrics_port} is MCP_SPAWN_PORT, the child's port")
+    return MetricsConfig(host=r.raw("METRICS_HOST"), port=metrics_port)
 
 
 def _networks(r: _Reader, name: str) -> tuple[IPNetwork, ...]:

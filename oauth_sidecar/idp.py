@@ -27,6 +27,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from oauth_sidecar.config import IdpConfig
+from oauth_sidecar.metrics import Metrics
 
 log = structlog.get_logger("oauth_sidecar.idp")
 
@@ -161,8 +162,11 @@ def discovery_urls(issuer: str) -> list[str]:
 class IdentityProvider:
     """Discovery document + key set for one issuer, safe to share across all requests."""
 
-    def __init__(self, config: IdpConfig, algorithms: frozenset[str]) -> None:
+    def __init__(
+        self, config: IdpConfig, algorithms: frozenset[str], metrics: Metrics | None = None
+    ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._algorithms = algorithms
         self._session: aiohttp.ClientSession | None = None
         self._keys = KeySet()
@@ -289,6 +293,7 @@ class IdentityProvider:
         except IdpError as exc:
             self.last_error = f"jwks: {exc.reason}"
             log.warning("jwks_fetch_failed", reason=reason, error=exc.reason, kept=self.key_count())
+            self._metrics.jwks_fetched(reason, ok=False)
             raise IdpError(self.last_error) from None
         refresh = self._config.jwks_refresh if max_age is None else max_age
         refresh = min(max(refresh, self._config.jwks_cooldown), 86400.0)
@@ -300,6 +305,7 @@ class IdentityProvider:
                 key_set.by_kid[kid] = previous
         self._keys = key_set
         self.last_error, self.last_success = None, time.time()
+        self._metrics.jwks_fetched(reason, ok=True)
         new = set(key_set.by_kid)
         if new != old or reason != "scheduled":
             log.info("jwks_refreshed", reason=reason, keys=len(new), skipped=key_set.skipped,

@@ -31,6 +31,7 @@ from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.metrics import Metrics
 from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import Principal
@@ -83,9 +84,10 @@ class UpstreamProxy:
     def __init__(
         self, config: Config, *, policy: AccessPolicy, addresses: ClientAddress,
         sessions: SessionBindings, credential: UpstreamCredential | None = None,
-        child: ChildProcess | None = None,
+        child: ChildProcess | None = None, metrics: Metrics | None = None,
     ) -> None:
         self._child = child
+        self._metrics = metrics or Metrics()
         self._config = config.upstream
         self._policy = policy
         self._addresses = addresses
@@ -139,6 +141,14 @@ class UpstreamProxy:
         self._deadline = asyncio.get_running_loop().call_later(
             self._shutdown_timeout, self._cancel_in_flight
         )
+
+    def in_flight(self) -> int:
+        """Requests being forwarded now (waiting for the upstream or relaying its answer)."""
+        return len(self._in_flight)
+
+    def open_streams(self) -> int:
+        """Event streams (text/event-stream answers) being relayed now."""
+        return len(self._event_streams)
 
     def _cancel_in_flight(self) -> None:
         for task in list(self._in_flight):
@@ -277,6 +287,7 @@ class UpstreamProxy:
             async with asyncio.timeout(self._config.response_timeout):
                 data = await self._body(request)
                 body_read = True
+                sent = time.perf_counter()
                 upstream = await session.request(
                     request.method, url, headers=self._request_headers(request, principal),
                     data=data, allow_redirects=False,
@@ -294,10 +305,13 @@ class UpstreamProxy:
                 refused.force_close()  # where the body ends is unknown: the connection is unusable
                 return refused
             log.warning("upstream_timeout", phase="headers")
+            self._metrics.upstream_failed("timeout")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
         except aiohttp.ClientError as exc:
             log.warning("upstream_unavailable", error=type(exc).__name__)
+            self._metrics.upstream_failed("unavailable")
             return json_error(502, "upstream_unavailable", "The MCP server is not reachable")
+        self._metrics.upstream_answered(time.perf_counter() - sent)
         self._track_session(request.method, session_id, owner, upstream, identity)
         try:
             return await self._relay(request, upstream)
@@ -362,9 +376,11 @@ class UpstreamProxy:
                 body = await upstream.read()
         except TimeoutError:
             log.warning("upstream_timeout", phase="body")
+            self._metrics.upstream_failed("timeout")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
         except aiohttp.ClientError as exc:
             log.warning("upstream_stream_failed", error=type(exc).__name__)
+            self._metrics.upstream_failed("broken")
             return json_error(502, "upstream_unavailable", "The MCP server's answer broke off")
         response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
         self._copy_headers(upstream, response)
@@ -383,6 +399,8 @@ class UpstreamProxy:
                     break  # we closed it for shutdown: end the stream cleanly
                 # Headers are gone: the only honest signal left is dropping the connection.
                 log.warning("upstream_stream_failed", error=type(exc).__name__)
+                self._metrics.upstream_failed("timeout" if isinstance(exc, TimeoutError) else
+                                              "broken")
                 if request.transport is not None:
                     request.transport.close()
                 return

@@ -26,6 +26,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from oauth_sidecar.config import RateLimitConfig
+from oauth_sidecar.metrics import Metrics
 
 log = structlog.get_logger("oauth_sidecar.ratelimit")
 
@@ -53,8 +54,9 @@ class RateLimitUnavailable(Exception):
 
 
 class RateLimiter:
-    def __init__(self, config: RateLimitConfig) -> None:
+    def __init__(self, config: RateLimitConfig, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._subject_item = RateLimitItemPerMinute(max(config.per_subject_rpm, 1))
         self._ip_item = RateLimitItemPerMinute(max(config.unauthenticated_rpm, 1))
         self._storage: Storage | None = None
@@ -117,6 +119,7 @@ class RateLimiter:
                 await self._call(lambda s: s.hit(item, NAMESPACE, "client_ip", client_ip))
 
     async def _limited(self, item: RateLimitItemPerMinute, scope: str, key: str) -> RateLimited:
+        self._metrics.rate_limited(scope)  # every RateLimited becomes a 429 (gate, authserver)
         window: list[float] = []
 
         async def stats(strategy: MovingWindowRateLimiter) -> bool:

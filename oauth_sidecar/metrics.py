@@ -1,0 +1,203 @@
+"""Prometheus metrics, served on a listener of their own.
+
+Why: operators need refusals, IdP trouble, upstream latency and child restarts as numbers to
+alert on, not as log lines to grep. The page names the sidecar's internals, so it is never on
+PORT (there every non-public path is the protected MCP route) but on METRICS_HOST:METRICS_PORT,
+loopback unless the operator opts in. Each app gets its own CollectorRegistry, never the
+library's global one, so tests and several apps in one process stay apart. Label values come
+from fixed sets (route classes, reason codes, scopes, error kinds), never from a path, a subject
+or an email, so callers cannot grow the number of series. State the components already keep
+(open streams, in-flight requests, keys held, child state and restarts) is read at scrape time:
+it cannot drift and costs nothing per request. With metrics off, `Metrics` is a null object whose
+hooks do nothing, and the counting middleware is not installed at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from oauth_sidecar.config import MetricsConfig
+
+PREFIX = "oauth_sidecar_"
+# The `route` label: what kind of endpoint answered, decided by the matched resource (app.py).
+ROUTE_CLASSES = ("mcp", "metadata", "oauth", "health", "other")
+# Seconds to the upstream's response headers: a JSON-RPC answer takes milliseconds, a tool call
+# may take minutes (UPSTREAM_RESPONSE_TIMEOUT_SECONDS defaults to 300).
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0)
+LISTENER_SHUTDOWN = 1.0  # seconds a scrape in progress gets when the sidecar stops
+CLIENT_CLOSED_REQUEST = 499  # as in the access log: the handler was cancelled
+
+
+class MetricsListenError(Exception):
+    """The metrics listener could not bind METRICS_HOST:METRICS_PORT."""
+
+    def __init__(self, host: str, port: int, error: str) -> None:
+        super().__init__(f"{host}:{port}: {error}")
+        self.host, self.port, self.error = host, port, error
+
+
+class Metrics:
+    """Metrics off (METRICS_PORT unset): every hook is a no-op, nothing is served."""
+
+    def middlewares(self) -> list[Middleware]:
+        """Middlewares to install in front of json_errors (none: requests are not counted)."""
+        return []
+
+    def rate_limited(self, scope: str) -> None:
+        """A request was refused with 429; scope is "subject" or "client_ip"."""
+
+    def jwks_fetched(self, reason: str, ok: bool) -> None:
+        """A key-set fetch ended; reason is "scheduled" or "unknown_kid"."""
+
+    def upstream_answered(self, seconds: float) -> None:
+        """The upstream's response headers arrived this long after the request was sent."""
+
+    def upstream_failed(self, kind: str) -> None:
+        """A proxied request failed at the upstream: connect, timeout or broken (mid-body)."""
+
+    def watch(self, name: str, documentation: str, read: Callable[[], float], *,
+              counter: bool = False) -> None:
+        """Expose `read()` as a gauge (or a counter) evaluated at each scrape."""
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        yield
+
+
+class _Watched(Collector):
+    """Values the components already keep, read when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self._gauges: list[tuple[str, str, Callable[[], float]]] = []
+        self._counters: list[tuple[str, str, Callable[[], float]]] = []
+
+    def add(self, name: str, documentation: str, read: Callable[[], float], counter: bool) -> None:
+        (self._counters if counter else self._gauges).append((name, documentation, read))
+
+    def collect(self) -> Iterable[Metric]:
+        for name, documentation, read in self._gauges:
+            yield GaugeMetricFamily(name, documentation, value=read())
+        for name, documentation, read in self._counters:
+            yield CounterMetricFamily(name, documentation, value=read())
+
+
+class PrometheusMetrics(Metrics):
+    """Metrics on: counted in one registry of this app's, served at /metrics on its listener."""
+
+    def __init__(
+        self, config: MetricsConfig, version: str, *,
+        route_classes: Mapping[web.AbstractResource, str], auth_failure: web.RequestKey[str],
+    ) -> None:
+        self._config = config
+        self._route_classes = route_classes
+        self._auth_failure = auth_failure
+        self.registry = registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=registry)
+        self._watched = _Watched()
+        registry.register(self._watched)
+        Gauge(PREFIX + "build_info", "The running version (always 1)", ["version"],
+              registry=registry).labels(version).set(1)
+        self._requests = Counter(
+            PREFIX + "requests", "Requests answered, by route class and HTTP status "
+            "(counted when the response is complete: an event stream when it ends)",
+            ["route", "status"], registry=registry)
+        self._auth_failures = Counter(
+            PREFIX + "auth_failures", "Requests refused by the gate or the proxy, by reason "
+            "(the access log's auth_error)", ["reason"], registry=registry)
+        self._rate_limited = Counter(
+            PREFIX + "rate_limited", "Requests refused with 429, by the budget spent",
+            ["scope"], registry=registry)
+        self._jwks = Counter(
+            PREFIX + "jwks_refreshes", "Key-set fetches from the IdP, by trigger and result",
+            ["reason", "result"], registry=registry)
+        self._upstream_seconds = Histogram(
+            PREFIX + "upstream_response_seconds", "Time from sending a request upstream to its "
+            "response headers", buckets=UPSTREAM_BUCKETS, registry=registry)
+        self._upstream_errors = Counter(
+            PREFIX + "upstream_errors", "Proxied requests the upstream failed, by kind "
+            "(connect: no answer, 502; timeout: 504; broken: the body broke off)",
+            ["kind"], registry=registry)
+        # labels() takes a lock and converts every value: the request counter's children are
+        # looked up in a plain dict on the hot path instead (at most classes x statuses).
+        self._request_children: dict[tuple[str, int], Counter] = {}
+
+    def middlewares(self) -> list[Middleware]:
+        return [self._count]
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
+        finally:
+            self._counted(request, status)
+
+    def _counted(self, request: web.Request, status: int) -> None:
+        resource = request.match_info.route.resource  # None: aiohttp's own 404/405
+        route = self._route_classes.get(resource, "other") if resource else "other"
+        child = self._request_children.get((route, status))
+        if child is None:
+            child = self._request_children[route, status] = self._requests.labels(route, status)
+        child.inc()
+        if status >= 400:  # every refusal is; request.get costs a raised KeyError when absent
+            failure = request.get(self._auth_failure)
+            if failure is not None:
+                self._auth_failures.labels(failure).inc()
+
+    def rate_limited(self, scope: str) -> None:
+        self._rate_limited.labels(scope).inc()
+
+    def jwks_fetched(self, reason: str, ok: bool) -> None:
+        self._jwks.labels(reason, "success" if ok else "failure").inc()
+
+    def upstream_answered(self, seconds: float) -> None:
+        self._upstream_seconds.observe(seconds)
+
+    def upstream_failed(self, kind: str) -> None:
+        self._upstream_errors.labels(kind).inc()
+
+    def watch(self, name: str, documentation: str, read: Callable[[], float], *,
+              counter: bool = False) -> None:
+        self._watched.add(PREFIX + name, documentation, read, counter)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """GET /metrics on METRICS_HOST:METRICS_PORT, and nothing else (404)."""
+        app = web.Application()
+        # prometheus_client's own handler: text format, OpenMetrics when the scraper asks for
+        # it (Accept), gzip when it accepts that, ?name[]= filtering.
+        app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=LISTENER_SHUTDOWN)
+        await runner.setup()
+        site = web.TCPSite(runner, self._config.host, self._config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise MetricsListenError(self._config.host, self._config.port, str(exc)) from None
+        try:
+            yield
+        finally:
+            await runner.cleanup()
