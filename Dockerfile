@@ -31,11 +31,12 @@ LABEL org.opencontainers.image.title="oauth-sidecar" \
       org.opencontainers.image.description="OAuth 2.1 resource-server sidecar for MCP servers" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-# tini as PID 1: it reaps whatever gets re-parented to it (a spawned MCP server's grandchildren
-# that escaped their process group) and passes SIGTERM/SIGINT on to the sidecar. No `-g`: the
-# sidecar orders shutdown itself (stop accepting, drain requests, then SIGTERM the spawned child's
-# process group, SIGKILL after MCP_SPAWN_STOP_TIMEOUT_SECONDS; see oauth_sidecar/child.py), and
-# that child runs in its own session, which `-g` would not reach anyway.
+# tini as PID 1: the sidecar waits only for the children it started, so anything re-parented to
+# PID 1 (a spawned MCP server's grandchildren that left it) would stay a zombie; tini reaps them
+# and passes SIGTERM/SIGINT on to the sidecar. No `-g`: the sidecar orders shutdown itself (stop
+# accepting, drain requests, then SIGTERM the spawned child's process group, SIGKILL after
+# MCP_SPAWN_STOP_TIMEOUT_SECONDS; see oauth_sidecar/child.py), and that child runs in its own
+# session, which `-g` would not reach anyway.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
@@ -47,7 +48,8 @@ COPY --from=build /opt/venv /opt/venv
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 EXPOSE 8080
-# /healthz on the PORT the sidecar was given (8080 unless PORT is set at run time).
+# /healthz on the PORT the sidecar was given (8080 unless PORT is set at run time). Docker keeps
+# it; buildah and podman keep it only with `--format docker` (OCI images have no HEALTHCHECK).
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os,urllib.request;urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT','8080'), timeout=2)"]
 STOPSIGNAL SIGTERM
