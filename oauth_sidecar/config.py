@@ -13,6 +13,7 @@ import importlib.util
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 from collections.abc import Callable, Mapping
@@ -729,12 +730,22 @@ def _auth_server(r: _Reader) -> AuthServerConfig:
     uris = []
     for uri in split_list(r.raw("ALLOWED_REDIRECT_URIS")):
         parts = urlsplit(uri)
-        if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or (
+        if parts.scheme not in ("http", "https") and PRIVATE_SCHEME.fullmatch(parts.scheme) and (
+            parts.scheme not in NEVER_REDIRECT_SCHEMES
+        ):
+            # RFC 8252 §7.1: a native app's private-use scheme (Cursor: cursor://...); PKCE
+            # protects the code from another app claiming the scheme.
+            if parts.fragment or parts.username or parts.password or len(uri) > MAX_URI:
+                r.problems.append(f"ALLOWED_REDIRECT_URIS entry {shown_url(uri)!r} must have "
+                                  "no fragment or credentials")
+            else:
+                uris.append(uri)
+        elif parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or (
             parts.username or parts.password
         ):
             r.problems.append(
                 f"ALLOWED_REDIRECT_URIS entry {shown_url(uri)!r} is not an absolute http(s) URL "
-                "without fragment or credentials"
+                "(or a native app's private-use scheme) without fragment or credentials"
             )
         elif parts.scheme == "http" and not is_loopback_host(parts.hostname):
             r.problems.append(f"ALLOWED_REDIRECT_URIS entry {uri!r} must use https")
@@ -751,6 +762,16 @@ def _auth_server(r: _Reader) -> AuthServerConfig:
         publish_secret=publish, redirect_uris=frozenset(uris),
         allow_loopback_redirects=r.flag("ALLOW_LOOPBACK_REDIRECTS"), state_secret=state_secret,
     )
+
+
+# Redirect URI schemes a native app may own (RFC 8252 §7.1; RFC 3986 §3.1 syntax, lowercase).
+PRIVATE_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+# Schemes that are never an app's callback: script, inline content, local files, transport.
+NEVER_REDIRECT_SCHEMES = frozenset({
+    "javascript", "vbscript", "data", "blob", "file", "filesystem", "about",
+    "ftp", "ws", "wss", "mailto", "tel", "urn", "view-source", "chrome", "jar",
+})  # fmt: skip
+MAX_URI = 2048  # the redirect allow-list refuses longer URIs anyway (registration.py)
 
 
 # What a child inherits by default: enough to run a program, nothing that could be a secret.

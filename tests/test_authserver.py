@@ -562,6 +562,25 @@ async def test_callback_relays_a_sealed_code_with_the_client_state_and_our_issue
     assert token_endpoint.last.form == as_idp_receives(sent)
 
 
+@pytest.mark.parametrize("redirect", [
+    "cursor://anysphere.cursor-mcp/oauth/callback", "com.example.app:/oauth2redirect"])
+async def test_facade_signs_in_a_native_app_with_a_listed_private_use_scheme(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint, redirect: str
+) -> None:
+    """RFC 8252 §7.1: the relay's final 302 goes to the app's own scheme, code and iss added."""
+    client = await start(**FACADE, ALLOWED_REDIRECT_URIS=redirect)
+    state = await sealed_state(client, redirect_uri=redirect)
+    reply = await idp_answers(client, code=IDP_CODE, state=state, iss=idp.issuer)
+    assert reply.status == 302, reply.text
+    assert reply.location.startswith(redirect + "?code=")
+    received = dict(reply.target()[1])
+    assert (received["state"], received["iss"]) == ("client-state-42", ISSUER)
+    sent = code_exchange(received["code"], redirect_uri=redirect)
+    exchanged = await call(client, "POST", "/token", **form(**sent))
+    assert exchanged.status == 200, exchanged.text
+    assert token_endpoint.last.form == as_idp_receives(sent)
+
+
 async def test_callback_relays_idp_errors_the_same_way(start: Start, idp: FakeIdp) -> None:
     client = await start(**FACADE)
     state = await sealed_state(client)

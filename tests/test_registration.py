@@ -192,7 +192,7 @@ DISALLOWED_REDIRECTS = [
     "https://evil.example/cb",
     "javascript:alert(1)",
     "JavaScript:alert(document.cookie)//http://127.0.0.1/",
-    "data:text/html,<script>alert(1)</script>",
+    "data:text/html;base64;PHNjcmlwdD4=",
     "http://evil.example/cb",
     "https://claude.ai/api/mcp/auth_callback/../x",
     "https://claude.ai/api/mcp/auth_callback/",
@@ -399,6 +399,22 @@ async def test_allowed_redirect_uris_replace_the_claude_defaults(
     assert (await register(client, metadata("http://127.0.0.1:7777/cb"))).status == 201
 
 
+CURSOR = "cursor://anysphere.cursor-mcp/oauth/callback"
+
+
+async def test_a_listed_private_use_scheme_registers_exactly(
+    make_sidecar: SidecarFactory,
+) -> None:
+    """RFC 8252 §7.1 native-app callbacks (Cursor), only when listed and only exactly."""
+    client = await make_sidecar(**STATIC, ALLOWED_REDIRECT_URIS=f"{CLAUDE_AI},{CURSOR}")
+    ok = await register(client, metadata(CURSOR))
+    assert ok.status == 201, ok.text
+    assert ok.json()["redirect_uris"] == [CURSOR]
+    for uri in (CURSOR + "/", "cursor://anysphere.cursor-mcp/oauth/callback2",
+                "CURSOR://anysphere.cursor-mcp/oauth/callback", "vscode://x/oauth/callback"):
+        assert_rfc7591_error(await register(client, metadata(uri)), "invalid_redirect_uri")
+
+
 async def test_explicitly_listed_loopback_uri_allowed_even_with_loopback_switch_off(
     make_sidecar: SidecarFactory,
 ) -> None:
@@ -481,6 +497,14 @@ def only_problem(**env: str) -> str:
     "http://app.example/cb",
     "https://app.example/cb#fragment",
     "javascript:alert(1)",
+    "JavaScript:alert(1)",
+    "data:text/html;base64;PHNjcmlwdD4=",
+    "file:///etc/passwd",
+    "vbscript:msgbox(1)",
+    "ws://app.example/cb",
+    "cursor://anysphere.cursor-mcp/oauth/callback#fragment",
+    "cursor://user:hunter2@anysphere.cursor-mcp/cb",
+    "1cursor://x/cb",
     "app.example/cb",
     "/cb",
     "https:///cb",
@@ -495,6 +519,13 @@ def test_redirect_uri_entry_with_credentials_is_refused_without_echoing_the_pass
     problem = only_problem(ALLOWED_REDIRECT_URIS="https://user:hunter2pass@app.example/cb")
     assert "ALLOWED_REDIRECT_URIS" in problem
     assert "hunter2pass" not in problem
+
+
+def test_private_use_scheme_redirect_entries_are_accepted() -> None:
+    config = load({**BASE_ENV, "ALLOWED_REDIRECT_URIS":
+                   "cursor://anysphere.cursor-mcp/oauth/callback com.example.app:/oauth2redirect"})
+    assert config.auth_server.redirect_uris == frozenset({
+        "cursor://anysphere.cursor-mcp/oauth/callback", "com.example.app:/oauth2redirect"})
 
 
 def test_loopback_http_and_https_redirect_entries_are_accepted() -> None:
