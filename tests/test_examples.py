@@ -7,11 +7,14 @@ with kubernetes-validate's bundled JSON schemas in strict mode (unknown fields a
 compose file with the compose-spec schema vendored by check-jsonschema. (`kubectl --dry-run=client`
 cannot do this here: it downloads the schema from a cluster's API server.) Then against what a
 schema cannot know, by checkers that return the problems they find: every variable is one the
-sidecar knows, the sidecar's environment passes its own configuration check, probes hit
-/healthz and /readyz on the sidecar's port, only the sidecar is exposed, secrets come from the
-Secret, every container runs as non-root with nothing to escalate. Each checker, and each
-validator, is shown to reject a deliberately broken copy, so none of these tests can pass by
-checking nothing. The image's HEALTHCHECK command itself is run against a real sidecar.
+sidecar knows, the sidecar's environment passes its own configuration check (with every
+ALLOW_*_FILE holding what the pod would see there: the mounted ConfigMap key, or the bind-mounted
+file), probes hit /healthz and /readyz on the sidecar's port, only the sidecar's `http` port is
+exposed, the metrics port is reachable by Prometheus but by no Service, Ingress or published
+port, secrets come from the Secret, every container runs as non-root with nothing to escalate.
+Each checker, and each validator, is shown to reject a deliberately broken copy, so none of these
+tests can pass by checking nothing. The image's HEALTHCHECK command itself is run against a real
+sidecar.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import json
 import re
 import shlex
 import sys
+import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +42,14 @@ from conftest import FakeIdp, FakeUpstream, sidecar_env
 from kubernetes_validate.utils import ValidationError, latest_version, validate
 from processes import PROCESS_TIMEOUT, REPO, free_port, sidecar_process, stop_process, wait_ready
 
-from oauth_sidecar.config import VARIABLES, ConfigError, is_loopback_host, load
+from oauth_sidecar.config import (
+    ALLOW_LISTS,
+    VARIABLES,
+    Config,
+    ConfigError,
+    is_loopback_host,
+    load,
+)
 
 Doc = dict[str, Any]
 
@@ -59,10 +70,48 @@ PLACEHOLDER = "REPLACE_ME"  # the example Secrets' values
 SUBSTITUTE = "0123456789abcdef" * 4  # what a user puts there (openssl rand -hex 32)
 CONTEXT_SOURCES = frozenset({"pyproject.toml", "README.md", "oauth_sidecar"})
 RUNTIME_ENV = frozenset({"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"})
+ALLOW_FILE_VARIABLES = {f"{name}_FILE": kind for kind, name in ALLOW_LISTS.items()}
+SIDECAR_CONFIG_MAP = "mcp-oauth-sidecar"  # the Kubernetes examples' settings (envFrom)
+# The scrape-by-annotation convention (not Kubernetes API, so no schema checks these).
+# Where the metrics listener must bind for Prometheus to reach it from outside the pod.
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a bind address compared, not bound here
+SCRAPE_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 
 
 def load_yaml(path: Path) -> list[Doc]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def inside(path: str, directory: str) -> str | None:
+    """path relative to directory ("." for the directory itself), or None if not inside it."""
+    p, d = PurePosixPath(path), PurePosixPath(directory)
+    return p.relative_to(d).as_posix() if p.is_relative_to(d) else None
+
+
+def allow_file_entries(text: str) -> set[str]:
+    """The entries of an allow-list file, parsed here independently of oauth_sidecar (emails)."""
+    entries = (e.strip().lower() for line in text.splitlines()
+               for e in line.partition("#")[0].split(","))
+    return {e for e in entries if e}
+
+
+def with_allow_files(env: dict[str, str], contents: dict[str, str], into: Path) -> dict[str, str]:
+    """env with each ALLOW_*_FILE in contents pointing at a file under `into` holding its text."""
+    env = dict(env)
+    for name, text in contents.items():
+        path = into / f"{name.lower()}.txt"
+        path.write_text(text, encoding="utf-8")
+        env[name] = str(path)
+    return env
+
+
+def metrics_problems(config: Config) -> list[str]:
+    if config.metrics is None:
+        return ["METRICS_PORT is not set: the examples show the metrics listener"]
+    if config.metrics.host != ALL_INTERFACES:
+        return [f"METRICS_HOST={config.metrics.host}: Prometheus outside the sidecar's network "
+                "namespace cannot reach it (use 0.0.0.0)"]
+    return []
 
 
 # -- the Dockerfile ------------------------------------------------------------------------------
@@ -368,6 +417,115 @@ def kubernetes_sidecar_env(
     return env, problems
 
 
+def kubernetes_allow_files(docs: list[Doc], env: dict[str, str]) -> tuple[dict[str, str],
+                                                                          list[str]]:
+    """What each ALLOW_*_FILE holds in the pod (the ConfigMap key mounted there), and problems."""
+    problems: list[str] = []
+    contents: dict[str, str] = {}
+    pod = _sidecar_deployment(docs)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = _sidecar_container(docs).get("volumeMounts", [])
+    for name in ALLOW_FILE_VARIABLES:
+        path = env.get(name)
+        if not path:
+            continue
+        found = [(m, rel) for m in mounts if (rel := inside(path, m["mountPath"])) is not None]
+        if not found:
+            problems.append(f"{name}={path} is not in a volume mounted into the sidecar")
+            continue
+        mount, relative = max(found, key=lambda f: len(f[0]["mountPath"]))
+        volume_name = mount["name"]
+        if "subPath" in mount or "subPathExpr" in mount:
+            problems.append(f"{name}: volume {volume_name} is mounted with subPath, which never "
+                            "sees ConfigMap updates: mount the directory")
+            relative = mount.get("subPath", relative)
+        if mount.get("readOnly") is not True:
+            problems.append(f"{name}: volume {volume_name} is not mounted readOnly")
+        source = volumes.get(volume_name, {}).get("configMap")
+        if source is None:
+            problems.append(f"{name}: volume {volume_name} is not a configMap volume")
+            continue
+        config_map = _named(docs, "ConfigMap", source["name"])
+        if config_map is None:
+            problems.append(f"{name}: no ConfigMap {source['name']}")
+            continue
+        data = config_map.get("data", {})
+        keys = ({item["path"]: item["key"] for item in source["items"]} if "items" in source
+                else {key: key for key in data})
+        key = keys.get(relative)
+        if key not in data:
+            problems.append(f"{name}={path}: ConfigMap {source['name']} has no key {relative}")
+            continue
+        if not allow_file_entries(data[key]):
+            problems.append(f"{name}: ConfigMap {source['name']} key {key} has no entry: show "
+                            "the format")
+        contents[name] = str(data[key])
+    return contents, problems
+
+
+def kubernetes_config_env(
+    docs: list[Doc], into: Path, *, substitute: bool
+) -> tuple[dict[str, str], list[str]]:
+    """kubernetes_sidecar_env with each ALLOW_*_FILE's ConfigMap data copied to a file in into."""
+    env, problems = kubernetes_sidecar_env(docs, substitute=substitute)
+    contents, file_problems = kubernetes_allow_files(docs, env)
+    return with_allow_files(env, contents, into), problems + file_problems
+
+
+def _kubernetes_metrics_problems(docs: list[Doc], config: Config) -> list[str]:
+    problems = metrics_problems(config)
+    if config.metrics is None:
+        return problems
+    port = config.metrics.port
+    sidecar = _sidecar_container(docs)
+    if [p["containerPort"] for p in sidecar.get("ports", [])
+            if p.get("name") == "metrics"] != [port]:
+        problems.append(f"the sidecar's port `metrics` is not its METRICS_PORT {port}")
+    annotations = _sidecar_deployment(docs)["spec"]["template"]["metadata"].get(
+        "annotations", {})
+    expected = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                "prometheus.io/path": "/metrics"}
+    for key in SCRAPE_ANNOTATIONS:
+        if annotations.get(key) != expected[key]:
+            problems.append(f"pod annotation {key} is {annotations.get(key)!r}, "
+                            f"not {expected[key]!r}")
+    return problems
+
+
+def _exposure_problems(docs: list[Doc], config: Config) -> list[str]:
+    """Services and Ingresses reach the sidecar's `http` port only."""
+    problems = []
+    labels = _sidecar_deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    public = {"http", config.port}
+    metrics = {"metrics", config.metrics.port} if config.metrics else set()
+    for service in (d for d in docs if d["kind"] == "Service"):
+        if service["spec"]["selector"].items() <= labels.items():
+            for service_port in service["spec"]["ports"]:
+                target = service_port["targetPort"]
+                if target in metrics:
+                    problems.append(f"Service {service['metadata']['name']} exposes the metrics "
+                                    f"port ({target}): Prometheus scrapes the pods")
+                elif target not in public:
+                    problems.append(f"Service {service['metadata']['name']} exposes "
+                                    f"{target}, not the sidecar's port")
+    for ingress in (d for d in docs if d["kind"] == "Ingress"):
+        backends = [path["backend"] for rule in ingress["spec"].get("rules", [])
+                    for path in rule.get("http", {}).get("paths", [])]
+        if "defaultBackend" in ingress["spec"]:
+            backends.append(ingress["spec"]["defaultBackend"])
+        for backend in backends:
+            ref = backend["service"]
+            target_service = _named(docs, "Service", ref["name"])
+            ports = target_service["spec"]["ports"] if target_service else []
+            targets = [p["targetPort"] for p in ports
+                       if ref["port"] in ({"name": p.get("name")}, {"number": p["port"]})]
+            if targets not in (["http"], [config.port]):
+                shown = ref["port"].get("name", ref["port"].get("number"))
+                problems.append(f"Ingress {ingress['metadata']['name']} routes to "
+                                f"{ref['name']}:{shown}, not to the sidecar's `http` port")
+    return problems
+
+
 def _security_problems(where: str, pod: Doc, container: Doc) -> list[str]:
     problems = []
     pod_context, context = pod.get("securityContext", {}), container.get("securityContext", {})
@@ -434,12 +592,13 @@ def kubernetes_problems(docs: list[Doc]) -> list[str]:
     deployment = _sidecar_deployment(docs)
     pod = deployment["spec"]["template"]["spec"]
     sidecar = _sidecar_container(docs)
-    env, problems = kubernetes_sidecar_env(docs, substitute=True)
-    try:
-        config = load(env)
-        problems += [f"config warning: {warning}" for warning in config.warnings]
-    except ConfigError as exc:
-        return [*problems, *(f"config: {problem}" for problem in exc.problems)]
+    with tempfile.TemporaryDirectory() as files:
+        env, problems = kubernetes_config_env(docs, Path(files), substitute=True)
+        try:
+            config = load(env)  # reads the ALLOW_*_FILE copies
+            problems += [f"config warning: {warning}" for warning in config.warnings]
+        except ConfigError as exc:
+            return [*problems, *(f"config: {problem}" for problem in exc.problems)]
     port = config.port
     if [p["containerPort"] for p in sidecar.get("ports", []) if p.get("name") == "http"] != [port]:
         problems.append(f"the sidecar's port `http` is not its PORT {port}")
@@ -469,13 +628,8 @@ def kubernetes_problems(docs: list[Doc]) -> list[str]:
                 problems += _security_problems(f"{d['metadata']['name']}/{c['name']}",
                                                d["spec"]["template"]["spec"], c)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    sidecar_ports = {p.get("name") for p in sidecar["ports"]} | {port}
-    for service in (d for d in docs if d["kind"] == "Service"):
-        if service["spec"]["selector"].items() <= labels.items():
-            for service_port in service["spec"]["ports"]:
-                if service_port["targetPort"] not in sidecar_ports:
-                    problems.append(f"Service {service['metadata']['name']} exposes "
-                                    f"{service_port['targetPort']}, not the sidecar's port")
+    problems += _kubernetes_metrics_problems(docs, config)
+    problems += _exposure_problems(docs, config)
     replicas = deployment["spec"].get("replicas", 1)
     if replicas > 1:
         if not config.rate_limits.storage_uri.startswith("async+redis"):
@@ -497,10 +651,12 @@ def test_kubernetes_manifests_hold_what_the_sidecar_needs(path: Path) -> None:
     assert kubernetes_problems(load_yaml(path)) == []
 
 
-def test_the_replicas_variant_shares_rate_limits_and_state_across_replicas() -> None:
+def test_the_replicas_variant_shares_rate_limits_and_state_across_replicas(
+    tmp_path: Path,
+) -> None:
     docs = load_yaml(EXAMPLES / "kubernetes" / "replicas-redis.yaml")
     assert _sidecar_deployment(docs)["spec"]["replicas"] >= 2
-    env, _ = kubernetes_sidecar_env(docs, substitute=True)
+    env, _ = kubernetes_config_env(docs, tmp_path, substitute=True)
     config = load(env)
     assert config.rate_limits.storage_uri == "async+redis://redis:6379/0"
     assert config.auth_server.facade
@@ -508,16 +664,89 @@ def test_the_replicas_variant_shares_rate_limits_and_state_across_replicas() -> 
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_the_placeholder_secret_makes_the_sidecar_refuse_to_start(path: Path) -> None:
-    env, _ = kubernetes_sidecar_env(load_yaml(path), substitute=False)
+def test_the_placeholder_secret_makes_the_sidecar_refuse_to_start(
+    path: Path, tmp_path: Path
+) -> None:
+    env, _ = kubernetes_config_env(load_yaml(path), tmp_path, substitute=False)
     with pytest.raises(ConfigError) as error:
         load(env)
     assert any(problem.startswith("STATE_SECRET is shorter") for problem in error.value.problems)
+    assert not any("_FILE" in problem for problem in error.value.problems)
 
 
-def _config_map(docs: list[Doc]) -> dict[str, str]:
-    data: dict[str, str] = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_allow_list_configmap_is_what_the_sidecar_admits(path: Path, tmp_path: Path) -> None:
+    """The ConfigMap's emails.txt, read by the sidecar's own file reader, plus ALLOW_EMAILS."""
+    docs = load_yaml(path)
+    env, problems = kubernetes_config_env(docs, tmp_path, substitute=True)
+    assert problems == []
+    assert env["ALLOW_EMAILS_FILE"].startswith(str(tmp_path))
+    config = load(env)
+    listed = allow_file_entries(_config_map(docs, "mcp-allow-list")["emails.txt"])
+    assert listed
+    assert config.policy.emails == listed | allow_file_entries(env.get("ALLOW_EMAILS", ""))
+    assert [(f.kind, f.path) for f in config.policy.files] == [
+        ("emails", env["ALLOW_EMAILS_FILE"])]
+    assert config.policy.email_domains == {"example.com"}  # both lists apply
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_metrics_are_scraped_from_the_pod_and_reach_no_service(path: Path, tmp_path: Path) -> None:
+    docs = load_yaml(path)
+    env, _ = kubernetes_config_env(docs, tmp_path, substitute=True)
+    config = load(env)
+    assert config.metrics is not None
+    assert config.metrics.host == ALL_INTERFACES
+    ports = {p["name"]: p["containerPort"] for p in _sidecar_container(docs)["ports"]}
+    assert ports["metrics"] == config.metrics.port != config.port
+    targets = {p["targetPort"] for d in docs if d["kind"] == "Service"
+               for p in d["spec"]["ports"]}
+    assert not targets & {"metrics", config.metrics.port}
+    assert _kubernetes_metrics_problems(docs, config) == []
+    assert _exposure_problems(docs, config) == []
+
+
+def _config_map(docs: list[Doc], name: str = SIDECAR_CONFIG_MAP) -> dict[str, str]:
+    config_map = _named(docs, "ConfigMap", name)
+    assert config_map is not None
+    data: dict[str, str] = config_map["data"]
     return data
+
+
+def _allow_mount(docs: list[Doc]) -> Doc:
+    mount: Doc = next(m for m in _sidecar_container(docs)["volumeMounts"]
+                      if m["name"] == "allow-list")
+    return mount
+
+
+def _allow_volume(docs: list[Doc]) -> Doc:
+    pod = _sidecar_deployment(docs)["spec"]["template"]["spec"]
+    volume: Doc = next(v for v in pod["volumes"] if v["name"] == "allow-list")
+    return volume
+
+
+def _allow_subpath(docs: list[Doc]) -> None:
+    _allow_mount(docs).update(mountPath="/etc/oauth-sidecar/allow/emails.txt",
+                              subPath="emails.txt")
+
+
+def _allow_in_empty_dir(docs: list[Doc]) -> None:
+    volume = _allow_volume(docs)
+    volume.pop("configMap")
+    volume["emptyDir"] = {}
+
+
+def _allow_key_renamed(docs: list[Doc]) -> None:
+    data = _config_map(docs, "mcp-allow-list")
+    data["emails"] = data.pop("emails.txt")
+
+
+def _metrics_behind_ingress(docs: list[Doc]) -> None:
+    next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mcp")[
+        "spec"]["ports"].append({"name": "metrics", "port": 9090, "targetPort": "metrics"})
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] = {
+        "name": "metrics"}
 
 
 def _env_item(docs: list[Doc], name: str) -> Doc:
@@ -602,6 +831,47 @@ KUBERNETES_BREAKAGES: dict[str, tuple[str, Callable[[list[Doc]], object], str]] 
     "no Redis Service": ("replicas-redis.yaml", _redis_service_gone, "no Service here"),
     "Redis without readiness": ("replicas-redis.yaml", _redis_unprobed,
                                 "redis has no readinessProbe"),
+    "allow-list mounted with subPath": ("deployment.yaml", _allow_subpath, "subPath"),
+    "allow-list mounted with subPath (replicas)": ("replicas-redis.yaml", _allow_subpath,
+                                                   "subPath"),
+    "allow-list mounted writable": ("deployment.yaml", lambda d: _allow_mount(d).pop(
+        "readOnly"), "not mounted readOnly"),
+    "allow-list not mounted": ("deployment.yaml", lambda d: _sidecar_container(d).pop(
+        "volumeMounts"), "not in a volume mounted"),
+    "allow-list file outside the mount": ("deployment.yaml", lambda d: _config_map(d).update(
+        ALLOW_EMAILS_FILE="/etc/allow/emails.txt"), "not in a volume mounted"),
+    "allow-list in an emptyDir": ("deployment.yaml", _allow_in_empty_dir,
+                                  "not a configMap volume"),
+    "allow-list ConfigMap missing": ("deployment.yaml", lambda d: d.remove(next(
+        x for x in d if x["metadata"]["name"] == "mcp-allow-list")),
+        "no ConfigMap mcp-allow-list"),
+    "allow-list key renamed": ("deployment.yaml", _allow_key_renamed, "has no key emails.txt"),
+    "allow-list without entries": ("deployment.yaml", lambda d: _config_map(
+        d, "mcp-allow-list").update({"emails.txt": "# nobody yet\n"}), "has no entry"),
+    "a bad allow-list entry": ("deployment.yaml", lambda d: _config_map(
+        d, "mcp-allow-list").update({"emails.txt": "alice@example.net\nbob\n"}),
+        "config: ALLOW_EMAILS_FILE"),
+    "metrics off": ("deployment.yaml", lambda d: _config_map(d).pop("METRICS_PORT"),
+                    "METRICS_PORT is not set"),
+    "metrics on loopback": ("replicas-redis.yaml", lambda d: _config_map(d).pop(
+        "METRICS_HOST"), "METRICS_HOST=127.0.0.1"),
+    "metrics port not the container's": ("deployment.yaml", lambda d: _config_map(d).update(
+        METRICS_PORT="9091"), "port `metrics` is not its METRICS_PORT 9091"),
+    "metrics on the public port": ("deployment.yaml", lambda d: _config_map(d).update(
+        METRICS_PORT="8080"), "config: METRICS_PORT=8080 is PORT"),
+    "scrape annotation drifted": ("deployment.yaml", lambda d: _sidecar_deployment(d)["spec"][
+        "template"]["metadata"]["annotations"].update({"prometheus.io/port": "8080"}),
+        "prometheus.io/port"),
+    "no scrape annotations": ("replicas-redis.yaml", lambda d: _sidecar_deployment(d)["spec"][
+        "template"]["metadata"].pop("annotations"), "prometheus.io/scrape"),
+    "Service to the metrics port": ("deployment.yaml", lambda d: next(
+        x for x in d if x["kind"] == "Service")["spec"]["ports"][0].update(targetPort="metrics"),
+        "exposes the metrics port (metrics)"),
+    "Service to the metrics port by number": ("replicas-redis.yaml", lambda d: next(
+        x for x in d if x["kind"] == "Service")["spec"]["ports"][0].update(targetPort=9090),
+        "exposes the metrics port (9090)"),
+    "Ingress to the metrics port": ("deployment.yaml", _metrics_behind_ingress,
+                                    "Ingress mcp routes to mcp:metrics"),
 }
 
 
@@ -660,6 +930,63 @@ def _environment(service: Doc) -> dict[str, str]:
     return {str(k): str(v) for k, v in environment.items()}
 
 
+@dataclass(frozen=True)
+class ComposeMount:
+    source: str
+    target: str
+    read_only: bool
+    bind: bool
+
+
+def compose_mounts(service: Doc) -> list[ComposeMount]:
+    """A service's `volumes`, short (src:dst[:mode]) or long syntax."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, _, rest = volume.partition(":")
+            target, _, mode = rest.partition(":")
+            mounts.append(ComposeMount(source, target, "ro" in mode.split(","),
+                                       source.startswith((".", "/", "~"))))
+        else:
+            mounts.append(ComposeMount(volume.get("source", ""), volume["target"],
+                                       volume.get("read_only") is True,
+                                       volume.get("type") == "bind"))
+    return mounts
+
+
+def compose_allow_files(service: Doc, env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """env with each ALLOW_*_FILE pointing at the repository file bind-mounted there."""
+    problems: list[str] = []
+    env = dict(env)
+    mounts = compose_mounts(service)
+    for name in ALLOW_FILE_VARIABLES:
+        path = env.get(name)
+        if not path:
+            continue
+        found = [(m, rel) for m in mounts if (rel := inside(path, m.target)) is not None]
+        if not found:
+            problems.append(f"{name}={path} is not in a volume mounted into the sidecar")
+            continue
+        mount, relative = max(found, key=lambda f: len(f[0].target))
+        if not mount.read_only:
+            problems.append(f"{name}: {mount.source} is not mounted read-only")
+        if not mount.bind:
+            problems.append(f"{name}: {mount.source} is not a bind mount of a file in the "
+                            "repository")
+            continue
+        if relative == ".":
+            problems.append(f"{name}: {mount.source} binds the file itself, which pins its inode: "
+                            "an edit saved by rename (vim, sed -i) goes unseen; bind its directory")
+        host = (COMPOSE.parent / mount.source / relative).resolve()
+        if not host.is_relative_to(REPO) or not host.is_file():
+            problems.append(f"{name}={path} is {host}, which does not exist in the repository")
+            continue
+        if not allow_file_entries(host.read_text()):
+            problems.append(f"{name}: {host.relative_to(REPO)} has no entry: show the format")
+        env[name] = str(host)
+    return env, problems
+
+
 def compose_problems(doc: Doc) -> list[str]:
     problems: list[str] = []
     services: dict[str, Doc] = doc["services"]
@@ -673,14 +1000,26 @@ def compose_problems(doc: Doc) -> list[str]:
         problems.append(f"{name} is not a variable oauth_sidecar knows")
     for name in sorted(set(environment) & SECRET_VARIABLES):
         problems.append(f"{name} is in the compose file: secrets belong in .env")
-    # What `docker compose up` gives the sidecar after `cp .env.example .env`.
+    # What `docker compose up` gives the sidecar after `cp .env.example .env`, with each
+    # ALLOW_*_FILE read from the repository file mounted there.
+    env, file_problems = compose_allow_files(
+        sidecar, read_env_file(REPO / ".env.example") | environment)
+    problems += file_problems
     try:
-        config = load(read_env_file(REPO / ".env.example") | environment)
+        config = load(env)
         problems += [f"config warning: {warning}" for warning in config.warnings]
         port = config.port
     except ConfigError as exc:
         return [*problems, *(f"config: {problem}" for problem in exc.problems)]
     published = [str(p).rpartition(":")[2] for p in sidecar.get("ports", [])]
+    problems += metrics_problems(config)
+    if config.metrics is not None:
+        if str(config.metrics.port) in published:
+            problems.append(f"the sidecar publishes the metrics port {config.metrics.port}: "
+                            "`expose` it to the project's network only")
+        if str(config.metrics.port) not in [str(p) for p in sidecar.get("expose", [])]:
+            problems.append(f"the sidecar does not expose its METRICS_PORT "
+                            f"{config.metrics.port}")
     if published != [str(port)]:
         problems.append(f"the sidecar publishes {published}, not its PORT {port}")
     dockerfile_argv = healthcheck_argv(parse_dockerfile(DOCKERFILE.read_text())[-1])
@@ -704,6 +1043,31 @@ def test_compose_file_holds_what_the_sidecar_needs() -> None:
     assert compose_problems(load_yaml(COMPOSE)[0]) == []
 
 
+def test_compose_allow_list_file_is_what_the_sidecar_admits() -> None:
+    sidecar = load_yaml(COMPOSE)[0]["services"][SIDECAR]
+    dotenv = read_env_file(REPO / ".env.example")
+    env, problems = compose_allow_files(sidecar, dotenv | _environment(sidecar))
+    assert problems == []
+    host = Path(env["ALLOW_EMAILS_FILE"])
+    assert host.is_relative_to(EXAMPLES)
+    assert host.is_file()
+    config = load(env)
+    listed = allow_file_entries(host.read_text())
+    assert listed
+    assert config.policy.emails == listed | allow_file_entries(env.get("ALLOW_EMAILS", ""))
+    assert [(f.kind, f.path) for f in config.policy.files] == [("emails", str(host))]
+    assert config.metrics is not None
+    assert config.metrics.host == ALL_INTERFACES
+
+
+def _allow_volume_replaced(volume: str) -> Callable[[Doc], object]:
+    return lambda d: d["services"][SIDECAR].update(volumes=[volume])
+
+
+def _compose_allow_file(path: str) -> Callable[[Doc], object]:
+    return lambda d: d["services"][SIDECAR]["environment"].update(ALLOW_EMAILS_FILE=path)
+
+
 COMPOSE_BREAKAGES: dict[str, tuple[Callable[[Doc], object], str]] = {
     "MCP server published": (lambda d: d["services"]["mcp-server"].update(ports=["3000:3000"]),
                              "mcp-server publishes ports"),
@@ -721,6 +1085,30 @@ COMPOSE_BREAKAGES: dict[str, tuple[Callable[[Doc], object], str]] = {
         "environment"].update(STATIC_CLIENT_SECRET="x"), "mcp-server gets"),
     "another env file": (lambda d: d["services"][SIDECAR].update(env_file="prod.env"),
                          "env_file"),
+    "allow-list mounted writable": (_allow_volume_replaced(
+        "./allow:/etc/oauth-sidecar/allow"), "not mounted read-only"),
+    "allow-list not mounted": (lambda d: d["services"][SIDECAR].pop("volumes"),
+                               "not in a volume mounted"),
+    "allow-list file outside the mount": (_compose_allow_file("/etc/allow/emails.txt"),
+                                          "not in a volume mounted"),
+    "allow-list file missing": (_compose_allow_file("/etc/oauth-sidecar/allow/nobody.txt"),
+                                "does not exist in the repository"),
+    "allow-list in a named volume": (_allow_volume_replaced(
+        "allow:/etc/oauth-sidecar/allow:ro"), "not a bind mount"),
+    "allow-list file bound by itself": (_allow_volume_replaced(
+        "./allow/emails.txt:/etc/oauth-sidecar/allow/emails.txt:ro"), "pins its inode"),
+    "a bad allow-list entry": (lambda d: (
+        _allow_volume_replaced("..:/etc/oauth-sidecar/allow:ro")(d),
+        _compose_allow_file("/etc/oauth-sidecar/allow/pyproject.toml")(d)),
+        "config: ALLOW_EMAILS_FILE"),
+    "metrics off": (lambda d: d["services"][SIDECAR]["environment"].pop("METRICS_PORT"),
+                    "METRICS_PORT is not set"),
+    "metrics on loopback": (lambda d: d["services"][SIDECAR]["environment"].update(
+        METRICS_HOST="127.0.0.1"), "METRICS_HOST=127.0.0.1"),
+    "metrics published": (lambda d: d["services"][SIDECAR]["ports"].append("9090:9090"),
+                          "publishes the metrics port"),
+    "metrics not exposed": (lambda d: d["services"][SIDECAR].pop("expose"),
+                            "does not expose its METRICS_PORT"),
 }
 
 
