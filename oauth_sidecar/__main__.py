@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import structlog
 from aiohttp import web
 
-from oauth_sidecar import __version__
+from oauth_sidecar import __version__, demo
 from oauth_sidecar.app import CHILD, create_app, server_options
 from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve (the default): protect the configured MCP server")
+    demo.add_arguments(commands.add_parser(
+        "demo", help="try it: a development OpenID provider, an example MCP server and the "
+        "sidecar in front of it, on this machine only"))
     return parser
 
 
@@ -79,7 +82,8 @@ def load_or_report(env: Mapping[str, str]) -> Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    del args  # only `serve` so far
+    if args.command == "demo":
+        return demo.run(args)
     config = load_or_report(os.environ)
     if config is None:
         return EXIT_CONFIG
