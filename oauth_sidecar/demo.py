@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 
 from oauth_sidecar.app import IDP, create_app, server_options
@@ -33,6 +34,8 @@ from oauth_sidecar.config import Config, ConfigError, is_loopback_host, load
 from oauth_sidecar.dev_provider import DEMO_USERS, DemoUser, DevProvider
 from oauth_sidecar.example_mcp import LATEST, MCP_PATH, ExampleMcpServer
 from oauth_sidecar.log import configure_logging
+
+log = structlog.get_logger("oauth_sidecar.demo")
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -193,6 +196,7 @@ async def _serve(
     finally:
         for runner in reversed(runners):  # the sidecar first: no request finds its peers gone
             await runner.cleanup()
+    log.info("stopped")
     return 0
 
 
@@ -248,7 +252,7 @@ def instructions(url: str, token: str, env: Mapping[str, str], user: DemoUser) -
         "  or in its web UI (npx @modelcontextprotocol/inspector): transport Streamable HTTP,",
         f"  URL {url}, and the header Authorization: Bearer <the token above>.",
         "",
-        "The sidecar runs exactly as `oauth-sidecar serve` would with this environment:",
+        "The sidecar is the production one, configured as for `oauth-sidecar serve` with:",
         *(f"  {name}={shlex.quote(value)}" for name, value in env.items()
           if name in SHOWN_VARIABLES),
         "",
