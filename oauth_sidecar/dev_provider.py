@@ -322,7 +322,8 @@ class DevProvider:
         except OAuthError as exc:
             return self._error(exc)
         self._clients.put(client.client_id, client)
-        log.info("client_registered", client_id=client.client_id, client_name=client.name)
+        log.info("client_registered", client_id=client.client_id, client_name=client.name,
+                 redirect_uris=list(client.redirect_uris))
         return web.json_response(answer, status=201, headers={**NO_STORE, **CORS})
 
     def _new_client(self, metadata: Any) -> tuple[Client, dict[str, Any]]:
