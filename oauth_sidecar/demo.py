@@ -180,9 +180,13 @@ async def _serve(
             await runner.setup()
             runners.append(runner)
             await web.SockSite(runner, listener.sock).start()
+        for warning in config.warnings:
+            log.warning("config_warning", message=warning)
         deadline = time.monotonic() + READY_TIMEOUT
         while not app[IDP].ready:  # the printed token must work the moment it is printed
-            if time.monotonic() > deadline or stop.is_set():
+            if stop.is_set():
+                return 0
+            if time.monotonic() > deadline:
                 print(f"oauth-sidecar demo: the sidecar could not load the provider's keys: "
                       f"{app[IDP].last_error}", file=sys.stderr)
                 return EXIT_FAILED
