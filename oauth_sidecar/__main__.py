@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import structlog
 from aiohttp import web
 
-from oauth_sidecar import __version__, doctor
+from oauth_sidecar import __version__, demo, doctor
 from oauth_sidecar.app import CHILD, create_app, server_options
 from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load, shown_url
@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve (the default): protect the configured MCP server")
+    demo.add_arguments(commands.add_parser(
+        "demo", help="try it: a development OpenID provider, an example MCP server and the "
+        "sidecar in front of it, on this machine only"))
     check = commands.add_parser(
         "check", help="diagnose the configuration, IdP and upstream (exit 0 pass, 1 fail)",
         description="Load the configuration, fetch the IdP's metadata and keys, reach the "
@@ -118,6 +121,8 @@ def load_or_report(env: Mapping[str, str], heading: str) -> Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        return demo.run(args)
     config = load_or_report(os.environ, (
         "oauth-sidecar check: FAIL, the sidecar would not start; the configuration has problems:"
         if args.command == "check" else

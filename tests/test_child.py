@@ -574,7 +574,9 @@ async def test_ready_path_answering_500_is_not_ready_until_it_answers_200(
 
     answer_probes_with(200)
     await sidecar.ready_child(within=5)
-    assert named(logs, "child_output", line="probe answered 200")
+    # The child prints after answering: its stdout line may trail the 200 the sidecar saw.
+    await until(lambda: bool(named(logs, "child_output", line="probe answered 200")), 5,
+                "the child's line about the 200 it answered")
     proxied = await sidecar.call("/anything")
     assert proxied.status == 200
     assert proxied.body["pid"] == sidecar.child.pid
