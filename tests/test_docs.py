@@ -1,4 +1,5 @@
-"""The documents stay true: every test SECURITY.md cites as proof exists."""
+"""The documents stay true: every test SECURITY.md cites as proof exists; README's two commands
+are the demo and the exact test command CI runs; relative links resolve."""
 
 from __future__ import annotations
 
@@ -26,3 +27,40 @@ def test_every_test_cited_in_security_md_exists() -> None:
             if not fnmatch.filter(defined, name):
                 missing.append(f"{filename}::{name}")
     assert missing == []
+
+
+SH_BLOCK = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_readme_first_command_installs_and_starts_the_demo() -> None:
+    first = SH_BLOCK.findall((REPO / "README.md").read_text())[0].strip()
+    assert first == (
+        "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/oauth-sidecar demo"
+    )
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """.ci/run installs, then runs README's test command (its last step) exactly."""
+    readme = (REPO / "README.md").read_text()
+    [test_command] = [b.strip() for b in SH_BLOCK.findall(readme) if "-m pytest" in b and
+                      b.strip().startswith("npm ci")]
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == test_command.rpartition(" && ")[2] == ".venv/bin/python -m pytest"
+    for step in test_command.split(" && ")[:-1]:  # and installs what the command installs
+        assert step.split()[0] in {"npm", "python3", ".venv/bin/pip"}, step
+
+
+def test_relative_links_in_the_documents_resolve() -> None:
+    documents = [REPO / "README.md", REPO / "SECURITY.md", *(REPO / "examples").rglob("*.md"),
+                 REPO / "bench" / "README.md"]
+    broken, checked = [], 0
+    for document in documents:
+        for target in LINK.findall(document.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            checked += 1
+            if not (document.parent / target).exists():
+                broken.append(f"{document.relative_to(REPO)} -> {target}")
+    assert checked > 10  # README alone links SECURITY.md, bench/ and every examples/ guide
+    assert broken == []
