@@ -22,10 +22,11 @@ from oauth_sidecar.discovery import (
 )
 from oauth_sidecar.gate import AUTH_FAILURE, Gate
 from oauth_sidecar.health import Health
-from oauth_sidecar.http_errors import Handler, json_errors, method_not_allowed
+from oauth_sidecar.http_errors import json_errors, method_not_allowed
 from oauth_sidecar.idp import IdentityProvider
 from oauth_sidecar.log import access_log, add_request_id
 from oauth_sidecar.metrics import Metrics, PrometheusMetrics
+from oauth_sidecar.outcome import Handler
 from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter

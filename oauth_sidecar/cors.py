@@ -13,7 +13,8 @@ from aiohttp import web
 
 from oauth_sidecar.config import Config
 from oauth_sidecar.gate import IsPublic
-from oauth_sidecar.http_errors import Handler, json_error
+from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.outcome import Handler
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = (

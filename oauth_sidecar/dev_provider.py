@@ -37,7 +37,7 @@ from multidict import MultiMapping
 
 from oauth_sidecar.authserver import with_query
 from oauth_sidecar.config import canonical_resource, is_loopback_host, split_list
-from oauth_sidecar.http_errors import Handler
+from oauth_sidecar.outcome import Handler
 
 log = structlog.get_logger("oauth_sidecar.dev_provider")
 

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from oauth_sidecar import __version__
 from oauth_sidecar.config import is_loopback_host
-from oauth_sidecar.http_errors import Handler
+from oauth_sidecar.outcome import Handler
 
 log = structlog.get_logger("oauth_sidecar.example_mcp")
 

@@ -17,7 +17,8 @@ from aiohttp import web
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.discovery import metadata_url
-from oauth_sidecar.http_errors import Handler, json_error, rate_limited
+from oauth_sidecar.http_errors import json_error, rate_limited
+from oauth_sidecar.outcome import Handler
 from oauth_sidecar.policy import AccessPolicy, Denied
 from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
 from oauth_sidecar.tokens import Principal, TokenError, TokenVerifier, bearer_token

@@ -8,18 +8,17 @@ no error may carry an internal address. Every error body is `{"error", "error_de
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from oauth_sidecar.outcome import CLIENT_CLOSED_REQUEST, Handler
 from oauth_sidecar.ratelimit import RateLimited
 
 log = structlog.get_logger("oauth_sidecar.http")
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_error(

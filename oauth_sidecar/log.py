@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
-from oauth_sidecar.http_errors import Handler
+from oauth_sidecar.outcome import Handler, handle_and_record
 
 REQUEST_ID = web.RequestKey("request_id", str)
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -110,18 +110,8 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     if not _access_enabled:  # LOG_LEVEL above info: skip the timing and the event's fields
         return await handler(request)
     started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except BaseException:
-        status = 499  # client went away (handler cancelled) or a bug json_errors did not catch
-        raise
-    finally:
+
+    def record(status: int) -> None:
         principal = request.get(PRINCIPAL)
         access.info(
             "request", method=request.method, path=request.path, status=status,
@@ -129,6 +119,8 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             sub=principal.subject if principal else None, auth_error=request.get(AUTH_FAILURE),
             request_id=request[REQUEST_ID], remote=request.remote,
         )
+
+    return await handle_and_record(request, handler, record)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

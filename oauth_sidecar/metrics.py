@@ -14,9 +14,9 @@ hooks do nothing, and the counting middleware is not installed at all.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -29,6 +29,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from oauth_sidecar.config import MetricsConfig
+from oauth_sidecar.outcome import handle_and_record
 
 PREFIX = "oauth_sidecar_"
 # The `route` label: what kind of endpoint answered, decided by the matched resource (app.py).
@@ -38,7 +39,6 @@ ROUTE_CLASSES = ("mcp", "metadata", "oauth", "health", "other")
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
 LISTENER_SHUTDOWN = 1.0  # seconds a scrape in progress gets when the sidecar stops
-CLIENT_CLOSED_REQUEST = 499  # as in the access log: the handler was cancelled
 
 
 class MetricsListenError(Exception):
@@ -140,19 +140,7 @@ class PrometheusMetrics(Metrics):
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED_REQUEST
-            raise
-        finally:
-            self._counted(request, status)
+        return await handle_and_record(request, handler, partial(self._counted, request))
 
     def _counted(self, request: web.Request, status: int) -> None:
         resource = request.match_info.route.resource  # None: aiohttp's own 404/405
