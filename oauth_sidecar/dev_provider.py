@@ -38,6 +38,7 @@ from multidict import MultiMapping
 from oauth_sidecar.authserver import with_query
 from oauth_sidecar.config import canonical_resource, is_loopback_host, split_list
 from oauth_sidecar.outcome import Handler
+from oauth_sidecar.registration import is_loopback_redirect, redirect_parts
 
 log = structlog.get_logger("oauth_sidecar.dev_provider")
 
@@ -166,16 +167,10 @@ def _single(params: MultiMapping[Any], name: str) -> str | None:
 
 def _redirect_uri_allowed(uri: object) -> bool:
     """https anywhere, or http on loopback (RFC 8252 §7.3: Claude Code, MCP Inspector)."""
-    if not isinstance(uri, str) or len(uri) > 2048:
-        return False
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return False
-    if parts.fragment or parts.username or parts.password or not parts.hostname:
-        return False
-    return parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))
+    parts = redirect_parts(uri)
+    return parts is not None and bool(parts.hostname) and (
+        parts.scheme == "https" or is_loopback_redirect(parts)
+    )
 
 
 class DevProvider:

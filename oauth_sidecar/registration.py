@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from aiohttp import web
 
@@ -24,6 +24,29 @@ MAX_REGISTRATION_BYTES = 64 * 1024  # real registration documents are a few hund
 ALLOWED_GRANTS = frozenset({"authorization_code", "refresh_token"})
 
 
+MAX_REDIRECT_URI = 2048  # characters; real callbacks are far shorter
+
+
+def redirect_parts(uri: object) -> SplitResult | None:
+    """A redirect URI's parts if it can be one at all: a string of sane length with a valid
+    port, no fragment (RFC 6749 §3.1.2) and no credentials; otherwise None."""
+    if not isinstance(uri, str) or len(uri) > MAX_REDIRECT_URI:
+        return None
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return None
+    if parts.fragment or parts.username or parts.password:
+        return None
+    return parts
+
+
+def is_loopback_redirect(parts: SplitResult) -> bool:
+    """http on a loopback host, any port and path (RFC 8252 §7.3 native apps)."""
+    return parts.scheme == "http" and is_loopback_host(parts.hostname)
+
+
 class RedirectAllowList:
     """Exact URIs, plus loopback http on any port and path (RFC 8252 §7.3 native apps)."""
 
@@ -32,21 +55,12 @@ class RedirectAllowList:
         self._loopback = config.allow_loopback_redirects
 
     def allows(self, uri: object) -> bool:
-        if not isinstance(uri, str) or len(uri) > 2048:
+        if not isinstance(uri, str) or len(uri) > MAX_REDIRECT_URI:
             return False
         if uri in self._exact:
             return True
-        if not self._loopback:
-            return False
-        try:
-            parts = urlsplit(uri)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            return False
-        return (
-            parts.scheme == "http" and is_loopback_host(parts.hostname)
-            and not parts.fragment and not parts.username and not parts.password
-        )
+        parts = redirect_parts(uri) if self._loopback else None
+        return parts is not None and is_loopback_redirect(parts)
 
 
 def _invalid(error: str, description: str) -> web.Response:

@@ -58,20 +58,26 @@ async def sidecar_process(env: dict[str, str]) -> AsyncIterator[Process]:
             await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
 
 
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    """`python -m oauth_sidecar ARGS` to its end (bounded): exit code, stdout, stderr."""
+async def run_to_end(
+    *argv: str, env: dict[str, str], within: float = PROCESS_TIMEOUT
+) -> tuple[int, str, str]:
+    """Run argv in the repository to its end, killed after `within` s: code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "oauth_sidecar", *args, env=env, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv, env=env, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), PROCESS_TIMEOUT)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), within)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """`python -m oauth_sidecar ARGS` to its end (bounded): exit code, stdout, stderr."""
+    return await run_to_end(sys.executable, "-m", "oauth_sidecar", *args, env=env)
 
 
 async def wait_ready(session: aiohttp.ClientSession, base: str, proc: Process) -> None:

@@ -38,6 +38,11 @@ async def status(client: Client, idp: FakeIdp, claims: dict[str, Any]) -> int:
         return reply.status
 
 
+async def alice_and_bob(client: Client, idp: FakeIdp) -> tuple[int, int]:
+    """The statuses Alice's and Bob's requests get: who the lists admit right now."""
+    return await status(client, idp, ALICE), await status(client, idp, BOB)
+
+
 async def start_with(make_sidecar: SidecarFactory, **files: Path) -> Client:
     extra = {name: str(path) for name, path in files.items()}
     return await make_sidecar(ALLOW_ALL_AUTHENTICATED="false", **extra)
@@ -112,7 +117,7 @@ async def test_an_edit_applies_without_a_restart(
     listed = tmp_path / "emails"
     listed.write_text("alice@example.com\n", encoding="utf-8")
     client = await start_with(make_sidecar, ALLOW_EMAILS_FILE=listed)
-    assert (await status(client, idp, ALICE), await status(client, idp, BOB)) == (200, 403)
+    assert await alice_and_bob(client, idp) == (200, 403)
 
     with capture_logs() as logs:
         write(listed, "alice@example.com\nbob@example.com\n")
@@ -128,7 +133,7 @@ async def test_an_edit_applies_without_a_restart(
         write(listed, "bob@example.com\n")
         await wait_until(lambda: any(e["event"] == "allow_list_reloaded" for e in logs),
                          within=POLL_WAIT)
-    assert (await status(client, idp, ALICE), await status(client, idp, BOB)) == (403, 200)
+    assert await alice_and_bob(client, idp) == (403, 200)
 
 
 async def test_a_configmap_symlink_swap_is_noticed(
@@ -148,7 +153,7 @@ async def test_a_configmap_symlink_swap_is_noticed(
     (tmp_path / "..data_tmp").symlink_to(second.name)
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     await client.app[ALLOW_FILES].check()
-    assert (await status(client, idp, BOB), await status(client, idp, ALICE)) == (200, 200)
+    assert await alice_and_bob(client, idp) == (200, 200)
 
 
 async def test_a_bad_edit_keeps_the_last_good_list_and_is_reported_once(
@@ -164,11 +169,11 @@ async def test_a_bad_edit_keeps_the_last_good_list_and_is_reported_once(
         await watcher.check()
     assert [(e["event"], e["problems"]) for e in logs] == [
         ("allow_list_invalid", [f"{listed} entry 'bob@' is not an email address"])]
-    assert (await status(client, idp, ALICE), await status(client, idp, BOB)) == (200, 403)
+    assert await alice_and_bob(client, idp) == (200, 403)
 
     write(listed, "bob@example.com\n")  # fixed: applies
     await watcher.check()
-    assert (await status(client, idp, ALICE), await status(client, idp, BOB)) == (403, 200)
+    assert await alice_and_bob(client, idp) == (403, 200)
 
 
 async def test_a_deleted_file_keeps_the_last_good_list_until_it_returns(
@@ -186,7 +191,7 @@ async def test_a_deleted_file_keeps_the_last_good_list_until_it_returns(
 
     listed.write_text("bob-sub\n", encoding="utf-8")
     await watcher.check()
-    assert (await status(client, idp, ALICE), await status(client, idp, BOB)) == (403, 200)
+    assert await alice_and_bob(client, idp) == (403, 200)
 
 
 async def test_variable_entries_survive_every_reload(
@@ -201,4 +206,4 @@ async def test_variable_entries_survive_every_reload(
     write(listed, "")
     await client.app[ALLOW_FILES].check()
     # The file is empty now; ALLOW_SUBS still admits Alice, and Bob's domain is gone again.
-    assert (await status(client, idp, ALICE), await status(client, idp, BOB)) == (200, 403)
+    assert await alice_and_bob(client, idp) == (200, 403)

@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from dev_browser import DevProviderSdkClient
 from mcp_client_probe import call_echo, call_whoami
-from processes import PROCESS_TIMEOUT, REPO, run_cli, stop_process
+from processes import PROCESS_TIMEOUT, REPO, run_cli, run_to_end, stop_process
 
 Process = asyncio.subprocess.Process
 CLIENT_TIMEOUT = 30.0
@@ -114,16 +114,9 @@ async def run_printed(words: list[str]) -> tuple[int, dict[str, str], str]:
     its `-i` output: status, headers (lower-case names), body."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    proc = await asyncio.create_subprocess_exec(
-        *words, env={}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), CURL_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, stderr.decode()
-    head, _, body = stdout.decode().partition("\r\n\r\n")
+    code, stdout, stderr = await run_to_end(*words, env={}, within=CURL_TIMEOUT)
+    assert code == 0, stderr
+    head, _, body = stdout.partition("\r\n\r\n")
     status_line, *header_lines = head.split("\r\n")
     headers = {}
     for line in header_lines:
