@@ -577,6 +577,8 @@ class System:
             "LOG_FORMAT": "json",
             "SHUTDOWN_TIMEOUT_SECONDS": SHUTDOWN_TIMEOUT,
             "EVENT_LOOP": "asyncio",  # like the minimal proxy; the -uvloop pair compares uvloop
+            # Far above --idle-streams: the cap has its own bench (slow_heads.py).
+            "MAX_CONNECTIONS": "100000",
         })
         env.update(extra)
         return env

@@ -9,8 +9,9 @@ failure; the children also exit by themselves if this process dies):
   key and mints RS256 tokens) and a fake MCP upstream (`GET /mcp`, the Streamable HTTP event
   stream, sends an event every --event-interval seconds and holds the stream open; `POST /mcp`
   answers at once); the sidecar proxies both from its own /mcp (RESOURCE_URL's path);
-- bench/soak_server.py: the production sidecar, `create_app(load(env))` served with
-  `server_options(config)`, plus a loopback stats endpoint (tasks, fds, RSS, GC objects, CPU).
+- bench/soak_server.py: the production sidecar, `create_app(load(env))` served through the
+  production listener (`listener.make_runner`), plus a loopback stats endpoint (tasks, fds, RSS,
+  GC objects, CPU).
 
 Phases: start and wait ready -> "cold" stats -> a warm-up cycle (the same streams and POST rate
 for --warmup seconds, so pools, caches and allocator arenas reach their working size) -> settle

@@ -1,10 +1,10 @@
 """The production sidecar, served as `oauth-sidecar` serves it, plus a stats endpoint for the soak.
 
 Run by bench/soak.py, never by hand (it exits when its parent does). The sidecar part is exactly
-the product: `create_app(load(environment))`, the logging `__main__` configures, and an
-`AppRunner` with `server_options(config)` (which carries `handler_cancellation=True`), the
-shutdown timeout, no aiohttp access log and the `run_app` defaults (keep-alive 75 s, backlog
-128) on HOST:PORT. Only the measurement plumbing is added, in this file and on its own loopback
+the product: `create_app(load(environment))`, the logging `__main__` configures, and the
+production listener's runner (`listener.make_runner`: handler cancellation, the head, time and
+connection bounds, the shutdown timeout, no aiohttp access log) on HOST:PORT with its backlog.
+Only the measurement plumbing is added, in this file and on its own loopback
 port: `GET /stats` answers, for this process,
 
     {"tasks", "fds", "fd_kinds", "rss_kb", "threads", "gc_objects", "cpu_s", "loop_lag_ms"}
@@ -32,14 +32,13 @@ import structlog
 from aiohttp import web
 
 from oauth_sidecar import __version__
-from oauth_sidecar.app import create_app, server_options
+from oauth_sidecar.app import create_app
 from oauth_sidecar.config import ConfigError, load
+from oauth_sidecar.listener import BACKLOG, make_runner
 from oauth_sidecar.log import configure_logging
 
 WATCHDOG_PERIOD = 1.0  # seconds between checks that the parent is still alive
 LAG_TICK = 0.05  # seconds
-KEEPALIVE_TIMEOUT = 75.0  # web.run_app's default, which __main__ uses
-BACKLOG = 128  # same
 
 
 def _status() -> dict[str, int]:
@@ -117,10 +116,7 @@ async def serve(stats_port: int, max_lifetime: float) -> int:
         log.warning("config_warning", message=warning)
 
     app = create_app(config)
-    runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=config.shutdown_timeout,
-        keepalive_timeout=KEEPALIVE_TIMEOUT, **server_options(config),
-    )
+    runner = make_runner(app, config)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port, backlog=BACKLOG).start()
 
@@ -153,7 +149,7 @@ async def serve(stats_port: int, max_lifetime: float) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
         await stats_runner.cleanup()
-        await runner.cleanup()  # the product's graceful shutdown (as run_app does on SIGTERM)
+        await runner.cleanup()  # the product's graceful shutdown (as serve does on SIGTERM)
         log.info("stopped")
     return 0
 

@@ -9,12 +9,12 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from functools import partial
 
 import structlog
-from aiohttp import web
 
-from oauth_sidecar import __version__, demo, doctor
-from oauth_sidecar.app import CHILD, create_app, server_options
+from oauth_sidecar import __version__, demo, doctor, listener
+from oauth_sidecar.app import CHILD, create_app
 from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load, shown_url
 from oauth_sidecar.log import configure_logging
@@ -162,11 +162,8 @@ def serve(config: Config) -> int:
     never = config.spawn is not None and not config.spawn.restart
     app = create_app(config, on_child_give_up=shut_down if never else None)
     try:
-        web.run_app(
-            app, host=config.host, port=config.port, loop=_new_event_loop(config),
-            shutdown_timeout=config.shutdown_timeout, access_log=None, print=None,
-            **server_options(config),
-        )
+        with asyncio.Runner(loop_factory=partial(_new_event_loop, config)) as runner:
+            runner.run(listener.serve(app, config))
     except MetricsListenError as exc:  # METRICS_PORT is taken, or METRICS_HOST is not ours
         log.error("listen_failed", listener="metrics", host=exc.host, port=exc.port,
                   error=exc.error)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 from aiohttp import web
 
@@ -66,19 +65,6 @@ def _watch(
                       lambda: float(child.ready))
         metrics.watch("child_restarts", "Restarts of the spawned MCP server",
                       lambda: child.restarts, counter=True)
-
-
-def server_options(config: Config) -> dict[str, Any]:
-    """How the HTTP server must run this app (shared by __main__ and the tests)."""
-    return {
-        # Cancel the handler when its client disconnects, so an abandoned SSE stream also
-        # closes its upstream request (aiohttp's default keeps it running).
-        "handler_cancellation": True,
-        "max_field_size": config.max_header_bytes,  # Entra tokens with many groups exceed 8 KB
-        # Bodies are relayed as sent: decoding Content-Encoding here while the proxy forwards the
-        # client's Content-Encoding and Content-Length would hand the upstream another body.
-        "auto_decompress": False,
-    }
 
 
 def create_app(

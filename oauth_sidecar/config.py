@@ -34,6 +34,8 @@ DEFAULT_REDIRECT_URIS = (
     "https://claude.ai/api/mcp/auth_callback,https://claude.com/api/mcp/auth_callback"
 )
 MAX_ALLOW_FILE_BYTES = 1 << 20  # a million characters of entries: far beyond any real list
+# Bytes a request head needs beside its largest header: the request line and ordinary headers.
+HEAD_ROOM = 8192
 MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -71,6 +73,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "SSE_IDLE_TIMEOUT_SECONDS": ("0", "Idle timeout for text/event-stream bodies (0 = none)."),
     "MAX_REQUEST_BODY_BYTES": ("10485760", "Largest request body forwarded."),
     "MAX_HEADER_BYTES": ("32768", "Largest single request header (large Entra tokens)."),
+    "MAX_REQUEST_HEAD_BYTES": ("65536", "Largest request head: request line and all headers."),
+    "REQUEST_HEAD_TIMEOUT_SECONDS": ("20", "Time a client gets to send a request head (then 408)."),
+    "KEEPALIVE_TIMEOUT_SECONDS": ("75", "Idle time before a kept-alive connection is closed."),
+    "MAX_CONNECTIONS": ("512", "Open client connections at most; more are closed at once."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
     "ALLOW_SUBS": ("", "Subjects (`sub`) allowed, comma-separated."),
     "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (case-insensitive)."),
@@ -116,6 +122,7 @@ OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
     "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
+    "REQUEST_", "KEEPALIVE_",
 )  # fmt: skip
 RATE_LIMIT_SCHEMES = {"memory": "async+memory", "redis": "async+redis", "rediss": "async+rediss",
                       "redis+unix": "async+redis+unix"}
@@ -233,6 +240,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """The bounds of the HTTP listener on HOST:PORT (listener.py)."""
+
+    max_head_bytes: int
+    head_timeout: float
+    keepalive_timeout: float
+    max_connections: int
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str
     port: int
@@ -249,6 +266,7 @@ class Config:
     cors_any_origin: bool
     max_header_bytes: int
     shutdown_timeout: float
+    listener: ListenerConfig
     idp: IdpConfig
     tokens: TokenConfig
     upstream: UpstreamConfig
@@ -484,6 +502,7 @@ def load(env: Mapping[str, str]) -> Config:
         problems.append(
             f"MAX_HEADER_BYTES={max_header} cannot carry a token of JWT_MAX_TOKEN_BYTES={max_token}"
         )
+    listener = _listener(r, max_header)
     policy = _policy(r)
     rate_limits = _rate_limits(r)
     trusted_proxies = _networks(r, "TRUSTED_PROXIES")
@@ -514,6 +533,7 @@ def load(env: Mapping[str, str]) -> Config:
         cors_any_origin=cors_any,
         max_header_bytes=max_header,
         shutdown_timeout=r.number("SHUTDOWN_TIMEOUT_SECONDS", float, 0.0, 3600.0),
+        listener=listener,
         idp=IdpConfig(
             issuer=issuer,
             timeout=r.number("IDP_TIMEOUT_SECONDS", float, 0.1, 120.0),
@@ -639,6 +659,22 @@ def _allow_list(r: _Reader, kind: str) -> tuple[frozenset[str], AllowFile | None
         return from_variable, None
     r.problems.extend(problems)
     return from_variable | from_file, AllowFile(kind, path, from_variable)
+
+
+def _listener(r: _Reader, max_header: int) -> ListenerConfig:
+    max_head = r.number("MAX_REQUEST_HEAD_BYTES", int, 16384, 1 << 24)
+    if max_head < max_header + HEAD_ROOM:
+        r.problems.append(
+            f"MAX_REQUEST_HEAD_BYTES={max_head} cannot carry one header of MAX_HEADER_BYTES="
+            f"{max_header} beside the request line and ordinary headers: use at least "
+            f"{max_header + HEAD_ROOM}"
+        )
+    return ListenerConfig(
+        max_head_bytes=max_head,
+        head_timeout=r.number("REQUEST_HEAD_TIMEOUT_SECONDS", float, 0.1, 3600.0),
+        keepalive_timeout=r.number("KEEPALIVE_TIMEOUT_SECONDS", float, 0.1, 86400.0),
+        max_connections=r.number("MAX_CONNECTIONS", int, 1, 1 << 20),
+    )
 
 
 def _policy(r: _Reader) -> PolicyConfig:

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from oauth_sidecar.app import IDP, create_app, server_options
+from oauth_sidecar.app import IDP, create_app
 from oauth_sidecar.config import Config, ConfigError, is_loopback_host, load
 from oauth_sidecar.dev_provider import DEMO_USERS, DemoUser, DevProvider
 from oauth_sidecar.example_mcp import LATEST, MCP_PATH, ExampleMcpServer
+from oauth_sidecar.listener import make_runner
 from oauth_sidecar.log import configure_logging
 
 log = structlog.get_logger("oauth_sidecar.demo")
@@ -170,13 +171,13 @@ async def _serve(
     app = create_app(config)
     runners: list[web.AppRunner] = []
     try:
-        for served, listener, options in (
-            (provider.app(), idp, {}),
-            (example.app(), mcp, {}),
-            (app, sidecar, server_options(config)),  # as `serve` runs it
+        for runner, listener in (
+            (web.AppRunner(provider.app(), access_log=None,
+                           shutdown_timeout=config.shutdown_timeout), idp),
+            (web.AppRunner(example.app(), access_log=None,
+                           shutdown_timeout=config.shutdown_timeout), mcp),
+            (make_runner(app, config), sidecar),  # bounded as `serve` runs it
         ):
-            runner = web.AppRunner(served, access_log=None,
-                                   shutdown_timeout=config.shutdown_timeout, **options)
             await runner.setup()
             runners.append(runner)
             await web.SockSite(runner, listener.sock).start()

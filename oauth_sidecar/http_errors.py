@@ -21,10 +21,14 @@ log = structlog.get_logger("oauth_sidecar.http")
 
 
 
+def error_body(error: str, description: str) -> bytes:
+    return json.dumps({"error": error, "error_description": description}).encode()
+
+
 def json_error(
     status: int, error: str, description: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    body = json.dumps({"error": error, "error_description": description}).encode()
+    body = error_body(error, description)
     response = web.Response(status=status, body=body, content_type="application/json")
     if headers:
         response.headers.update(headers)

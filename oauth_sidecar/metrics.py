@@ -68,6 +68,12 @@ class Metrics:
     def upstream_failed(self, kind: str) -> None:
         """A proxied request failed at the upstream: connect, timeout or broken (mid-body)."""
 
+    def connection_refused(self) -> None:
+        """A new connection was closed at once: MAX_CONNECTIONS were open."""
+
+    def head_refused(self, reason: str) -> None:
+        """A request head was refused: too_large (431) or timeout (408)."""
+
     def watch(self, name: str, documentation: str, read: Callable[[], float], *,
               counter: bool = False) -> None:
         """Expose `read()` as a gauge (or a counter) evaluated at each scrape."""
@@ -131,6 +137,13 @@ class PrometheusMetrics(Metrics):
             PREFIX + "upstream_errors", "Proxied requests the upstream failed, by kind "
             "(connect: no answer, 502; timeout: 504; broken: the body broke off)",
             ["kind"], registry=registry)
+        self._connections_refused = Counter(
+            PREFIX + "connections_refused", "New connections closed at once because "
+            "MAX_CONNECTIONS were open", registry=registry)
+        self._heads_refused = Counter(
+            PREFIX + "request_heads_refused", "Request heads refused, by reason (too_large: 431 "
+            "over MAX_REQUEST_HEAD_BYTES; timeout: 408 after REQUEST_HEAD_TIMEOUT_SECONDS)",
+            ["reason"], registry=registry)
         # labels() takes a lock and converts every value: the request counter's children are
         # looked up in a plain dict on the hot path instead (at most classes x statuses).
         self._request_children: dict[tuple[str, int], Counter] = {}
@@ -165,6 +178,12 @@ class PrometheusMetrics(Metrics):
 
     def upstream_failed(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()
+
+    def connection_refused(self) -> None:
+        self._connections_refused.inc()
+
+    def head_refused(self, reason: str) -> None:
+        self._heads_refused.labels(reason).inc()
 
     def watch(self, name: str, documentation: str, read: Callable[[], float], *,
               counter: bool = False) -> None:

@@ -15,11 +15,13 @@ import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from oauth_sidecar.app import create_app, server_options
-from oauth_sidecar.config import load
+from oauth_sidecar.app import create_app
+from oauth_sidecar.config import Config, load
+from oauth_sidecar.listener import make_runner
 
 AUDIENCE = "https://mcp.example.test/mcp"
 RESOURCE_URL = "https://mcp.example.test/mcp"
@@ -217,6 +219,18 @@ def sidecar_env(idp: FakeIdp, upstream: FakeUpstream, **extra: str) -> dict[str,
     return env
 
 
+class SidecarServer(TestServer):
+    """aiohttp's test server, serving the app through the production listener (make_runner):
+    every bound of __main__'s server applies in the tests too."""
+
+    def __init__(self, app: web.Application, config: Config) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self.config = config
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return make_runner(self.app, self.config)  # it sets handler_cancellation itself
+
+
 SidecarFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
@@ -266,10 +280,8 @@ async def make_sidecar(
     ) -> TestClient[web.Request, web.Application]:
         config = load(sidecar_env(idp, upstream, **extra))
         app = create_app(config)
-        server = TestServer(app, host="127.0.0.1")
-        # Serve it as __main__ does; the test server sets handler_cancellation=True itself.
-        options = {k: v for k, v in server_options(config).items() if k != "handler_cancellation"}
-        await server.start_server(**options)
+        server = SidecarServer(app, config)
+        await server.start_server()
         client: TestClient[web.Request, web.Application] = TestClient(server)
         await client.start_server()
         clients.append(client)

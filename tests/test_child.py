@@ -37,14 +37,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, bearer
+from aiohttp.test_utils import TestClient
+from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, SidecarServer, bearer
 from mcp_client_probe import call_echo
 from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
 from structlog.testing import capture_logs
 
 from oauth_sidecar import child as child_module
-from oauth_sidecar.app import CHILD, IDP, create_app, server_options
+from oauth_sidecar.app import CHILD, IDP, create_app
 from oauth_sidecar.child import (
     LINE_BURST,
     LINES_PER_SECOND,
@@ -231,9 +231,8 @@ async def spawn_sidecar(idp: FakeIdp, leftovers: Leftovers) -> AsyncIterator[Spa
     ) -> Spawned:
         config = load(spawn_env(idp.issuer, command, port, **extra))
         app = create_app(config, on_child_give_up=on_give_up)
-        server = TestServer(app, host="127.0.0.1")
-        options = {k: v for k, v in server_options(config).items() if k != "handler_cancellation"}
-        await server.start_server(**options)
+        server = SidecarServer(app, config)
+        await server.start_server()
         client: Client = TestClient(server)
         await client.start_server()
         clients.append(client)

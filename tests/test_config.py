@@ -10,6 +10,7 @@ from oauth_sidecar.config import (
     VARIABLES,
     Config,
     ConfigError,
+    ListenerConfig,
     canonical_resource,
     load,
     split_list,
@@ -143,6 +144,13 @@ BAD_VALUES: list[tuple[dict[str, str], str]] = [
      "MAX_HEADER_BYTES=10000 cannot carry a token of JWT_MAX_TOKEN_BYTES=16384"),
     ({"MAX_HEADER_BYTES": "20000", "JWT_MAX_TOKEN_BYTES": "20000"},
      "MAX_HEADER_BYTES=20000 cannot carry"),
+    # a head cap that cannot carry the largest header beside the request line
+    ({"MAX_REQUEST_HEAD_BYTES": "40000"}, "MAX_REQUEST_HEAD_BYTES=40000 cannot carry one header of "
+     "MAX_HEADER_BYTES=32768 beside the request line and ordinary headers: use at least 40960"),
+    ({"MAX_REQUEST_HEAD_BYTES": "1000"}, "MAX_REQUEST_HEAD_BYTES=1000 is out of range"),
+    ({"REQUEST_HEAD_TIMEOUT_SECONDS": "0"}, "REQUEST_HEAD_TIMEOUT_SECONDS=0 is out of range"),
+    ({"KEEPALIVE_TIMEOUT_SECONDS": "-1"}, "KEEPALIVE_TIMEOUT_SECONDS=-1 is out of range"),
+    ({"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS=0 is out of range"),
 ]
 
 
@@ -305,6 +313,8 @@ def test_defaults() -> None:
     assert config.cors_origins == frozenset({"https://claude.ai", "https://claude.com"})
     assert not config.cors_any_origin
     assert config.max_header_bytes == 32768
+    assert config.listener == ListenerConfig(max_head_bytes=65536, head_timeout=20.0,
+                                             keepalive_timeout=75.0, max_connections=512)
     assert config.shutdown_timeout == 20.0
     assert config.warnings == ()
     assert config.idp.issuer == BASE["OIDC_ISSUER_URL"]

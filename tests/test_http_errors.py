@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import wait_until
+from aiohttp.test_utils import TestClient
+from conftest import SidecarServer, wait_until
 from structlog.testing import capture_logs
 
-from oauth_sidecar.app import server_options
 from oauth_sidecar.config import load
 from oauth_sidecar.http_errors import json_errors
 from oauth_sidecar.log import access_log
@@ -55,7 +54,7 @@ async def client() -> AsyncIterator[Client]:
     config = load({"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": "a",
                    "RESOURCE_URL": "https://mcp.example.test/mcp",
                    "MCP_UPSTREAM_URL": "http://127.0.0.1:9", "ALLOW_ALL_AUTHENTICATED": "true"})
-    server = TestServer(app, host="127.0.0.1", **server_options(config))
+    server = SidecarServer(app, config)
     test_client: Client = TestClient(server)
     await test_client.start_server()
     try:

@@ -23,15 +23,23 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, new_rsa, sidecar_env
+from aiohttp.test_utils import TestClient
+from conftest import (
+    FakeIdp,
+    FakeUpstream,
+    SidecarFactory,
+    SidecarServer,
+    bearer,
+    new_rsa,
+    sidecar_env,
+)
 from processes import PROCESS_TIMEOUT, free_port, run_cli, sidecar_process, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from oauth_sidecar import __version__
 from oauth_sidecar import child as child_module
-from oauth_sidecar.app import CHILD, IDP, METRICS, create_app, server_options
+from oauth_sidecar.app import CHILD, IDP, METRICS, create_app
 from oauth_sidecar.config import ConfigError, load
 from oauth_sidecar.metrics import Metrics, PrometheusMetrics
 
@@ -491,9 +499,8 @@ async def spawned(
     del env["MCP_UPSTREAM_URL"]
     config = load(env)
     app = create_app(config)
-    server = TestServer(app, host="127.0.0.1")
-    options = {k: v for k, v in server_options(config).items() if k != "handler_cancellation"}
-    await server.start_server(**options)
+    server = SidecarServer(app, config)
+    await server.start_server()
     try:
         yield app, metrics_port
     finally:

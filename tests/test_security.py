@@ -9,9 +9,10 @@ and an authenticated request reaches it once, with exactly the method, path and 
 authenticated (never a request hidden in a body or left over from a mis-framed one).
 
 Outcomes are pinned as observed with aiohttp 3.14 and its C parser (llhttp). "Refused by the
-parser" means aiohttp's own plain-text 400 (or no answer) and a closed connection, before any
-handler of ours ran. Token and claim attacks live in test_tokens.py (including the Authorization
-scheme spellings) and the basic /mcp path tricks in test_gate.py; they are not repeated here.
+parser" means the parser's 4xx (in our JSON shape: listener.py answers for aiohttp) or no answer,
+and a closed connection, before any handler of ours ran. Token and claim attacks live in
+test_tokens.py (including the Authorization scheme spellings) and the basic /mcp path tricks in
+test_gate.py; they are not repeated here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ TOKEN = "<TOKEN>"  # replaced by a freshly minted valid token when a case is sen
 AUTH = f"Authorization: Bearer {TOKEN}"
 CLOSE = "Connection: close"
 CHUNKED = "Transfer-Encoding: chunked"
-# aiohttp's parser answers malformed requests itself: these, as text/plain, then it closes.
+# aiohttp's parser refuses malformed requests itself: these (as our JSON), then it closes.
 PARSER_REFUSALS = frozenset({400, 411, 413, 431, 501})
 FACADE = {"STATIC_CLIENT_ID": "static-client-1", "STATIC_CLIENT_SECRET": "static-secret-1",
           "STATE_SECRET": "s" * 40}
@@ -223,7 +224,7 @@ Seen = tuple[str, str, bytes]  # method, path with query, body: what the upstrea
 @dataclass(frozen=True)
 class Case:
     """The parts to write and what must come back. `answers` None: refused by aiohttp's parser
-    (its own plain-text 4xx or nothing, and a close) before any handler of ours ran."""
+    (its 4xx in our JSON shape, or nothing, and a close) before any handler of ours ran."""
 
     id: str
     parts: tuple[str | bytes, ...]
@@ -256,10 +257,10 @@ def assert_answer(response: RawResponse, expected: Answer) -> None:
 
 
 def assert_parser_refusal(exchange: Exchange) -> None:
-    """No handler of ours answered: at most aiohttp's plain-text refusal."""
+    """No handler of ours answered: at most the parser's refusal, in our JSON shape."""
     for response in exchange.final:
         assert response.status in PARSER_REFUSALS, exchange.summary()
-        assert response.headers.get("content-type", [""])[0].startswith("text/plain")
+        assert set(response.json()) == {"error", "error_description"}
         assert "www-authenticate" not in response.headers
 
 
