@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -73,7 +74,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MAX_HEADER_BYTES": ("32768", "Largest single request header (large Entra tokens)."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
     "ALLOW_SUBS": ("", "Subjects (`sub`) allowed, comma-separated."),
-    "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (case-insensitive)."),
+    "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (ASCII case-insensitive)."),
     "ALLOW_EMAIL_DOMAINS": ("", "Domains whose verified emails are allowed, e.g. example.com."),
     "ALLOW_GROUPS": ("", "Groups allowed (from GROUPS_CLAIM), comma-separated."),
     "ALLOW_SUBS_FILE": ("", "File of subjects allowed, one per line; re-read when it changes."),
@@ -178,9 +179,9 @@ class AllowFile:
 class PolicyConfig:
     subs: frozenset[str]
     emails: frozenset[str]
-    """Lowercased."""
+    """A-Z lowercased (ascii_lower), nothing else changed."""
     email_domains: frozenset[str]
-    """Lowercased, without "@"."""
+    """A-Z lowercased, without "@"."""
     groups: frozenset[str]
     groups_claim: tuple[str, ...]
     """The dotted path, split: ("realm_access", "roles")."""
@@ -322,6 +323,17 @@ def _event_loop(choice: str, problems: list[str]) -> str:
         problems.append("EVENT_LOOP=uvloop but uvloop is not installed "
                         "(pip install 'oauth-sidecar[uvloop]')")
     return "uvloop" if choice == "uvloop" or (choice == "auto" and installed) else "asyncio"
+
+
+# Only A-Z: str.lower() also folds U+212A KELVIN SIGN onto "k", so an address registered with it
+# would match an ASCII entry; no other case folding or Unicode normalisation is ever applied.
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(value: str) -> str:
+    """Emails and domains compare case-insensitively in ASCII alone (RFC 5321 §2.4 leaves the
+    local part's case to the mailbox's host; RFC 4343 folds only ASCII in domain names)."""
+    return value.translate(ASCII_LOWER)
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -594,13 +606,13 @@ def allow_entries(kind: str, entries: list[str], source: str) -> tuple[frozenset
     """Normalised entries of one allow-list and the problems found in them (named by source)."""
     problems: list[str] = []
     if kind == "emails":
-        entries = [e.lower() for e in entries]
+        entries = [ascii_lower(e) for e in entries]
         for email in entries:
             local, _, domain = email.partition("@")
             if email.count("@") != 1 or not local or not domain:
                 problems.append(f"{source} entry {email!r} is not an email address")
     elif kind == "email_domains":
-        entries = [d.lower().removeprefix("@") for d in entries]
+        entries = [ascii_lower(d).removeprefix("@") for d in entries]
         for domain in entries:
             if "@" in domain or "*" in domain or domain.startswith(".") or "." not in domain:
                 problems.append(

@@ -4,7 +4,10 @@ Why: a valid token only says who the caller is; anyone who can sign in to the Id
 allow-lists decide (any configured list matching admits, the peer project's OR semantics), and
 they are pure functions of the claims so they are easy to test exhaustively. Emails count only
 when the IdP says they are verified (on an IdP with self-service sign-up an unverified `email` is
-attacker-chosen) and domains match exactly after the single `@`, never as a suffix.
+attacker-chosen) and domains match exactly after the single `@`, never as a suffix. Emails and
+domains compare case-insensitively in ASCII alone: no Unicode case folding or normalisation, which
+would let `\u212aim@example.com` (KELVIN SIGN) or a fullwidth `\uff4bim@example.com` pass as
+`kim@example.com` on an IdP that lets users register such addresses.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig
+from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig, ascii_lower
 
 
 class Denied(Exception):
@@ -61,7 +64,8 @@ class AccessPolicy:
         self._config = replace(self._config, **change)
 
     def verified_email(self, claims: Mapping[str, Any]) -> str | None:
-        """The caller's email, lowercased, if well-formed and verified (or verification waived)."""
+        """The caller's email, A-Z lowercased, if well-formed and verified (or verification
+        waived)."""
         email = claims.get("email")
         if not isinstance(email, str) or email.count("@") != 1:
             return None
@@ -70,7 +74,7 @@ class AccessPolicy:
             return None
         if not (self._config.allow_unverified_email or _is_true(claims.get("email_verified"))):
             return None
-        return email.lower()
+        return ascii_lower(email)
 
     def groups(self, claims: Mapping[str, Any]) -> list[str]:
         """Groups at the configured dotted path; anything but a list of strings is no groups."""
