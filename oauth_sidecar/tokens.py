@@ -32,8 +32,11 @@ from oauth_sidecar.idp import VerificationKey
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 MAX_KID_LENGTH = 256  # real kids are short ids or thumbprints; longer ones are probes
-# Header `typ` values that mark a JWT as something other than an access token.
+# Header `typ` values that mark a JWT as something other than an access token (a DPoP proof,
+# RFC 9449; a logout token, OpenID Back-Channel Logout; a security event, RFC 8417; an ID token).
 NON_ACCESS_TYPES = frozenset({"dpop+jwt", "logout+jwt", "secevent+jwt", "id_token+jwt", "jwe"})
+MEDIA_TYPE_PREFIX = "application/"
+NON_ACCESS_MEDIA_TYPES = frozenset(MEDIA_TYPE_PREFIX + name for name in NON_ACCESS_TYPES)
 TIME_CLAIMS = ("exp", "nbf", "iat")
 REQUIRED_CLAIMS = ("exp", "iss", "sub")  # and the audience claim (`aud` unless configured)
 
@@ -118,6 +121,13 @@ def bearer_token(authorization: Sequence[str], query_keys: Sequence[str], max_by
     if not B64TOKEN.fullmatch(token):
         raise _invalid("malformed", "The bearer token is malformed")
     return token
+
+
+def media_type(typ: str) -> str:
+    """A `typ` as the media type it names (RFC 7515 §4.1.9): compared case-insensitively, and a
+    value without "/" stands for `application/` + value; parameters (`; x=y`) do not count."""
+    name = typ.partition(";")[0].strip().lower()
+    return name if "/" in name else MEDIA_TYPE_PREFIX + name
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -218,7 +228,9 @@ class TokenVerifier:
         if isinstance(cty, str) and cty.upper() == "JWT":
             raise _invalid("nested_jwt", "Nested tokens are not accepted")
         typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() in NON_ACCESS_TYPES):
+        if typ is not None and (
+            not isinstance(typ, str) or media_type(typ) in NON_ACCESS_MEDIA_TYPES
+        ):
             raise _invalid("wrong_type", "The token is not an access token")
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):

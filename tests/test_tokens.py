@@ -45,7 +45,7 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP
-from oauth_sidecar.tokens import TokenError, bearer_token, parse_strict
+from oauth_sidecar.tokens import NON_ACCESS_TYPES, TokenError, bearer_token, parse_strict
 
 Client = TestClient[web.Request, web.Application]
 Start = Callable[..., Awaitable[Client]]
@@ -659,6 +659,38 @@ async def test_key_references_in_the_header_are_never_followed_or_trusted(
     assert sum(ctx.idp.hits.values()) - idp_hits_before == fetches  # all went to the real IdP
     if kid != "attacker-kid":
         assert fetches == 0  # a known (or absent) kid never causes any fetch
+
+
+# `typ` is a media type (RFC 7515 §4.1.9): case-insensitive, `application/` optional.
+TYP_FORMS = [
+    pytest.param(lambda t: t, id="short"),
+    pytest.param(str.upper, id="short-uppercase"),
+    pytest.param(lambda t: f"application/{t}", id="application-prefix"),
+    pytest.param(lambda t: f"Application/{t.upper()}", id="application-prefix-mixed-case"),
+    pytest.param(lambda t: f"application/{t}; charset=utf-8", id="with-a-parameter"),
+    pytest.param(lambda t: f" {t} ", id="surrounding-spaces"),
+]
+
+
+@pytest.mark.parametrize("spell", TYP_FORMS)
+@pytest.mark.parametrize("kind", sorted(NON_ACCESS_TYPES))
+async def test_every_non_access_typ_is_refused_in_every_spelling_of_its_media_type(
+    sidecar: Client, ctx: Ctx, upstream: FakeUpstream, kind: str, spell: Callable[[str], str]
+) -> None:
+    """A DPoP proof, a logout token, a security event or an ID token signed by the IdP is not an
+    access token, whether its header says `dpop+jwt` or `application/dpop+jwt`."""
+    typ = spell(kind)
+    token = forge(rsa_header(ctx, typ=typ), claims(ctx), ctx.rsa)
+    assert_refused(await send(sidecar, auth(token)), upstream, reason="wrong_type")
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "application/jwt", "at+jwt", "AT+JWT",
+                                 "application/at+jwt", "Application/At+Jwt"])
+async def test_access_token_types_are_accepted_in_every_spelling(
+    sidecar: Client, ctx: Ctx, upstream: FakeUpstream, typ: str
+) -> None:
+    token = forge(rsa_header(ctx, typ=typ), claims(ctx), ctx.rsa)
+    assert_accepted(await send(sidecar, auth(token)), upstream)
 
 
 # --------------------------------------------------------------------------------------------
