@@ -41,6 +41,9 @@ LOG_FORMATS = ("auto", "json", "console")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # Cognito access tokens carry no `aud`, only the app client's id in `client_id`.
 AUDIENCE_CLAIMS = ("aud", "client_id")
+# How ID tokens presented as access tokens are told apart (tokens.py): by what they say they are,
+# also by naming no client (for IdPs whose access tokens have the client id as aud), or not at all.
+ID_TOKEN_CHECKS = ("marked", "client", "off")
 
 # Every variable we accept, with its default ("" = unset) and meaning; --help and .env.example
 # are checked against this table by the tests.
@@ -48,6 +51,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "OIDC_ISSUER_URL": ("", "Issuer URL of your OpenID provider (required)."),
     "OIDC_AUDIENCE": ("", "Accepted `aud` values, comma-separated (required)."),
     "JWT_AUDIENCE_CLAIM": ("aud", "Claim holding the audience: aud, or client_id (AWS Cognito)."),
+    "JWT_ID_TOKEN_CHECK": ("marked", "Refuse ID tokens: marked, client (+ no client claim), off."),
     "RESOURCE_URL": ("", "Public URL of the MCP endpoint, e.g. https://h/mcp (required)."),
     "MCP_UPSTREAM_URL": ("", "URL of the MCP server to forward to (required)."),
     "MCP_UPSTREAM_PATH": ("", "Upstream path that RESOURCE_URL's path maps to, e.g. /mcp."),
@@ -149,6 +153,8 @@ class TokenConfig:
     cache_size: int
     audience_claim: str = "aud"
     """Where the audience is: `aud` (RFC 9068), or `client_id` for AWS Cognito access tokens."""
+    id_token_check: str = "marked"  # noqa: S105 - a mode's name, not a secret
+    """marked: refuse tokens that say they are ID tokens; client: also those naming no client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +546,7 @@ def load(env: Mapping[str, str]) -> Config:
             max_token_bytes=max_token,
             cache_size=r.number("TOKEN_CACHE_SIZE", int, 0, 10_000_000),
             audience_claim=r.choice("JWT_AUDIENCE_CLAIM", AUDIENCE_CLAIMS),
+            id_token_check=r.choice("JWT_ID_TOKEN_CHECK", ID_TOKEN_CHECKS),
         ),
         upstream=UpstreamConfig(
             origin=upstream_origin,
@@ -580,6 +587,21 @@ def load(env: Mapping[str, str]) -> Config:
             "STATE_SECRET is not set: sign-ins are signed with a random per-process key, so with "
             "several replicas a sign-in started on one fails on another; set the same "
             "STATE_SECRET everywhere"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
+    tokens, id_check = config.tokens, config.tokens.id_token_check
+    if id_check == "off":
+        warning = ("JWT_ID_TOKEN_CHECK=off: ID tokens that carry an accepted audience pass as "
+                   "access tokens")
+        config = replace(config, warnings=(*config.warnings, warning))
+    elif id_check == "marked" and tokens.audience_claim == "aud" and (
+        config.auth_server.client_id in tokens.audiences
+    ):
+        warning = (
+            f"OIDC_AUDIENCE includes STATIC_CLIENT_ID {config.auth_server.client_id}: the ID "
+            "tokens the IdP issues to that client carry it in aud too, so set "
+            "JWT_ID_TOKEN_CHECK=client to refuse tokens that name no client (azp, client_id, "
+            "cid or appid), as such ID tokens do"
         )
         config = replace(config, warnings=(*config.warnings, warning))
     if cors_any:
