@@ -12,8 +12,8 @@ would let `\u212aim@example.com` (KELVIN SIGN) or a fullwidth `\uff4bim@example.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig, ascii_lower
@@ -30,6 +30,21 @@ class Denied(Exception):
         super().__init__(reason)
         self.reason = reason
         self.scope_missing = scope_missing
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """How the policy judges one caller, list by list (for `oauth-sidecar check --token`)."""
+
+    lists: dict[str, bool]
+    """Each configured allow-list, by variable (ALLOW_SUBS ...): does it admit this caller."""
+    denied: Denied | None
+    """What check() raises; None: admitted with every required scope."""
+    missing_scopes: tuple[str, ...]
+    """REQUIRED_SCOPES the token lacks (checked only once the caller is admitted)."""
+
+
+Match = Callable[[str, Mapping[str, Any]], bool]
 
 
 def _is_true(value: Any) -> bool:
@@ -50,6 +65,12 @@ class AccessPolicy:
     def __init__(self, config: PolicyConfig) -> None:
         self._config = config
         self._required = frozenset(config.required_scopes)
+        # One matcher per allow-list, in the order they are tried: check() stops at the first
+        # that admits, explain() asks each.
+        self._matchers: tuple[tuple[str, Match], ...] = (
+            ("subs", self._by_sub), ("emails", self._by_email),
+            ("email_domains", self._by_email_domain), ("groups", self._by_group),
+        )
 
     def allow_list(self, kind: str) -> frozenset[str]:
         """One allow-list: subs, emails, email_domains or groups (config.ALLOW_LISTS)."""
@@ -90,24 +111,50 @@ class AccessPolicy:
     def scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
         return frozenset(_words(claims.get("scope")) + _words(claims.get("scp")))
 
+    def missing_scopes(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
+        held = self.scopes(claims)
+        return tuple(scope for scope in self._config.required_scopes if scope not in held)
+
     def check(self, subject: str, claims: Mapping[str, Any]) -> None:
         """Raise Denied unless the caller is admitted and holds every required scope."""
         if not self._admitted(subject, claims):
             raise Denied("not_allowed")
-        if self._required and not self._required <= self.scopes(claims):
+        if self._required and self.missing_scopes(claims):
             raise Denied("insufficient_scope", scope_missing=True)
+
+    def explain(self, subject: str, claims: Mapping[str, Any]) -> Admission:
+        """check()'s verdict, and what each configured allow-list says about this caller."""
+        lists = {ALLOW_LISTS[kind]: match(subject, claims)
+                 for kind, match in self._matchers if self.allow_list(kind)}
+        try:
+            self.check(subject, claims)
+        except Denied as exc:
+            denied: Denied | None = exc
+        else:
+            denied = None
+        return Admission(lists, denied, self.missing_scopes(claims))
 
     def _admitted(self, subject: str, claims: Mapping[str, Any]) -> bool:
         config = self._config
         if not (config.subs or config.emails or config.email_domains or config.groups):
             # A list file that is empty for now admits nobody, never everybody.
             return config.allow_all_authenticated and not config.files
-        if subject in config.subs:
-            return True
-        if config.emails or config.email_domains:
-            email = self.verified_email(claims)
-            if email is not None and (
-                email in config.emails or email.partition("@")[2] in config.email_domains
-            ):
-                return True
-        return bool(config.groups) and not config.groups.isdisjoint(self.groups(claims))
+        return any(match(subject, claims) for _, match in self._matchers)
+
+    def _by_sub(self, subject: str, claims: Mapping[str, Any]) -> bool:
+        return subject in self._config.subs
+
+    def _by_email(self, subject: str, claims: Mapping[str, Any]) -> bool:
+        if not self._config.emails:
+            return False
+        return self.verified_email(claims) in self._config.emails
+
+    def _by_email_domain(self, subject: str, claims: Mapping[str, Any]) -> bool:
+        if not self._config.email_domains:
+            return False
+        email = self.verified_email(claims)
+        return email is not None and email.partition("@")[2] in self._config.email_domains
+
+    def _by_group(self, subject: str, claims: Mapping[str, Any]) -> bool:
+        groups = self._config.groups
+        return bool(groups) and not groups.isdisjoint(self.groups(claims))

@@ -36,6 +36,7 @@ MAX_KID_LENGTH = 256  # real kids are short ids or thumbprints; longer ones are 
 # RFC 9449; a logout token, OpenID Back-Channel Logout; a security event, RFC 8417; an ID token).
 NON_ACCESS_TYPES = frozenset({"dpop+jwt", "logout+jwt", "secevent+jwt", "id_token+jwt", "jwe"})
 MEDIA_TYPE_PREFIX = "application/"
+RFC9068_MEDIA_TYPE = "application/at+jwt"  # a JWT access token that says so (RFC 9068 §2.1)
 NON_ACCESS_MEDIA_TYPES = frozenset(MEDIA_TYPE_PREFIX + name for name in NON_ACCESS_TYPES)
 TIME_CLAIMS = ("exp", "nbf", "iat")
 # Claims only ID tokens carry (OpenID Connect Core §3.1.3.6 and §3.3.2.11, FAPI's s_hash): the
