@@ -12,7 +12,7 @@ would let `\u212aim@example.com` (KELVIN SIGN) or a fullwidth `\uff4bim@example.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,9 +44,6 @@ class Admission:
     """REQUIRED_SCOPES the token lacks (checked only once the caller is admitted)."""
 
 
-Match = Callable[[str, Mapping[str, Any]], bool]
-
-
 def _is_true(value: Any) -> bool:
     """email_verified is a boolean, but Cognito and some older IdPs send the string "true"."""
     return value is True or (isinstance(value, str) and value.lower() == "true")
@@ -65,12 +62,6 @@ class AccessPolicy:
     def __init__(self, config: PolicyConfig) -> None:
         self._config = config
         self._required = frozenset(config.required_scopes)
-        # One matcher per allow-list, in the order they are tried: check() stops at the first
-        # that admits, explain() asks each.
-        self._matchers: tuple[tuple[str, Match], ...] = (
-            ("subs", self._by_sub), ("emails", self._by_email),
-            ("email_domains", self._by_email_domain), ("groups", self._by_group),
-        )
 
     def allow_list(self, kind: str) -> frozenset[str]:
         """One allow-list: subs, emails, email_domains or groups (config.ALLOW_LISTS)."""
@@ -123,9 +114,16 @@ class AccessPolicy:
             raise Denied("insufficient_scope", scope_missing=True)
 
     def explain(self, subject: str, claims: Mapping[str, Any]) -> Admission:
-        """check()'s verdict, and what each configured allow-list says about this caller."""
-        lists = {ALLOW_LISTS[kind]: match(subject, claims)
-                 for kind, match in self._matchers if self.allow_list(kind)}
+        """check()'s verdict, and what each configured allow-list says about this caller (the
+        same predicates _admitted() tries in turn)."""
+        config, email = self._config, self.verified_email(claims)
+        said = {
+            "subs": lambda: self._listed_sub(subject),
+            "emails": lambda: self._listed_email(email),
+            "email_domains": lambda: self._listed_domain(email),
+            "groups": lambda: self._listed_group(claims),
+        }
+        lists = {ALLOW_LISTS[kind]: said[kind]() for kind in ALLOW_LISTS if getattr(config, kind)}
         try:
             self.check(subject, claims)
         except Denied as exc:
@@ -139,22 +137,23 @@ class AccessPolicy:
         if not (config.subs or config.emails or config.email_domains or config.groups):
             # A list file that is empty for now admits nobody, never everybody.
             return config.allow_all_authenticated and not config.files
-        return any(match(subject, claims) for _, match in self._matchers)
+        if self._listed_sub(subject):
+            return True
+        if config.emails or config.email_domains:
+            email = self.verified_email(claims)
+            if self._listed_email(email) or self._listed_domain(email):
+                return True
+        return self._listed_group(claims)
 
-    def _by_sub(self, subject: str, claims: Mapping[str, Any]) -> bool:
+    def _listed_sub(self, subject: str) -> bool:
         return subject in self._config.subs
 
-    def _by_email(self, subject: str, claims: Mapping[str, Any]) -> bool:
-        if not self._config.emails:
-            return False
-        return self.verified_email(claims) in self._config.emails
+    def _listed_email(self, email: str | None) -> bool:
+        return email is not None and email in self._config.emails
 
-    def _by_email_domain(self, subject: str, claims: Mapping[str, Any]) -> bool:
-        if not self._config.email_domains:
-            return False
-        email = self.verified_email(claims)
+    def _listed_domain(self, email: str | None) -> bool:
         return email is not None and email.partition("@")[2] in self._config.email_domains
 
-    def _by_group(self, subject: str, claims: Mapping[str, Any]) -> bool:
+    def _listed_group(self, claims: Mapping[str, Any]) -> bool:
         groups = self._config.groups
         return bool(groups) and not groups.isdisjoint(self.groups(claims))
