@@ -366,13 +366,16 @@ def audience_findings(config: Config) -> list[Finding]:
             "sent it (RESOURCE_URL, from the metadata) in aud, and audiences are compared exactly",
             f"set OIDC_AUDIENCE={resource} (list both forms if some clients send the other)")
     client_ids = [a for a in audiences if "://" not in a and not a.startswith(("api:", "urn:"))]
+    id_check = config.tokens.id_token_check
     if not recognised and client_ids and resource not in audiences:
         add(WARNING, "audience_client_id",
             f"OIDC_AUDIENCE {client_ids[0]!r} looks like a client id, but MCP clients ask for "
             f"tokens with resource={resource} (RFC 8707): an IdP that honours it issues "
             "aud=RESOURCE_URL, and a client id in aud usually marks an ID token",
             f"if the IdP supports resource indicators, add {resource} to OIDC_AUDIENCE; "
-            "otherwise configure the IdP to put this value in the access tokens it issues")
+            "otherwise configure the IdP to put this value in the access tokens it issues"
+            + ("" if id_check == "client" else
+               ", and if its ID tokens carry the same aud, set JWT_ID_TOKEN_CHECK=client"))
     return findings
 
 
