@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -42,6 +43,9 @@ LOG_FORMATS = ("auto", "json", "console")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # Cognito access tokens carry no `aud`, only the app client's id in `client_id`.
 AUDIENCE_CLAIMS = ("aud", "client_id")
+# How ID tokens presented as access tokens are told apart (tokens.py): by what they say they are,
+# also by naming no client (for IdPs whose access tokens have the client id as aud), or not at all.
+ID_TOKEN_CHECKS = ("marked", "client", "off")
 
 # Every variable we accept, with its default ("" = unset) and meaning; --help and .env.example
 # are checked against this table by the tests.
@@ -49,6 +53,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "OIDC_ISSUER_URL": ("", "Issuer URL of your OpenID provider (required)."),
     "OIDC_AUDIENCE": ("", "Accepted `aud` values, comma-separated (required)."),
     "JWT_AUDIENCE_CLAIM": ("aud", "Claim holding the audience: aud, or client_id (AWS Cognito)."),
+    "JWT_ID_TOKEN_CHECK": ("marked", "Refuse ID tokens: marked, client (+ no client claim), off."),
     "RESOURCE_URL": ("", "Public URL of the MCP endpoint, e.g. https://h/mcp (required)."),
     "MCP_UPSTREAM_URL": ("", "URL of the MCP server to forward to (required)."),
     "MCP_UPSTREAM_PATH": ("", "Upstream path that RESOURCE_URL's path maps to, e.g. /mcp."),
@@ -79,7 +84,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MAX_CONNECTIONS": ("512", "Open client connections at most; more are closed at once."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
     "ALLOW_SUBS": ("", "Subjects (`sub`) allowed, comma-separated."),
-    "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (case-insensitive)."),
+    "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (ASCII case-insensitive)."),
     "ALLOW_EMAIL_DOMAINS": ("", "Domains whose verified emails are allowed, e.g. example.com."),
     "ALLOW_GROUPS": ("", "Groups allowed (from GROUPS_CLAIM), comma-separated."),
     "ALLOW_SUBS_FILE": ("", "File of subjects allowed, one per line; re-read when it changes."),
@@ -155,6 +160,8 @@ class TokenConfig:
     cache_size: int
     audience_claim: str = "aud"
     """Where the audience is: `aud` (RFC 9068), or `client_id` for AWS Cognito access tokens."""
+    id_token_check: str = "marked"  # noqa: S105 - a mode's name, not a secret
+    """marked: refuse tokens that say they are ID tokens; client: also those naming no client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +192,9 @@ class AllowFile:
 class PolicyConfig:
     subs: frozenset[str]
     emails: frozenset[str]
-    """Lowercased."""
+    """A-Z lowercased (ascii_lower), nothing else changed."""
     email_domains: frozenset[str]
-    """Lowercased, without "@"."""
+    """A-Z lowercased, without "@"."""
     groups: frozenset[str]
     groups_claim: tuple[str, ...]
     """The dotted path, split: ("realm_access", "roles")."""
@@ -340,6 +347,18 @@ def _event_loop(choice: str, problems: list[str]) -> str:
         problems.append("EVENT_LOOP=uvloop but uvloop is not installed "
                         "(pip install 'oauth-sidecar[uvloop]')")
     return "uvloop" if choice == "uvloop" or (choice == "auto" and installed) else "asyncio"
+
+
+# Only A-Z: str.lower() also folds U+212A KELVIN SIGN onto "k", so an address registered with it
+# would match an ASCII entry; no other case folding or Unicode normalisation is ever applied.
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(value: str) -> str:
+    """Emails and domains compare case-insensitively in ASCII alone (RFC 5321 §2.4 leaves the
+    local part's case to the mailbox's host; RFC 4343 folds only ASCII in domain names)."""
+    # str.lower() is exact on ASCII and much faster than translate(): keep it for that case.
+    return value.lower() if value.isascii() else value.translate(ASCII_LOWER)
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -548,6 +567,7 @@ def load(env: Mapping[str, str]) -> Config:
             max_token_bytes=max_token,
             cache_size=r.number("TOKEN_CACHE_SIZE", int, 0, 10_000_000),
             audience_claim=r.choice("JWT_AUDIENCE_CLAIM", AUDIENCE_CLAIMS),
+            id_token_check=r.choice("JWT_ID_TOKEN_CHECK", ID_TOKEN_CHECKS),
         ),
         upstream=UpstreamConfig(
             origin=upstream_origin,
@@ -590,6 +610,21 @@ def load(env: Mapping[str, str]) -> Config:
             "STATE_SECRET everywhere"
         )
         config = replace(config, warnings=(*config.warnings, warning))
+    tokens, id_check = config.tokens, config.tokens.id_token_check
+    if id_check == "off":
+        warning = ("JWT_ID_TOKEN_CHECK=off: ID tokens that carry an accepted audience pass as "
+                   "access tokens")
+        config = replace(config, warnings=(*config.warnings, warning))
+    elif id_check == "marked" and tokens.audience_claim == "aud" and (
+        config.auth_server.client_id in tokens.audiences
+    ):
+        warning = (
+            f"OIDC_AUDIENCE includes STATIC_CLIENT_ID {config.auth_server.client_id}: the ID "
+            "tokens the IdP issues to that client carry it in aud too, so set "
+            "JWT_ID_TOKEN_CHECK=client to refuse tokens that name no client (azp, client_id, "
+            "cid or appid), as such ID tokens do"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
     if cors_any:
         warning = (
             "CORS_ALLOW_ORIGINS=* lets any web page call the MCP endpoint with a user's token "
@@ -614,13 +649,13 @@ def allow_entries(kind: str, entries: list[str], source: str) -> tuple[frozenset
     """Normalised entries of one allow-list and the problems found in them (named by source)."""
     problems: list[str] = []
     if kind == "emails":
-        entries = [e.lower() for e in entries]
+        entries = [ascii_lower(e) for e in entries]
         for email in entries:
             local, _, domain = email.partition("@")
             if email.count("@") != 1 or not local or not domain:
                 problems.append(f"{source} entry {email!r} is not an email address")
     elif kind == "email_domains":
-        entries = [d.lower().removeprefix("@") for d in entries]
+        entries = [ascii_lower(d).removeprefix("@") for d in entries]
         for domain in entries:
             if "@" in domain or "*" in domain or domain.startswith(".") or "." not in domain:
                 problems.append(

@@ -5,9 +5,10 @@ Why: a misconfigured deployment shows up as a bare 401 or as an MCP client refus
 with no hint where the mismatch is. The doctor runs the production pieces (config.load, the
 IdentityProvider, the documents discovery.py and authserver.py serve, TokenVerifier, AccessPolicy,
 the Gate's challenge, ChildProcess, the proxy's path mapping) against the real IdP and upstream,
-prints what an MCP client will see, and reports each known pitfall with its fix. A token's verdict
-is always the real verifier's and policy's; the claim-by-claim explanation only says why. The
-token itself and its signature are never printed.
+prints what an MCP client will see, and reports each known pitfall with its fix. For a token,
+every verdict and every pass or fail is the real verifier's and policy's (TokenVerifier.explain,
+AccessPolicy.explain, the Gate's own responses); this module only puts them into words and adds
+hints, so it cannot contradict the sidecar. The token itself and its signature are never printed.
 
 Severities: an error means sign-in or validation will fail (exit 1); a warning means likely
 trouble (exit 0 unless --strict); a note records what was checked and found fine.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -37,7 +37,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import get_default_algorithms
 
 from oauth_sidecar import __version__
 from oauth_sidecar.authserver import CALLBACK_PATH, facade_metadata, with_query
@@ -59,17 +58,20 @@ from oauth_sidecar.idp import (
     parse_jwk,
     same_issuer,
 )
-from oauth_sidecar.policy import AccessPolicy, Denied
+from oauth_sidecar.policy import AccessPolicy, Admission
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import (
+    CLIENT_CLAIMS,
+    ID_TOKEN_HASHES,
     MAX_KID_LENGTH,
-    NON_ACCESS_TYPES,
+    RFC9068_MEDIA_TYPE,
+    Explanation,
     TokenError,
     TokenVerifier,
     bearer_token,
-    parse_strict,
+    media_type,
 )
 from oauth_sidecar.upstream_credential import UpstreamCredential
 
@@ -108,8 +110,10 @@ class Finding:
 class ClaimCheck:
     name: str
     ok: bool | None
-    """None: information only (nothing to pass or fail)."""
+    """None: information only, or not checked (a check it needs failed)."""
     detail: str
+    reason: str = ""
+    """The verifier's or the policy's reason code when the check failed."""
 
 
 @dataclass(slots=True)
@@ -362,13 +366,16 @@ def audience_findings(config: Config) -> list[Finding]:
             "sent it (RESOURCE_URL, from the metadata) in aud, and audiences are compared exactly",
             f"set OIDC_AUDIENCE={resource} (list both forms if some clients send the other)")
     client_ids = [a for a in audiences if "://" not in a and not a.startswith(("api:", "urn:"))]
+    id_check = config.tokens.id_token_check
     if not recognised and client_ids and resource not in audiences:
         add(WARNING, "audience_client_id",
             f"OIDC_AUDIENCE {client_ids[0]!r} looks like a client id, but MCP clients ask for "
             f"tokens with resource={resource} (RFC 8707): an IdP that honours it issues "
             "aud=RESOURCE_URL, and a client id in aud usually marks an ID token",
             f"if the IdP supports resource indicators, add {resource} to OIDC_AUDIENCE; "
-            "otherwise configure the IdP to put this value in the access tokens it issues")
+            "otherwise configure the IdP to put this value in the access tokens it issues"
+            + ("" if id_check == "client" else
+               ", and if its ID tokens carry the same aud, set JWT_ID_TOKEN_CHECK=client"))
     return findings
 
 
@@ -462,7 +469,7 @@ class _Doctor:
             await self._upstream()
         token_report = self.report.token
         aud_ok = token_report is not None and any(
-            c.name == "aud" and c.ok for c in token_report.checks)
+            c.name == config.tokens.audience_claim and c.ok for c in token_report.checks)
         for guess in audience:  # a real token with a matching aud settles the guess
             settled = aud_ok and guess.code in UNLIKELY_AUDIENCE
             self.report.findings.append(dataclasses.replace(
@@ -875,292 +882,315 @@ def _mentions_redirect_error(body: bytes) -> bool:
 
 
 async def explain_token(config: Config, idp: IdentityProvider, token: str) -> TokenReport:
-    """The real verdict (bearer_token, TokenVerifier, AccessPolicy: the Gate's order), then the
-    claims one by one. The token and its signature are never part of the report."""
+    """What the Gate would do with this token, check by check. Every verdict and every pass or
+    fail comes from the sidecar's own pieces (bearer_token, TokenVerifier.explain,
+    AccessPolicy.explain, the Gate's responses); _Wording only says it in words and adds hints.
+    The token and its signature are never part of the report."""
     verifier, policy = TokenVerifier(config.tokens, idp), AccessPolicy(config.policy)
     gate = Gate(config, verifier=verifier, policy=policy, limiter=RateLimiter(config.rate_limits),
                 addresses=ClientAddress(config.trusted_proxies), is_public=lambda _: False)
-    status, reason, description, challenge = 200, "", "forwarded to the upstream", ""
     try:
         bearer_token([f"Bearer {token}"], [], config.tokens.max_token_bytes)
-        principal = await verifier.verify(token)
-        policy.check(principal.subject, principal.claims)
     except TokenError as exc:
-        status, reason, description = exc.status, exc.reason, exc.description
-        challenge = gate.challenge(exc) if exc.status != 503 else ""
-    except Denied as exc:
-        status, reason = 403, exc.reason
-        description = ("The token lacks a required scope" if exc.scope_missing
-                       else "This account may not use this server")
-    checks = _Explainer(config, idp, policy).explain(token)
-    report = TokenReport(checks=checks, accepted=status == 200, status=status, reason=reason,
-                         description=description, challenge=challenge)
-    if not report.accepted and not report.failed_checks():
-        checks.append(ClaimCheck("verifier", False, f"refused ({reason}): {description}"))
-    return report
+        explanation = Explanation({"format": exc}, exc)
+    else:
+        explanation = await verifier.explain(token)
+    words = _Wording(config, idp, verifier)
+    checks = words.token_lines(explanation, len(token))
+    payload, admission = explanation.payload, None
+    subject = payload.get("sub") if payload is not None else None
+    if payload is not None and isinstance(subject, str) and subject.strip():
+        admission = policy.explain(subject, payload)
+        checks += words.policy_lines(admission, payload, policy)
+    if explanation.error is not None:
+        response, reason = gate.refuse(explanation.error), explanation.error.reason
+    elif admission is not None and admission.denied is not None:
+        response, reason = gate.deny(admission.denied), admission.denied.reason
+    else:
+        return TokenReport(checks=checks, accepted=True, status=200, reason="",
+                           description="forwarded to the upstream")
+    body = response.body if isinstance(response.body, bytes) else b"{}"  # json_error's bytes
+    description = json.loads(body).get("error_description", "")
+    return TokenReport(checks=checks, accepted=False, status=response.status, reason=reason,
+                       description=description,
+                       challenge=response.headers.get("WWW-Authenticate", ""))
 
 
-class _Explainer:
-    def __init__(self, config: Config, idp: IdentityProvider, policy: AccessPolicy) -> None:
-        self.config, self.idp, self.policy = config, idp, policy
-        self.checks: list[ClaimCheck] = []
+def _line(name: str, error: TokenError | None, ok_detail: str, fail_detail: str = "") -> ClaimCheck:
+    """A check's outcome in words: the detail for a pass, or the failure's own sentence and
+    reason code with a hint."""
+    if error is None:
+        return ClaimCheck(name, True, ok_detail)
+    hint = f": {fail_detail}" if fail_detail else ""
+    return ClaimCheck(name, False, f"{error.description} ({error.reason}){hint}", error.reason)
+
+
+class _Wording:
+    """Words and hints for the verifier's and the policy's outcomes; it decides nothing."""
+
+    def __init__(self, config: Config, idp: IdentityProvider, verifier: TokenVerifier) -> None:
+        self.config, self.idp, self.verifier = config, idp, verifier
         self.now = time.time()
 
-    def add(self, name: str, ok: bool | None, detail: str) -> None:
-        self.checks.append(ClaimCheck(name, ok, detail))
-
-    def explain(self, token: str) -> list[ClaimCheck]:
-        try:
-            bearer_token([f"Bearer {token}"], [], self.config.tokens.max_token_bytes)
-            header, payload = parse_strict(token)
-        except TokenError as exc:
-            self.add("format", False, f"{exc.description} ({len(token)} characters)")
-            return self.checks
-        self.add("format", True, f"a signed JWT of {len(token)} characters")
-        alg = self._header(header)
-        key = self._key(header.get("kid"), alg)
-        self._signature(token, key, alg)
-        self._times(payload)
-        self._issuer(payload.get("iss"))
-        self._audience(payload)
-        sub = payload.get("sub")
-        if isinstance(sub, str) and sub.strip():
-            self.add("sub", True, repr(sub))
-        else:
-            self.add("sub", False, "missing" if sub is None else f"{sub!r} is not a non-empty "
-                                                                 "string")
-        self._scopes(payload)
-        self._allow_lists(sub if isinstance(sub, str) else "", payload)
-        if any(name in payload for name in ("nonce", "at_hash", "c_hash")):
-            self.add("kind", None, "this looks like an ID token (it has nonce/at_hash): MCP "
-                                   "clients must send the access token")
-        return self.checks
-
-    def _header(self, header: Mapping[str, Any]) -> str:
-        allowed = self.config.tokens.algorithms
-        alg = header.get("alg")
-        if isinstance(alg, str) and alg in allowed:
-            self.add("alg", True, f"{alg} is in JWT_ALGORITHMS")
-        else:
-            hint = " (only asymmetric algorithms are ever accepted)" if isinstance(alg, str) and (
-                alg.lower() == "none" or alg.startswith("HS")) else ""
-            self.add("alg", False, f"{alg!r} is not in JWT_ALGORITHMS "
-                                   f"({','.join(sorted(allowed))}){hint}")
-        if "crit" in header:
-            self.add("header", False, "crit is present: no critical extension is understood")
-        cty = header.get("cty")
-        if isinstance(cty, str) and cty.upper() == "JWT":
-            self.add("header", False, "cty JWT: nested tokens are not accepted")
+    def token_lines(self, explanation: Explanation, length: int) -> list[ClaimCheck]:
+        outcomes, header, payload = explanation.outcomes, explanation.header, explanation.payload
+        lines = [_line("format", outcomes["format"], f"a signed JWT of {length} characters",
+                       f"{length} characters")]
+        if header is None or payload is None:
+            return lines
+        before_key = {name for name, _ in self.verifier.before_key}
+        key_shown = False
+        for name, error in outcomes.items():
+            if name == "format":
+                continue
+            if name not in before_key and not key_shown:
+                key_shown = True
+                if name != "key":
+                    lines.append(ClaimCheck("key", None, "not checked: alg or kid is refused"))
+            if name == "key":
+                lines.append(self._key(error, header, explanation))
+                if "signature" not in outcomes:
+                    lines.append(ClaimCheck("signature", None, "not checked: no usable key"))
+            elif name == "signature":
+                lines.append(self._signature(error, explanation))
+            else:
+                word = (self._audience if name == self.verifier.audience_claim
+                        else getattr(self, f"_{name}"))
+                passed, hint = word(header, payload)
+                if name == "id_token" and error is not None:
+                    hint = self._id_token_hint(error, payload)
+                lines.append(_line(name, error, passed, hint))
+        if "key" not in outcomes:
+            index = next(i for i, line in enumerate(lines) if line.name == "key")
+            lines.insert(index + 1, ClaimCheck("signature", None, "not checked: no usable key"))
         ignored = sorted(name for name in ("jku", "x5u", "x5c", "jwk") if name in header)
         if ignored:
-            self.add("header", None, f"{', '.join(ignored)} ignored: keys come only from the "
-                                     "IdP's JWKS")
+            lines.append(ClaimCheck("header", None, f"{', '.join(ignored)} ignored: keys come "
+                                                    "only from the IdP's JWKS"))
+        return lines
+
+    # -- the header --------------------------------------------------------------------------
+
+    def _alg(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        allowed, alg = self.config.tokens.algorithms, header.get("alg")
+        hint = " (only asymmetric algorithms are ever accepted)" if isinstance(alg, str) and (
+            alg.lower() == "none" or alg.startswith("HS")) else ""
+        return (f"{alg} is in JWT_ALGORITHMS",
+                f"{alg!r} is not in JWT_ALGORITHMS ({','.join(sorted(allowed))}){hint}")
+
+    def _crit(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        return "absent", "no critical extension is understood"
+
+    def _cty(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        cty = header.get("cty")
+        return ("absent" if cty is None else repr(cty)), f"cty {cty!r}"
+
+    def _typ(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
         typ = header.get("typ")
-        if typ is None:
-            self.add("typ", None, "absent (accepted)")
-        elif not isinstance(typ, str) or typ.lower() in NON_ACCESS_TYPES:
-            self.add("typ", False, f"{typ!r} marks a token that is not an access token")
-        else:
-            rfc9068 = " (RFC 9068 access token)" if typ.lower() in (
-                "at+jwt", "application/at+jwt") else ""
-            self.add("typ", True, f"{typ}{rfc9068}")
-        return alg if isinstance(alg, str) else ""
+        if not isinstance(typ, str):
+            return "absent", f"{typ!r} is not a string"
+        kind = media_type(typ)
+        rfc9068 = " (RFC 9068 access token)" if kind == RFC9068_MEDIA_TYPE else ""
+        return f"{typ}{rfc9068}", f"{typ!r} is {kind}, which marks another kind of token"
 
-    def _key(self, kid: object, alg: str) -> VerificationKey | None:
-        if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):
-            self.add("kid", False, "not a string of 1 to 256 characters")
-            return None
-        idp = self.idp
-        if not idp.ready:
-            self.add("key", False, f"the IdP's keys are not loaded ({idp.last_error}): the "
-                                   "sidecar answers 503")
-            return None
-        published = sorted(str(k.kid) for k in idp.all_keys())
-        key = idp.get_key(kid) if isinstance(kid, str) or kid is None else None
+    def _kid(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        kid = header.get("kid")
         if kid is None:
-            candidates = [k for k in idp.all_keys() if alg in k.algorithms]
-            self.add("kid", None, "absent: usable only when exactly one published key fits alg")
-            if key is None and len(candidates) == 1:
-                key = candidates[0]
-            elif key is None:
-                self.add("key", False, f"no kid and {len(candidates)} published keys fit {alg}")
-                return None
-        else:
-            self.add("kid", True, repr(kid))
-        if key is None:
-            self.add("key", False, f"kid {kid!r} is not in the IdP's key set (published: "
-                                   f"{', '.join(published)}): signed by another issuer or "
-                                   "environment, or with a key the IdP no longer publishes")
-            return None
-        if alg not in key.algorithms:
-            self.add("key", False, f"key {key.kid!r} verifies "
-                                   f"{', '.join(sorted(key.algorithms))}, not {alg or '?'}")
-            return None
-        self.add("key", True, f"{key.kid!r}: {describe_key(key)}")
-        return key
+            return "absent: usable only when exactly one published key fits alg", ""
+        return repr(kid), f"must be a string of 1 to {MAX_KID_LENGTH} characters"
 
-    def _signature(self, token: str, key: VerificationKey | None, alg: str) -> None:
-        if key is None or alg not in self.config.tokens.algorithms:
-            self.add("signature", None, "not checked: no usable key")
-            return
-        signing_input, _, signature = token.rpartition(".")
+    def _key(self, error: TokenError | None, header: Mapping[str, Any],
+             explanation: Explanation) -> ClaimCheck:
+        key, kid = explanation.key, header.get("kid")
+        if error is None:
+            described = describe_key(key) if key is not None else "?"
+            return ClaimCheck("key", True, f"{kid!r}: {described}")
+        published = ", ".join(sorted(str(k.kid) for k in self.idp.all_keys())) or "none"
+        hint = {
+            "keys_unavailable": f"the IdP's keys are not loaded ({self.idp.last_error})",
+            "unknown_kid": f"kid {kid!r} is not in the IdP's key set (published: {published}): "
+                           "signed by another issuer or environment, or with a key the IdP no "
+                           "longer publishes" if kid is not None else
+                           f"no kid, and not exactly one published key fits {header.get('alg')}",
+            "alg_key_mismatch": f"the key for kid {kid!r} does not verify {header.get('alg')}",
+        }.get(error.reason, "")
+        return _line("key", error, "", hint)
+
+    def _signature(self, error: TokenError | None, explanation: Explanation) -> ClaimCheck:
+        kid = explanation.key.kid if explanation.key is not None else None
+        return _line("signature", error, f"verifies with key {kid!r}",
+                     f"does not verify with key {kid!r}: the token was altered, or signed by "
+                     "another key with the same kid")
+
+    # -- the claims ----------------------------------------------------------------------------
+
+    def _time(self, name: str, payload: Mapping[str, Any]) -> tuple[str, str]:
+        leeway, value = self.config.tokens.leeway, payload.get(name)
+        if name not in payload:
+            return "absent (optional)", "missing: the sidecar requires exp"
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return repr(value), f"{value!r} is not a number"
         try:
-            raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-            valid = get_default_algorithms()[alg].verify(signing_input.encode("ascii"),
-                                                         key.key, raw)
-        except (binascii.Error, ValueError, TypeError):
-            valid = False
-        if valid:
-            self.add("signature", True, f"verifies with key {key.kid!r}")
-        else:
-            self.add("signature", False, f"does not verify with key {key.kid!r}: the token was "
-                                         "altered, or signed by another key with the same kid")
+            moment = int(value)
+        except (OverflowError, ValueError):
+            return repr(value), f"{value!r} is not a finite number"
+        delta, when = moment - self.now, _when(moment)
+        if name == "exp":
+            if delta > 0:
+                return f"{when}: expires in {_span(delta)}", ""
+            return (f"{when}: expired {_span(delta)} ago, within the {leeway} s leeway",
+                    f"{when}: expired {_span(delta)} ago (leeway {leeway} s)")
+        future = (f"{when}: {_span(delta)} in the future, beyond the {leeway} s leeway (is a "
+                  "clock wrong?)")
+        if delta > 0:
+            return f"{when}: {_span(delta)} in the future, within the {leeway} s leeway", future
+        return f"{when} ({_span(delta)} ago)", future
 
-    def _times(self, payload: Mapping[str, Any]) -> None:
-        leeway, now = self.config.tokens.leeway, self.now
-        for name in ("exp", "nbf", "iat"):
-            value = payload.get(name)
-            if name not in payload:
-                if name == "exp":
-                    self.add(name, False, "missing: the sidecar requires exp")
-                else:
-                    self.add(name, None, "absent (optional)")
-                continue
-            if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-                self.add(name, False, f"{value!r} is not a number")
-                continue
-            try:
-                moment = int(value)
-            except (OverflowError, ValueError):
-                self.add(name, False, f"{value!r} is not a finite number")
-                continue
-            delta = moment - now
-            if name == "exp":
-                if delta > 0:
-                    self.add(name, True, f"{_when(moment)}: expires in {_span(delta)}")
-                elif moment > now - leeway:
-                    self.add(name, True, f"{_when(moment)}: expired {_span(delta)} ago, within "
-                                         f"the {leeway} s leeway")
-                else:
-                    self.add(name, False, f"{_when(moment)}: expired {_span(delta)} ago "
-                                          f"(leeway {leeway} s)")
-            elif moment > now + leeway:
-                self.add(name, False, f"{_when(moment)}: {_span(delta)} in the future, beyond "
-                                      f"the {leeway} s leeway (is a clock wrong?)")
-            elif delta > 0:
-                self.add(name, True, f"{_when(moment)}: {_span(delta)} in the future, within "
-                                     f"the {leeway} s leeway")
-            else:
-                self.add(name, True, f"{_when(moment)} ({_span(delta)} ago)")
+    def _exp(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        return self._time("exp", payload)
 
-    def _issuer(self, iss: object) -> None:
-        expected = self.config.tokens.issuer
+    def _nbf(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        return self._time("nbf", payload)
+
+    def _iat(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        return self._time("iat", payload)
+
+    def _sub(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        sub = payload.get("sub")
+        return repr(sub), "missing" if sub is None else f"{sub!r} is not a non-empty string"
+
+    def _jti(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        jti = payload.get("jti")
+        return ("absent (optional)" if "jti" not in payload else repr(jti),
+                f"{jti!r} is not a string")
+
+    def _id_token(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        named = [f"{name}={payload[name]!r}" for name in CLIENT_CLAIMS if name in payload]
+        client = f"; client: {', '.join(named)}" if named else ""
+        mode = self.config.tokens.id_token_check
+        return f"not an ID token (JWT_ID_TOKEN_CHECK={mode}){client}", ""
+
+    def _id_token_hint(self, error: TokenError, payload: Mapping[str, Any]) -> str:
+        if error.reason == "id_token_no_client":
+            return (f"it names no client in {', '.join(CLIENT_CLAIMS)}, as an ID token whose aud "
+                    "is the client id does (JWT_ID_TOKEN_CHECK=client); MCP clients must send "
+                    "the access token")
+        shown = [f"{name}={payload[name]!r}" for name in ("token_use", "typ") if name in payload]
+        shown += [name for name in ID_TOKEN_HASHES if name in payload]
+        return (f"it says so ({', '.join(shown)}); MCP clients must send the access token, not "
+                "the ID token")
+
+    def _iss(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        expected, iss = self.config.tokens.issuer, payload.get("iss")
         if iss is None:
-            self.add("iss", False, "missing")
-        elif not isinstance(iss, str):
-            self.add("iss", False, f"{iss!r} is not a string")
-        elif iss == expected:
-            self.add("iss", True, f"{iss!r} = OIDC_ISSUER_URL")
-        elif same_issuer(iss, expected):
-            self.add("iss", True, f"{iss!r} differs from OIDC_ISSUER_URL {expected!r} only by a "
-                                  "trailing slash: accepted (one trailing slash is tolerated)")
-        else:
+            return "", "missing"
+        if not isinstance(iss, str):
+            return "", f"{iss!r} is not a string"
+        if iss == expected:
+            return f"{iss!r} = OIDC_ISSUER_URL", ""
+        hint = ""
+        if iss.rstrip("/") == expected.rstrip("/"):
+            hint = " (they differ in trailing slashes; only one is tolerated)"
+        elif iss.lower() == expected.lower():
+            hint = " (they differ in letter case; issuers are compared exactly)"
+        elif "sts.windows.net" in iss and "login.microsoftonline.com" in expected:
+            hint = (" (an Entra v1.0 token: set requestedAccessTokenVersion=2 in the API app's "
+                    "manifest)")
+        return (f"{iss!r} differs from OIDC_ISSUER_URL {expected!r} only by a trailing slash: "
+                "accepted (one trailing slash is tolerated)",
+                f"{iss!r} is not OIDC_ISSUER_URL {expected!r}{hint}")
+
+    def _audience(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        claim, ours = self.verifier.audience_claim, list(self.config.tokens.audiences)
+        value = payload.get(claim)
+        where = "" if claim == "aud" else f" (JWT_AUDIENCE_CLAIM={claim})"
+        values = [value] if isinstance(value, str) else value
+        if not values or not isinstance(values, list) or not all(
+            isinstance(v, str) for v in values
+        ):
             hint = ""
-            if iss.rstrip("/") == expected.rstrip("/"):
-                hint = " (they differ in trailing slashes; only one is tolerated)"
-            elif iss.lower() == expected.lower():
-                hint = " (they differ in letter case; issuers are compared exactly)"
-            elif "sts.windows.net" in iss and "login.microsoftonline.com" in expected:
-                hint = (" (an Entra v1.0 token: set requestedAccessTokenVersion=2 in the API "
-                        "app's manifest)")
-            self.add("iss", False, f"{iss!r} is not OIDC_ISSUER_URL {expected!r}{hint}")
-
-    def _audience(self, payload: Mapping[str, Any]) -> None:
-        aud, ours = payload.get("aud"), self.config.tokens.audiences
-        if not aud:
-            self.add("aud", False, "missing: the sidecar requires aud")
-            return
-        values = [aud] if isinstance(aud, str) else aud
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            self.add("aud", False, f"{aud!r} is not a string or a list of strings")
-            return
+            if claim == "client_id" and payload.get("aud"):
+                hint = "; the token has aud instead: an ID token, or not a Cognito access token"
+            if claim == "aud" and payload.get("client_id") in ours:
+                hint = "; client_id holds an OIDC_AUDIENCE value: set JWT_AUDIENCE_CLAIM=client_id"
+            return "", f"{claim} is {value!r}{where}{hint}"
         matched = [a for a in ours if a in values]
-        if matched:
-            self.add("aud", True, f"{values} includes {matched[0]!r} (OIDC_AUDIENCE)")
-            return
         hints = []
-        for value in values:
-            near = [a for a in ours if a.rstrip("/").lower() == value.rstrip("/").lower()]
-            if near:
-                hints.append(f"{value!r} differs from {near[0]!r} only by case or a trailing "
+        for item in values:
+            near = [a for a in ours if a.rstrip("/").lower() == item.rstrip("/").lower()]
+            if near and item not in ours:
+                hints.append(f"{item!r} differs from {near[0]!r} only by case or a trailing "
                              "slash; audiences are compared exactly")
-            if value == "account":
+            if item == "account":
                 hints.append("`account` is Keycloak's default: add an Audience mapper")
-            if value.rstrip("/").endswith("/userinfo"):
+            if item.rstrip("/").endswith("/userinfo"):
                 hints.append("an Auth0 login token without an API audience")
-            if value in (payload.get("azp"), payload.get("client_id")):
-                hints.append(f"{value!r} is the client id: an ID token, or an IdP that puts "
-                             "the client in aud")
-        self.add("aud", False, f"{values}: none is in OIDC_AUDIENCE {list(ours)}"
-                               + "".join(f"; {hint}" for hint in hints))
+            if claim == "aud" and item in (payload.get("azp"), payload.get("client_id")):
+                hints.append(f"{item!r} is the client id: an ID token, or an IdP that puts the "
+                             "client in aud")
+        shown = matched[0] if matched else ""
+        return (f"{claim} {values} includes {shown!r} (OIDC_AUDIENCE){where}",
+                f"{claim} {values}: none is in OIDC_AUDIENCE {ours}{where}"
+                + "".join(f"; {hint}" for hint in hints))
 
-    def _scopes(self, payload: Mapping[str, Any]) -> None:
-        held = self.policy.scopes(payload)
-        required = self.config.policy.required_scopes
-        shown = " ".join(sorted(held)) or "(none)"
-        if not required:
-            self.add("scope", None, f"token scopes: {shown}; REQUIRED_SCOPES is not set")
-            return
-        missing = [scope for scope in required if scope not in held]
-        if missing:
-            self.add("scope", False, f"missing {' '.join(missing)} (REQUIRED_SCOPES); the token "
-                                     f"has {shown}: the sidecar answers 403 insufficient_scope")
+    # -- the policy ----------------------------------------------------------------------------
+
+    def policy_lines(self, admission: Admission, payload: Mapping[str, Any],
+                     policy: AccessPolicy) -> list[ClaimCheck]:
+        config = self.config.policy
+        lines: list[ClaimCheck] = []
+        held = " ".join(sorted(policy.scopes(payload))) or "(none)"
+        if not config.required_scopes:
+            lines.append(ClaimCheck("scope", None, f"token scopes: {held}; REQUIRED_SCOPES is "
+                                                   "not set"))
+        elif admission.missing_scopes:
+            lines.append(ClaimCheck(
+                "scope", False, f"missing {' '.join(admission.missing_scopes)} (REQUIRED_SCOPES); "
+                f"the token has {held}: the sidecar answers 403 insufficient_scope",
+                "insufficient_scope"))
         else:
-            self.add("scope", True, f"has every REQUIRED_SCOPES ({' '.join(required)})")
-
-    def _allow_lists(self, sub: str, payload: Mapping[str, Any]) -> None:
-        config, policy = self.config.policy, self.policy
-        admitted: list[str] = []
-        refused: list[str] = []
-        if config.subs:
-            (admitted if sub in config.subs else refused).append(
-                f"ALLOW_SUBS {'has' if sub in config.subs else 'does not have'} sub {sub!r}")
-        if config.emails or config.email_domains:
-            email = payload.get("email")
-            verified = policy.verified_email(payload)
-            if verified is not None and verified in config.emails:
-                admitted.append(f"ALLOW_EMAILS has {verified}")
-            elif verified is not None and verified.partition("@")[2] in config.email_domains:
-                admitted.append(f"ALLOW_EMAIL_DOMAINS has {verified.partition('@')[2]}")
-            elif verified is not None:
-                refused.append(f"email {verified} is in neither ALLOW_EMAILS nor "
-                               "ALLOW_EMAIL_DOMAINS")
-            elif email is None:
-                refused.append("no email claim (have the IdP put email in access tokens)")
-            elif isinstance(email, str) and email.count("@") == 1:
-                refused.append(f"email {email!r} does not count: email_verified="
-                               f"{payload.get('email_verified')!r} (only verified emails match; "
-                               "INSECURE_ALLOW_UNVERIFIED_EMAIL=false)")
-            else:
-                refused.append(f"email {email!r} is not an email address")
-        if config.groups:
-            groups = policy.groups(payload)
-            common = sorted(config.groups.intersection(groups))
-            claim = ".".join(config.groups_claim)
-            if common:
-                admitted.append(f"ALLOW_GROUPS has {', '.join(common)} (claim {claim})")
-            else:
-                refused.append(f"groups at claim {claim}: {groups or 'none'}, none in "
-                               "ALLOW_GROUPS")
-        if not (config.subs or config.emails or config.email_domains or config.groups):
-            if config.allow_all_authenticated:
-                admitted.append("ALLOW_ALL_AUTHENTICATED=true and no allow-list")
-            else:
-                refused.append("no allow-list and ALLOW_ALL_AUTHENTICATED=false")
+            lines.append(ClaimCheck("scope", True, f"has every REQUIRED_SCOPES "
+                                                   f"({' '.join(config.required_scopes)})"))
+        said = [self._list_words(name, admits, payload, policy)
+                for name, admits in admission.lists.items()]
+        admitted = admission.denied is None or admission.denied.scope_missing
+        if not admission.lists:
+            said = ["ALLOW_ALL_AUTHENTICATED=true and no allow-list" if admitted else
+                    "no allow-list admits anyone now (ALLOW_ALL_AUTHENTICATED=false, or an "
+                    "allow-list file that is empty)"]
         if admitted:
-            self.add("allow-list", True, "admitted: " + "; ".join(admitted + refused))
+            lines.append(ClaimCheck("allow-list", True, "admitted: " + "; ".join(said)))
         else:
-            self.add("allow-list", False, "no allow-list admits it: " + "; ".join(refused))
+            lines.append(ClaimCheck("allow-list", False, "no allow-list admits it: "
+                                    + "; ".join(said), "not_allowed"))
+        return lines
+
+    def _list_words(self, name: str, admits: bool, payload: Mapping[str, Any],
+                    policy: AccessPolicy) -> str:
+        sub, email = payload.get("sub"), payload.get("email")
+        verified = policy.verified_email(payload)
+        if name == "ALLOW_SUBS":
+            return f"ALLOW_SUBS {'has' if admits else 'does not have'} sub {sub!r}"
+        if name == "ALLOW_GROUPS":
+            claim = ".".join(self.config.policy.groups_claim)
+            groups = policy.groups(payload)
+            if admits:
+                common = sorted(policy.allow_list("groups").intersection(groups))
+                return f"ALLOW_GROUPS has {', '.join(common)} (claim {claim})"
+            return f"groups at claim {claim}: {groups or 'none'}, none in ALLOW_GROUPS"
+        if verified is not None:
+            part = verified if name == "ALLOW_EMAILS" else verified.partition("@")[2]
+            if admits or part.isascii():
+                return f"{name} {'has' if admits else 'does not have'} {part}"
+            return (f"{name} does not have {part!a} (compared exactly apart from ASCII "
+                    "case: no Unicode folding or normalisation)")
+        if email is None:
+            return f"{name}: no email claim (have the IdP put email in access tokens)"
+        if isinstance(email, str) and email.count("@") == 1:
+            return (f"{name}: email {email!r} does not count: email_verified="
+                    f"{payload.get('email_verified')!r} (only verified emails match; "
+                    "INSECURE_ALLOW_UNVERIFIED_EMAIL=false)")
+        return f"{name}: email {email!r} is not an email address"
 
 
 # -- rendering ------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Why: the peer project decided "public" by path prefix and then fell through to t
 unauthenticated requests reached the MCP server (`POST /healthz`, `/.well-known/%2e%2e/mcp`).
 Here public routes are terminal handlers registered for exactly their methods, and the gate asks
 the router which route matched, never the path. For everything else, in order: authenticate
-(401, RFC 6750 §3 and the MCP authorization spec), apply the access policy (403), then the
-per-subject rate limit (429). Each refusal is mapped to HTTP here and only here.
+(401, RFC 6750 §3 and the MCP authorization spec), spend one request of the subject's budget
+(429), then apply the access policy (403). The budget comes first so that a signed-in subject the
+allow-lists refuse pays for its refusals like anyone else: its IdP-valid token is cached, so
+otherwise each refusal would be free. Each refusal is mapped to HTTP here and only here.
 """
 
 from __future__ import annotations
@@ -73,14 +75,14 @@ class Gate:
         try:
             principal = await self._authenticate(request)
             request[PRINCIPAL] = principal  # before the checks below, so refusals are attributed
-            self._policy.check(principal.subject, principal.claims)
             await self._limiter.hit_subject(principal.issuer, principal.subject)
+            self._policy.check(principal.subject, principal.claims)
         except TokenError as exc:
             request[AUTH_FAILURE] = exc.reason
             return self.refuse(exc)
         except Denied as exc:
             request[AUTH_FAILURE] = exc.reason
-            return self._deny(exc)
+            return self.deny(exc)
         except RateLimited as exc:
             request[AUTH_FAILURE] = f"rate_limited_{exc.scope}"
             return rate_limited(exc)
@@ -118,7 +120,7 @@ class Gate:
             {"WWW-Authenticate": self.challenge(error)},
         )
 
-    def _deny(self, denied: Denied) -> web.Response:
+    def deny(self, denied: Denied) -> web.Response:
         if denied.scope_missing:
             return json_error(403, "insufficient_scope", "The token lacks a required scope",
                               {"WWW-Authenticate": self._insufficient_scope})

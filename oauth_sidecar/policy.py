@@ -4,16 +4,19 @@ Why: a valid token only says who the caller is; anyone who can sign in to the Id
 allow-lists decide (any configured list matching admits, the peer project's OR semantics), and
 they are pure functions of the claims so they are easy to test exhaustively. Emails count only
 when the IdP says they are verified (on an IdP with self-service sign-up an unverified `email` is
-attacker-chosen) and domains match exactly after the single `@`, never as a suffix.
+attacker-chosen) and domains match exactly after the single `@`, never as a suffix. Emails and
+domains compare case-insensitively in ASCII alone: no Unicode case folding or normalisation, which
+would let `\u212aim@example.com` (KELVIN SIGN) or a fullwidth `\uff4bim@example.com` pass as
+`kim@example.com` on an IdP that lets users register such addresses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig
+from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig, ascii_lower
 
 
 class Denied(Exception):
@@ -27,6 +30,18 @@ class Denied(Exception):
         super().__init__(reason)
         self.reason = reason
         self.scope_missing = scope_missing
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """How the policy judges one caller, list by list (for `oauth-sidecar check --token`)."""
+
+    lists: dict[str, bool]
+    """Each configured allow-list, by variable (ALLOW_SUBS ...): does it admit this caller."""
+    denied: Denied | None
+    """What check() raises; None: admitted with every required scope."""
+    missing_scopes: tuple[str, ...]
+    """REQUIRED_SCOPES the token lacks (checked only once the caller is admitted)."""
 
 
 def _is_true(value: Any) -> bool:
@@ -61,7 +76,8 @@ class AccessPolicy:
         self._config = replace(self._config, **change)
 
     def verified_email(self, claims: Mapping[str, Any]) -> str | None:
-        """The caller's email, lowercased, if well-formed and verified (or verification waived)."""
+        """The caller's email, A-Z lowercased, if well-formed and verified (or verification
+        waived)."""
         email = claims.get("email")
         if not isinstance(email, str) or email.count("@") != 1:
             return None
@@ -70,7 +86,7 @@ class AccessPolicy:
             return None
         if not (self._config.allow_unverified_email or _is_true(claims.get("email_verified"))):
             return None
-        return email.lower()
+        return ascii_lower(email)
 
     def groups(self, claims: Mapping[str, Any]) -> list[str]:
         """Groups at the configured dotted path; anything but a list of strings is no groups."""
@@ -86,24 +102,58 @@ class AccessPolicy:
     def scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
         return frozenset(_words(claims.get("scope")) + _words(claims.get("scp")))
 
+    def missing_scopes(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
+        held = self.scopes(claims)
+        return tuple(scope for scope in self._config.required_scopes if scope not in held)
+
     def check(self, subject: str, claims: Mapping[str, Any]) -> None:
         """Raise Denied unless the caller is admitted and holds every required scope."""
         if not self._admitted(subject, claims):
             raise Denied("not_allowed")
-        if self._required and not self._required <= self.scopes(claims):
+        if self._required and self.missing_scopes(claims):
             raise Denied("insufficient_scope", scope_missing=True)
+
+    def explain(self, subject: str, claims: Mapping[str, Any]) -> Admission:
+        """check()'s verdict, and what each configured allow-list says about this caller (the
+        same predicates _admitted() tries in turn)."""
+        config, email = self._config, self.verified_email(claims)
+        said = {
+            "subs": lambda: self._listed_sub(subject),
+            "emails": lambda: self._listed_email(email),
+            "email_domains": lambda: self._listed_domain(email),
+            "groups": lambda: self._listed_group(claims),
+        }
+        lists = {ALLOW_LISTS[kind]: said[kind]() for kind in ALLOW_LISTS if getattr(config, kind)}
+        try:
+            self.check(subject, claims)
+        except Denied as exc:
+            denied: Denied | None = exc
+        else:
+            denied = None
+        return Admission(lists, denied, self.missing_scopes(claims))
 
     def _admitted(self, subject: str, claims: Mapping[str, Any]) -> bool:
         config = self._config
         if not (config.subs or config.emails or config.email_domains or config.groups):
             # A list file that is empty for now admits nobody, never everybody.
             return config.allow_all_authenticated and not config.files
-        if subject in config.subs:
+        if self._listed_sub(subject):
             return True
         if config.emails or config.email_domains:
             email = self.verified_email(claims)
-            if email is not None and (
-                email in config.emails or email.partition("@")[2] in config.email_domains
-            ):
+            if self._listed_email(email) or self._listed_domain(email):
                 return True
-        return bool(config.groups) and not config.groups.isdisjoint(self.groups(claims))
+        return self._listed_group(claims)
+
+    def _listed_sub(self, subject: str) -> bool:
+        return subject in self._config.subs
+
+    def _listed_email(self, email: str | None) -> bool:
+        return email is not None and email in self._config.emails
+
+    def _listed_domain(self, email: str | None) -> bool:
+        return email is not None and email.partition("@")[2] in self._config.email_domains
+
+    def _listed_group(self, claims: Mapping[str, Any]) -> bool:
+        groups = self._config.groups
+        return bool(groups) and not groups.isdisjoint(self.groups(claims))

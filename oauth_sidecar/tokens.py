@@ -19,7 +19,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,10 +32,20 @@ from oauth_sidecar.idp import VerificationKey
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 MAX_KID_LENGTH = 256  # real kids are short ids or thumbprints; longer ones are probes
-# Header `typ` values that mark a JWT as something other than an access token.
+# Header `typ` values that mark a JWT as something other than an access token (a DPoP proof,
+# RFC 9449; a logout token, OpenID Back-Channel Logout; a security event, RFC 8417; an ID token).
 NON_ACCESS_TYPES = frozenset({"dpop+jwt", "logout+jwt", "secevent+jwt", "id_token+jwt", "jwe"})
+MEDIA_TYPE_PREFIX = "application/"
+RFC9068_MEDIA_TYPE = "application/at+jwt"  # a JWT access token that says so (RFC 9068 §2.1)
+NON_ACCESS_MEDIA_TYPES = frozenset(MEDIA_TYPE_PREFIX + name for name in NON_ACCESS_TYPES)
 TIME_CLAIMS = ("exp", "nbf", "iat")
-REQUIRED_CLAIMS = ("exp", "iss", "sub")  # and the audience claim (`aud` unless configured)
+# Claims only ID tokens carry (OpenID Connect Core §3.1.3.6 and §3.3.2.11, FAPI's s_hash): the
+# hash of the access token, code or state issued beside them. `nonce` is no sign: authentik copies
+# it into its access tokens, as older Keycloak versions did (current ones with a mapper).
+ID_TOKEN_HASHES = ("at_hash", "c_hash", "s_hash")
+# Where an access token names its client: client_id (RFC 9068 §2.2; Cognito, node oidc-provider),
+# azp (Keycloak, Auth0, authentik, Entra v2), cid (Okta), appid (Entra v1).
+CLIENT_CLAIMS = ("client_id", "azp", "cid", "appid")
 
 
 class TokenError(Exception):
@@ -72,7 +82,8 @@ class Principal:
 
 
 def _is_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # A tuple, not `int | float`: isinstance with a union type is slower on this hot path.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
         return math.isfinite(value)
@@ -120,6 +131,13 @@ def bearer_token(authorization: Sequence[str], query_keys: Sequence[str], max_by
     return token
 
 
+def media_type(typ: str) -> str:
+    """A `typ` as the media type it names (RFC 7515 §4.1.9): compared case-insensitively, and a
+    value without "/" stands for `application/` + value; parameters (`; x=y`) do not count."""
+    name = typ.partition(";")[0].strip().lower()
+    return name if "/" in name else MEDIA_TYPE_PREFIX + name
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -148,21 +166,71 @@ def parse_strict(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return _json_segment(segments[0], "header"), _json_segment(segments[1], "payload")
 
 
+Check = Callable[[dict[str, Any], dict[str, Any], float], None]
+"""One named check of a parsed token, given (header, payload, now): returns or raises TokenError."""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Every check's outcome for one token, as `oauth-sidecar check --token` shows it."""
+
+    outcomes: dict[str, TokenError | None]
+    """By check name, in the verifier's order: None when it passed, else its first failure. A
+    name is absent when a check it needs failed first (no key, no signature check)."""
+    error: TokenError | None
+    """What verify() raises for this token (the first failure in order); None: it verifies."""
+    header: dict[str, Any] | None = None
+    payload: dict[str, Any] | None = None
+    """Both None when the token does not parse ("format" failed)."""
+    key: VerificationKey | None = None
+
+
+def _says_id(value: object) -> bool:
+    return isinstance(value, str) and value.lower() == "id"
+
+
 class TokenVerifier:
-    """Verifies access tokens for one issuer and audience set."""
+    """Verifies access tokens for one issuer and audience set.
+
+    The checks form one ordered table of named checks: verify() stops at the first failure (the
+    hot path of a cache miss), explain() runs them all and reports each, so the doctor's verdict
+    and its claim lines are this class's and cannot drift from it. A name appears twice where a
+    claim is checked in two steps: its type before the signature, its value after.
+    """
 
     def __init__(self, config: TokenConfig, keys: KeySource) -> None:
         self._config = config
         self._keys = keys
         issuer = config.issuer.removesuffix("/")
         self._issuers = (issuer, issuer + "/")  # one trailing slash tolerated, see idp.same_issuer
-        self._audiences = list(config.audiences)
-        self._audience_claim = config.audience_claim
-        # pyjwt's order: exp, iss, aud, sub (the audience claim takes aud's place).
-        self._required = (*REQUIRED_CLAIMS[:2], config.audience_claim, REQUIRED_CLAIMS[2])
+        self._audiences = frozenset(config.audiences)
+        self.audience_claim = config.audience_claim
         algorithms = get_default_algorithms()
         self._signers = {name: algorithms[name] for name in config.algorithms}
         self._cache: dict[bytes, tuple[Principal, VerificationKey]] = {}
+        audience = config.audience_claim
+        # Before the key is chosen: the header, then the types pyjwt would coerce.
+        self.before_key: tuple[tuple[str, Check], ...] = (
+            ("alg", self._alg), ("crit", self._crit), ("cty", self._cty), ("typ", self._typ),
+            ("kid", self._kid), *((name, self._number(name)) for name in TIME_CLAIMS),
+            ("sub", self._sub_type),
+        )
+        id_tokens: tuple[tuple[str, Check], ...] = {
+            "marked": (("id_token", self._not_marked_id_token),),
+            "client": (("id_token", self._not_marked_id_token), ("id_token", self._names_client)),
+            "off": (),
+        }[config.id_token_check]
+        # After the signature, in pyjwt's order (RFC 7519 §4.1; the audience claim takes aud's
+        # place): required claims, iat, nbf, exp, iss, aud, jti; ID tokens are told apart first.
+        self.after_signature: tuple[tuple[str, Check], ...] = (
+            *id_tokens,
+            *((name, self._present(name)) for name in ("exp", "iss", audience, "sub")),
+            ("iat", self._not_in_future("iat")), ("nbf", self._not_in_future("nbf")),
+            ("exp", self._not_expired), ("iss", self._issuer), (audience, self._audience),
+            ("jti", self._jti),
+        )
+        self._before_key = tuple(check for _, check in self.before_key)
+        self._after_signature = tuple(check for _, check in self.after_signature)
 
     def _cached(self, digest: bytes, now: float) -> Principal | None:
         entry = self._cache.get(digest)
@@ -191,49 +259,124 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()
-        principal = self._cached(digest, time.time())
+        now = time.time()
+        principal = self._cached(digest, now)
         if principal is not None:
             return principal
         header, payload = parse_strict(token)
-        alg = self._check_header(header)
-        self._check_claim_types(payload)
+        for check in self._before_key:
+            check(header, payload, now)
+        alg = header["alg"]
         key = await self._select_key(header.get("kid"), alg)
         self._check_signature(token, key.key, alg)
-        claims = payload
-        self._check_claims(claims, time.time())
+        now = time.time()  # a key refresh may have taken a while
+        for check in self._after_signature:
+            check(header, payload, now)
         principal = Principal(
-            issuer=claims["iss"], subject=claims["sub"], claims=claims,
-            expires_at=float(claims["exp"]), kid=key.kid,
+            issuer=payload["iss"], subject=payload["sub"], claims=payload,
+            expires_at=float(payload["exp"]), kid=key.kid,
         )
         self._remember(digest, principal, key)
         return principal
 
-    def _check_header(self, header: dict[str, Any]) -> str:
+    async def explain(self, token: str) -> Explanation:
+        """Run every check of verify() in its order and report each (no cache); the first failure
+        is what verify() raises. A check is skipped when one it needs failed: the key needs `alg`
+        and `kid`, the signature the key, and a claim's value check its type check."""
+        outcomes: dict[str, TokenError | None] = {}
+        failures: list[TokenError] = []
+
+        def record(name: str, error: TokenError | None) -> None:
+            if error is not None:
+                failures.append(error)
+                outcomes[name] = error
+            else:
+                outcomes.setdefault(name, None)
+
+        def run(name: str, check: Check, header: dict[str, Any], payload: dict[str, Any],
+                now: float) -> None:
+            if outcomes.get(name) is not None:
+                return  # this claim already failed an earlier step
+            try:
+                check(header, payload, now)
+            except TokenError as exc:
+                record(name, exc)
+            else:
+                record(name, None)
+
+        try:
+            header, payload = parse_strict(token)
+        except TokenError as exc:
+            return Explanation({"format": exc}, exc)
+        outcomes["format"] = None
+        now = time.time()
+        for name, check in self.before_key:
+            run(name, check, header, payload, now)
+        key = None
+        if outcomes["alg"] is None and outcomes["kid"] is None:
+            try:
+                key = await self._select_key(header.get("kid"), header["alg"])
+            except TokenError as exc:
+                record("key", exc)
+            else:
+                record("key", None)
+        if key is not None:
+            try:
+                self._check_signature(token, key.key, header["alg"])
+            except TokenError as exc:
+                record("signature", exc)
+            else:
+                record("signature", None)
+        now = time.time()
+        for name, check in self.after_signature:
+            run(name, check, header, payload, now)
+        return Explanation(outcomes, failures[0] if failures else None, header, payload, key)
+
+    # -- the header, and the claims' types (before the key is chosen) ----------------------------
+
+    def _alg(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._config.algorithms:
             raise _invalid("alg_not_allowed", "The token's signing algorithm is not accepted")
+
+    def _crit(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         if "crit" in header:  # RFC 7515 §4.1.11: we understand no extensions
             raise _invalid("crit_not_supported", "The token has critical header extensions")
+
+    def _cty(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         cty = header.get("cty")
         if isinstance(cty, str) and cty.upper() == "JWT":
             raise _invalid("nested_jwt", "Nested tokens are not accepted")
+
+    def _typ(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() in NON_ACCESS_TYPES):
+        if typ is not None and (
+            not isinstance(typ, str) or media_type(typ) in NON_ACCESS_MEDIA_TYPES
+        ):
             raise _invalid("wrong_type", "The token is not an access token")
+
+    def _kid(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):
             raise _invalid("kid_invalid", "The token's key id is invalid")
-        return alg
 
-    def _check_claim_types(self, payload: dict[str, Any]) -> None:
+    @staticmethod
+    def _number(name: str) -> Check:
         """pyjwt casts times with int(), so "99999999999" would pass: insist on numbers."""
-        for name in TIME_CLAIMS:
+
+        def check(header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
             value = payload.get(name)
             if value is not None and not _is_number(value):
                 raise _invalid("claim_invalid", f"The {name} claim is not a number")
+
+        return check
+
+    def _sub_type(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         sub = payload.get("sub")
         if "sub" in payload and (not isinstance(sub, str) or not sub.strip()):
             raise _invalid("claim_invalid", "The sub claim is not a non-empty string")
+
+    # -- the key and the signature ---------------------------------------------------------------
 
     async def _select_key(self, kid: str | None, alg: str) -> VerificationKey:
         key = self._keys.get_key(kid)
@@ -266,32 +409,67 @@ class TokenVerifier:
         if not valid:
             raise _invalid("bad_signature", "The token signature is invalid")
 
-    def _check_claims(self, claims: dict[str, Any], now: float) -> None:
-        """RFC 7519 §4.1 checks, in pyjwt's order and with its semantics (times truncated to
-        integers, `leeway` both ways); the types were checked by _check_claim_types."""
-        for name in self._required:
-            if claims.get(name) is None:
-                raise _invalid("claim_missing", f"The token has no {name} claim")
-        leeway = self._config.leeway
-        for name in ("iat", "nbf"):
-            if name not in claims:
-                continue
-            if claims[name] is None:  # present but null: pyjwt's int(None) refuses it
-                raise _invalid("invalid", "The token is invalid")
-            if int(claims[name]) > now + leeway:
-                raise _invalid("not_yet_valid", "The token is not valid yet")
-        if int(claims["exp"]) <= now - leeway:
-            raise _invalid("expired", "The token has expired")
-        if not isinstance(claims["iss"], str) or claims["iss"] not in self._issuers:
-            raise _invalid("wrong_issuer", "The token is not from the trusted issuer")
-        audiences = claims[self._audience_claim]
-        if not audiences:  # "" or []: pyjwt's MissingRequiredClaimError
-            raise _invalid("claim_missing", f"The token has no {self._audience_claim} claim")
-        if isinstance(audiences, str):
-            audiences = [audiences]
-        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences) or (
-            all(ours not in audiences for ours in self._audiences)
+    # -- the claims (after the signature): RFC 7519 §4.1 with pyjwt's semantics ------------------
+
+    def _not_marked_id_token(
+        self, header: dict[str, Any], payload: dict[str, Any], now: float
+    ) -> None:
+        """An ID token is for the client that signed in, not for this resource: refused when it
+        says what it is (AWS Cognito's token_use, Keycloak's typ claim) or carries a hash of
+        the tokens issued beside it, which only ID tokens do."""
+        if _says_id(payload.get("token_use")) or _says_id(payload.get("typ")) or (
+            not payload.keys().isdisjoint(ID_TOKEN_HASHES)
         ):
-            raise _invalid("wrong_audience", "The token was not issued for this resource")
-        if "jti" in claims and not isinstance(claims["jti"], str):
+            raise _invalid("id_token", "An ID token is not an access token")
+
+    def _names_client(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+        """JWT_ID_TOKEN_CHECK=client: an access token names the client it was issued to; an ID
+        token whose aud is that client (authentik) names none."""
+        if not any(isinstance(payload.get(name), str) and payload[name] for name in CLIENT_CLAIMS):
+            raise _invalid("id_token_no_client", "An ID token is not an access token")
+
+    @staticmethod
+    def _present(name: str) -> Check:
+        def check(header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+            if payload.get(name) is None:
+                raise _invalid("claim_missing", f"The token has no {name} claim")
+
+        return check
+
+    def _not_in_future(self, name: str) -> Check:
+        """iat and nbf: times truncated to integers, with the leeway (pyjwt's semantics)."""
+
+        def check(header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+            if name not in payload:
+                return
+            if payload[name] is None:  # present but null: pyjwt's int(None) refuses it
+                raise _invalid("invalid", "The token is invalid")
+            if int(payload[name]) > now + self._config.leeway:
+                raise _invalid("not_yet_valid", "The token is not valid yet")
+
+        return check
+
+    def _not_expired(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+        if int(payload["exp"]) <= now - self._config.leeway:
+            raise _invalid("expired", "The token has expired")
+
+    def _issuer(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+        if not isinstance(payload["iss"], str) or payload["iss"] not in self._issuers:
+            raise _invalid("wrong_issuer", "The token is not from the trusted issuer")
+
+    def _audience(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+        audiences = payload[self.audience_claim]
+        if not audiences:  # "" or []: pyjwt's MissingRequiredClaimError
+            raise _invalid("claim_missing", f"The token has no {self.audience_claim} claim")
+        if isinstance(audiences, str):
+            if audiences in self._audiences:
+                return
+        elif isinstance(audiences, list) and all(isinstance(a, str) for a in audiences) and (
+            not self._audiences.isdisjoint(audiences)
+        ):
+            return
+        raise _invalid("wrong_audience", "The token was not issued for this resource")
+
+    def _jti(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
+        if "jti" in payload and not isinstance(payload["jti"], str):
             raise _invalid("invalid", "The token is invalid")

@@ -368,3 +368,31 @@ def test_event_loop_must_be_a_known_choice() -> None:
     with pytest.raises(ConfigError) as caught:
         load({**BASE, "EVENT_LOOP": "trio"})
     assert caught.value.problems == ["EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"]
+
+
+# -- JWT_ID_TOKEN_CHECK ----------------------------------------------------------------------------
+
+
+def test_id_token_check_defaults_to_marked_and_refuses_other_values() -> None:
+    assert loads().tokens.id_token_check == "marked"
+    assert loads(JWT_ID_TOKEN_CHECK="Client").tokens.id_token_check == "client"
+    assert problems_for({**BASE, "JWT_ID_TOKEN_CHECK": "strict"}) == [
+        "JWT_ID_TOKEN_CHECK='strict' is not one of marked, client, off"]
+
+
+def test_id_token_check_off_warns() -> None:
+    [warning] = loads(JWT_ID_TOKEN_CHECK="off").warnings
+    assert warning.startswith("JWT_ID_TOKEN_CHECK=off: ID tokens")
+
+
+def test_the_static_client_as_audience_without_the_client_check_warns() -> None:
+    """authentik's shape: the client id is the audience, so its ID tokens carry ours too."""
+    facade = {"STATIC_CLIENT_ID": "mcp-client", "STATE_SECRET": "s" * 32,
+              "OIDC_AUDIENCE": "mcp-client"}
+    [warning] = loads(**facade).warnings
+    assert warning.startswith("OIDC_AUDIENCE includes STATIC_CLIENT_ID mcp-client")
+    assert "JWT_ID_TOKEN_CHECK=client" in warning
+    assert loads(**facade, JWT_ID_TOKEN_CHECK="client").warnings == ()
+    # Cognito: the audience is read from client_id, which its ID tokens lack.
+    assert loads(**facade, JWT_AUDIENCE_CLAIM="client_id").warnings == ()
+    assert loads(STATIC_CLIENT_ID="mcp-client", STATE_SECRET="s" * 32).warnings == ()

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -31,8 +32,11 @@ from conftest import (
     new_rsa,
     sidecar_env,
 )
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
 from real_idp import RealIdp, client_credentials_token, run_oidc_provider
+from structlog.testing import capture_logs
 
 from oauth_sidecar.app import create_app
 from oauth_sidecar.authserver import CALLBACK_PATH
@@ -550,58 +554,151 @@ async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothin
 # -- --token: the explanation agrees with the real sidecar -----------------------------------------
 
 
-TOKEN_CASES: dict[str, tuple[dict[str, str], dict[str, Any], str | None, int]] = {
-    # name: (extra env, mint arguments, the check that fails (None: accepted), sidecar status)
-    "valid": ({}, {}, None, 200),
-    "expired": ({}, {"claims": {"exp": int(time.time()) - 3600}}, "exp", 401),
-    "wrong-aud": ({}, {"claims": {"aud": "https://other.example.test/mcp"}}, "aud", 401),
-    "wrong-iss": ({}, {"claims": {"iss": "https://evil.example.test"}}, "iss", 401),
-    "iss-two-slashes": ({}, {"iss_suffix": "//"}, "iss", 401),
-    "unknown-kid": ({}, {"header": {"kid": "never-published"}}, "key", 401),
-    "bad-signature": ({}, {"tamper": True}, "signature", 401),
-    "not-allowed": ({}, {"claims": {"sub": "mallory"}}, "allow-list", 403),
-    "missing-scope": ({"REQUIRED_SCOPES": "mcp:write"}, {"claims": {"scope": "mcp:read"}},
-                      "scope", 403),
-}
+Build = Callable[[FakeIdp], str]
 
 
-def mint(idp: FakeIdp, spec: dict[str, Any]) -> str:
-    claims = dict(spec.get("claims", {}))
-    if "iss_suffix" in spec:
-        claims["iss"] = idp.issuer + spec["iss_suffix"]
-    token = idp.mint(claims=claims, header=spec.get("header"))
-    if spec.get("tamper"):  # one bit of the signature flipped
-        head, body, signature = token.split(".")
-        raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
-        raw[len(raw) // 2] ^= 0x01
-        token = ".".join((head, body, base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()))
-    return token
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-@pytest.mark.parametrize("case", list(TOKEN_CASES))
-async def test_token_explanation_names_the_failing_claim_and_agrees_with_the_sidecar(
-    idp: FakeIdp, upstream: FakeUpstream, make_sidecar: SidecarFactory, case: str
+def tampered(token: str) -> str:
+    """One bit of the signature flipped."""
+    head, body, signature = token.split(".")
+    raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
+    raw[len(raw) // 2] ^= 0x01
+    return ".".join((head, body, b64url(bytes(raw))))
+
+
+def minted(*, drop: tuple[str, ...] = (), header: dict[str, Any] | None = None,
+           **claims: Any) -> Build:
+    return lambda idp: idp.mint(claims=claims, header=header, drop=drop)
+
+
+def with_header(**fields: Any) -> Build:
+    """A token re-signed by the IdP's key under exactly this header (pyjwt adds nothing)."""
+
+    def build(idp: FakeIdp) -> str:
+        _, body, _ = idp.mint().split(".")
+        signing_input = f"{b64url(json.dumps(fields).encode())}.{body}"
+        key = idp.keys[0].private
+        assert isinstance(key, rsa.RSAPrivateKey)
+        signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{b64url(signature)}"
+
+    return build
+
+
+def unsigned_none(idp: FakeIdp) -> str:
+    _, body, _ = idp.mint().split(".")
+    return f"{b64url(json.dumps({'alg': 'none', 'kid': 'rsa-1'}).encode())}.{body}.AAAA"
+
+
+HOUR = 3600
+COGNITO_APP = "4l1c3app0cl1ent1d"
+COGNITO_ENV = {"JWT_AUDIENCE_CLAIM": "client_id", "OIDC_AUDIENCE": COGNITO_APP}
+AUTHENTIK = {"JWT_ID_TOKEN_CHECK": "client", "OIDC_AUDIENCE": "authentik-client"}
+KELVIN = "\u212a"  # KELVIN SIGN: str.lower() made it "k"
+# (extra env, token, the doctor's failed lines in order): every claim failure, header and typ
+# variants, ID-token shapes, JWT_AUDIENCE_CLAIM=client_id, allow-list and scope refusals.
+TOKEN_MATRIX = [
+    pytest.param({}, minted(), [], id="valid"),
+    pytest.param({}, minted(drop=("exp",)), ["exp"], id="exp-missing"),
+    pytest.param({}, lambda i: i.mint(claims={"exp": int(time.time()) - HOUR}), ["exp"],
+                 id="expired"),
+    pytest.param({}, minted(exp="99999999999"), ["exp"], id="exp-a-string"),
+    pytest.param({}, lambda i: i.mint(claims={"nbf": int(time.time()) + HOUR}), ["nbf"],
+                 id="nbf-future"),
+    pytest.param({}, lambda i: i.mint(claims={"iat": int(time.time()) + HOUR}), ["iat"],
+                 id="iat-future"),
+    pytest.param({}, minted(iat=None), ["iat"], id="iat-null"),
+    pytest.param({}, minted(drop=("iss",)), ["iss"], id="iss-missing"),
+    pytest.param({}, minted(iss="https://evil.example.test"), ["iss"], id="iss-wrong"),
+    pytest.param({}, lambda i: i.mint(claims={"iss": i.issuer + "//"}), ["iss"],
+                 id="iss-two-slashes"),
+    pytest.param({}, minted(drop=("aud",)), ["aud"], id="aud-missing"),
+    pytest.param({}, minted(aud="https://other.example.test/mcp"), ["aud"], id="aud-wrong"),
+    pytest.param({}, minted(aud=[]), ["aud"], id="aud-empty-list"),
+    pytest.param({}, minted(drop=("sub",)), ["sub"], id="sub-missing"),
+    pytest.param({}, minted(sub=12345), ["sub"], id="sub-a-number"),
+    pytest.param({}, minted(jti=7), ["jti"], id="jti-a-number"),
+    pytest.param({}, lambda i: tampered(i.mint(claims={"exp": int(time.time()) - HOUR})),
+                 ["exp", "signature"], id="expired-and-tampered"),
+    pytest.param({}, lambda i: tampered(i.mint()), ["signature"], id="bad-signature"),
+    pytest.param({}, minted(header={"kid": "never-published"}), ["key"], id="unknown-kid"),
+    pytest.param({}, with_header(alg="ES256", kid="rsa-1"), ["key"], id="alg-key-mismatch"),
+    pytest.param({}, unsigned_none, ["alg"], id="alg-none"),
+    pytest.param({}, with_header(alg="RS256", kid="rsa-1", crit=["exp"]), ["crit"], id="crit"),
+    pytest.param({}, with_header(alg="RS256", kid="rsa-1", cty="JWT"), ["cty"], id="nested"),
+    pytest.param({}, with_header(alg="RS256", kid="k" * 300), ["kid"], id="kid-too-long"),
+    pytest.param({}, lambda i: "eyJhIjoxfQ.not-json.c2ln", ["format"], id="malformed"),
+    pytest.param({"JWT_MAX_TOKEN_BYTES": "1024"}, minted(pad="x" * 1200), ["format"],
+                 id="too-large"),
+    *[pytest.param({}, with_header(alg="RS256", kid="rsa-1", typ=typ), ["typ"], id=f"typ-{typ}")
+      for typ in ("dpop+jwt", "application/dpop+jwt", "Application/Logout+JWT",
+                  "application/id_token+jwt")],
+    pytest.param({}, with_header(alg="RS256", kid="rsa-1", typ="application/at+jwt"), [],
+                 id="typ-application/at+jwt"),
+    pytest.param({}, minted(token_use="id"), ["id_token"], id="id-token-cognito-token_use"),
+    pytest.param({}, minted(typ="ID", azp="c"), ["id_token"], id="id-token-keycloak-typ"),
+    pytest.param({}, minted(at_hash="x4bt4E6Zs6n6m6vYd0Dk2w"), ["id_token"],
+                 id="id-token-at_hash"),
+    pytest.param({}, minted(nonce="n-1", azp="c"), [], id="access-token-with-nonce"),
+    pytest.param(AUTHENTIK, minted(aud="authentik-client", nonce="n-1"), ["id_token"],
+                 id="id-token-authentik-no-azp"),
+    pytest.param(AUTHENTIK, minted(aud="authentik-client", azp="authentik-client", nonce="n-1"),
+                 [], id="access-token-authentik"),
+    pytest.param(COGNITO_ENV, minted(drop=("aud",), client_id=COGNITO_APP, token_use="access"), [],
+                 id="client_id-cognito-access-token"),
+    pytest.param(COGNITO_ENV, minted(drop=("aud",), client_id="other-app", token_use="access"),
+                 ["client_id"], id="client_id-other-app-client"),
+    pytest.param(COGNITO_ENV, minted(aud=COGNITO_APP, token_use="id"), ["id_token", "client_id"],
+                 id="client_id-cognito-id-token"),
+    pytest.param({}, minted(sub="mallory"), ["allow-list"], id="not-allowed"),
+    pytest.param({"ALLOW_EMAILS": "kim@example.com"},
+                 minted(sub="u-2", email=f"{KELVIN}im@example.com", email_verified=True),
+                 ["allow-list"], id="not-allowed-kelvin-sign-email"),
+    pytest.param({"ALLOW_EMAILS": "kim@example.com"},
+                 minted(sub="u-2", email="KIM@Example.com", email_verified=True), [],
+                 id="allowed-email-ascii-case"),
+    pytest.param({"REQUIRED_SCOPES": "mcp:write"}, minted(scope="mcp:read"), ["scope"],
+                 id="missing-scope"),
+    pytest.param({"REQUIRED_SCOPES": "mcp:write"}, minted(sub="mallory", scope="mcp:read"),
+                 ["scope", "allow-list"], id="not-allowed-and-missing-scope"),
+]
+
+
+@pytest.mark.parametrize(("extra", "build", "failed"), TOKEN_MATRIX)
+async def test_check_token_agrees_with_the_sidecar_over_http(
+    idp: FakeIdp, upstream: FakeUpstream, make_sidecar: SidecarFactory, *,
+    extra: dict[str, str], build: Build, failed: list[str],
 ) -> None:
-    extra, spec, failing, status = TOKEN_CASES[case]
+    """The doctor's verdict (status, reason, description, challenge) is what the real sidecar
+    answers over HTTP for the same token and configuration, and its FAIL lines are exactly the
+    checks that fail, one of them carrying the sidecar's logged reason."""
     extra = {"ALLOW_ALL_AUTHENTICATED": "false", "ALLOW_SUBS": "user-1", **extra}
-    token = mint(idp, spec)
+    token = build(idp)
     report = await check(clean_env(idp, upstream, **extra), token)
     sidecar = await make_sidecar(**extra)
-    async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
-        real_status = response.status
-        real_challenge = response.headers.get("WWW-Authenticate", "")
+    with capture_logs() as events:
+        async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
+            status, body = response.status, await response.read()
+            challenge = response.headers.get("WWW-Authenticate", "")
+    [line] = [event for event in events if event["event"] == "request"]
     assert report.token is not None
-    assert report.token.status == real_status == status
-    assert report.token.accepted == (status == 200)
+    assert report.token.status == status
+    assert report.token.accepted == (status == 200) == (failed == [])
+    assert report.token.reason == (line["auth_error"] or "")
+    assert report.token.challenge == challenge
     assert report.passed() == (status == 200)
-    assert report.token.failed_checks() == ([failing] if failing else [])
-    if status == 401:
-        assert report.token.challenge == real_challenge
+    assert report.token.failed_checks() == failed
+    if status != 200:
+        assert report.token.description == json.loads(body)["error_description"]
+        assert line["auth_error"] in {c.reason for c in report.token.checks if c.ok is False}
     text = render(report)
     _, payload, signature = token.split(".")
     assert payload not in text
     assert signature not in text
-    assert token not in json.dumps(report.token.checks, default=str)
+    assert token not in json.dumps(dataclasses.asdict(report), default=str)
 
 
 async def test_token_with_the_issuer_and_one_trailing_slash_is_accepted_and_says_so(
@@ -645,7 +742,8 @@ async def test_token_explanation_details(idp: FakeIdp, upstream: FakeUpstream) -
     slashes = await check(env, idp.mint(claims={"iss": idp.issuer + "//"}))
     ok, detail = check_of(slashes, "iss")
     assert ok is False
-    assert detail == (f"'{idp.issuer}//' is not OIDC_ISSUER_URL '{idp.issuer}' (they differ in "
+    assert detail == ("The token is not from the trusted issuer (wrong_issuer): "
+                      f"'{idp.issuer}//' is not OIDC_ISSUER_URL '{idp.issuer}' (they differ in "
                       "trailing slashes; only one is tolerated)")
 
     future = await check(env, idp.mint(claims={"nbf": now + 600, "groups": ["admins"]}))

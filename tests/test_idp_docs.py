@@ -12,7 +12,9 @@ stand-in there (long enough for STATE_SECRET, valid in host names, IDs and secre
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 import shlex
 import uuid
@@ -334,15 +336,37 @@ def keycloak(idp: FakeIdp, config: Config, *, roles: tuple[str, ...] = ("mcp-use
     }, header={"typ": "JWT"})
 
 
-def authentik(idp: FakeIdp, config: Config, *, groups: tuple[str, ...] = ("mcp-users",)) -> str:
+def authentik_id_token(idp: FakeIdp, config: Config, *,
+                       groups: tuple[str, ...] = ("mcp-users",)) -> str:
+    """What authentik's token endpoint returns as id_token: the ID-token claims alone."""
     return idp.mint(claims={
         "iss": idp.issuer + "/",  # authentik's issuer ends with a slash
-        "aud": config.tokens.audiences[0], "azp": config.tokens.audiences[0],
-        "sub": hashlib.sha256(b"user-7").hexdigest(),
-        "acr": "goauthentik.io/providers/oauth2/default",
+        "aud": config.tokens.audiences[0], "sub": hashlib.sha256(b"user-7").hexdigest(),
+        "auth_time": 1_700_000_000, "acr": "goauthentik.io/providers/oauth2/default",
+        "amr": ["pwd"], "nonce": "n-0S6_WzA2Mj", "sid": hashlib.sha256(b"session").hexdigest(),
         "email": "alice@example.com", "email_verified": False,  # the 2025.10+ default
         "name": "Alice", "preferred_username": "alice", "groups": list(groups),
     })
+
+
+def authentik(idp: FakeIdp, config: Config, *, groups: tuple[str, ...] = ("mcp-users",)) -> str:
+    """authentik's access token: its ID token's claims (nonce included) plus azp and uid."""
+    _, payload, _ = authentik_id_token(idp, config, groups=groups).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims |= {"azp": config.tokens.audiences[0], "uid": uuid.uuid4().hex}
+    return idp.mint(claims=claims)
+
+
+def keycloak_id_token(idp: FakeIdp, config: Config) -> str:
+    """Keycloak's ID token when the Audience mapper also has *Add to ID token* on: our audience
+    is in aud, but its typ claim says ID and it hashes the access token issued beside it."""
+    return idp.mint(claims={
+        "aud": [config.auth_server.client_id, config.tokens.audiences[0]],
+        "sub": str(uuid.uuid4()), "typ": "ID", "azp": config.auth_server.client_id,
+        "nonce": "n-0S6_WzA2Mj", "at_hash": "x4bt4E6Zs6n6m6vYd0Dk2w", "sid": str(uuid.uuid4()),
+        "realm_access": {"roles": ["mcp-users"]}, "email_verified": True,
+        "email": "alice@example.com",
+    }, header={"typ": "JWT"})
 
 
 def auth0(idp: FakeIdp, config: Config, *, permissions: tuple[str, ...] = ("use:mcp",)) -> str:
@@ -429,12 +453,16 @@ async def test_the_pages_settings_admit_its_idps_access_token(
 
 
 WRONG_AUDIENCE = "The token was not issued for this resource"
+ID_TOKEN = "An ID token is not an access token"
 REFUSED: list[Any] = [
     # Keycloak without the Audience mapper: its default aud is "account".
     pytest.param("keycloak", lambda i, c: keycloak(i, c, aud="account"), 401, WRONG_AUDIENCE,
                  id="keycloak-default-aud"),
     pytest.param("keycloak", lambda i, c: keycloak(i, c, roles=()), 403,
                  "This account may not use this server", id="keycloak-without-realm-role"),
+    pytest.param("keycloak", keycloak_id_token, 401, ID_TOKEN, id="keycloak-id-token"),
+    # authentik's ID token has the access token's aud; only JWT_ID_TOKEN_CHECK=client refuses it.
+    pytest.param("authentik", authentik_id_token, 401, ID_TOKEN, id="authentik-id-token"),
     pytest.param("authentik", lambda i, c: authentik(i, c, groups=("staff",)), 403,
                  "This account may not use this server", id="authentik-other-group"),
     pytest.param("auth0", lambda i, c: auth0(i, c, permissions=()), 403,
@@ -449,7 +477,7 @@ REFUSED: list[Any] = [
                  "The token is not from the trusted issuer", id="entra-v1-token"),
     pytest.param("cognito", lambda i, c: cognito(i, c, client_id="another-app-client"), 401,
                  WRONG_AUDIENCE, id="cognito-other-app-client"),
-    pytest.param("cognito", cognito_id_token, 401, "The token has no client_id claim",
+    pytest.param("cognito", cognito_id_token, 401, ID_TOKEN,
                  id="cognito-id-token"),
     pytest.param("cognito", lambda i, c: cognito(i, c, groups=()), 403,
                  "This account may not use this server", id="cognito-in-no-group"),

@@ -183,6 +183,23 @@ async def test_answers_and_refusals_are_counted_by_route_class_status_and_reason
     assert any(s.name == "process_open_fds" for s in result.samples)
 
 
+async def test_a_refused_subjects_refusals_and_then_its_429s_are_counted(
+    metered: MeteredFactory, idp: FakeIdp
+) -> None:
+    sidecar = await metered(ALLOW_ALL_AUTHENTICATED="false", ALLOW_SUBS="user-1",
+                            RATE_LIMIT_RPM="2")
+    stranger = idp.mint(claims={"sub": "user-2"})
+    statuses = [await status_of(sidecar.client, "POST", "/mcp", headers=bearer(stranger))
+                for _ in range(4)]
+    assert statuses == [403, 403, 429, 429]
+    result = await scrape(sidecar.port)
+    assert result.series("auth_failures_total") == {
+        (("reason", "not_allowed"),): 2,
+        (("reason", "rate_limited_subject"),): 2,
+    }
+    assert result.series("rate_limited_total") == {(("scope", "subject"),): 2}
+
+
 async def test_429s_of_the_public_oauth_endpoints_count_against_the_client_ip(
     metered: MeteredFactory,
 ) -> None:

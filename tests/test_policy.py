@@ -8,6 +8,7 @@ that nothing refused ever reaches the upstream.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, FakeUpstream, SidecarFactory, bearer
 from structlog.testing import capture_logs
 
-from oauth_sidecar.config import ConfigError, PolicyConfig, load
+from oauth_sidecar.config import ConfigError, PolicyConfig, ascii_lower, load
 from oauth_sidecar.policy import AccessPolicy, Denied
 
 Client = TestClient[web.Request, web.Application]
@@ -43,8 +44,8 @@ def make_policy(
 ) -> AccessPolicy:
     return AccessPolicy(PolicyConfig(
         subs=frozenset(subs),
-        emails=frozenset(e.lower() for e in emails),
-        email_domains=frozenset(d.lower() for d in domains),
+        emails=frozenset(ascii_lower(e) for e in emails),
+        email_domains=frozenset(ascii_lower(d) for d in domains),
         groups=frozenset(groups),
         groups_claim=tuple(groups_claim.split(".")),
         allow_all_authenticated=allow_all,
@@ -533,3 +534,63 @@ async def test_required_scopes_are_advertised_in_challenge_and_metadata(
     assert metadata.status == 200
     assert (await metadata.json())["scopes_supported"] == ["mcp:read", "mcp:write"]
     assert upstream.requests == []
+
+
+# --- Unicode: only ASCII letters are case-folded, nothing is normalised --------------------------
+
+KELVIN, LONG_S, CAPITAL_I_DOT = "\u212a", "\u017f", "\u0130"  # lower()/casefold() reach ASCII
+FULLWIDTH_K, FULLWIDTH_SMALL_K, FULLWIDTH_C = "\uff2b", "\uff4b", "\uff43"  # NFKC reaches ASCII
+UNICODE_LISTS = {
+    "ALLOW_ALL_AUTHENTICATED": "false",
+    "ALLOW_EMAILS": "kim@example.com,sam@example.com,ian@example.com,"
+                    "j\u00fcrgen@b\u00fccher.example",
+    "ALLOW_EMAIL_DOMAINS": "kit.example,b\u00fccher.example",
+}
+# The same lists, but some entries in an allow file: files are read with the same rules.
+FILE_ENTRIES = f"{KELVIN}en@example.com\n# a comment\nleo@example.com\n"
+
+
+@pytest.mark.parametrize(("email", "expected"), [
+    pytest.param("kim@example.com", True, id="ascii_exact"),
+    pytest.param("KIM@Example.COM", True, id="ascii_case_folds"),
+    pytest.param("Leo@EXAMPLE.com", True, id="file_entry_ascii_case_folds"),
+    pytest.param(f"{KELVIN}im@example.com", False, id="kelvin_sign_is_not_k"),
+    pytest.param(f"{LONG_S}am@example.com", False, id="long_s_is_not_s"),
+    pytest.param(f"{CAPITAL_I_DOT}an@example.com", False, id="capital_i_with_dot_is_not_i"),
+    pytest.param(f"{FULLWIDTH_SMALL_K}im@example.com", False, id="fullwidth_k_is_not_k"),
+    pytest.param(f"{FULLWIDTH_K}IM@example.com", False, id="fullwidth_capital_k_is_not_k"),
+    pytest.param(f"kim@example.{FULLWIDTH_C}om", False, id="fullwidth_in_the_domain"),
+    pytest.param("ki\u006d\u0301@example.com", False, id="combining_accent_is_another_address"),
+    pytest.param(f"bob@{KELVIN}it.example", False, id="kelvin_sign_in_a_domain"),
+    pytest.param(f"bob@{FULLWIDTH_SMALL_K}it.example", False, id="fullwidth_in_a_domain"),
+    pytest.param("bob@KIT.example", True, id="ascii_domain_case_folds"),
+    pytest.param(f"{KELVIN}en@example.com", True, id="non_ascii_file_entry_matches_exactly"),
+    pytest.param("ken@example.com", False, id="ascii_never_matches_a_kelvin_entry"),
+    pytest.param("KEN@example.com", False, id="ascii_upper_never_matches_a_kelvin_entry"),
+    pytest.param("j\u00fcrgen@b\u00fccher.example", True, id="unicode_address_exactly"),
+    pytest.param("J\u00fcrgen@B\u00fccher.example", True, id="unicode_address_ascii_case"),
+    pytest.param("j\u00dcrgen@b\u00fccher.example", True, id="unicode_domain_entry_admits"),
+    pytest.param("x@B\u00dcCHER.example", False, id="non_ascii_case_is_not_folded"),
+    pytest.param("x@xn--bcher-kva.example", False, id="idn_a_label_is_not_the_u_label"),
+])
+async def test_emails_fold_ascii_case_only_through_the_sidecar(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path, *,
+    email: str, expected: bool,
+) -> None:
+    """A user who registers `\\u212aim@example.com` (KELVIN SIGN) at an IdP that allows it must
+    not pass ALLOW_EMAILS=kim@example.com, nor any address that only Unicode case folding or
+    NFKC turns into an allowed ASCII one; entries are read the same way (variable and file)."""
+    allow_file = tmp_path / "emails.txt"
+    allow_file.write_text(FILE_ENTRIES, encoding="utf-8")
+    sidecar: Client = await make_sidecar(**UNICODE_LISTS, ALLOW_EMAILS_FILE=str(allow_file))
+    token = idp.mint(claims={"sub": "someone", **verified(email)})
+    response = await sidecar.post("/mcp", data=b"{}", headers=bearer(token))
+    assert response.status == (200 if expected else 403), email
+    assert len(upstream.requests) == (1 if expected else 0)
+
+
+def test_allow_entries_lowercase_ascii_letters_only() -> None:
+    config = load({**BASE_ENV, "ALLOW_EMAILS": f"KIM@Example.COM,{KELVIN}EN@Example.COM",
+                   "ALLOW_EMAIL_DOMAINS": f"{KELVIN}IT.Example,B\u00dcCHER.example"})
+    assert config.policy.emails == {"kim@example.com", f"{KELVIN}en@example.com"}
+    assert config.policy.email_domains == {f"{KELVIN}it.example", "b\u00dccher.example"}

@@ -796,6 +796,41 @@ async def test_verifier_refuses_only_with_token_error_and_accepts_only_genuine_t
         assert verifier.cached(token) == principal
 
 
+@settings(UNIT, max_examples=400)
+@given(data=st.data())
+async def test_explain_gives_the_verdict_verify_gives_for_every_generated_token(
+    data: st.DataObject, unit_forge: Forge
+) -> None:
+    """`oauth-sidecar check --token` renders explain(): its first failure is exactly what
+    verify() raises, and a token it finds no fault with is one verify() accepts."""
+    forge = unit_forge
+    junk = data.draw(st.integers(0, 2).map(lambda n: n == 0), label="junk")
+    token = data.draw(junk_text() if junk else mostly_forged(forge), label="token")
+    mode = data.draw(st.sampled_from(["marked", "client", "off"]), label="JWT_ID_TOKEN_CHECK")
+    published = VerificationKey(forge.key.kid, forge.key.private.public_key(),
+                                frozenset({forge.key.alg}))
+    config = TokenConfig(issuer=forge.issuer, audiences=(AUDIENCE,), algorithms=ALGORITHMS,
+                         leeway=LEEWAY, max_token_bytes=MAX_TOKEN, cache_size=0,
+                         id_token_check=mode)
+    verifier = TokenVerifier(config, PublishedKey(published))
+    explanation = await verifier.explain(token)
+    try:
+        result: Principal | TokenError = await verifier.verify(token)
+    except TokenError as exc:
+        result = exc
+    if isinstance(result, TokenError):
+        event(f"refused: {result.reason}")
+        assert explanation.error is not None, token
+        assert (explanation.error.reason, explanation.error.description) == (
+            result.reason, result.description)
+        # The verdict is one of the lines the doctor shows.
+        assert any(error is explanation.error for error in explanation.outcomes.values())
+    else:
+        event("accepted")
+        assert explanation.error is None
+        assert all(error is None for error in explanation.outcomes.values())
+
+
 @settings(UNIT, max_examples=500)
 @given(
     values=st.lists(st.text(alphabet=VISIBLE_LATIN1 + "\xa0\x85", max_size=40)

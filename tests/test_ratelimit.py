@@ -258,6 +258,33 @@ async def test_access_log_attributes_the_429_to_the_subject(
     assert token not in str(events)
 
 
+async def test_a_subject_the_allow_lists_refuse_spends_its_budget_then_gets_429(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """Mallory signs in at the IdP but is on no allow-list: her token is valid (and cached), so
+    each refusal would cost her nothing; she gets RATE_LIMIT_RPM refusals, then 429s."""
+    sidecar = await make_sidecar(RATE_LIMIT_RPM="3", ALLOW_ALL_AUTHENTICATED="false",
+                                 ALLOW_SUBS="alice")
+    mallory = idp.mint(claims={"sub": "mallory"})
+    with capture_logs() as events:
+        for _ in range(3):
+            reply = await send(sidecar, mallory)
+            assert (reply.status, reply.body["error"]) == (403, "access_denied")
+        assert_too_many(await send(sidecar, mallory), limit=3)
+        # A fresh token of hers shares the budget: the subject pays, not the token.
+        assert_too_many(await send(sidecar, idp.mint(claims={"sub": "mallory"})), limit=3)
+        for _ in range(3):  # other subjects keep their own budget
+            assert (await send(sidecar, idp.mint(claims={"sub": "alice"}))).status == 200
+    assert len(upstream.requests) == 3
+    attributed = [(line["status"], line["sub"], line["auth_error"])
+                  for line in events_named(events, "request")]
+    assert attributed == [
+        *[(403, "mallory", "not_allowed")] * 3,
+        *[(429, "mallory", "rate_limited_subject")] * 2,
+        *[(200, "alice", None)] * 3,
+    ]
+
+
 # -- one budget shared through Redis --------------------------------------------------------------
 
 

@@ -45,7 +45,7 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP
-from oauth_sidecar.tokens import TokenError, bearer_token, parse_strict
+from oauth_sidecar.tokens import NON_ACCESS_TYPES, TokenError, bearer_token, parse_strict
 
 Client = TestClient[web.Request, web.Application]
 Start = Callable[..., Awaitable[Client]]
@@ -661,6 +661,38 @@ async def test_key_references_in_the_header_are_never_followed_or_trusted(
         assert fetches == 0  # a known (or absent) kid never causes any fetch
 
 
+# `typ` is a media type (RFC 7515 §4.1.9): case-insensitive, `application/` optional.
+TYP_FORMS = [
+    pytest.param(lambda t: t, id="short"),
+    pytest.param(str.upper, id="short-uppercase"),
+    pytest.param(lambda t: f"application/{t}", id="application-prefix"),
+    pytest.param(lambda t: f"Application/{t.upper()}", id="application-prefix-mixed-case"),
+    pytest.param(lambda t: f"application/{t}; charset=utf-8", id="with-a-parameter"),
+    pytest.param(lambda t: f" {t} ", id="surrounding-spaces"),
+]
+
+
+@pytest.mark.parametrize("spell", TYP_FORMS)
+@pytest.mark.parametrize("kind", sorted(NON_ACCESS_TYPES))
+async def test_every_non_access_typ_is_refused_in_every_spelling_of_its_media_type(
+    sidecar: Client, ctx: Ctx, upstream: FakeUpstream, kind: str, spell: Callable[[str], str]
+) -> None:
+    """A DPoP proof, a logout token, a security event or an ID token signed by the IdP is not an
+    access token, whether its header says `dpop+jwt` or `application/dpop+jwt`."""
+    typ = spell(kind)
+    token = forge(rsa_header(ctx, typ=typ), claims(ctx), ctx.rsa)
+    assert_refused(await send(sidecar, auth(token)), upstream, reason="wrong_type")
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "application/jwt", "at+jwt", "AT+JWT",
+                                 "application/at+jwt", "Application/At+Jwt"])
+async def test_access_token_types_are_accepted_in_every_spelling(
+    sidecar: Client, ctx: Ctx, upstream: FakeUpstream, typ: str
+) -> None:
+    token = forge(rsa_header(ctx, typ=typ), claims(ctx), ctx.rsa)
+    assert_accepted(await send(sidecar, auth(token)), upstream)
+
+
 # --------------------------------------------------------------------------------------------
 # Claims
 # --------------------------------------------------------------------------------------------
@@ -973,9 +1005,11 @@ COGNITO_REFUSED = [
                  id="other-app-client"),
     pytest.param(lambda c: cognito_access(c, client_id=[]), "claim_missing",
                  id="client-id-empty"),
-    # An ID token names the client in `aud` and has no client_id: not an access token for us.
+    # An ID token names the client in `aud`, has no client_id and says token_use=id.
     pytest.param(lambda c: forge(rsa_header(c), claims(c, aud=COGNITO_CLIENT, token_use="id"),
-                                 c.rsa), "claim_missing", id="id-token"),
+                                 c.rsa), "id_token", id="id-token"),
+    pytest.param(lambda c: forge(rsa_header(c), claims(c, aud=COGNITO_CLIENT), c.rsa),
+                 "claim_missing", id="id-token-without-token-use"),
 ]
 
 
@@ -1000,3 +1034,77 @@ async def test_client_id_is_not_an_audience_by_default(
     """Without the setting, a token whose only audience is client_id=<ours> has no aud."""
     token = cognito_access(ctx, client_id=AUDIENCE)
     assert_refused(await send(sidecar, auth(token)), upstream, reason="claim_missing")
+
+
+# --------------------------------------------------------------------------------------------
+# ID tokens presented as access tokens (JWT_ID_TOKEN_CHECK)
+# --------------------------------------------------------------------------------------------
+
+CLIENT = "mcp-client-7"
+
+
+def id_shaped(**claims_: Any) -> Builder:
+    """A genuine, signed token of our issuer and audience with these claims added."""
+    return lambda c: forge(rsa_header(c), claims(c, **claims_), c.rsa)
+
+
+MARKED_ID_TOKENS = [
+    pytest.param(id_shaped(token_use="id"), id="cognito-token_use-id"),
+    pytest.param(id_shaped(typ="ID", azp=CLIENT), id="keycloak-typ-claim-ID"),
+    pytest.param(id_shaped(at_hash="x4bt4E6Zs6n6m6vYd0Dk2w"), id="at_hash"),
+    pytest.param(id_shaped(c_hash="LDktKdoQak3Pk0cnXxCltA"), id="c_hash"),
+    pytest.param(id_shaped(s_hash="5IN-E3hWFmu2CqF1zdXnzA"), id="s_hash-fapi"),
+]
+ACCESS_TOKENS = [
+    pytest.param(id_shaped(azp=CLIENT, nonce="n-0S6_WzA2Mj"), id="authentik-access-with-nonce"),
+    pytest.param(id_shaped(typ="Bearer", azp=CLIENT), id="keycloak-typ-claim-Bearer"),
+    pytest.param(id_shaped(token_use="access", client_id=CLIENT), id="cognito-token_use-access"),
+    pytest.param(id_shaped(cid=CLIENT), id="okta-cid"),
+    pytest.param(id_shaped(appid=CLIENT), id="entra-v1-appid"),
+]
+
+
+@pytest.mark.parametrize("mode", ["marked", "client"])
+@pytest.mark.parametrize("build", MARKED_ID_TOKENS)
+async def test_tokens_that_say_they_are_id_tokens_are_refused(
+    ctx: Ctx, start: Start, upstream: FakeUpstream, build: Builder, mode: str
+) -> None:
+    sidecar = await start(**({} if mode == "marked" else {"JWT_ID_TOKEN_CHECK": mode}))
+    assert_refused(await send(sidecar, auth(build(ctx))), upstream, reason="id_token")
+
+
+@pytest.mark.parametrize("mode", ["marked", "client"])
+@pytest.mark.parametrize("build", ACCESS_TOKENS)
+async def test_access_tokens_pass_the_id_token_check(
+    ctx: Ctx, start: Start, upstream: FakeUpstream, build: Builder, mode: str
+) -> None:
+    sidecar = await start(JWT_ID_TOKEN_CHECK=mode)
+    assert_accepted(await send(sidecar, auth(build(ctx))), upstream)
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(id_shaped(), id="authentik-id-token-no-azp"),
+    pytest.param(id_shaped(nonce="n-0S6_WzA2Mj", auth_time=1_700_000_000, acr="1"),
+                 id="id-token-with-nonce-only"),
+    pytest.param(id_shaped(azp=""), id="empty-azp"),
+    pytest.param(id_shaped(client_id=[CLIENT]), id="client_id-not-a-string"),
+])
+async def test_client_mode_refuses_tokens_that_name_no_client(
+    ctx: Ctx, start: Start, upstream: FakeUpstream, build: Builder
+) -> None:
+    """authentik: the ID token and the access token share aud (the client id); only the access
+    token carries azp. Unmarked, the ID token passes under `marked` and is refused under
+    `client`."""
+    marked = await start()
+    assert_accepted(await send(marked, auth(build(ctx))), upstream)
+    client = await start(JWT_ID_TOKEN_CHECK="client")
+    assert_refused(await send(client, auth(build(ctx))), upstream, reason="id_token_no_client",
+                   forwarded=1)
+
+
+async def test_off_accepts_even_a_marked_id_token(
+    ctx: Ctx, start: Start, upstream: FakeUpstream
+) -> None:
+    sidecar = await start(JWT_ID_TOKEN_CHECK="off")
+    assert_accepted(await send(sidecar, auth(id_shaped(token_use="id", at_hash="x")(ctx))),
+                    upstream)
