@@ -30,6 +30,7 @@ from oauth_sidecar.outcome import Handler
 from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
+from oauth_sidecar.redemptions import redemption_store
 from oauth_sidecar.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import TokenVerifier
@@ -134,7 +135,9 @@ def create_app(
     for path in protected_resource_paths(config):
         add_public(path, metadata.handle, "metadata")
     redirects = RedirectAllowList(config.auth_server)
-    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses)
+    redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
+    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses,
+                                     redemptions=redemptions)
     registration = StaticRegistration(config.auth_server, redirects)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
     add_public("/authorize", authserver.authorize, "oauth")
@@ -162,6 +165,7 @@ def create_app(
     app.cleanup_ctx.append(_lifetime(idp.running))
     app.cleanup_ctx.append(_lifetime(proxy.running))
     app.cleanup_ctx.append(_lifetime(limiter.running))
+    app.cleanup_ctx.append(_lifetime(redemptions.running))
     app.cleanup_ctx.append(_lifetime(authserver.running))
     if credential is not None:
         app.cleanup_ctx.append(_lifetime(credential.running))
