@@ -1585,3 +1585,38 @@ async def test_callback_refuses_a_repeated_parameter(
         assert_refused_without_redirect(reply)
     assert (await idp_answers(client, code="c", state=state, iss=idp.issuer)).status == 302
 
+
+# -- CORS of the authorization-server endpoints ---------------------------------------------------
+
+
+async def test_sign_in_pages_are_navigations_without_cors_while_as_endpoints_answer_any_origin(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """/token, registration and the metadata: `*` without credentials, for browser-based
+    clients. /authorize and /oauth/callback: no CORS at all, no page may read them."""
+    client = await start(**FACADE)
+    page = {"Origin": "https://evil.example"}
+    for path in ("/authorize", "/oauth/callback"):
+        preflight = await call(client, "OPTIONS", path, headers={
+            **page, "Access-Control-Request-Method": "GET"})
+        assert preflight.status == 403, (path, preflight.text)
+        assert "Access-Control-Allow-Origin" not in preflight.headers
+    state = await sealed_state(client)
+    for path, params in (("/authorize", authorize_params()),
+                         ("/oauth/callback", {"code": "c", "state": state, "iss": idp.issuer})):
+        reply = await call(client, "GET", path, params=params, headers=page)
+        assert reply.status == 302, (path, reply.text)
+        assert not any(h.startswith("Access-Control-") for h in reply.headers), reply.headers
+    readable = [("POST", "/token"), ("POST", "/oauth/register"), ("POST", "/register"),
+                *(("GET", path) for path in (*AS_PATHS, PRM_PATH))]
+    for method, path in readable:
+        preflight = await call(client, "OPTIONS", path, headers={
+            **page, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status == 204, (path, preflight.text)
+        assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Credentials" not in preflight.headers
+    answer = await call(client, "POST", "/token", data=urlencode(refresh()), headers={
+        "Content-Type": "application/x-www-form-urlencoded", **page})
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in answer.headers
