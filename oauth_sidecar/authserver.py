@@ -4,11 +4,12 @@ Why: in facade mode the protected-resource metadata names the sidecar as the aut
 server, so the metadata we serve must carry our own issuer (RFC 8414 §3.3; MCP 2026-07-28 clients
 reject a mismatch). An IdP that puts `iss=<its issuer>` in the authorization response (RFC 9207:
 node oidc-provider, Clerk, FusionAuth) would then be rejected by clients that discovered *our*
-issuer. So `/authorize` sends the browser to the IdP with our own callback and a signed,
-expiring state carrying the client's redirect_uri and state; `/oauth/callback` checks the IdP's
-`iss`, then redirects (302 only: Claude.ai broke on 307/308) to the client with the code, its
-state and our `iss`; `/token` forwards to the IdP, putting our callback back as redirect_uri.
-Tokens are still minted only by the IdP and we store none: the sidecar stays a resource server.
+issuer. So `/authorize` sends the browser to the IdP with our own callback and a sealed
+(encrypted and authenticated), expiring state carrying the client's redirect_uri and state;
+`/oauth/callback` checks the IdP's `iss`, then redirects (302 only: Claude.ai broke on 307/308)
+to the client with the code, its state and our `iss`; `/token` forwards to the IdP, putting our
+callback back as redirect_uri. Tokens are still minted only by the IdP and we store none: the
+sidecar stays a resource server.
 
 The relay holds the static client's secret, so it must never lend it: `/token` relays only the
 grants the metadata advertises, and adds the secret only to a refresh token (whose holder the
@@ -38,6 +39,8 @@ from urllib.parse import parse_qsl, quote_plus, unquote_plus, urlencode, urlspli
 import aiohttp
 import structlog
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
@@ -53,6 +56,7 @@ log = structlog.get_logger("oauth_sidecar.authserver")
 CALLBACK_PATH = "/oauth/callback"
 REGISTRATION_PATH = "/oauth/register"
 STATE_TTL = 600  # seconds a user has to sign in at the IdP
+NONCE_BYTES = 12  # AES-GCM's standard nonce, random per value (NIST SP 800-38D §8.2.2)
 MAX_SEALED = 8192  # characters of a sealed state or code: real ones are well under 1 KB
 # RFC 7636 §4.1, §4.2: a verifier, and so a challenge, is 43-128 unreserved characters.
 PKCE_VALUE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
@@ -77,28 +81,28 @@ def _unb64(text: str) -> bytes:
 
 
 class StateCodec:
-    """HMAC-signed, expiring relay state: the client's own values travel through the IdP.
+    """Expiring relay values under authenticated encryption (AES-256-GCM): the client's own
+    values travel through the browser and the IdP, so they must be tamper-proof; and a sealed
+    code holds the IdP's code, which with a public static client would buy a token at the IdP
+    directly, past our PKCE and single-use checks, so it must be unreadable too.
 
     Each sealed value gets a random `id`, so it can be redeemed once (redemptions.py)."""
 
     def __init__(self, secret: bytes) -> None:
-        self._key = hashlib.sha256(b"oauth_sidecar relay state\0" + secret).digest()
+        self._aead = AESGCM(hashlib.sha256(b"oauth_sidecar relay seal\0" + secret).digest())
 
     def seal(self, values: Mapping[str, Any]) -> str:
         sealed = {**values, "id": secrets.token_urlsafe(16), "exp": int(time.time()) + STATE_TTL}
-        payload = _b64(json.dumps(sealed).encode())
-        return f"{payload}.{_b64(hmac.new(self._key, payload.encode(), 'sha256').digest())}"
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return f"{_b64(nonce)}.{_b64(self._aead.encrypt(nonce, json.dumps(sealed).encode(), None))}"
 
     def open(self, state: str | None) -> dict[str, Any] | None:
         if not state or state.count(".") != 1 or len(state) > MAX_SEALED:
             return None
-        payload, signature = state.split(".")
-        expected = _b64(hmac.new(self._key, payload.encode(), "sha256").digest())
-        if not hmac.compare_digest(signature, expected):
-            return None
+        nonce, box = state.split(".")
         try:
-            values = json.loads(_unb64(payload))
-        except ValueError:
+            values = json.loads(self._aead.decrypt(_unb64(nonce), _unb64(box), None))
+        except (InvalidTag, ValueError):  # forged, tampered, another key; or not base64 at all
             return None
         if not isinstance(values, dict) or not isinstance(values.get("exp"), int):
             return None

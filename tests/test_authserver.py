@@ -1461,6 +1461,35 @@ async def test_callback_tells_the_client_at_once_when_the_idp_code_cannot_be_sea
                            "error_description": "The identity provider's code is too long"}
 
 
+def readable_parts(sealed: str) -> str:
+    """Everything a holder of a sealed value can decode from it without the key."""
+    decoded = []
+    for part in sealed.split("."):
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        decoded.append(raw.decode("latin-1"))
+    return "\n".join(decoded)
+
+
+async def test_sealed_values_are_unreadable_without_the_state_secret(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """A sealed code holds the IdP's own code. With a public static client (no secret) that code
+    alone buys a token at the IdP's token endpoint, past the sidecar's PKCE and single-use
+    checks, if the IdP does not enforce PKCE: so it must not be readable from the sealed code."""
+    client = await start(**FACADE)  # no STATIC_CLIENT_SECRET: the IdP's client is public
+    redirect = LOOPBACK + "?private=yes"
+    state = await sealed_state(client, redirect_uri=redirect, state="client-state-42")
+    reply = await idp_answers(client, code=IDP_CODE, state=state, iss=idp.issuer)
+    code = dict(reply.target()[1])["code"]
+    for sealed in (state, code):
+        visible = readable_parts(sealed)
+        for secret in (IDP_CODE, "client-state-42", "private=yes", CLIENT_ID):
+            assert secret not in visible, (secret, visible)
+    sent = code_exchange(code, redirect_uri=redirect)
+    assert (await call(client, "POST", "/token", **form(**sent))).status == 200
+    assert token_endpoint.last.form == as_idp_receives(sent)
+
+
 BAD_VERIFIERS: list[tuple[str, str | None]] = [
     ("missing", None),
     ("empty", ""),
