@@ -32,6 +32,9 @@ log = structlog.get_logger("oauth_sidecar.redemptions")
 # and it spends the client IP's budget; 100k unexpired ids take about 17 MB (173 B each).
 MAX_REMEMBERED = 100_000
 STORE_TIMEOUT = 1.0  # seconds: a slow Redis must not hold a sign-in for long
+# Replicas each judge a value's expiry by their own clock: Redis keeps an id this much longer,
+# so a replica whose clock lags by up to a minute cannot accept a value after its id is gone.
+CLOCK_SKEW = 60  # seconds
 KEY_PREFIX = "oauth_sidecar:redeemed:"
 # `limits` URI schemes (config.RATE_LIMIT_SCHEMES' values) and redis-py's for the same server.
 REDIS_SCHEMES = {"async+redis": "redis", "async+rediss": "rediss", "async+redis+unix": "unix"}
@@ -111,7 +114,7 @@ class RedisRedemptions:
         client = self._client
         if client is None:
             raise RuntimeError("redemption store used outside its cleanup context")
-        ttl = max(1, math.ceil(expires_at - time.time()))
+        ttl = max(1, math.ceil(expires_at - time.time())) + CLOCK_SKEW
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
                 first = await client.set(KEY_PREFIX + value_id, b"1", nx=True, ex=ttl)

@@ -14,9 +14,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import FakeIdp, SidecarFactory
 from processes import free_port
+from redis.asyncio import Redis
 from structlog.testing import capture_logs
 from test_authserver import (
     FACADE,
+    STATE_SECRET,
     Client,
     TokenEndpoint,
     assert_invalid_grant,
@@ -32,6 +34,7 @@ from test_authserver import (
 from test_ratelimit import RedisServer
 
 from oauth_sidecar import redemptions
+from oauth_sidecar.authserver import StateCodec
 from oauth_sidecar.redemptions import MemoryRedemptions, RedemptionUnavailable
 
 HOUR = 3600.0
@@ -184,3 +187,22 @@ async def test_sign_in_fails_closed_while_redis_is_down_or_hung(
     assert back.status == 302, back.text
     names = [e["event"] for e in events if e["event"].startswith("redemption_store")]
     assert names == ["redemption_store_failed", "redemption_store_recovered"]
+
+
+async def test_redis_keeps_each_used_id_past_its_value_expiry_by_the_clock_skew(
+    make_sidecar: SidecarFactory, idp: FakeIdp, token_endpoint: TokenEndpoint,
+    redis_server: RedisServer,
+) -> None:
+    """A replica whose clock lags still finds the id while it would accept the value."""
+    a, _ = await replicas(make_sidecar, idp, token_endpoint, redis_server.uri)
+    state = await sealed_state(a)
+    assert (await idp_answers(a, code="c", state=state, iss=idp.issuer)).status == 302
+    opened = StateCodec(STATE_SECRET.encode()).open(state)
+    assert opened is not None
+    client = Redis.from_url(redis_server.uri)
+    try:
+        ttl = await client.ttl(redemptions.KEY_PREFIX + opened["id"])
+    finally:
+        await client.aclose()
+    lifetime = opened["exp"] - time.time()
+    assert lifetime + redemptions.CLOCK_SKEW - 5 <= ttl <= lifetime + redemptions.CLOCK_SKEW + 1
