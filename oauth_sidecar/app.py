@@ -29,6 +29,7 @@ from oauth_sidecar.outcome import Handler
 from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
+from oauth_sidecar.redemptions import redemption_store
 from oauth_sidecar.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import TokenVerifier
@@ -88,13 +89,17 @@ def create_app(
     proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,
                           credential=credential, child=child, metrics=metrics)
     public: set[web.AbstractResource] = set()
+    navigations: set[web.AbstractResource] = set()  # public, but no CORS: browsers navigate
 
     def is_public(request: web.Request) -> bool:
         return request.match_info.route.resource in public
 
+    def is_navigation(request: web.Request) -> bool:
+        return request.match_info.route.resource in navigations
+
     gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
                 is_public=is_public)
-    cors = Cors(config, is_public)
+    cors = Cors(config, is_public, is_navigation)
     app = web.Application(
         middlewares=[access_log, *metrics.middlewares(), json_errors, cors.middleware,
                      gate.middleware],
@@ -104,8 +109,10 @@ def create_app(
     app[METRICS] = metrics
 
     def add_public(path: str, handler: Handler, kind: str,
-                   methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
+                   methods: tuple[str, ...] = ("GET", "HEAD"), navigation: bool = False) -> None:
         resource = app.router.add_resource(path)
+        if navigation:
+            navigations.add(resource)
         for method in methods:
             resource.add_route(method, handler)
         # Terminal for every other method: a public path never falls through to the proxy.
@@ -120,10 +127,12 @@ def create_app(
     for path in protected_resource_paths(config):
         add_public(path, metadata.handle, "metadata")
     redirects = RedirectAllowList(config.auth_server)
-    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses)
+    redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
+    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses,
+                                     redemptions=redemptions)
     registration = StaticRegistration(config.auth_server, redirects)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
-    add_public("/authorize", authserver.authorize, "oauth")
+    add_public("/authorize", authserver.authorize, "oauth", navigation=True)
     add_public("/token", authserver.token, "oauth", ("POST",))
     async def register(request: web.Request) -> web.StreamResponse:
         return await authserver.over_budget(request) or await registration.handle(request)
@@ -131,7 +140,7 @@ def create_app(
     for path in (REGISTRATION_PATH, "/register"):
         add_public(path, register, "oauth", ("POST",))
     if authserver.facade:
-        add_public(CALLBACK_PATH, authserver.callback, "oauth")
+        add_public(CALLBACK_PATH, authserver.callback, "oauth", navigation=True)
         for path in authorization_server_metadata_paths(config):
             add_public(path, authserver.metadata, "metadata")
     mcp = app.router.add_resource("/{path:.*}")
@@ -148,6 +157,7 @@ def create_app(
     app.cleanup_ctx.append(_lifetime(idp.running))
     app.cleanup_ctx.append(_lifetime(proxy.running))
     app.cleanup_ctx.append(_lifetime(limiter.running))
+    app.cleanup_ctx.append(_lifetime(redemptions.running))
     app.cleanup_ctx.append(_lifetime(authserver.running))
     if credential is not None:
         app.cleanup_ctx.append(_lifetime(credential.running))

@@ -4,14 +4,22 @@ Why: in facade mode the protected-resource metadata names the sidecar as the aut
 server, so the metadata we serve must carry our own issuer (RFC 8414 §3.3; MCP 2026-07-28 clients
 reject a mismatch). An IdP that puts `iss=<its issuer>` in the authorization response (RFC 9207:
 node oidc-provider, Clerk, FusionAuth) would then be rejected by clients that discovered *our*
-issuer. So `/authorize` sends the browser to the IdP with our own callback and a signed,
-expiring state carrying the client's redirect_uri and state; `/oauth/callback` checks the IdP's
-`iss`, then redirects (302 only: Claude.ai broke on 307/308) to the client with the code, its
-state and our `iss`; `/token` forwards to the IdP, putting our callback back as redirect_uri.
-Tokens are still minted only by the IdP and we store none: the sidecar stays a resource server.
+issuer. So `/authorize` sends the browser to the IdP with our own callback and a sealed
+(encrypted and authenticated), expiring state carrying the client's redirect_uri and state;
+`/oauth/callback` checks the IdP's `iss`, then redirects (302 only: Claude.ai broke on 307/308)
+to the client with the code, its state and our `iss`; `/token` forwards to the IdP, putting our
+callback back as redirect_uri. Tokens are still minted only by the IdP and we store none: the
+sidecar stays a resource server.
+
+The relay holds the static client's secret, so it must never lend it: `/token` relays only the
+grants the metadata advertises, and adds the secret only to a refresh token (whose holder the
+IdP already trusts) or to a code this sidecar issued, after checking PKCE itself (an IdP that
+ignores PKCE must not make us fail open), the client the code was issued to, and that the code
+was not used before. Sealed states and codes are each redeemed once (redemptions.py).
 
 In direct mode clients talk to the IdP itself; we still answer Claude.ai's origin-root
-`/authorize` and `/token` calls by passing them on unchanged.
+`/authorize` and `/token` calls by passing them on, PKCE required, and never add the secret to a
+code we did not issue.
 """
 
 from __future__ import annotations
@@ -20,16 +28,19 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote_plus, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
@@ -37,13 +48,19 @@ from oauth_sidecar.discovery import public_origin
 from oauth_sidecar.http_errors import json_error, rate_limited
 from oauth_sidecar.idp import IdentityProvider, same_issuer
 from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
-from oauth_sidecar.registration import RedirectAllowList
+from oauth_sidecar.redemptions import RedemptionStore, RedemptionUnavailable
+from oauth_sidecar.registration import ALLOWED_GRANTS, RedirectAllowList
 
 log = structlog.get_logger("oauth_sidecar.authserver")
 
 CALLBACK_PATH = "/oauth/callback"
 REGISTRATION_PATH = "/oauth/register"
 STATE_TTL = 600  # seconds a user has to sign in at the IdP
+NONCE_BYTES = 12  # AES-GCM's standard nonce, random per value (NIST SP 800-38D §8.2.2)
+MAX_SEALED = 8192  # characters of a sealed state or code: real ones are well under 1 KB
+# RFC 7636 §4.1, §4.2: a verifier, and so a challenge, is 43-128 unreserved characters.
+PKCE_VALUE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}  # seconds: IdP metadata, budget or store back
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024
 MAX_TOKEN_RESPONSE_BYTES = 1 << 20
 TOKEN_TIMEOUT = 30.0  # seconds for the IdP's token endpoint
@@ -64,29 +81,100 @@ def _unb64(text: str) -> bytes:
 
 
 class StateCodec:
-    """HMAC-signed, expiring relay state: the client's own values travel through the IdP."""
+    """Expiring relay values under authenticated encryption (AES-256-GCM): the client's own
+    values travel through the browser and the IdP, so they must be tamper-proof; and a sealed
+    code holds the IdP's code, which with a public static client would buy a token at the IdP
+    directly, past our PKCE and single-use checks, so it must be unreadable too.
+
+    Each sealed value gets a random `id`, so it can be redeemed once (redemptions.py)."""
 
     def __init__(self, secret: bytes) -> None:
-        self._key = hashlib.sha256(b"oauth_sidecar relay state\0" + secret).digest()
+        self._aead = AESGCM(hashlib.sha256(b"oauth_sidecar relay seal\0" + secret).digest())
 
     def seal(self, values: Mapping[str, Any]) -> str:
-        payload = _b64(json.dumps({**values, "exp": int(time.time()) + STATE_TTL}).encode())
-        return f"{payload}.{_b64(hmac.new(self._key, payload.encode(), 'sha256').digest())}"
+        sealed = {**values, "id": secrets.token_urlsafe(16), "exp": int(time.time()) + STATE_TTL}
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return f"{_b64(nonce)}.{_b64(self._aead.encrypt(nonce, json.dumps(sealed).encode(), None))}"
 
     def open(self, state: str | None) -> dict[str, Any] | None:
-        if not state or state.count(".") != 1 or len(state) > 8192:
+        if not state or state.count(".") != 1 or len(state) > MAX_SEALED:
             return None
-        payload, signature = state.split(".")
-        expected = _b64(hmac.new(self._key, payload.encode(), "sha256").digest())
-        if not hmac.compare_digest(signature, expected):
-            return None
+        nonce, box = state.split(".")
         try:
-            values = json.loads(_unb64(payload))
-        except ValueError:
+            values = json.loads(self._aead.decrypt(_unb64(nonce), _unb64(box), None))
+        except (InvalidTag, ValueError):  # forged, tampered, another key; or not base64 at all
             return None
         if not isinstance(values, dict) or not isinstance(values.get("exp"), int):
             return None
         return values if values["exp"] >= time.time() else None
+
+
+# What a sealed value must carry besides its kind: the redemption id, the client's redirect_uri,
+# the client it was issued to and its PKCE challenge; a code also the IdP's code.
+STATE_FIELDS = ("id", "r", "cid", "pc")
+CODE_FIELDS = ("id", "r", "cid", "pc", "c")
+
+
+def _unsealed(
+    codec: StateCodec, value: str | None, kind: str, names: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """A value sealed as `kind` with every field in names a string; None for anything else
+    (a state presented as a code, a value sealed before these fields existed, a forgery)."""
+    values = codec.open(value)
+    if values is None or values.get("kind") != kind:
+        return None
+    return values if all(isinstance(values.get(name), str) for name in names) else None
+
+
+def pkce_matches(verifier: str | None, challenge: str) -> bool:
+    """RFC 7636 §4.6: BASE64URL(SHA256(verifier)) == challenge, in constant time."""
+    if verifier is None or not PKCE_VALUE.fullmatch(verifier):
+        return False
+    computed = _b64(hashlib.sha256(verifier.encode("ascii")).digest())
+    return hmac.compare_digest(computed.encode(), challenge.encode())
+
+
+def _client_ids(fields: Mapping[str, str], authorization: str | None) -> set[str]:
+    """Every client a token request names: its client_id and its Basic user (RFC 6749 §2.3.1)."""
+    named = {fields["client_id"]} if fields.get("client_id") else set()
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            pair = base64.b64decode(value.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):  # the IdP refuses it; it names nobody here
+            return named
+        named.add(unquote_plus(pair.partition(":")[0]))
+    return named
+
+
+class AuthorizationRefused(Exception):
+    """An authorization request refused once its redirect_uri is known to be allowed: the
+    client hears it by redirect (RFC 6749 §4.1.2.1)."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(error)
+        self.error = error
+        self.description = description
+
+
+class TokenRefused(Exception):
+    """A token request refused before the IdP is contacted (RFC 6749 §5.2)."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(error)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+def _unavailable(description: str) -> web.Response:
+    return json_error(503, "temporarily_unavailable", description, UNAVAILABLE_RETRY_AFTER)
+
+
+def _bad_state() -> web.Response:
+    # Replayed, forged, expired or another deployment's: one answer, nothing to tell apart.
+    return json_error(400, "invalid_request",
+                      "The sign-in took too long or did not start here; try again")
 
 
 def with_query(url: str, params: Mapping[str, str]) -> str:
@@ -110,7 +198,7 @@ def facade_metadata(config: Config, upstream: Mapping[str, Any]) -> dict[str, An
         "token_endpoint": issuer + "/token",
         "registration_endpoint": issuer + REGISTRATION_PATH,
         "response_types_supported": ["code"],
-        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "grant_types_supported": sorted(ALLOWED_GRANTS),  # exactly what /token relays
         # Clients refuse to proceed without S256 (OAuth 2.1 requires PKCE).
         "code_challenge_methods_supported": ["S256"],
         # The relay adds the static client's secret itself: clients authenticate as public.
@@ -130,7 +218,7 @@ def facade_metadata(config: Config, upstream: Mapping[str, Any]) -> dict[str, An
 class AuthorizationServer:
     def __init__(
         self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList,
-        limiter: RateLimiter, addresses: ClientAddress,
+        limiter: RateLimiter, addresses: ClientAddress, *, redemptions: RedemptionStore,
     ) -> None:
         self._config = config.auth_server
         self._whole_config = config
@@ -138,6 +226,7 @@ class AuthorizationServer:
         self._redirects = redirects
         self._limiter = limiter
         self._addresses = addresses
+        self._redemptions = redemptions
         self.issuer = public_origin(config)
         self._callback = self.issuer + CALLBACK_PATH
         secret = self._config.state_secret.encode() or secrets.token_bytes(32)
@@ -185,8 +274,7 @@ class AuthorizationServer:
         except RateLimited as exc:
             return rate_limited(exc)
         except RateLimitUnavailable:
-            return json_error(503, "temporarily_unavailable", "Try again later",
-                              {"Retry-After": "5"})
+            return _unavailable("Try again later")
         return None
 
     def _idp_endpoint(self, name: str) -> str | None:
@@ -207,26 +295,75 @@ class AuthorizationServer:
             return json_error(400, "invalid_request", "The redirect_uri is not allowed")
         target = self._idp_endpoint("authorization_endpoint")
         if target is None:
-            return json_error(503, "temporarily_unavailable",
-                              "The identity provider is not available yet", {"Retry-After": "5"})
-        if not self.facade:
-            return _redirect(with_query(target, dict(query)))
+            return _unavailable("The identity provider is not available yet")
         client_id = query.get("client_id")
-        if client_id != self._config.client_id:
+        if self.facade and client_id != self._config.client_id:
             return json_error(400, "invalid_request", "Unknown client_id")
         assert redirect_uri is not None  # noqa: S101 - allows() refused None
-        state = self._states.seal({"kind": "state", "r": redirect_uri, "s": query.get("state")})
+        try:
+            self._check_authorization_request(query)
+            if not self.facade:
+                return _redirect(with_query(target, dict(query)))
+            state = self._states.seal({
+                "kind": "state", "r": redirect_uri, "s": query.get("state"), "cid": client_id,
+                "pc": query["code_challenge"],
+            })
+            if len(state) > MAX_SEALED:
+                raise AuthorizationRefused("invalid_request", "The request is too long")
+        except AuthorizationRefused as exc:
+            return self._tell_client(redirect_uri, query.get("state"), exc.error, exc.description)
         params = {**query, "redirect_uri": self._callback, "state": state}
         return _redirect(with_query(target, params))
 
+    def _check_authorization_request(self, query: Mapping[str, str]) -> None:
+        """What the relay needs before sending anyone to the IdP; raises AuthorizationRefused."""
+        if self.facade:
+            response_type = query.get("response_type")
+            if not response_type:
+                raise AuthorizationRefused("invalid_request", "response_type is missing")
+            if response_type != "code":  # the metadata offers code only; the callback reads it
+                raise AuthorizationRefused("unsupported_response_type",
+                                           "Only response_type=code is offered")
+            # A request object (RFC 9101) would override the redirect_uri, state and challenge
+            # the relay checked and sent: the IdP must act on exactly those.
+            if "request" in query:
+                raise AuthorizationRefused("request_not_supported",
+                                           "Request objects are not supported")
+            if "request_uri" in query:
+                raise AuthorizationRefused("request_uri_not_supported",
+                                           "Request objects are not supported")
+        # OAuth 2.1 §4.1.1 and MCP: PKCE with S256, whatever the IdP would accept.
+        challenge = query.get("code_challenge")
+        if not challenge:
+            raise AuthorizationRefused("invalid_request",
+                                       "code_challenge is required (PKCE with S256)")
+        if query.get("code_challenge_method") != "S256":  # absent means plain (RFC 7636 §4.3)
+            raise AuthorizationRefused("invalid_request", "code_challenge_method must be S256")
+        if not PKCE_VALUE.fullmatch(challenge):
+            raise AuthorizationRefused(
+                "invalid_request", "code_challenge must be 43 to 128 characters of "
+                "A-Z a-z 0-9 - . _ ~ (RFC 7636 §4.2)")
+
+    def _tell_client(
+        self, redirect_uri: str, state: str | None, error: str, description: str
+    ) -> web.Response:
+        """RFC 6749 §4.1.2.1 error response, with the `iss` the client discovered (RFC 9207):
+        ours in facade mode, the IdP's in direct mode."""
+        params = {"error": error, "error_description": description}
+        if state is not None:
+            params["state"] = state
+        discovered = (self._idp.metadata or {}).get("issuer")
+        params["iss"] = self.issuer if self.facade else (
+            discovered if isinstance(discovered, str) else self._idp.issuer)
+        return _redirect(with_query(redirect_uri, params))
+
     async def callback(self, request: web.Request) -> web.Response:
         query = request.query
-        sealed = self._states.open(query.get("state"))
-        if sealed is None or sealed.get("kind") != "state" or not self._redirects.allows(
-            sealed.get("r")
-        ):
-            return json_error(400, "invalid_request",
-                              "The sign-in took too long or did not start here; try again")
+        if len(query) != len(set(query)):  # RFC 6749 §3.1: a second iss or code is a trick
+            return json_error(400, "invalid_request", "A parameter is repeated")
+        sealed = _unsealed(self._states, query.get("state"), "state", STATE_FIELDS)
+        if sealed is None or not self._redirects.allows(sealed["r"]):
+            return _bad_state()
         iss = query.get("iss")
         idp_says_iss = bool((self._idp.metadata or {}).get(
             "authorization_response_iss_parameter_supported"))
@@ -237,18 +374,28 @@ class AuthorizationServer:
             log.warning("authorization_response_issuer_mismatch")
             return json_error(400, "invalid_request", "The authorization response's issuer "
                               "is not this server's identity provider")
+        if "code" not in query and "error" not in query:
+            return json_error(400, "invalid_request", "The authorization response is empty")
+        try:  # RFC 6749 §4.1.2: one state, one code; a replay is refused like a forgery
+            if not await self._redemptions.redeem(sealed["id"], sealed["exp"]):
+                return _bad_state()
+        except RedemptionUnavailable:
+            return _unavailable("The sign-in cannot be completed right now; try again")
         params: dict[str, str] = {}
         if "code" in query:
-            # The client gets the IdP's code sealed with its redirect_uri, so /token can insist
-            # on the same redirect_uri (RFC 6749 §4.1.3) although the IdP only saw our callback.
-            params["code"] = self._states.seal({"kind": "code", "c": query["code"],
-                                                "r": sealed["r"]})
-        elif "error" in query:
+            # The client gets the IdP's code sealed with its redirect_uri, client and PKCE
+            # challenge, so /token can check all three although the IdP only saw our callback.
+            code = self._states.seal({"kind": "code", "c": query["code"], "r": sealed["r"],
+                                      "cid": sealed["cid"], "pc": sealed["pc"]})
+            if len(code) <= MAX_SEALED:
+                params["code"] = code
+            else:  # /token could never open it: tell the client now
+                params.update(error="server_error",
+                              error_description="The identity provider's code is too long")
+        else:
             for name in ("error", "error_description", "error_uri"):
                 if name in query:
                     params[name] = query[name]
-        else:
-            return json_error(400, "invalid_request", "The authorization response is empty")
         if isinstance(sealed.get("s"), str):
             params["state"] = sealed["s"]
         params["iss"] = self.issuer
@@ -268,42 +415,68 @@ class AuthorizationServer:
         pair = f"{quote_plus(self._config.client_id)}:{quote_plus(self._config.client_secret)}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
 
+    def _lends_secret(
+        self, grant: str, issued_here: bool, fields: Mapping[str, str],
+        headers: Mapping[str, str],
+    ) -> bool:
+        """The static secret goes only with a refresh token (the IdP issued it to this client
+        and it is the caller's own authority) or a code this sidecar issued and has just
+        redeemed; never with a caller's own credential (RFC 6749 §2.3: one method only)."""
+        if not self._config.client_secret or fields.get("client_id") != self._config.client_id:
+            return False
+        if "Authorization" in headers or "client_secret" in fields or (
+            "client_assertion" in fields
+        ):
+            return False
+        return grant == "refresh_token" or (grant == "authorization_code" and issued_here)
+
+    async def _redeem_code(self, fields: dict[str, str], authorization: str | None) -> None:
+        """Check a sealed code as the authorization server would (RFC 6749 §4.1.3, RFC 7636
+        §4.6), use it up, and put back the IdP's code and the callback it saw."""
+        code = _unsealed(self._states, fields.get("code"), "code", CODE_FIELDS)
+        if code is None:
+            raise TokenRefused("invalid_grant", "The authorization code is invalid or expired")
+        if fields.get("redirect_uri") != code["r"]:
+            raise TokenRefused("invalid_grant",
+                               "redirect_uri differs from the authorization request's")
+        named = _client_ids(fields, authorization)
+        if not named:
+            raise TokenRefused("invalid_request", "client_id is missing (RFC 6749 §4.1.3)")
+        if named != {code["cid"]}:
+            raise TokenRefused("invalid_grant",
+                               "The authorization code was issued to another client")
+        # Checked here, not left to the IdP: one that ignores PKCE must not make us fail open.
+        if not pkce_matches(fields.get("code_verifier"), code["pc"]):
+            raise TokenRefused("invalid_grant", "The code_verifier does not match the "
+                               "code_challenge (RFC 7636 §4.6)")
+        if not await self._redemptions.redeem(code["id"], code["exp"]):
+            raise TokenRefused("invalid_grant", "The authorization code was already used")
+        fields["code"] = code["c"]
+        fields["redirect_uri"] = self._callback  # the IdP bound the code to our callback
+
     async def token(self, request: web.Request) -> web.Response:
         refusal = await self.over_budget(request)
         if refusal is not None:
             return refusal
-        target, session = self._idp_endpoint("token_endpoint"), self._session
-        if target is None or session is None:
-            return json_error(503, "temporarily_unavailable",
-                              "The identity provider is not available yet", {"Retry-After": "5"})
-        if (request.content_length or 0) > MAX_TOKEN_REQUEST_BYTES:
-            return json_error(413, "invalid_request", "The token request is too large")
-        if request.content_type != "application/x-www-form-urlencoded":
-            return json_error(400, "invalid_request",
-                              "Use application/x-www-form-urlencoded (RFC 6749 §4.1.3)")
-        try:
-            form = parse_qsl((await request.read()).decode(), keep_blank_values=True,
-                             max_num_fields=100, strict_parsing=False)
-        except (ValueError, UnicodeDecodeError):
-            return json_error(400, "invalid_request", "The token request is malformed")
-        fields = dict(form)
-        if len(fields) != len(form):
-            return json_error(400, "invalid_request", "A parameter is repeated")
         headers = {"Accept": "application/json"}
         if "Authorization" in request.headers:  # the client's own authentication, for the IdP
             headers["Authorization"] = request.headers["Authorization"]
-        if self.facade and fields.get("grant_type") == "authorization_code":
-            code = self._states.open(fields.get("code"))
-            if code is None or code.get("kind") != "code" or not isinstance(code.get("c"), str):
-                return json_error(400, "invalid_grant", "The authorization code is invalid or "
-                                  "expired")
-            if fields.get("redirect_uri") != code.get("r"):
-                return json_error(400, "invalid_grant",
-                                  "redirect_uri differs from the authorization request's")
-            fields["code"] = code["c"]
-            fields["redirect_uri"] = self._callback  # the IdP bound the code to our callback
-        if (self._config.client_secret and fields.get("client_id") == self._config.client_id
-                and "Authorization" not in headers and "client_secret" not in fields):
+        try:
+            fields = await _token_form(request)
+            grant = _relayed_grant(fields)
+            target, session = self._idp_endpoint("token_endpoint"), self._session
+            if target is None or session is None:
+                return _unavailable("The identity provider is not available yet")
+            # Facade codes are ours: checked and used up here (a grant that passes is issued
+            # here). Direct mode's codes were issued by the IdP to the client itself.
+            issued_here = self.facade and grant == "authorization_code"
+            if issued_here:
+                await self._redeem_code(fields, headers.get("Authorization"))
+        except TokenRefused as exc:
+            return json_error(exc.status, exc.error, exc.description)
+        except RedemptionUnavailable:
+            return _unavailable("The code cannot be redeemed right now; try again")
+        if self._lends_secret(grant, issued_here, fields, headers):
             self._authenticate_static_client(fields, headers)
         try:
             async with session.post(target, data=fields, headers=headers,
@@ -322,3 +495,34 @@ class AuthorizationServer:
             return json_error(502, "server_error", "The identity provider's answer is too large")
         return web.Response(status=status, body=body, content_type=content_type,
                             headers=NO_STORE)
+
+
+async def _token_form(request: web.Request) -> dict[str, str]:
+    """The token request's parameters, each at most once (RFC 6749 §3.2)."""
+    if (request.content_length or 0) > MAX_TOKEN_REQUEST_BYTES:
+        raise TokenRefused("invalid_request", "The token request is too large", 413)
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise TokenRefused("invalid_request",
+                           "Use application/x-www-form-urlencoded (RFC 6749 §4.1.3)")
+    try:
+        form = parse_qsl((await request.read()).decode(), keep_blank_values=True,
+                         max_num_fields=100, strict_parsing=False)
+    except (ValueError, UnicodeDecodeError):
+        raise TokenRefused("invalid_request", "The token request is malformed") from None
+    fields = dict(form)
+    if len(fields) != len(form):
+        raise TokenRefused("invalid_request", "A parameter is repeated")
+    return fields
+
+
+def _relayed_grant(fields: Mapping[str, str]) -> str:
+    """The grant, if it is one the metadata advertises: nothing else ever reaches the IdP, so
+    the relay cannot be used to run client_credentials, password or token exchange with the
+    static client's secret."""
+    grant = fields.get("grant_type")
+    if not grant:  # RFC 6749 §3.1: a parameter without a value counts as omitted
+        raise TokenRefused("invalid_request", "grant_type is missing")
+    if grant not in ALLOWED_GRANTS:  # exact: grant types are compared as strings (§5.2)
+        raise TokenRefused("unsupported_grant_type",
+                           "Only authorization_code and refresh_token are relayed")
+    return grant

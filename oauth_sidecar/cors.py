@@ -5,6 +5,12 @@ before authentication and `WWW-Authenticate` / `Mcp-Session-Id` must be readable
 Streamable HTTP transport also requires rejecting a present, disallowed `Origin` with 403 (DNS
 rebinding); a request with no `Origin` (server-side clients) is fine. Our headers always replace
 the upstream's (the proxy strips them). All header values are computed once.
+
+The metadata documents, registration and `/token` are readable from any origin (`*`, never with
+credentials): browser-based clients call them cross-origin, and nothing ambient authorises them
+(a token request's authority is the code and verifier or the refresh token in its body). The
+sign-in pages `/authorize` and `/oauth/callback` are top-level navigations: public, but their
+answers carry no CORS headers and their preflights are refused, so no page can read them.
 """
 
 from __future__ import annotations
@@ -33,10 +39,14 @@ def allow_headers(request: web.Request) -> str:
 
 
 class Cors:
-    def __init__(self, config: Config, is_public: IsPublic) -> None:
+    def __init__(self, config: Config, is_public: IsPublic, is_navigation: IsPublic) -> None:
         self._origins = config.cors_origins
         self._any = config.cors_any_origin
         self._is_public = is_public
+        self._is_navigation = is_navigation
+
+    def _readable_anywhere(self, request: web.Request) -> bool:
+        return self._is_public(request) and not self._is_navigation(request)
 
     def allows(self, origin: str) -> bool:
         return self._any or origin.lower() in self._origins
@@ -49,7 +59,7 @@ class Cors:
         public = self._is_public(request)
         allowed = self.allows(origin)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            if not (allowed or public):
+            if not (allowed or self._readable_anywhere(request)):
                 return json_error(403, "origin_not_allowed", "This origin may not call this server")
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": origin if allowed else "*",
@@ -71,5 +81,5 @@ class Cors:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             response.headers.add("Vary", "Origin")
-        elif self._is_public(request):  # metadata, registration and token: no credentials
+        elif self._readable_anywhere(request):  # metadata, registration, token: no credentials
             response.headers.setdefault("Access-Control-Allow-Origin", "*")

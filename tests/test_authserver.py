@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -48,6 +49,7 @@ PRM_PATH = "/.well-known/oauth-protected-resource/mcp"
 BROWSER = "https://inspector.example"
 IDP_CODE = "code-from-idp-123"  # the code the IdP puts in its authorization response
 VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+CHALLENGE = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"  # S256 of VERIFIER (RFC 7636 App. B)
 TOKEN_RESPONSE = {
     "access_token": "at-NEVER-LOGGED-4f1c", "refresh_token": "rt-NEVER-LOGGED-9a2b",
     "token_type": "Bearer", "expires_in": 300,
@@ -201,7 +203,7 @@ def authorize_params(**changes: str | None) -> dict[str, str]:
         "client_id": CLIENT_ID,
         "redirect_uri": CLAUDE_AI,
         "state": "client-state-42",
-        "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        "code_challenge": CHALLENGE,
         "code_challenge_method": "S256",
         "scope": "openid mcp:read offline_access",
         "resource": "https://mcp.example.test/mcp",
@@ -701,12 +703,12 @@ async def test_callback_refuses_a_sealed_code_presented_as_state(
     assert_refused_without_redirect(await idp_answers(client, code="c", state=code,
                                                       iss=idp.issuer))
     forged_kinds = authserver.StateCodec(STATE_SECRET.encode())
-    for values in ({"r": CLAUDE_AI, "s": "x"}, {"kind": "code", "r": CLAUDE_AI, "s": "x"},
-                   {"kind": "STATE", "r": CLAUDE_AI, "s": "x"}):
+    fields = {"r": CLAUDE_AI, "s": "x", "cid": CLIENT_ID, "pc": CHALLENGE}
+    for values in (fields, {"kind": "code", **fields}, {"kind": "STATE", **fields}):
         reply = await idp_answers(client, code="c", state=forged_kinds.seal(values),
                                   iss=idp.issuer)
         assert_refused_without_redirect(reply)
-    genuine = forged_kinds.seal({"kind": "state", "r": CLAUDE_AI, "s": "x"})
+    genuine = forged_kinds.seal({"kind": "state", **fields})
     assert (await idp_answers(client, code="c", state=genuine, iss=idp.issuer)).status == 302
 
 
@@ -725,12 +727,12 @@ async def test_callback_state_expires_after_ten_minutes(
     start: Start, idp: FakeIdp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await start(**FACADE)
-    state = await sealed_state(client)
+    state, twin = await sealed_state(client), await sealed_state(client)  # each used once
 
     monkeypatch.setattr(authserver, "time", Clock(590))
     assert (await idp_answers(client, code="c", state=state, iss=idp.issuer)).status == 302
     monkeypatch.setattr(authserver, "time", Clock(authserver.STATE_TTL + 5))
-    assert_refused_without_redirect(await idp_answers(client, code="c", state=state,
+    assert_refused_without_redirect(await idp_answers(client, code="c", state=twin,
                                                       iss=idp.issuer))
 
 
@@ -851,16 +853,29 @@ async def test_facade_token_refuses_a_sealed_state_presented_as_a_code(
     assert token_endpoint.calls == []
 
 
+CODE_FIELDS = {"c": IDP_CODE, "r": CLAUDE_AI, "cid": CLIENT_ID, "pc": CHALLENGE}
+
+
+def code_without(*names: str, **changes: Any) -> dict[str, Any]:
+    return {k: v for k, v in {"kind": "code", **CODE_FIELDS, **changes}.items()
+            if k not in names}
+
+
 @pytest.mark.parametrize("values", [
-    {"c": IDP_CODE, "r": CLAUDE_AI},
-    {"kind": "state", "c": IDP_CODE, "r": CLAUDE_AI},
-    {"kind": "CODE", "c": IDP_CODE, "r": CLAUDE_AI},
-    {"kind": "code", "r": CLAUDE_AI},
-    {"kind": "code", "c": 123, "r": CLAUDE_AI},
-    {"kind": "code", "c": None, "r": CLAUDE_AI},
-    {"kind": "code", "c": [IDP_CODE], "r": CLAUDE_AI},
-    {"kind": "code", "c": IDP_CODE},
-], ids=["no-kind", "kind-state", "kind-CODE", "no-c", "int-c", "null-c", "list-c", "no-r"])
+    code_without("kind"),
+    code_without(kind="state"),
+    code_without(kind="CODE"),
+    code_without("c"),
+    code_without(c=123),
+    code_without(c=None),
+    code_without(c=[IDP_CODE]),
+    code_without("r"),
+    code_without("cid"),
+    code_without("pc"),
+    code_without(pc=None),
+    {"kind": "code", "c": IDP_CODE, "r": CLAUDE_AI},
+], ids=["no-kind", "kind-state", "kind-CODE", "no-c", "int-c", "null-c", "list-c", "no-r",
+        "no-client", "no-challenge", "null-challenge", "sealed-before-pkce-and-binding"])
 async def test_facade_token_refuses_sealed_values_that_are_not_a_code(
     start: Start, token_endpoint: TokenEndpoint, values: dict[str, Any]
 ) -> None:
@@ -875,7 +890,7 @@ async def test_facade_token_accepts_a_code_sealed_with_the_state_secret(
 ) -> None:
     client = await start(**FACADE)
     sealed = authserver.StateCodec(STATE_SECRET.encode()).seal(
-        {"kind": "code", "c": "inner-code", "r": CLAUDE_AI})
+        {"kind": "code", "c": "inner-code", "r": CLAUDE_AI, "cid": CLIENT_ID, "pc": CHALLENGE})
     sent = code_exchange(sealed)
     assert (await call(client, "POST", "/token", **form(**sent))).status == 200
     assert token_endpoint.last.form == list(
@@ -917,11 +932,12 @@ async def test_facade_code_expires_after_ten_minutes(
 ) -> None:
     client = await start(**FACADE)
     sent = code_exchange(await sealed_code(client, idp))
+    twin = code_exchange(await sealed_code(client, idp))  # each code is used once
 
     monkeypatch.setattr(authserver, "time", Clock(590))
     assert (await call(client, "POST", "/token", **form(**sent))).status == 200
     monkeypatch.setattr(authserver, "time", Clock(authserver.STATE_TTL + 5))
-    assert_invalid_grant(await call(client, "POST", "/token", **form(**sent)))
+    assert_invalid_grant(await call(client, "POST", "/token", **form(**twin)))
     assert len(token_endpoint.calls) == 1
 
 
@@ -990,24 +1006,33 @@ async def test_client_sending_its_own_client_secret_is_not_overridden(
 
 
 @pytest.mark.parametrize("idp_methods", [["client_secret_post"], None], ids=repr)
-async def test_another_client_id_gets_no_secret(
+async def test_a_code_presented_by_another_client_is_refused_before_the_idp(
     start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint, idp_methods: Any
 ) -> None:
+    """RFC 6749 §4.1.3: the code was issued to the client of the authorization request. The
+    sidecar checks it itself (it used to leave it to the IdP, relaying the code unauthenticated)."""
     client = await start({"token_endpoint_auth_methods_supported": idp_methods},
                          **FACADE, STATIC_CLIENT_SECRET="static-secret")
-    # The sidecar does not bind codes to a client_id: the IdP does, and refuses the exchange.
     code = await sealed_code(client, idp)
     without_client_id = {k: v for k, v in code_exchange(code).items() if k != "client_id"}
-    for sent in (code_exchange(code, client_id="someone-else"), without_client_id):
-        reply = await call(client, "POST", "/token", **form(**sent))
-        assert reply.status == 200, reply.text
-    assert [c.form for c in token_endpoint.calls] == [
-        as_idp_receives(code_exchange(code, client_id="someone-else")),
-        as_idp_receives(without_client_id)]
-    for recorded in token_endpoint.calls:
-        assert "Authorization" not in recorded.headers
-        assert "client_secret" not in dict(recorded.form)
-        assert "static-secret" not in json.dumps(recorded.form)
+    for sent, headers, error in [
+        (code_exchange(code, client_id="someone-else"), {}, "invalid_grant"),
+        (without_client_id, {}, "invalid_request"),
+        (without_client_id, {"Authorization": basic("someone-else", "theirs")}, "invalid_grant"),
+        (code_exchange(code), {"Authorization": basic("someone-else", "theirs")},
+         "invalid_grant"),
+    ]:
+        reply = await call(client, "POST", "/token", data=urlencode(sent), headers={
+            "Content-Type": "application/x-www-form-urlencoded", **headers})
+        assert (reply.status, reply.json()["error"]) == (400, error), (sent, headers)
+    assert token_endpoint.calls == []
+    # The client the code was issued to, naming itself in Basic only, still redeems it.
+    own = basic(CLIENT_ID, "what-the-client-holds")
+    reply = await call(client, "POST", "/token", data=urlencode(without_client_id), headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Authorization": own})
+    assert reply.status == 200, reply.text
+    assert token_endpoint.last.headers["Authorization"] == own
+    assert "static-secret" not in json.dumps(token_endpoint.last.form)
 
 
 async def test_refresh_grant_forwarded_unchanged_apart_from_the_secret(
@@ -1098,6 +1123,8 @@ async def test_repeated_or_too_many_token_parameters_are_refused(
     pairs = [*code_exchange().items()]
     for body in (urlencode([*pairs, ("code", "second-code")]),
                  urlencode([*pairs, ("client_id", "other")]),
+                 urlencode([*pairs, ("grant_type", "client_credentials")]),
+                 urlencode([("grant_type", "client_credentials"), *pairs]),
                  urlencode([*pairs, *((f"p{i}", "v") for i in range(120))])):
         reply = await call(client, "POST", "/token", data=body.encode(),
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
@@ -1255,3 +1282,370 @@ async def test_browser_origin_can_read_token_and_metadata_answers(
         assert reply.status == 200, (path, reply.text)
         assert reply.headers["Access-Control-Allow-Origin"] == "*"
     assert token_endpoint.last.form == as_idp_receives(sent)
+
+
+# -- /token relays only the advertised grants, and lends the secret to nothing else ---------------
+
+UNADVERTISED_GRANTS = [
+    "client_credentials", "password", "implicit", "Client_Credentials", "CLIENT_CREDENTIALS",
+    "Authorization_Code", "REFRESH_TOKEN", "refresh_token ", " authorization_code",
+    "refresh_token\x00", "authorization_code,refresh_token", "refresh_token client_credentials",
+    "urn:ietf:params:oauth:grant-type:token-exchange",
+    "urn:ietf:params:oauth:grant-type:jwt-bearer",
+    "urn:ietf:params:oauth:grant-type:device_code", "urn:openid:params:grant-type:ciba",
+]
+
+
+@pytest.mark.parametrize("mode", ["facade", "direct"])
+async def test_token_relays_only_the_advertised_grants_and_never_asks_the_idp_otherwise(
+    start: Start, token_endpoint: TokenEndpoint, mode: str
+) -> None:
+    """The credential leak: `grant_type=client_credentials client_id=<static>` used to reach the
+    IdP with the static secret attached, handing any caller a token for the static client."""
+    env = {**FACADE, "STATIC_CLIENT_SECRET": "static-secret-1"}
+    client = await start(**env, **({"AUTH_SERVER_MODE": "direct"} if mode == "direct" else {}))
+    common = {"client_id": CLIENT_ID, "resource": "https://mcp.example.test/mcp",
+              "scope": "mcp:read", "username": "alice", "password": "guess"}
+    for grant in UNADVERTISED_GRANTS:
+        reply = await call(client, "POST", "/token", **form(**common, grant_type=grant))
+        assert (reply.status, reply.json()["error"]) == (400, "unsupported_grant_type"), grant
+        assert reply.headers["Cache-Control"] == "no-store"
+        assert "access_token" not in reply.text
+    for missing in (common, {**common, "grant_type": ""}):  # RFC 6749 §3.1: empty = omitted
+        reply = await call(client, "POST", "/token", **form(**missing))
+        assert (reply.status, reply.json()["error"]) == (400, "invalid_request"), missing
+    assert token_endpoint.calls == []
+    # Control: an advertised grant does reach the IdP.
+    assert (await call(client, "POST", "/token", **form(**refresh()))).status == 200
+    assert len(token_endpoint.calls) == 1
+
+
+async def test_direct_mode_lends_the_secret_to_refresh_tokens_only(
+    start: Start, token_endpoint: TokenEndpoint
+) -> None:
+    """In direct mode the IdP issued the code to the client itself, not through the sidecar:
+    the sidecar cannot know the code is its static client's, so it adds no secret to it."""
+    client = await start(**FACADE, AUTH_SERVER_MODE="direct", STATIC_CLIENT_SECRET="static-1")
+    code = await call(client, "POST", "/token", **form(**code_exchange()))
+    refreshed = await call(client, "POST", "/token", **form(**refresh()))
+    assert (code.status, refreshed.status) == (200, 200)
+    relayed_code, relayed_refresh = token_endpoint.calls
+    assert relayed_code.form == list(code_exchange().items())  # passed on untouched
+    assert "Authorization" not in relayed_code.headers
+    assert relayed_refresh.headers["Authorization"] == basic(CLIENT_ID, "static-1")
+
+
+async def test_facade_lends_the_secret_only_once_the_sealed_code_passed_every_check(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    client = await start(**FACADE, STATIC_CLIENT_SECRET="static-1")
+    code = await sealed_code(client, idp)
+    for refused in (code_exchange(code, code_verifier="x" * 43), code_exchange(IDP_CODE),
+                    code_exchange(code, redirect_uri=LOOPBACK)):
+        reply = await call(client, "POST", "/token", **form(**refused))
+        assert_invalid_grant(reply)
+    assert token_endpoint.calls == []
+    assert (await call(client, "POST", "/token", **form(**code_exchange(code)))).status == 200
+    assert token_endpoint.last.headers["Authorization"] == basic(CLIENT_ID, "static-1")
+
+
+# -- PKCE: required at /authorize, checked at /token -----------------------------------------------
+
+BAD_PKCE: list[tuple[str, dict[str, str | None]]] = [
+    ("no challenge", {"code_challenge": None}),
+    ("empty challenge", {"code_challenge": ""}),
+    ("no method means plain", {"code_challenge_method": None}),
+    ("plain", {"code_challenge_method": "plain"}),
+    ("lowercase s256", {"code_challenge_method": "s256"}),
+    ("another method", {"code_challenge_method": "S512"}),
+    ("42 characters", {"code_challenge": CHALLENGE[:42]}),
+    ("129 characters", {"code_challenge": "a" * 129}),
+    ("padded", {"code_challenge": CHALLENGE + "="}),
+    ("plain base64", {"code_challenge": "+/" + CHALLENGE[2:]}),
+    ("a space", {"code_challenge": CHALLENGE[:20] + " " + CHALLENGE[21:]}),
+    ("trailing newline", {"code_challenge": CHALLENGE + "\n"}),
+    ("fullwidth letters", {"code_challenge": "\uff21" * 43}),
+    ("non-ASCII digits", {"code_challenge": "\u0661" * 43}),
+]
+
+
+@pytest.mark.parametrize("mode", ["facade", "direct"])
+async def test_authorize_without_pkce_s256_is_told_to_the_client_and_never_relayed(
+    start: Start, idp: FakeIdp, upstream: FakeUpstream, mode: str
+) -> None:
+    """OAuth 2.1 §4.1.1: PKCE with S256, checked by the sidecar (RFC 6749 §4.1.2.1: once the
+    redirect_uri is known to be allowed, the error goes back to it with state and iss)."""
+    client = await start(**FACADE, **({"AUTH_SERVER_MODE": "direct"} if mode == "direct" else {}))
+    iss = ISSUER if mode == "facade" else idp.issuer  # the issuer the client discovered
+    for what, changes in BAD_PKCE:
+        reply = await call(client, "GET", "/authorize", params=authorize_params(**changes))
+        assert reply.status == 302, (what, reply.text)
+        base, query = reply.target()
+        assert base == CLAUDE_AI, what  # back to the client, not on to the IdP
+        received = dict(query)
+        assert [name for name, _ in query] == ["error", "error_description", "state", "iss"]
+        assert (received["error"], received["state"], received["iss"]) == (
+            "invalid_request", "client-state-42", iss), what
+        assert "code_challenge" in received["error_description"], what
+    without_state = await call(client, "GET", "/authorize", params=authorize_params(
+        state=None, code_challenge=None))
+    assert [name for name, _ in without_state.target()[1]] == ["error", "error_description", "iss"]
+    # Before the redirect_uri (and in facade mode the client) is known good: never a redirect.
+    too_early: list[dict[str, str | None]] = [
+        {"redirect_uri": "https://evil.example/cb"}, {"redirect_uri": None}]
+    if mode == "facade":
+        too_early.append({"client_id": "another"})
+    for changes in too_early:
+        reply = await call(client, "GET", "/authorize", params=authorize_params(
+            code_challenge=None, **changes))
+        assert_refused_without_redirect(reply)
+    # Control: both ends of the allowed length go through to the IdP.
+    for challenge in (CHALLENGE, "A-._~" * 25 + "abc"):
+        reply = await call(client, "GET", "/authorize", params=authorize_params(
+            code_challenge=challenge))
+        assert reply.target()[0] == idp.origin + "/authorize", challenge
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"response_type": None}, "invalid_request"),
+    ({"response_type": "token"}, "unsupported_response_type"),
+    ({"response_type": "code id_token"}, "unsupported_response_type"),
+    ({"request": "eyJhbGciOiJub25lIn0.eyJyZWRpcmVjdF91cmkiOiJodHRwczovL2V2aWwifQ."},
+     "request_not_supported"),
+    ({"request_uri": "https://evil.example/request.jwt"}, "request_uri_not_supported"),
+], ids=["no-response-type", "implicit", "hybrid", "request-object", "request-uri"])
+async def test_facade_authorize_relays_only_code_requests_it_can_see_whole(
+    start: Start, idp: FakeIdp, changes: dict[str, str | None], error: str
+) -> None:
+    """A request object (RFC 9101) would override, at the IdP, the redirect_uri, state and
+    challenge the relay checked; an implicit or hybrid response would bypass the callback."""
+    client = await start(**FACADE)
+    reply = await call(client, "GET", "/authorize", params=authorize_params(**changes))
+    assert reply.status == 302, reply.text
+    base, query = reply.target()
+    assert base == CLAUDE_AI
+    assert dict(query)["error"] == error
+    assert (dict(query)["state"], dict(query)["iss"]) == ("client-state-42", ISSUER)
+
+
+async def test_facade_authorize_refuses_a_state_too_long_to_come_back(
+    start: Start, idp: FakeIdp
+) -> None:
+    """A client state that would seal beyond what the callback accepts is refused up front,
+    instead of after the user signed in at the IdP."""
+    client = await start(**FACADE)
+    reply = await call(client, "GET", "/authorize", params=authorize_params(state="s" * 6500))
+    assert reply.status == 302, reply.text
+    base, query = reply.target()
+    assert base == CLAUDE_AI
+    assert dict(query)["error"] == "invalid_request"
+    accepted = await call(client, "GET", "/authorize", params=authorize_params(state="s" * 2000))
+    assert accepted.target()[0] == idp.origin + "/authorize"
+    sealed = dict(accepted.target()[1])["state"]
+    assert (await idp_answers(client, code="c", state=sealed, iss=idp.issuer)).status == 302
+
+
+async def test_callback_tells_the_client_at_once_when_the_idp_code_cannot_be_sealed(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """A code too long to come back through /token is an error for the client now, not a
+    sealed code that every exchange would refuse."""
+    client = await start(**FACADE)
+    state = await sealed_state(client)
+    reply = await idp_answers(client, code="c" * 6500, state=state, iss=idp.issuer)
+    assert reply.status == 302, reply.text
+    base, query = reply.target()
+    assert base == CLAUDE_AI
+    assert dict(query) == {"error": "server_error", "state": "client-state-42", "iss": ISSUER,
+                           "error_description": "The identity provider's code is too long"}
+
+
+def readable_parts(sealed: str) -> str:
+    """Everything a holder of a sealed value can decode from it without the key."""
+    decoded = []
+    for part in sealed.split("."):
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        decoded.append(raw.decode("latin-1"))
+    return "\n".join(decoded)
+
+
+async def test_sealed_values_are_unreadable_without_the_state_secret(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """A sealed code holds the IdP's own code. With a public static client (no secret) that code
+    alone buys a token at the IdP's token endpoint, past the sidecar's PKCE and single-use
+    checks, if the IdP does not enforce PKCE: so it must not be readable from the sealed code."""
+    client = await start(**FACADE)  # no STATIC_CLIENT_SECRET: the IdP's client is public
+    redirect = LOOPBACK + "?private=yes"
+    state = await sealed_state(client, redirect_uri=redirect, state="client-state-42")
+    reply = await idp_answers(client, code=IDP_CODE, state=state, iss=idp.issuer)
+    code = dict(reply.target()[1])["code"]
+    for sealed in (state, code):
+        visible = readable_parts(sealed)
+        for secret in (IDP_CODE, "client-state-42", "private=yes", CLIENT_ID):
+            assert secret not in visible, (secret, visible)
+    sent = code_exchange(code, redirect_uri=redirect)
+    assert (await call(client, "POST", "/token", **form(**sent))).status == 200
+    assert token_endpoint.last.form == as_idp_receives(sent)
+
+
+BAD_VERIFIERS: list[tuple[str, str | None]] = [
+    ("missing", None),
+    ("empty", ""),
+    ("another valid verifier", "x" * 43),
+    ("the challenge itself", CHALLENGE),
+    ("one character short", VERIFIER[:-1]),
+    ("129 characters", VERIFIER + "a" * 86),
+    ("trailing newline", VERIFIER + "\n"),
+    ("a space inside", VERIFIER[:10] + " " + VERIFIER[11:]),
+    ("case changed", VERIFIER.swapcase()),
+    ("non-ASCII", VERIFIER[:-1] + "\u00e9"),
+]
+
+
+async def test_facade_token_checks_the_code_verifier_itself_when_the_idp_ignores_pkce(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """The recording token endpoint answers 200 to anything, like an IdP that ignores PKCE:
+    only the sidecar's own RFC 7636 §4.6 check stands between a stolen code and a token."""
+    client = await start(**FACADE)
+    code = await sealed_code(client, idp)
+    for what, verifier in BAD_VERIFIERS:
+        sent = code_exchange(code, code_verifier=verifier or "")
+        if verifier is None:
+            del sent["code_verifier"]
+        reply = await call(client, "POST", "/token", **form(**sent))
+        assert_invalid_grant(reply)
+        assert "code_verifier" in reply.json()["error_description"], what
+    assert token_endpoint.calls == []
+    sent = code_exchange(code)
+    assert (await call(client, "POST", "/token", **form(**sent))).status == 200
+    assert dict(token_endpoint.last.form)["code_verifier"] == VERIFIER  # the IdP checks too
+
+
+async def test_the_challenge_travels_to_the_idp_and_into_the_code(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """IdPs that require PKCE keep working: the challenge and the verifier reach them; and the
+    code carries the challenge of its own authorization request, not another one's."""
+    client = await start(**FACADE)
+    other_verifier = "o" * 50
+    other_challenge = base64.urlsafe_b64encode(
+        hashlib.sha256(other_verifier.encode()).digest()).rstrip(b"=").decode()
+    reply = await call(client, "GET", "/authorize", params=authorize_params(
+        code_challenge=other_challenge))
+    assert dict(reply.target()[1])["code_challenge"] == other_challenge
+    code = await sealed_code(client, idp)  # a second sign-in, with CHALLENGE
+    assert_invalid_grant(await call(client, "POST", "/token", **form(**code_exchange(
+        code, code_verifier=other_verifier))))
+    assert token_endpoint.calls == []
+
+
+# -- single use ------------------------------------------------------------------------------------
+
+
+async def test_a_state_is_redeemed_once_at_the_callback(start: Start, idp: FakeIdp) -> None:
+    client = await start(**FACADE)
+    state = await sealed_state(client)
+    first = await idp_answers(client, code="c", state=state, iss=idp.issuer)
+    assert first.status == 302, first.text
+    for replay in ({"code": "c"}, {"code": "another"}, {"error": "access_denied"}):
+        reply = await idp_answers(client, state=state, iss=idp.issuer, **replay)
+        assert_refused_without_redirect(reply)
+        assert reply.json()["error_description"].startswith("The sign-in took too long")
+
+
+async def test_a_code_is_redeemed_once_at_token(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    client = await start(**FACADE)
+    sent = code_exchange(await sealed_code(client, idp))
+    assert (await call(client, "POST", "/token", **form(**sent))).status == 200
+    replay = await call(client, "POST", "/token", **form(**sent))
+    assert_invalid_grant(replay)
+    assert "already used" in replay.json()["error_description"]
+    assert len(token_endpoint.calls) == 1
+
+
+async def test_concurrent_redemptions_of_one_code_let_exactly_one_through(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    client = await start(**FACADE)
+    sent = code_exchange(await sealed_code(client, idp))
+    replies = await asyncio.gather(*(call(client, "POST", "/token", **form(**sent))
+                                     for _ in range(8)))
+    assert sorted(r.status for r in replies) == [200] + [400] * 7
+    assert len(token_endpoint.calls) == 1
+
+
+async def test_a_refused_attempt_does_not_use_the_value_up(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """Only a value that passed every check is redeemed: a tampered callback or a wrong
+    verifier cannot burn the genuine user's sign-in."""
+    client = await start({"authorization_response_iss_parameter_supported": True}, **FACADE)
+    state = await sealed_state(client)
+    for tampered in ({"iss": "https://evil.example"}, {}, {"iss": idp.issuer, "x": "1",
+                                                           "code": None}):
+        params = {"code": "c", "state": state, **tampered}
+        assert_refused_without_redirect(await idp_answers(
+            client, **{k: v for k, v in params.items() if v is not None}))
+    reply = await idp_answers(client, code=IDP_CODE, state=state, iss=idp.issuer)
+    assert reply.status == 302, reply.text
+    code = dict(reply.target()[1])["code"]
+    assert_invalid_grant(await call(client, "POST", "/token", **form(**code_exchange(
+        code, code_verifier="x" * 43))))
+    assert (await call(client, "POST", "/token", **form(**code_exchange(code)))).status == 200
+
+
+@pytest.mark.parametrize("repeated", [
+    [("iss", "https://evil.example")], [("code", "second")], [("state", "x")],
+], ids=["iss", "code", "state"])
+async def test_callback_refuses_a_repeated_parameter(
+    start: Start, idp: FakeIdp, repeated: list[tuple[str, str]]
+) -> None:
+    """RFC 6749 §3.1: `iss=<idp>&iss=<evil>` would pass a first-value issuer check."""
+    client = await start(**FACADE)
+    state = await sealed_state(client)
+    genuine = [("code", "c"), ("state", state), ("iss", idp.issuer)]
+    for pairs in ([*genuine, *repeated], [*repeated, *genuine]):
+        reply = await call(client, "GET", "/oauth/callback?" + urlencode(pairs))
+        assert_refused_without_redirect(reply)
+    assert (await idp_answers(client, code="c", state=state, iss=idp.issuer)).status == 302
+
+
+# -- CORS of the authorization-server endpoints ---------------------------------------------------
+
+
+async def test_sign_in_pages_are_navigations_without_cors_while_as_endpoints_answer_any_origin(
+    start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
+) -> None:
+    """/token, registration and the metadata: `*` without credentials, for browser-based
+    clients. /authorize and /oauth/callback: no CORS at all, no page may read them."""
+    client = await start(**FACADE)
+    page = {"Origin": "https://evil.example"}
+    for path in ("/authorize", "/oauth/callback"):
+        preflight = await call(client, "OPTIONS", path, headers={
+            **page, "Access-Control-Request-Method": "GET"})
+        assert preflight.status == 403, (path, preflight.text)
+        assert "Access-Control-Allow-Origin" not in preflight.headers
+    state = await sealed_state(client)
+    for path, params in (("/authorize", authorize_params()),
+                         ("/oauth/callback", {"code": "c", "state": state, "iss": idp.issuer})):
+        reply = await call(client, "GET", path, params=params, headers=page)
+        assert reply.status == 302, (path, reply.text)
+        assert not any(h.startswith("Access-Control-") for h in reply.headers), reply.headers
+    readable = [("POST", "/token"), ("POST", "/oauth/register"), ("POST", "/register"),
+                *(("GET", path) for path in (*AS_PATHS, PRM_PATH))]
+    for method, path in readable:
+        preflight = await call(client, "OPTIONS", path, headers={
+            **page, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status == 204, (path, preflight.text)
+        assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Credentials" not in preflight.headers
+    answer = await call(client, "POST", "/token", data=urlencode(refresh()), headers={
+        "Content-Type": "application/x-www-form-urlencoded", **page})
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in answer.headers

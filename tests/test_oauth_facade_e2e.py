@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -286,17 +287,22 @@ async def register(sidecar: Sidecar, redirect_uri: str) -> dict[str, Any]:
 
 def open_sealed(value: str, secret: str = STATE_SECRET) -> dict[str, Any]:
     """A value the sidecar sealed (state for the IdP, code for the client), opened with its
-    STATE_SECRET; `exp` dropped."""
+    STATE_SECRET; `exp` and the random redemption `id` dropped."""
     opened = StateCodec(secret.encode()).open(value)
     assert opened is not None, f"not sealed with this STATE_SECRET: {value}"
     opened.pop("exp")
+    assert len(opened.pop("id")) >= 22  # 128 random bits: what single use is keyed on
     return opened
+
+
+def pkce_challenge(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def pkce_pair() -> tuple[str, str]:
     verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return verifier, pkce_challenge(verifier)
 
 
 # --- (a), (b): the whole flow, issuer with and without a path ---------------------------------
@@ -366,12 +372,10 @@ async def test_sdk_signs_in_through_the_facade_and_calls_echo(
     assert (to_client["state"], to_client["iss"]) == (asked["state"], origin)
     assert set(to_client) == {"code", "state", "iss"}
     # The client gets the IdP's code sealed with its own redirect_uri (RFC 6749 §4.1.3 binding).
-    assert open_sealed(to_client["code"]) == {
-        "kind": "code", "c": idp_response["code"], "r": client.redirect_uri
-    }
-    assert open_sealed(to_idp["state"]) == {
-        "kind": "state", "r": client.redirect_uri, "s": asked["state"]
-    }
+    # Both also carry the client and its PKCE challenge, which /token checks itself.
+    bound = {"r": client.redirect_uri, "cid": STATIC_ID, "pc": asked["code_challenge"]}
+    assert open_sealed(to_client["code"]) == {"kind": "code", "c": idp_response["code"], **bound}
+    assert open_sealed(to_idp["state"]) == {"kind": "state", "s": asked["state"], **bound}
     [callback] = result.callbacks
     assert callback.iss == origin  # what the SDK's RFC 9207 check compared with the issuer
     assert callback.state == asked["state"]
@@ -676,7 +680,8 @@ async def test_tampered_authorization_response_is_refused(tmp_path: Path) -> Non
     assert endpoint(location) == sign_in.client_redirect
     assert delivered == {"code": sealed_code, "state": sign_in.client_state, "iss": sidecar.origin}
     assert open_sealed(sealed_code) == {
-        "kind": "code", "c": genuine["code"], "r": sign_in.client_redirect
+        "kind": "code", "c": genuine["code"], "r": sign_in.client_redirect, "cid": STATIC_ID,
+        "pc": pkce_challenge(sign_in.verifier),
     }
     for status, error in (wrong_redirect, raw_code):
         assert (status, error["error"]) == (400, "invalid_grant"), error
@@ -823,3 +828,88 @@ async def test_replica_with_another_state_secret_refuses_the_callback(tmp_path: 
     assert result.callbacks == []
     assert front.by("/token") == []
     assert relay_a == relay_b == []
+
+
+# --- (g): the relay lends the static secret to nothing else; each value is used once ------------
+
+LEAKY_GRANTS = ["client_credentials", "password", "Client_Credentials",
+                "urn:ietf:params:oauth:grant-type:token-exchange"]
+
+
+async def post_form(
+    url: str, form: Mapping[str, str], headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, Any], CIMultiDict[str]]:
+    """(status, JSON body, headers) of one form POST."""
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, session.post(
+        url, data=dict(form), headers=dict(headers or {})
+    ) as response:
+        document: dict[str, Any] = await response.json(content_type=None)
+        return response.status, document, CIMultiDict(response.headers)
+
+
+async def mcp_status(sidecar: Sidecar, access_token: str) -> int:
+    """The status of an MCP initialize request through the sidecar with this token."""
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
+    message = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "probe", "version": "1"}}}
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, session.post(
+        sidecar.mcp_url, json=message, headers={
+            "Authorization": f"Bearer {access_token}",
+            "Accept": "application/json, text/event-stream"},
+    ) as response:
+        await response.read()
+        return response.status
+
+
+async def test_token_relay_lends_the_static_secret_to_no_other_grant(tmp_path: Path) -> None:
+    """The credential leak of the first release, against the real IdP. Its static client may use
+    client_credentials (confidential clients often may), and the relay used to add the secret
+    to any grant: any caller, any web page (`*`), got a token for the static client."""
+    env = {"ALLOW_SUBS": "", "ALLOW_ALL_AUTHENTICATED": "true"}  # the IdP decides who signs in
+    async with facade_stack(tmp_path, env=env) as stack:
+        sidecar = stack.sidecar
+        # Control: what the secret is worth. The IdP grants the static client a token for
+        # the resource without any user, and /mcp accepts it.
+        pair = base64.b64encode(f"{STATIC_ID}:{STATIC_SECRET}".encode()).decode()
+        granted, control, _ = await post_form(stack.idp_metadata["token_endpoint"], {
+            "grant_type": "client_credentials", "resource": sidecar.mcp_url,
+            "scope": "mcp:read"}, {"Authorization": f"Basic {pair}"})
+        assert granted == 200, control
+        assert await mcp_status(sidecar, control["access_token"]) == 200
+        answers = {grant: await post_form(sidecar.origin + "/token", {
+            "grant_type": grant, "client_id": STATIC_ID, "resource": sidecar.mcp_url,
+            "scope": "mcp:read", "username": USER, "password": "guess",
+        }, {"Origin": "https://any-page.example"}) for grant in LEAKY_GRANTS}
+    for grant, (status, body, headers) in answers.items():
+        assert (status, body.get("error")) == (400, "unsupported_grant_type"), (grant, body)
+        assert "access_token" not in body, grant
+        assert headers["Cache-Control"] == "no-store"
+    assert stack.relay == []  # the IdP's token endpoint never heard of them
+
+
+async def test_each_authorization_response_and_code_is_used_once(tmp_path: Path) -> None:
+    """RFC 6749 §4.1.2 at the sidecar, with the real IdP: a replayed callback mints no second
+    code, a replayed code and a stolen code with a wrong verifier never reach the IdP."""
+    async with facade_stack(tmp_path) as stack:
+        sidecar = stack.sidecar
+        sign_in = await start_sign_in(sidecar)
+        first = await get(sign_in.idp_callback)
+        replayed = await get(sign_in.idp_callback)
+        assert first[1] is not None
+        code = query_of(first[1])["code"]
+        thief = dataclasses.replace(sign_in, verifier=pkce_pair()[0])
+        stolen = await redeem(sidecar, thief, code)
+        relayed_before = len(stack.relay)
+        redeemed = await redeem(sidecar, sign_in, code)
+        replayed_code = await redeem(sidecar, sign_in, code)
+    assert first[0] == 302
+    assert replayed[:2] == (400, None)  # refused, and no redirect to the client
+    assert (stolen[0], stolen[1]["error"]) == (400, "invalid_grant")
+    assert relayed_before == 0
+    assert redeemed[0] == 200, redeemed
+    assert (replayed_code[0], replayed_code[1]["error"]) == (400, "invalid_grant")
+    assert "already used" in replayed_code[1]["error_description"]
+    [relayed] = stack.relay
+    assert relayed.status == 200
