@@ -358,3 +358,20 @@ def test_event_loop_must_be_a_known_choice() -> None:
     with pytest.raises(ConfigError) as caught:
         load({**BASE, "EVENT_LOOP": "trio"})
     assert caught.value.problems == ["EVENT_LOOP='trio' is not one of auto, uvloop, asyncio"]
+
+
+# -- STRIP_REQUEST_HEADERS -----------------------------------------------------------------------
+
+
+def test_strip_request_headers_are_lowercased_with_underscores_as_dashes() -> None:
+    config = loads(STRIP_REQUEST_HEADERS="X-Tenant, x_internal_*  MCP-Param-Secret,x-tenant")
+    assert config.strip_request_headers == ("x-tenant", "x-internal-*", "mcp-param-secret")
+    assert load(BASE).strip_request_headers == ()
+
+
+def test_every_bad_strip_request_headers_entry_is_listed() -> None:
+    bad = ["*", "x-*-y", "x-foo**", "*-suffix", "x:y", "x/y", "\u00e9t\u00e9", "a*b", "-*", "_"]
+    problems = problems_for({**BASE, "STRIP_REQUEST_HEADERS": ",".join(["x-fine", *bad])})
+    for entry in bad:
+        assert any(f"STRIP_REQUEST_HEADERS entry {entry!r}" in p for p in problems), entry
+    assert not any("'x-fine'" in p for p in problems)
