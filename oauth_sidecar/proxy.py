@@ -136,6 +136,8 @@ class UpstreamProxy:
         self._session: aiohttp.ClientSession | None = None
         self._ready_at = 0.0
         self._ready = False
+        self.unreachable: str | None = None
+        """Why the last readiness probe failed (address and error): for the log, never public."""
         self._stopping = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._event_streams: set[aiohttp.ClientResponse] = set()
@@ -277,9 +279,10 @@ class UpstreamProxy:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            self._ready = True
-        except (OSError, TimeoutError):
+            self._ready, self.unreachable = True, None
+        except (OSError, TimeoutError) as exc:
             self._ready = False
+            self.unreachable = f"{parts.hostname}:{port}: {type(exc).__name__}: {exc}".rstrip(": ")
         return self._ready
 
     async def _body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:

@@ -23,7 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, wait_until
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
+from oauth_sidecar import proxy as proxy_module
 from oauth_sidecar.app import PROXY
 from oauth_sidecar.proxy import WHOLE_BODY_BYTES
 
@@ -683,20 +685,42 @@ async def test_upstream_closing_mid_body_of_a_streamed_answer_is_a_client_error_
 async def test_readyz_is_ready_with_the_upstream_up(sidecar: Client) -> None:
     response = await sidecar.get("/readyz", timeout=BOUND)
     assert response.status == 200
-    assert (await response.json())["checks"]["upstream"]["ok"] is True
+    assert await response.json() == {"status": "ready",
+                                     "checks": {"idp": "ready", "upstream": "ready"}}
+    assert response.headers["Cache-Control"] == "no-store"
 
 
-async def test_readyz_is_not_ready_when_the_upstream_port_is_closed(
-    make_sidecar: SidecarFactory,
+async def test_readyz_names_the_part_not_ready_and_logs_where_once_per_change(
+    make_sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The public answer says which part, in fixed words; the address and the error go to the
+    log, once when the state changes (every probe here really connects: no cache)."""
+    monkeypatch.setattr(proxy_module, "READY_CACHE_SECONDS", 0.0)
     url, port = closed_port_url()
     sidecar = await make_sidecar(MCP_UPSTREAM_URL=url)
-    response = await sidecar.get("/readyz", timeout=BOUND)
-    assert response.status == 503
-    text = await response.text()
-    assert (await response.json())["checks"]["upstream"]["ok"] is False
-    assert str(port) not in text
-
+    with capture_logs() as events:
+        for _ in range(3):
+            response = await sidecar.get("/readyz", timeout=BOUND)
+            assert response.status == 503
+            assert response.headers["Cache-Control"] == "no-store"
+            assert await response.json() == {"status": "not_ready",
+                                             "checks": {"idp": "ready", "upstream": "unreachable"}}
+            text = await response.text()
+            assert str(port) not in text
+            assert "127.0.0.1" not in text
+            assert "Error" not in text
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        try:
+            for _ in range(2):
+                response = await sidecar.get("/readyz", timeout=BOUND)
+                assert response.status == 200
+        finally:
+            server.close()
+            await server.wait_closed()
+    changes = [e for e in events if e["event"] in ("not_ready", "ready")]
+    assert [e["event"] for e in changes] == ["not_ready", "ready"]
+    assert changes[0]["parts"] == ["upstream"]
+    assert changes[0]["upstream"].startswith(f"127.0.0.1:{port}: ConnectionRefusedError")
 
 
 async def test_accepted_202_without_body_passes_through(
