@@ -29,6 +29,7 @@ from yarl import URL
 from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
+from oauth_sidecar.discovery import public_origin
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
@@ -36,6 +37,7 @@ from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import Principal
 from oauth_sidecar.upstream_credential import UpstreamCredential
+from oauth_sidecar.upstream_paths import LocationRewriter, PathMap
 
 log = structlog.get_logger("oauth_sidecar.proxy")
 
@@ -76,8 +78,13 @@ SESSION_HEADER_LENGTH = len(SESSION_HEADER)  # a look-alike swaps separators, ne
 # The filter remembers its verdict per distinct header name, at most this many names of at most
 # this length (about 150 KB); other names are decided each time, so callers cannot grow it.
 MAX_VERDICTS, MAX_REMEMBERED_NAME = 1024, 64
-RESPONSE_DROP = HOP_BY_HOP
+RESPONSE_DROP = HOP_BY_HOP | {
+    # They name the upstream's software and version; our own Server header applies.
+    "server", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version",
+}
 RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
+# URLs the upstream names itself by: given back under the public origin (upstream_paths.py).
+RESPONSE_REWRITTEN = frozenset({"location", "content-location"})
 # Encoded slash, backslash, dot or NUL mean different paths to different parsers: refuse them.
 AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
 # Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
@@ -121,7 +128,6 @@ class UpstreamProxy:
         self._sessions = sessions
         self._credential = credential
         self._forward_identity = config.forward_identity
-        self._resource_path = config.resource_path
         public = urlsplit(config.resource_url)
         self._forwarded_proto = public.scheme
         self._forwarded_host = public.netloc
@@ -132,6 +138,9 @@ class UpstreamProxy:
             name.removesuffix("*") for name in strip if name.endswith("*"))
         self._verdicts: dict[str, str | None] = {}
         """Header name as sent -> _verdict(name): decided once per distinct name."""
+        self._paths = PathMap(config.resource_path, config.upstream.path_prefix)
+        self._locations = LocationRewriter(self._paths, config.upstream.origin,
+                                           public_origin(config))
         self._shutdown_timeout = config.shutdown_timeout
         self._session: aiohttp.ClientSession | None = None
         self._ready_at = 0.0
@@ -192,13 +201,7 @@ class UpstreamProxy:
 
     def upstream_url(self, raw_path: str, raw_query: str) -> URL:
         """Map the resource path onto MCP_UPSTREAM_PATH; every other path goes unchanged."""
-        prefix, resource = self._config.path_prefix, self._resource_path
-        path = raw_path
-        if prefix:
-            if not resource:
-                path = prefix if raw_path == "/" else prefix + raw_path
-            elif raw_path == resource or raw_path.startswith(resource + "/"):
-                path = prefix + raw_path[len(resource):]
+        path = self._paths.upstream(raw_path)
         url = self._config.origin + path + (f"?{raw_query}" if raw_query else "")
         return URL(url, encoded=True)
 
@@ -421,12 +424,16 @@ class UpstreamProxy:
             self._event_streams.discard(upstream)
         return response
 
-    @staticmethod
-    def _copy_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+    def _copy_headers(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
         named = connection_named(upstream.headers)
         for name, value in upstream.headers.items():
             lower = name.lower()
             if lower in RESPONSE_DROP or lower in named or lower.startswith(RESPONSE_DROP_PREFIXES):
+                continue
+            if lower in RESPONSE_REWRITTEN:
+                public = self._locations.rewrite(value)
+                if public is not None:  # None: no public URL reaches it; never its address
+                    response.headers.add(name, public)
                 continue
             response.headers.add(name, value)
 

@@ -385,6 +385,76 @@ async def test_session_id_and_set_cookie_pass_back_to_the_client(
         assert response.headers.getall("Set-Cookie") == ["a=1; Path=/; HttpOnly", "b=2; Path=/"]
 
 
+def _answer_with(headers: Callable[[web.Request], dict[str, str]], status: int = 200,
+                 stream: bool = False) -> Respond:
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            return web.json_response({}, status=status, headers=headers(request))
+        response = web.StreamResponse(status=status, headers={
+            "Content-Type": "text/event-stream", **headers(request)})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await response.write_eof()
+        return response
+
+    return respond
+
+
+SOFTWARE = {"Server": "gunicorn/20.0.4", "X-Powered-By": "Express", "X-AspNet-Version": "4.0.30319",
+            "X-AspNetMvc-Version": "5.2", "X-Kept": "yes"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_upstream_software_and_version_headers_are_dropped(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream, stream: bool
+) -> None:
+    scripted = await start_upstream(_answer_with(lambda request: SOFTWARE, stream=stream))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url)
+    response = await sidecar.get("/mcp", headers=bearer(idp.mint()), timeout=BOUND)
+    assert response.status == 200
+    await response.read()
+    assert response.headers.getall("Server") == ["oauth-sidecar"]
+    for name in ("X-Powered-By", "X-AspNet-Version", "X-AspNetMvc-Version"):
+        assert name not in response.headers, name
+    assert response.headers["X-Kept"] == "yes"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_upstream_location_at_its_own_origin_is_given_back_under_the_public_one(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream, stream: bool
+) -> None:
+    """An upstream behind MCP_UPSTREAM_PATH=/inner redirects to its own URL (as servers that build
+    absolute URLs from Host do): the client gets the public URL, never the internal address."""
+    def own_urls(request: web.Request) -> dict[str, str]:
+        origin = f"http://{request.host}"
+        return {"Location": f"{origin}/inner/next?page=2", "Content-Location": "/inner/item"}
+
+    scripted = await start_upstream(_answer_with(own_urls, status=307, stream=stream))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, MCP_UPSTREAM_PATH="/inner")
+    response = await sidecar.post("/mcp", data=b"{}", headers=bearer(idp.mint()),
+                                  allow_redirects=False, timeout=BOUND)
+    assert response.status == 307
+    await response.read()
+    assert response.headers.getall("Location") == ["https://mcp.example.test/mcp/next?page=2"]
+    assert response.headers.getall("Content-Location") == ["/mcp/item"]
+    assert str(scripted.server.port) not in str(response.headers)  # type: ignore[union-attr]
+
+
+async def test_upstream_location_no_public_url_reaches_is_dropped(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream
+) -> None:
+    def unreachable(request: web.Request) -> dict[str, str]:
+        return {"Location": f"http://{request.host}/mcp/x", "Content-Location": "/mcp/y"}
+
+    scripted = await start_upstream(_answer_with(unreachable, status=302))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, MCP_UPSTREAM_PATH="/inner")
+    response = await sidecar.get("/mcp", headers=bearer(idp.mint()), allow_redirects=False,
+                                 timeout=BOUND)
+    assert response.status == 302
+    assert "Location" not in response.headers
+    assert "Content-Location" not in response.headers
+
+
 # --- methods ------------------------------------------------------------------------------------
 
 
