@@ -31,6 +31,7 @@ from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
 from oauth_sidecar.redemptions import redemption_store
 from oauth_sidecar.registration import RedirectAllowList, StaticRegistration
+from oauth_sidecar.server_header import name_server
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import TokenVerifier
 from oauth_sidecar.upstream_credential import UpstreamCredential
@@ -167,4 +168,5 @@ def create_app(
     app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(cors.decorate)
     app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(name_server)
     return app

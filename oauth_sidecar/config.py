@@ -101,6 +101,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "RATE_LIMIT_ON_STORAGE_ERROR": ("allow", "allow or deny requests while the storage fails."),
     "TRUSTED_PROXIES": ("", "Proxy addresses/CIDRs whose X-Forwarded-For is believed."),
     "FORWARD_IDENTITY": ("false", "Send X-Forwarded-User/Email/Groups/Issuer upstream."),
+    "STRIP_REQUEST_HEADERS": ("", "More request headers never sent upstream: names, prefix*."),
     "MCP_UPSTREAM_BEARER_FILE": ("", "File with a static token sent upstream as Bearer."),
     "SESSION_BINDING_TTL_SECONDS": ("86400", "How long an idle Mcp-Session-Id stays bound."),
     "AUTH_SERVER_MODE": ("", "direct or facade (default: facade with STATIC_CLIENT_ID)."),
@@ -127,7 +128,7 @@ OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
     "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
-    "REQUEST_", "KEEPALIVE_",
+    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_",
 )  # fmt: skip
 RATE_LIMIT_SCHEMES = {"memory": "async+memory", "redis": "async+redis", "rediss": "async+rediss",
                       "redis+unix": "async+redis+unix"}
@@ -281,6 +282,8 @@ class Config:
     rate_limits: RateLimitConfig
     trusted_proxies: tuple[IPNetwork, ...]
     forward_identity: bool
+    strip_request_headers: tuple[str, ...]
+    """Lowercase, `_` as `-`; an entry ending in `*` is a prefix."""
     upstream_bearer_file: str
     session_ttl: float
     auth_server: AuthServerConfig
@@ -582,6 +585,7 @@ def load(env: Mapping[str, str]) -> Config:
         rate_limits=rate_limits,
         trusted_proxies=trusted_proxies,
         forward_identity=r.flag("FORWARD_IDENTITY"),
+        strip_request_headers=_strip_request_headers(r),
         upstream_bearer_file=bearer_file,
         session_ttl=r.number("SESSION_BINDING_TTL_SECONDS", float, 1.0, 30 * 86400.0),
         auth_server=_auth_server(r),
@@ -771,6 +775,23 @@ def _metrics(r: _Reader, port: int, spawn: SpawnConfig | None) -> MetricsConfig 
     if spawn is not None and metrics_port == spawn.port:
         r.problems.append(f"METRICS_PORT={metrics_port} is MCP_SPAWN_PORT, the child's port")
     return MetricsConfig(host=r.raw("METRICS_HOST"), port=metrics_port)
+
+
+# A header name (RFC 9110 §5.6.2 token) starting with a letter or digit, or such a prefix and `*`.
+STRIP_ENTRY = re.compile(r"[a-z0-9][a-z0-9!#$%&'+.^`|~-]*\*?")
+
+
+def _strip_request_headers(r: _Reader) -> tuple[str, ...]:
+    """Matched like the proxy matches names: case-insensitively, `_` and `-` alike."""
+    entries = []
+    for entry in split_list(r.raw("STRIP_REQUEST_HEADERS")):
+        normal = entry.lower().replace("_", "-")
+        if STRIP_ENTRY.fullmatch(normal):
+            entries.append(normal)
+        else:
+            r.problems.append(f"STRIP_REQUEST_HEADERS entry {entry!r} is not a header name or a "
+                              "name prefix ending in * (like x-internal-*)")
+    return tuple(dict.fromkeys(entries))
 
 
 def _networks(r: _Reader, name: str) -> tuple[IPNetwork, ...]:

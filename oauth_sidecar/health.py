@@ -1,17 +1,27 @@
 """Liveness and readiness, for Kubernetes probes and load balancers.
 
 Why: `/healthz` says the process serves requests; `/readyz` says it can do its job (keys loaded,
-upstream reachable), so traffic is held back while the IdP is down at start-up instead of every
-caller getting a confusing 401. Neither reveals internal addresses.
+upstream reachable, the spawned child running), so traffic is held back while the IdP is down at
+start-up instead of every caller getting a confusing 401. Both are public: `/readyz` names the
+part that is not ready in fixed words, and the details (addresses, ports, error texts, how the
+child exited) go to the log once per change and to `oauth-sidecar check`, never to the caller.
 """
 
 from __future__ import annotations
 
+import structlog
 from aiohttp import web
 
 from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.idp import IdentityProvider
 from oauth_sidecar.proxy import UpstreamProxy
+
+log = structlog.get_logger("oauth_sidecar.health")
+
+READY = "ready"
+NO_KEYS = "no_keys"  # the IdP's signing keys are not loaded (yet)
+UNREACHABLE = "unreachable"  # the upstream refuses or does not answer connections
+# The child's words are its states: starting, backoff, failed, stopped (child.ChildState).
 
 
 class Health:
@@ -21,24 +31,37 @@ class Health:
         self._idp = idp
         self._proxy = proxy
         self._child = child
+        self._not_ready: tuple[str, ...] = ()
+        """The parts not ready at the last probe: a change is logged, a repeat is not."""
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        keys_ok = self._idp.ready
-        upstream_ok = await self._proxy.reachable()
-        checks: dict[str, dict[str, object]] = {
-            "keys": {"ok": keys_ok, "count": self._idp.key_count(), "error": self._idp.last_error},
-            "upstream": {"ok": upstream_ok},
+        checks = {
+            "idp": READY if self._idp.ready else NO_KEYS,
+            "upstream": READY if await self._proxy.reachable() else UNREACHABLE,
         }
-        ok = keys_ok and upstream_ok
         if self._child is not None:
-            child = self._child
-            checks["child"] = {"ok": child.ready, "state": str(child.state),
-                               "restarts": child.restarts, "last_exit": child.last_exit}
-            ok = ok and child.ready
+            checks["child"] = READY if self._child.ready else str(self._child.state)
+        not_ready = tuple(part for part, word in checks.items() if word != READY)
+        if not_ready != self._not_ready:
+            self._not_ready = not_ready
+            self._log_change(not_ready)
         return web.json_response(
-            {"status": "ready" if ok else "not_ready", "checks": checks},
-            status=200 if ok else 503, headers={"Cache-Control": "no-store"},
+            {"status": "not_ready" if not_ready else READY, "checks": checks},
+            status=503 if not_ready else 200, headers={"Cache-Control": "no-store"},
         )
+
+    def _log_change(self, not_ready: tuple[str, ...]) -> None:
+        if not not_ready:
+            log.info("ready")
+            return
+        details: dict[str, str | None] = {}
+        if "idp" in not_ready:
+            details["idp"] = self._idp.last_error
+        if "upstream" in not_ready:
+            details["upstream"] = self._proxy.unreachable
+        if "child" in not_ready and self._child is not None:
+            details["child"] = f"{self._child.state}, last exit: {self._child.last_exit}"
+        log.warning("not_ready", parts=list(not_ready), **details)

@@ -29,6 +29,7 @@ from yarl import URL
 from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
+from oauth_sidecar.discovery import public_origin
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
@@ -36,6 +37,7 @@ from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import Principal
 from oauth_sidecar.upstream_credential import UpstreamCredential
+from oauth_sidecar.upstream_paths import LocationRewriter, PathMap
 
 log = structlog.get_logger("oauth_sidecar.proxy")
 
@@ -44,13 +46,45 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
 })  # fmt: skip
-# Never upstream: the caller's credentials, its Host/Origin, framing we recompute, and any
-# forwarding or identity header a caller could forge (we set X-Forwarded-* ourselves).
-REQUEST_DROP = HOP_BY_HOP | {"authorization", "cookie", "host", "origin", "expect", "forwarded",
-                             "x-real-ip", "x-remote-user", "remote-user"}
-REQUEST_DROP_PREFIXES = ("x-forwarded-", "x-auth-request-")
-RESPONSE_DROP = HOP_BY_HOP
+# Never upstream: the caller's credentials, its Host/Origin, framing we recompute, and the
+# forwarding headers we set ourselves.
+REQUEST_DROP = HOP_BY_HOP | {"authorization", "cookie", "host", "origin", "expect", "forwarded"}
+# They change the method or path the upstream acts on after we authenticated another (Rails and
+# Express method-override, Symfony and IIS URL rewriting), or the host it builds URLs from.
+OVERRIDE_HEADERS = frozenset({
+    "x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+    "x-rewrite-url", "x-original-method", "x-host", "x-http-host-override", "x-original-host",
+})  # fmt: skip
+# Identities, client addresses and the original scheme and host that other front ends vouch
+# for: here only the token and the TCP peer do, so a caller's copies never reach the upstream.
+IDENTITY_HEADERS = frozenset({
+    "remote-user", "x-remote-user", "x-user", "x-webauth-user", "x-authenticated-user",
+    "x-authenticated-users", "x-authenticated-userid", "true-client-ip", "cf-connecting-ip",
+    "x-real-ip", "x-client-ip", "x-cluster-client-ip", "fastly-client-ip", "x-originating-ip",
+})  # fmt: skip
+IDENTITY_PREFIXES = (
+    "x-forwarded-", "x-auth-request-", "x-user-",
+    "x-goog-authenticated-user-", "x-ms-client-principal", "x-amzn-oidc-", "cf-access-",
+)  # Google IAP, Azure App Service, AWS ALB and Cloudflare Access identities
+# MCP's per-call parameter headers may carry any token character in their names (`_`, `.`).
+MCP_PARAM_PREFIX = "mcp-param-"
+# A name with another separator than "-" is what WSGI/CGI/PHP servers confuse with a real one
+# (PEP 3333 environ: `Mcp_Session_Id` and `Mcp-Session-Id` are both HTTP_MCP_SESSION_ID).
+PLAIN_NAME = re.compile(r"[a-z0-9-]+")
+# Any other spelling of Mcp-Session-Id would reach the upstream's session unchecked by the binding.
+SESSION_LOOK_ALIKE = re.compile(r"mcp[^a-z0-9]session[^a-z0-9]id", re.IGNORECASE)
+SESSION_HEADER = "mcp-session-id"
+SESSION_HEADER_LENGTH = len(SESSION_HEADER)  # a look-alike swaps separators, never adds any
+# The filter remembers its verdict per distinct header name, at most this many names of at most
+# this length (about 150 KB); other names are decided each time, so callers cannot grow it.
+MAX_VERDICTS, MAX_REMEMBERED_NAME = 1024, 64
+RESPONSE_DROP = HOP_BY_HOP | {
+    # They name the upstream's software and version; our own Server header applies.
+    "server", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version",
+}
 RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
+# URLs the upstream names itself by: given back under the public origin (upstream_paths.py).
+RESPONSE_REWRITTEN = frozenset({"location", "content-location"})
 # Encoded slash, backslash, dot or NUL mean different paths to different parsers: refuse them.
 AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
 # Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
@@ -94,14 +128,25 @@ class UpstreamProxy:
         self._sessions = sessions
         self._credential = credential
         self._forward_identity = config.forward_identity
-        self._resource_path = config.resource_path
         public = urlsplit(config.resource_url)
         self._forwarded_proto = public.scheme
         self._forwarded_host = public.netloc
+        strip = config.strip_request_headers
+        self._drop = REQUEST_DROP | OVERRIDE_HEADERS | IDENTITY_HEADERS | {
+            name for name in strip if not name.endswith("*")}
+        self._drop_prefixes = IDENTITY_PREFIXES + tuple(
+            name.removesuffix("*") for name in strip if name.endswith("*"))
+        self._verdicts: dict[str, str | None] = {}
+        """Header name as sent -> _verdict(name): decided once per distinct name."""
+        self._paths = PathMap(config.resource_path, config.upstream.path_prefix)
+        self._locations = LocationRewriter(self._paths, config.upstream.origin,
+                                           public_origin(config))
         self._shutdown_timeout = config.shutdown_timeout
         self._session: aiohttp.ClientSession | None = None
         self._ready_at = 0.0
         self._ready = False
+        self.unreachable: str | None = None
+        """Why the last readiness probe failed (address and error): for the log, never public."""
         self._stopping = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._event_streams: set[aiohttp.ClientResponse] = set()
@@ -156,28 +201,24 @@ class UpstreamProxy:
 
     def upstream_url(self, raw_path: str, raw_query: str) -> URL:
         """Map the resource path onto MCP_UPSTREAM_PATH; every other path goes unchanged."""
-        prefix, resource = self._config.path_prefix, self._resource_path
-        path = raw_path
-        if prefix:
-            if not resource:
-                path = prefix if raw_path == "/" else prefix + raw_path
-            elif raw_path == resource or raw_path.startswith(resource + "/"):
-                path = prefix + raw_path[len(resource):]
+        path = self._paths.upstream(raw_path)
         url = self._config.origin + path + (f"?{raw_query}" if raw_query else "")
         return URL(url, encoded=True)
 
     def _request_headers(self, request: web.Request, principal: Principal) -> dict[str, str]:
+        """The caller's headers less everything on the drop lists, in one pass, then ours."""
         headers: dict[str, str] = {}
         named = connection_named(request.headers)
+        verdicts = self._verdicts
         for name, value in request.headers.items():
-            lower = name.lower()
-            # WSGI/CGI servers read X_Forwarded_User as X-Forwarded-User (CVE-2025-64484 class).
-            canonical = lower.replace("_", "-")
-            if canonical in REQUEST_DROP or lower in named or (
-                canonical.startswith(REQUEST_DROP_PREFIXES)
-            ):
+            lower = verdicts.get(name, "")
+            if lower == "":  # a name not seen before
+                lower = self._verdict(name)
+                if len(verdicts) < MAX_VERDICTS and len(name) <= MAX_REMEMBERED_NAME:
+                    verdicts[name] = lower
+            if lower is None or lower in named:
                 continue
-            if lower in headers:
+            if lower in headers:  # repeated lines, any case: one list (RFC 9110 §5.3)
                 headers[lower] += ", " + value
             else:
                 headers[lower] = value
@@ -191,6 +232,30 @@ class UpstreamProxy:
         if self._forward_identity:
             self._add_identity(headers, principal)
         return headers
+
+    def _verdict(self, name: str) -> str | None:
+        """The lowercase name a caller's header goes upstream under; None: it never does."""
+        lower = key = name.lower()
+        if not PLAIN_NAME.fullmatch(lower):
+            if not lower.startswith(MCP_PARAM_PREFIX):
+                return None  # X_Forwarded_User, Mcp.Session.Id, "_": what nginx drops too
+            key = lower.replace("_", "-")  # for the drop lists only: sent as it came
+        if key in self._drop or key.startswith(self._drop_prefixes):
+            return None
+        return lower
+
+    @staticmethod
+    def _refuse_look_alike(request: web.Request) -> web.Response | None:
+        """400 for a second spelling of Mcp-Session-Id (`Mcp_Session_Id`): the binding checks
+        the real header, a WSGI or CGI upstream would read this one as the session."""
+        for name in request.headers:
+            if len(name) == SESSION_HEADER_LENGTH and name.lower() != SESSION_HEADER and (
+                SESSION_LOOK_ALIKE.fullmatch(name)
+            ):
+                request[AUTH_FAILURE] = "session_id_look_alike"  # in the access log and metrics
+                return json_error(400, "invalid_request",
+                                  "Mcp-Session-Id must be spelled with dashes")
+        return None
 
     def _add_identity(self, headers: dict[str, str], principal: Principal) -> None:
         """X-Forwarded-User/Email/Groups/Issuer; caller copies were dropped above."""
@@ -217,9 +282,10 @@ class UpstreamProxy:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            self._ready = True
-        except (OSError, TimeoutError):
+            self._ready, self.unreachable = True, None
+        except (OSError, TimeoutError) as exc:
             self._ready = False
+            self.unreachable = f"{parts.hostname}:{port}: {type(exc).__name__}: {exc}".rstrip(": ")
         return self._ready
 
     async def _body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
@@ -258,6 +324,8 @@ class UpstreamProxy:
     async def _forward(
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
+        if refused := self._refuse_look_alike(request):
+            return refused
         if request.method in NEVER_FORWARDED:
             return json_error(405, "method_not_allowed", f"{request.method} is not forwarded")
         raw_path = request.rel_url.raw_path
@@ -356,12 +424,16 @@ class UpstreamProxy:
             self._event_streams.discard(upstream)
         return response
 
-    @staticmethod
-    def _copy_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+    def _copy_headers(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
         named = connection_named(upstream.headers)
         for name, value in upstream.headers.items():
             lower = name.lower()
             if lower in RESPONSE_DROP or lower in named or lower.startswith(RESPONSE_DROP_PREFIXES):
+                continue
+            if lower in RESPONSE_REWRITTEN:
+                public = self._locations.rewrite(value)
+                if public is not None:  # None: no public URL reaches it; never its address
+                    response.headers.add(name, public)
                 continue
             response.headers.add(name, value)
 

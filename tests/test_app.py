@@ -37,3 +37,27 @@ async def test_missing_token_gets_challenge_and_nothing_reaches_upstream(
     ]
     assert (await response.json())["error"] == "unauthorized"
     assert upstream.requests == []
+
+
+async def test_every_answer_names_the_server_without_a_version(
+    sidecar: Client, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """aiohttp says `Python/3.x aiohttp/3.y` and the proxied answers carried the upstream's own."""
+    token = bearer(idp.mint())
+    answers = [
+        await sidecar.get("/healthz"),
+        await sidecar.get("/readyz"),
+        await sidecar.get("/.well-known/oauth-protected-resource/mcp"),
+        await sidecar.post("/healthz"),  # 405
+        await sidecar.post("/mcp", data=b"{}"),  # 401
+        await sidecar.post("/mcp", data=b"{}", headers={"Origin": "https://evil.example"}),  # 403
+        await sidecar.options("/mcp", headers={"Origin": "https://claude.ai",
+                                               "Access-Control-Request-Method": "POST"}),  # 204
+        await sidecar.post("/mcp", data=b"{}", headers=token),  # proxied JSON
+        await sidecar.get("/sse", headers={**token, "Accept": "text/event-stream"}),  # streamed
+    ]
+    statuses = [answer.status for answer in answers]
+    assert statuses == [200, 200, 200, 405, 401, 403, 204, 200, 200]
+    for answer in answers:
+        assert answer.headers.getall("Server") == ["oauth-sidecar"], answer.url
+        answer.close()

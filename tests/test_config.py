@@ -396,3 +396,20 @@ def test_the_static_client_as_audience_without_the_client_check_warns() -> None:
     # Cognito: the audience is read from client_id, which its ID tokens lack.
     assert loads(**facade, JWT_AUDIENCE_CLAIM="client_id").warnings == ()
     assert loads(STATIC_CLIENT_ID="mcp-client", STATE_SECRET="s" * 32).warnings == ()
+
+
+# -- STRIP_REQUEST_HEADERS -----------------------------------------------------------------------
+
+
+def test_strip_request_headers_are_lowercased_with_underscores_as_dashes() -> None:
+    config = loads(STRIP_REQUEST_HEADERS="X-Tenant, x_internal_*  MCP-Param-Secret,x-tenant")
+    assert config.strip_request_headers == ("x-tenant", "x-internal-*", "mcp-param-secret")
+    assert load(BASE).strip_request_headers == ()
+
+
+def test_every_bad_strip_request_headers_entry_is_listed() -> None:
+    bad = ["*", "x-*-y", "x-foo**", "*-suffix", "x:y", "x/y", "\u00e9t\u00e9", "a*b", "-*", "_"]
+    problems = problems_for({**BASE, "STRIP_REQUEST_HEADERS": ",".join(["x-fine", *bad])})
+    for entry in bad:
+        assert any(f"STRIP_REQUEST_HEADERS entry {entry!r}" in p for p in problems), entry
+    assert not any("'x-fine'" in p for p in problems)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 from aiohttp import web
@@ -21,8 +24,10 @@ from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, sidecar_env
 from multidict import CIMultiDict, CIMultiDictProxy
 from structlog.testing import capture_logs
 
+from oauth_sidecar.app import PROXY
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import ConfigError, load
+from oauth_sidecar.proxy import MAX_REMEMBERED_NAME, MAX_VERDICTS
 
 Client = TestClient[web.Request, web.Application]
 
@@ -460,3 +465,246 @@ def test_nothing_trusted_means_the_peer_is_the_client() -> None:
 def test_forwarded_for_sent_upstream(peer: str | None, forwarded_for: str | None,
                                      sent: str) -> None:
     assert TRUSTED.forwarded_for(peer, forwarded_for) == sent
+
+
+# --- header hygiene: what a WSGI upstream reads ---------------------------------------------------
+
+
+class QuietWsgiHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No request lines on stderr."""
+
+
+@dataclass
+class WsgiSessionServer:
+    """A small MCP-style session server as a WSGI application. It issues `sess-N` to a request
+    without a session (owned by its X-Forwarded-User) and serves the sessions it knows. It reads
+    the session from HTTP_MCP_SESSION_ID, which WSGI servers build from `Mcp-Session-Id` and
+    `Mcp_Session_Id` alike (PEP 3333 follows CGI: `-` becomes `_`)."""
+
+    environs: list[dict[str, str]] = field(default_factory=list)
+    """The HTTP_* entries of every request that arrived."""
+    owners: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., object]
+    ) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        self.environs.append({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+        user = environ.get("HTTP_X_FORWARDED_USER", "")
+        session = environ.get("HTTP_MCP_SESSION_ID")
+        headers = [("Content-Type", "application/json")]
+        if session is None:
+            session = f"sess-{len(self.owners) + 1}"
+            self.owners[session] = user
+            headers.append(("Mcp-Session-Id", session))
+        elif session not in self.owners:
+            start_response("404 Not Found", headers)
+            return [b'{"error": "unknown session"}']
+        start_response("200 OK", headers)
+        answer = {"session": session, "owner": self.owners[session], "user": user}
+        return [json.dumps(answer).encode()]
+
+
+@pytest.fixture
+async def wsgi_upstream() -> AsyncIterator[WsgiSessionServer]:
+    """The standard library's WSGI reference server on loopback, serving in a thread."""
+    application = WsgiSessionServer()
+    server = make_server("127.0.0.1", 0, application, handler_class=QuietWsgiHandler)
+    application.port = server.server_port
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield application
+    async with asyncio.timeout(5):
+        await asyncio.to_thread(server.shutdown)
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("spelling", ["Mcp_Session_Id", "MCP_SESSION_ID", "mcp_session-id",
+                                      "Mcp-Session_Id"])
+async def test_session_id_spelled_with_underscores_never_reaches_a_wsgi_upstream(
+    make_sidecar: SidecarFactory, idp: FakeIdp, wsgi_upstream: WsgiSessionServer, spelling: str
+) -> None:
+    """Bob presents Alice's session id under a name the sidecar's binding did not check, but a
+    WSGI server reads as Mcp-Session-Id: a visible 400, and nothing of Bob's reaches the upstream
+    (before, Bob was served in Alice's session)."""
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=wsgi_upstream.url, FORWARD_IDENTITY="true")
+    alice, bob = (bearer(idp.mint(claims={"sub": sub})) for sub in ("alice", "bob"))
+    created = await sidecar.post("/mcp", data=b"{}", headers=alice)
+    assert created.status == 200
+    session = created.headers["Mcp-Session-Id"]
+    reached = len(wsgi_upstream.environs)
+
+    with capture_logs() as events:
+        hijack = await sidecar.post("/mcp", data=b"{}", headers={**bob, spelling: session})
+    assert hijack.status == 400, await hijack.text()
+    assert (await hijack.json())["error"] == "invalid_request"
+    assert len(wsgi_upstream.environs) == reached
+    [line] = [e for e in events if e["event"] == "request"]
+    assert (line["sub"], line["auth_error"]) == ("bob", "session_id_look_alike")
+    # Alice's session still works for Alice.
+    again = await sidecar.post("/mcp", data=b"{}", headers={**alice, "Mcp-Session-Id": session})
+    assert (await again.json()) == {"session": session, "owner": "alice", "user": "alice"}
+
+
+@pytest.mark.parametrize("spelling", ["Mcp_Session_Id", "Mcp.Session.Id", "mcp~session~id",
+                                      "Mcp-Session_Id"])
+async def test_session_id_look_alike_beside_the_real_header_is_refused(
+    start: StartSidecar, idp: FakeIdp, raw_upstream: RawUpstream, spelling: str
+) -> None:
+    """Beside a session the caller owns, too: some servers merge the two lines into one value,
+    others take the last. Other separators count as well (CGI servers such as Apache httpd 2.2
+    turned every character that is not a letter or digit into `_`)."""
+    sidecar = await start()
+    token = bearer(idp.mint())
+    created = await sidecar.post("/mcp", data=b"{}", headers=token)
+    assert created.status == 200
+    reached = len(raw_upstream.seen)
+    refused = await sidecar.post("/mcp", data=b"{}", headers=[
+        *token.items(), ("Mcp-Session-Id", "own-session"), (spelling, "someone-elses")])
+    assert refused.status == 400
+    assert len(raw_upstream.seen) == reached
+
+
+# (header as the caller sends it, its value, a look-alike name, the look-alike's value)
+LOOK_ALIKES = [
+    ("MCP-Protocol-Version", "2025-11-25", "MCP_PROTOCOL_VERSION", "2024-11-05"),
+    ("Last-Event-ID", "stream-1:42", "Last_Event_ID", "stream-9:0"),
+    ("Mcp-Method", "tools/call", "Mcp_Method", "tools/list"),
+    ("Mcp-Name", "get_weather", "MCP_NAME", "delete_everything"),
+    ("X-Request-Id", "req-1", "X_Request_Id", "forged"),
+    ("User-Agent", "mcp-client/1.0", "User_Agent", "forged-agent/6.6"),
+]
+
+
+@pytest.mark.parametrize("row", LOOK_ALIKES, ids=[row[2] for row in LOOK_ALIKES])
+async def test_look_alike_never_merges_into_a_real_header_on_a_wsgi_upstream(
+    make_sidecar: SidecarFactory, idp: FakeIdp, wsgi_upstream: WsgiSessionServer,
+    row: tuple[str, str, str, str],
+) -> None:
+    name, value, look_alike, other = row
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=wsgi_upstream.url)
+    response = await sidecar.post("/mcp", data=b"{}", headers=[
+        *bearer(idp.mint()).items(), (name, value), (look_alike, other)])
+    assert response.status == 200
+    environ = wsgi_upstream.environs[-1]
+    assert environ["HTTP_" + name.upper().replace("-", "_")] == value
+    assert not any(other in seen for seen in environ.values()), environ
+
+
+OVERRIDES = ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL",
+             "X-Rewrite-URL", "X-Original-Method", "X-Host", "X-HTTP-Host-Override",
+             "X-Original-Host"]
+
+
+async def test_method_and_url_override_headers_never_reach_the_upstream(
+    start: StartSidecar, idp: FakeIdp, raw_upstream: RawUpstream
+) -> None:
+    """Rails, Express (method-override) and IIS/Symfony (X-Original-URL, X-Rewrite-URL) let these
+    change the method or path the upstream acts on after the sidecar authenticated another one;
+    others take the host they build URLs from from X-Host and its kin."""
+    sidecar = await start()
+    sent = [*bearer(idp.mint()).items()]
+    for name in OVERRIDES:
+        sent += [(name, "DELETE"), (name.upper().replace("-", "_"), "/admin")]
+    response = await sidecar.post("/mcp", data=b"{}", headers=sent)
+    assert response.status == 200
+    seen = raw_upstream.last
+    overrides = {name.lower() for name in OVERRIDES}
+    assert [name for name in seen if name.lower().replace("_", "-") in overrides] == []
+    assert not any(v in ("DELETE", "/admin") for v in seen.values()), seen
+
+
+IDENTITY_LOOK_ALIKES = [
+    ("Remote-User", "admin"), ("X-Remote-User", "admin"), ("X-User", "admin"),
+    ("X-User-Id", "admin"), ("X-User-Email", "admin@forged.example"), ("X-WEBAUTH-USER", "admin"),
+    ("X-Authenticated-User", "admin"), ("X-Authenticated-Users", "admin"),
+    ("X-Auth-Request-Preferred-Username", "admin"),
+    ("True-Client-IP", "6.6.6.6"), ("CF-Connecting-IP", "6.6.6.6"), ("X-Real-IP", "6.6.6.6"),
+    ("X-Client-IP", "6.6.6.6"), ("x-user", "root-forged"), ("X_WEBAUTH_USER", "admin"),
+    ("True_Client_IP", "6.6.6.6"),
+]
+
+
+@pytest.mark.parametrize("forward_identity", ["false", "true"])
+async def test_identity_and_client_address_look_alikes_never_reach_the_upstream(
+    start: StartSidecar, idp: FakeIdp, raw_upstream: RawUpstream, forward_identity: str
+) -> None:
+    sidecar = await start(FORWARD_IDENTITY=forward_identity)
+    response = await sidecar.post("/mcp", data=b"{}",
+                                  headers=[*IDENTITY_LOOK_ALIKES, *bearer(idp.mint()).items()])
+    assert response.status == 200
+    seen = raw_upstream.last
+    sent = {name.lower() for name, _ in IDENTITY_LOOK_ALIKES}
+    assert [name for name in seen if name.lower() in sent] == []
+    assert not any(v in ("admin", "root-forged", "6.6.6.6", "admin@forged.example")
+                   for v in seen.values()), seen
+    assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]  # the true client address
+
+
+async def test_header_names_with_separators_other_than_dash_are_dropped(
+    start: StartSidecar, idp: FakeIdp, raw_upstream: RawUpstream
+) -> None:
+    """As nginx does by default (underscores_in_headers off, ignore_invalid_headers on): a name
+    with `_`, `.` or any other separator is what WSGI, CGI and PHP servers confuse with another
+    header. Mcp-Param-* names may carry them (the MCP transport allows any token character)."""
+    sidecar = await start()
+    odd = [("X_Custom", "1"), ("X.Custom", "2"), ("_", "3"), ("__", "4"), ("X-Custom_", "5"),
+           ("x~tenant", "6"), ("Content_Length", "7"), ("Transfer_Encoding", "chunked"),
+           ("Mcp_Param_Region", "8"), ("Mcp-Param_Region", "9"),
+           *((f"X_Pad_{i}", "10") for i in range(100))]
+    response = await sidecar.post("/mcp", data=b"{}", headers=[
+        *odd, ("X-Custom", "kept"), ("Mcp-Param-region_code", "eu-west"),
+        ("Mcp-Param-a.b", "dotted"), *bearer(idp.mint()).items()])
+    assert response.status == 200
+    seen = raw_upstream.last
+    assert seen.getall("X-Custom") == ["kept"]
+    assert seen.getall("Mcp-Param-region_code") == ["eu-west"]
+    assert seen.getall("Mcp-Param-a.b") == ["dotted"]
+    odd_names = {name.lower() for name, _ in odd}
+    assert [name for name in seen if name.lower() in odd_names] == []
+
+
+async def test_strip_request_headers_drops_names_and_prefixes_in_any_spelling(
+    start: StartSidecar, idp: FakeIdp, raw_upstream: RawUpstream
+) -> None:
+    sidecar = await start(STRIP_REQUEST_HEADERS="X-Tenant, x_internal_*,Mcp-Param-Secret")
+    response = await sidecar.post("/mcp", data=b"{}", headers=[
+        ("X-Tenant", "t1"), ("x-tenant", "t2"), ("X-INTERNAL-Secret", "s1"),
+        ("x-internal-", "s2"), ("Mcp-Param-Secret", "s3"), ("MCP-PARAM-SECRET", "s4"),
+        ("X-Tenant-Id", "kept-1"), ("X-Internals", "kept-2"), ("Mcp-Param-Secrets", "kept-3"),
+        *bearer(idp.mint()).items()])
+    assert response.status == 200
+    seen = raw_upstream.last
+    assert not any(value in ("t1", "t2", "s1", "s2", "s3", "s4") for value in seen.values()), seen
+    assert seen.getall("X-Tenant-Id") == ["kept-1"]
+    assert seen.getall("X-Internals") == ["kept-2"]
+    assert seen.getall("Mcp-Param-Secrets") == ["kept-3"]
+
+
+async def test_header_verdicts_stay_bounded_whatever_names_callers_invent(
+    start: StartSidecar, idp: FakeIdp, raw_upstream: RawUpstream
+) -> None:
+    """The filter remembers its decision per header name: invented names cannot grow that."""
+    sidecar = await start()
+    token = bearer(idp.mint())
+    for batch in range(12):  # 1200 distinct names, more than are remembered
+        invented = [(f"X-Invented-{batch}-{i}", "v") for i in range(100)]
+        response = await sidecar.get("/mcp", headers=[
+            *token.items(), *invented, ("X-" + "L" * 100 + str(batch), "long"),
+            ("X_Invented_Late", "dropped")])
+        assert response.status == 200
+    seen = raw_upstream.last
+    assert seen["X-Invented-11-99"] == "v"  # decided right after the table is full
+    assert seen["X-" + "L" * 100 + "11"] == "long"
+    assert "X_Invented_Late" not in seen
+    verdicts = sidecar.app[PROXY]._verdicts
+    assert len(verdicts) <= MAX_VERDICTS
+    assert max(map(len, verdicts)) <= MAX_REMEMBERED_NAME

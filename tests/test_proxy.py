@@ -23,7 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, wait_until
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
+from oauth_sidecar import proxy as proxy_module
 from oauth_sidecar.app import PROXY
 from oauth_sidecar.proxy import WHOLE_BODY_BYTES
 
@@ -383,6 +385,76 @@ async def test_session_id_and_set_cookie_pass_back_to_the_client(
         assert response.headers.getall("Set-Cookie") == ["a=1; Path=/; HttpOnly", "b=2; Path=/"]
 
 
+def _answer_with(headers: Callable[[web.Request], dict[str, str]], status: int = 200,
+                 stream: bool = False) -> Respond:
+    async def respond(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            return web.json_response({}, status=status, headers=headers(request))
+        response = web.StreamResponse(status=status, headers={
+            "Content-Type": "text/event-stream", **headers(request)})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await response.write_eof()
+        return response
+
+    return respond
+
+
+SOFTWARE = {"Server": "gunicorn/20.0.4", "X-Powered-By": "Express", "X-AspNet-Version": "4.0.30319",
+            "X-AspNetMvc-Version": "5.2", "X-Kept": "yes"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_upstream_software_and_version_headers_are_dropped(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream, stream: bool
+) -> None:
+    scripted = await start_upstream(_answer_with(lambda request: SOFTWARE, stream=stream))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url)
+    response = await sidecar.get("/mcp", headers=bearer(idp.mint()), timeout=BOUND)
+    assert response.status == 200
+    await response.read()
+    assert response.headers.getall("Server") == ["oauth-sidecar"]
+    for name in ("X-Powered-By", "X-AspNet-Version", "X-AspNetMvc-Version"):
+        assert name not in response.headers, name
+    assert response.headers["X-Kept"] == "yes"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_upstream_location_at_its_own_origin_is_given_back_under_the_public_one(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream, stream: bool
+) -> None:
+    """An upstream behind MCP_UPSTREAM_PATH=/inner redirects to its own URL (as servers that build
+    absolute URLs from Host do): the client gets the public URL, never the internal address."""
+    def own_urls(request: web.Request) -> dict[str, str]:
+        origin = f"http://{request.host}"
+        return {"Location": f"{origin}/inner/next?page=2", "Content-Location": "/inner/item"}
+
+    scripted = await start_upstream(_answer_with(own_urls, status=307, stream=stream))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, MCP_UPSTREAM_PATH="/inner")
+    response = await sidecar.post("/mcp", data=b"{}", headers=bearer(idp.mint()),
+                                  allow_redirects=False, timeout=BOUND)
+    assert response.status == 307
+    await response.read()
+    assert response.headers.getall("Location") == ["https://mcp.example.test/mcp/next?page=2"]
+    assert response.headers.getall("Content-Location") == ["/mcp/item"]
+    assert str(scripted.server.port) not in str(response.headers)  # type: ignore[union-attr]
+
+
+async def test_upstream_location_no_public_url_reaches_is_dropped(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream
+) -> None:
+    def unreachable(request: web.Request) -> dict[str, str]:
+        return {"Location": f"http://{request.host}/mcp/x", "Content-Location": "/mcp/y"}
+
+    scripted = await start_upstream(_answer_with(unreachable, status=302))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, MCP_UPSTREAM_PATH="/inner")
+    response = await sidecar.get("/mcp", headers=bearer(idp.mint()), allow_redirects=False,
+                                 timeout=BOUND)
+    assert response.status == 302
+    assert "Location" not in response.headers
+    assert "Content-Location" not in response.headers
+
+
 # --- methods ------------------------------------------------------------------------------------
 
 
@@ -683,20 +755,42 @@ async def test_upstream_closing_mid_body_of_a_streamed_answer_is_a_client_error_
 async def test_readyz_is_ready_with_the_upstream_up(sidecar: Client) -> None:
     response = await sidecar.get("/readyz", timeout=BOUND)
     assert response.status == 200
-    assert (await response.json())["checks"]["upstream"]["ok"] is True
+    assert await response.json() == {"status": "ready",
+                                     "checks": {"idp": "ready", "upstream": "ready"}}
+    assert response.headers["Cache-Control"] == "no-store"
 
 
-async def test_readyz_is_not_ready_when_the_upstream_port_is_closed(
-    make_sidecar: SidecarFactory,
+async def test_readyz_names_the_part_not_ready_and_logs_where_once_per_change(
+    make_sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The public answer says which part, in fixed words; the address and the error go to the
+    log, once when the state changes (every probe here really connects: no cache)."""
+    monkeypatch.setattr(proxy_module, "READY_CACHE_SECONDS", 0.0)
     url, port = closed_port_url()
     sidecar = await make_sidecar(MCP_UPSTREAM_URL=url)
-    response = await sidecar.get("/readyz", timeout=BOUND)
-    assert response.status == 503
-    text = await response.text()
-    assert (await response.json())["checks"]["upstream"]["ok"] is False
-    assert str(port) not in text
-
+    with capture_logs() as events:
+        for _ in range(3):
+            response = await sidecar.get("/readyz", timeout=BOUND)
+            assert response.status == 503
+            assert response.headers["Cache-Control"] == "no-store"
+            assert await response.json() == {"status": "not_ready",
+                                             "checks": {"idp": "ready", "upstream": "unreachable"}}
+            text = await response.text()
+            assert str(port) not in text
+            assert "127.0.0.1" not in text
+            assert "Error" not in text
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+        try:
+            for _ in range(2):
+                response = await sidecar.get("/readyz", timeout=BOUND)
+                assert response.status == 200
+        finally:
+            server.close()
+            await server.wait_closed()
+    changes = [e for e in events if e["event"] in ("not_ready", "ready")]
+    assert [e["event"] for e in changes] == ["not_ready", "ready"]
+    assert changes[0]["parts"] == ["upstream"]
+    assert changes[0]["upstream"].startswith(f"127.0.0.1:{port}: ConnectionRefusedError")
 
 
 async def test_accepted_202_without_body_passes_through(
