@@ -69,6 +69,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "UPSTREAM_RESPONSE_TIMEOUT_SECONDS": ("300", "Timeout until the upstream's response headers."),
     "UPSTREAM_IDLE_TIMEOUT_SECONDS": ("300", "Idle timeout between body chunks (0 = none)."),
     "SSE_IDLE_TIMEOUT_SECONDS": ("0", "Idle timeout for text/event-stream bodies (0 = none)."),
+    "REQUEST_BODY_TIMEOUT_SECONDS": ("30", "Longest silence within a request body (then 408)."),
+    "CLIENT_WRITE_TIMEOUT_SECONDS": ("60", "Longest a client may stop reading an answer."),
+    "MAX_STREAMS_PER_SUBJECT": ("32", "Requests that may become event streams, per subject."),
     "MAX_REQUEST_BODY_BYTES": ("10485760", "Largest request body forwarded."),
     "MAX_HEADER_BYTES": ("32768", "Largest single request header (large Entra tokens)."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
@@ -116,6 +119,7 @@ OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
     "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
+    "REQUEST_", "CLIENT_",
 )  # fmt: skip
 RATE_LIMIT_SCHEMES = {"memory": "async+memory", "redis": "async+redis", "rediss": "async+rediss",
                       "redis+unix": "async+redis+unix"}
@@ -161,6 +165,12 @@ class UpstreamConfig:
     idle_timeout: float | None
     sse_idle_timeout: float | None
     max_body_bytes: int
+    body_timeout: float
+    """Longest silence between two pieces of a request body."""
+    client_write_timeout: float
+    """Longest a write to a client that stopped reading may wait."""
+    max_streams_per_subject: int
+    """0: unlimited."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,6 +547,9 @@ def load(env: Mapping[str, str]) -> Config:
             idle_timeout=idle or None,
             sse_idle_timeout=sse_idle or None,
             max_body_bytes=r.number("MAX_REQUEST_BODY_BYTES", int, 0, 1 << 34),
+            body_timeout=r.number("REQUEST_BODY_TIMEOUT_SECONDS", float, 0.1, 3600.0),
+            client_write_timeout=r.number("CLIENT_WRITE_TIMEOUT_SECONDS", float, 0.1, 3600.0),
+            max_streams_per_subject=r.number("MAX_STREAMS_PER_SUBJECT", int, 0, 1_000_000),
         ),
         policy=policy,
         rate_limits=rate_limits,
