@@ -579,6 +579,9 @@ class System:
             "EVENT_LOOP": "asyncio",  # like the minimal proxy; the -uvloop pair compares uvloop
             # Far above --idle-streams: the cap has its own bench (slow_heads.py).
             "MAX_CONNECTIONS": "100000",
+            # One token drives 64 connections and 1,000 idle streams: far above the default,
+            # yet the limit's bookkeeping still runs on every request.
+            "MAX_STREAMS_PER_SUBJECT": "1000000",
         })
         env.update(extra)
         return env

@@ -76,6 +76,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "UPSTREAM_RESPONSE_TIMEOUT_SECONDS": ("300", "Timeout until the upstream's response headers."),
     "UPSTREAM_IDLE_TIMEOUT_SECONDS": ("300", "Idle timeout between body chunks (0 = none)."),
     "SSE_IDLE_TIMEOUT_SECONDS": ("0", "Idle timeout for text/event-stream bodies (0 = none)."),
+    "REQUEST_BODY_TIMEOUT_SECONDS": ("30", "Longest silence within a request body (then 408)."),
+    "CLIENT_WRITE_TIMEOUT_SECONDS": ("60", "Longest a client may stop reading an answer."),
+    "MAX_STREAMS_PER_SUBJECT": ("32", "Requests that may become event streams, per subject."),
     "MAX_REQUEST_BODY_BYTES": ("10485760", "Largest request body forwarded."),
     "MAX_HEADER_BYTES": ("32768", "Largest single request header (large Entra tokens)."),
     "MAX_REQUEST_HEAD_BYTES": ("65536", "Largest request head: request line and all headers."),
@@ -176,6 +179,12 @@ class UpstreamConfig:
     idle_timeout: float | None
     sse_idle_timeout: float | None
     max_body_bytes: int
+    body_timeout: float
+    """Longest silence between two pieces of a request body."""
+    client_write_timeout: float
+    """Longest a write to a client that stopped reading may wait."""
+    max_streams_per_subject: int
+    """0: unlimited."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,6 +589,9 @@ def load(env: Mapping[str, str]) -> Config:
             idle_timeout=idle or None,
             sse_idle_timeout=sse_idle or None,
             max_body_bytes=r.number("MAX_REQUEST_BODY_BYTES", int, 0, 1 << 34),
+            body_timeout=r.number("REQUEST_BODY_TIMEOUT_SECONDS", float, 0.1, 3600.0),
+            client_write_timeout=r.number("CLIENT_WRITE_TIMEOUT_SECONDS", float, 0.1, 3600.0),
+            max_streams_per_subject=r.number("MAX_STREAMS_PER_SUBJECT", int, 0, 1_000_000),
         ),
         policy=policy,
         rate_limits=rate_limits,

@@ -57,7 +57,7 @@ class Metrics:
         return []
 
     def rate_limited(self, scope: str) -> None:
-        """A request was refused with 429; scope is "subject" or "client_ip"."""
+        """A request was refused with 429; scope is "subject", "client_ip" or "streams"."""
 
     def jwks_fetched(self, reason: str, ok: bool) -> None:
         """A key-set fetch ended; reason is "scheduled" or "unknown_kid"."""

@@ -7,7 +7,10 @@ request. The caller's credentials never go upstream (MCP: "MUST NOT pass through
 the upstream gets its own Host and no browser Origin (the official MCP SDK server answers 421/403
 to foreign ones). Errors before the upstream answers become 502/504 JSON without internal
 addresses; errors after the status line went out drop the connection so the client sees a
-truncated response, not a complete one.
+truncated response, not a complete one. No client holds the sidecar's resources without bound:
+its body has a size and a silence limit (request_body.py), its writes a time limit (a client
+that stops reading is dropped and its upstream request ended), and its subject a number of
+requests that may become event streams (stream_slots.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from urllib.parse import quote, urlsplit
 
@@ -34,7 +37,17 @@ from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
 from oauth_sidecar.policy import AccessPolicy
+from oauth_sidecar.request_body import (
+    WHOLE_BODY_BYTES,
+    BodyBroken,
+    BodyFailure,
+    BodyReader,
+    BodyStalled,
+    BodyTooLarge,
+    StreamedBody,
+)
 from oauth_sidecar.sessions import SessionBindings
+from oauth_sidecar.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
 from oauth_sidecar.tokens import Principal
 from oauth_sidecar.upstream_credential import UpstreamCredential
 from oauth_sidecar.upstream_paths import LocationRewriter, PathMap
@@ -97,9 +110,6 @@ SESSION_ID = re.compile(r"[\x21-\x7e]+")
 # TRACE echoes the request, MCP_UPSTREAM_BEARER_FILE's credential included; CONNECT tunnels.
 NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
-CHUNKED_BODY_READ = 65536
-# Bodies (both ways) up to this size and of known length are read whole and sent in one write.
-WHOLE_BODY_BYTES = 65536
 
 
 def connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -142,6 +152,8 @@ class UpstreamProxy:
         self._locations = LocationRewriter(self._paths, config.upstream.origin,
                                            public_origin(config))
         self._shutdown_timeout = config.shutdown_timeout
+        self._bodies = BodyReader(config.upstream.max_body_bytes, config.upstream.body_timeout)
+        self._slots = StreamSlots(config.upstream.max_streams_per_subject)
         self._session: aiohttp.ClientSession | None = None
         self._ready_at = 0.0
         self._ready = False
@@ -288,29 +300,6 @@ class UpstreamProxy:
             self.unreachable = f"{parts.hostname}:{port}: {type(exc).__name__}: {exc}".rstrip(": ")
         return self._ready
 
-    async def _body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
-        """A small body of known length is read whole (sent upstream with its headers in one
-        write), a large one streamed; a chunked one is read up to the cap (MCP's are small).
-        The caller bounds the wait: a body that stops arriving (or that aiohttp's C parser
-        stopped delivering after a framing error) must not hold the handler."""
-        limit = self._config.max_body_bytes
-        length = request.content_length
-        if length is not None:
-            if length > limit:
-                raise BodyTooLarge
-            if length > WHOLE_BODY_BYTES:
-                return request.content
-            return await request.content.readexactly(length) if length else None
-        if not request.body_exists:
-            return None
-        chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(CHUNKED_BODY_READ):
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
         if task is None or self._session is None:
@@ -349,42 +338,56 @@ class UpstreamProxy:
             request[AUTH_FAILURE] = "session_owned_by_another_identity"
             return json_error(404, "session_not_found", "No such session")
         url = self.upstream_url(raw_path, request.rel_url.raw_query_string)
-        body_read = False
         try:
-            # One bound for the body to arrive and the upstream's headers to come back.
-            async with asyncio.timeout(self._config.response_timeout):
-                data = await self._body(request)
-                body_read = True
-                sent = time.perf_counter()
-                upstream = await session.request(
-                    request.method, url, headers=self._request_headers(request, principal),
-                    data=data, allow_redirects=False,
-                )
-        except BodyTooLarge:
-            return json_error(413, "request_too_large", "The request body is too large")
-        except asyncio.IncompleteReadError:  # the client closed before its body was complete
-            refused = json_error(400, "invalid_request", "The request body is incomplete")
-            refused.force_close()
-            return refused
-        except TimeoutError:
-            if not body_read:
-                refused = json_error(408, "request_timeout",
-                                     "The request body did not arrive in time")
-                refused.force_close()  # where the body ends is unknown: the connection is unusable
-                return refused
+            slot = self._slots.reserve(request.method, request.headers, identity)
+        except TooManyStreams:
+            request[AUTH_FAILURE] = "rate_limited_streams"
+            self._metrics.rate_limited("streams")
+            return json_error(429, "rate_limited", "Too many open event streams",
+                              {"Retry-After": RETRY_AFTER})
+        try:
+            try:
+                data = await self._bodies.read(request)
+            except (BodyTooLarge, BodyStalled, BodyBroken) as failure:
+                return body_refused(failure)
+            body = data if isinstance(data, StreamedBody) else None
+            try:
+                # A streamed body is still being sent while this runs: its silences have their
+                # own bound, and end this wait with its failure.
+                async with asyncio.timeout(self._config.response_timeout):
+                    sent = time.perf_counter()
+                    upstream = await session.request(
+                        request.method, url, headers=self._request_headers(request, principal),
+                        data=data, allow_redirects=False,
+                    )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return self._not_answered(exc, body)
+            self._metrics.upstream_answered(time.perf_counter() - sent)
+            self._track_session(request.method, session_id, owner, upstream, identity)
+            try:
+                return await self._relay(request, upstream, body, slot, identity)
+            finally:
+                upstream.close()  # no-op after a full read; aborts the upstream if we stopped early
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _not_answered(
+        self, exc: aiohttp.ClientError | TimeoutError, body: StreamedBody | None
+    ) -> web.Response:
+        """No response headers came back: the client's body or the upstream is to blame."""
+        if body is not None:
+            if body.failure is not None:
+                return body_refused(body.failure)
+            if isinstance(exc, TimeoutError) and body.waiting:  # the client is the slow one
+                return body_refused(BodyStalled())
+        if isinstance(exc, TimeoutError):
             log.warning("upstream_timeout", phase="headers")
             self._metrics.upstream_failed("timeout")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
-        except aiohttp.ClientError as exc:
-            log.warning("upstream_unavailable", error=type(exc).__name__)
-            self._metrics.upstream_failed("unavailable")
-            return json_error(502, "upstream_unavailable", "The MCP server is not reachable")
-        self._metrics.upstream_answered(time.perf_counter() - sent)
-        self._track_session(request.method, session_id, owner, upstream, identity)
-        try:
-            return await self._relay(request, upstream)
-        finally:
-            upstream.close()  # no-op after a full read; aborts the upstream if we stopped early
+        log.warning("upstream_unavailable", error=type(exc).__name__)
+        self._metrics.upstream_failed("unavailable")
+        return json_error(502, "upstream_unavailable", "The MCP server is not reachable")
 
     def _track_session(
         self, method: str, presented: str | None, owner: tuple[str, str] | None,
@@ -403,25 +406,34 @@ class UpstreamProxy:
             self._sessions.bind(presented, identity)
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: aiohttp.ClientResponse, body: StreamedBody | None,
+        slot: Slot | None, identity: tuple[str, str],
     ) -> web.StreamResponse:
         event_stream = upstream.content_type == "text/event-stream"
+        claimed = None
+        if not event_stream:
+            if slot is not None:
+                slot.release()  # not a stream after all: the slot is free at once
+        elif slot is None:  # it ran already, so it is relayed; it counts from now on
+            claimed = self._slots.claim(identity)
         length = upstream.content_length
         if (not event_stream and length is not None and length <= WHOLE_BODY_BYTES
                 and request.method != "HEAD"):
-            return await self._relay_whole(upstream)
+            return await self._relay_whole(upstream, body)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         self._copy_headers(upstream, response)
         if event_stream:
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
         idle = self._config.sse_idle_timeout if event_stream else self._config.idle_timeout
-        await response.prepare(request)
-        if event_stream:
-            self._event_streams.add(upstream)
         try:
-            await self._copy_body(request, upstream, response, idle)
+            await response.prepare(request)
+            if event_stream:
+                self._event_streams.add(upstream)
+            await self._copy_body(request, upstream, response, idle, body)
         finally:
             self._event_streams.discard(upstream)
+            if claimed is not None:
+                claimed.release()
         return response
 
     def _copy_headers(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
@@ -437,7 +449,9 @@ class UpstreamProxy:
                 continue
             response.headers.add(name, value)
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_whole(
+        self, upstream: aiohttp.ClientResponse, request_body: StreamedBody | None
+    ) -> web.StreamResponse:
         """A small answer of known length (most JSON-RPC replies) is read whole and sent in one
         write: one timer instead of one per chunk, and an upstream failing mid-body is still
         an honest 502/504 because nothing has been sent yet."""
@@ -451,6 +465,8 @@ class UpstreamProxy:
             self._metrics.upstream_failed("timeout")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
         except aiohttp.ClientError as exc:
+            if request_body is not None and request_body.failure is not None:
+                return body_refused(request_body.failure)  # it answered before the body broke
             log.warning("upstream_stream_failed", error=type(exc).__name__)
             self._metrics.upstream_failed("broken")
             return json_error(502, "upstream_unavailable", "The MCP server's answer broke off")
@@ -460,7 +476,7 @@ class UpstreamProxy:
 
     async def _copy_body(
         self, request: web.Request, upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse, idle: float | None,
+        response: web.StreamResponse, idle: float | None, body: StreamedBody | None,
     ) -> None:
         while True:
             try:
@@ -469,21 +485,47 @@ class UpstreamProxy:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if self._stopping and upstream.content_type == "text/event-stream":
                     break  # we closed it for shutdown: end the stream cleanly
+                if body is not None and body.failure is not None:
+                    log.info("request_body_failed", error=type(body.failure).__name__)
+                else:
+                    log.warning("upstream_stream_failed", error=type(exc).__name__)
+                    self._metrics.upstream_failed("timeout" if isinstance(exc, TimeoutError) else
+                                                  "broken")
                 # Headers are gone: the only honest signal left is dropping the connection.
-                log.warning("upstream_stream_failed", error=type(exc).__name__)
-                self._metrics.upstream_failed("timeout" if isinstance(exc, TimeoutError) else
-                                              "broken")
                 if request.transport is not None:
                     request.transport.close()
                 return
             if not chunk:
                 break
-            try:
-                await response.write(chunk)
-            except ConnectionError:  # the client left (ClientConnectionResetError included)
+            if not await self._write(request, response.write(chunk)):
                 return
-        await response.write_eof()
+        await self._write(request, response.write_eof())
+
+    async def _write(self, request: web.Request, write: Awaitable[None]) -> bool:
+        """Whether the client took it in time. One that stopped reading (its TCP window closed)
+        would hold this write, its connection and the upstream's stream forever: after the
+        timeout its connection is aborted (close() would wait to flush to a client that never
+        reads) and the caller's cleanup closes the upstream request."""
+        try:
+            async with asyncio.timeout(self._config.client_write_timeout):
+                await write
+        except ConnectionError:  # the client left (ClientConnectionResetError included)
+            return False
+        except TimeoutError:
+            log.warning("client_write_timeout", seconds=self._config.client_write_timeout)
+            if request.transport is not None:
+                request.transport.abort()
+            return False
+        return True
 
 
-class BodyTooLarge(Exception):
-    """The request body exceeds MAX_REQUEST_BODY_BYTES."""
+def body_refused(failure: BodyFailure) -> web.Response:
+    """The client's body failed: its error, never the upstream's (and never counted as one)."""
+    if isinstance(failure, BodyTooLarge):
+        return json_error(413, "request_too_large", "The request body is too large")
+    if isinstance(failure, BodyStalled):
+        refused = json_error(408, "request_timeout", "The request body did not arrive in time")
+    else:
+        refused = json_error(400, "invalid_request", "The request body is incomplete")
+    refused.force_close()  # where the body ends is unknown: the connection is unusable
+    return refused

@@ -96,6 +96,9 @@ BAD_VALUES: list[tuple[dict[str, str], str]] = [
     ({"UPSTREAM_IDLE_TIMEOUT_SECONDS": "ten"}, "UPSTREAM_IDLE_TIMEOUT_SECONDS='ten' is not a"),
     ({"SSE_IDLE_TIMEOUT_SECONDS": "-3"}, "SSE_IDLE_TIMEOUT_SECONDS=-3 is out of range"),
     ({"MAX_REQUEST_BODY_BYTES": "-1"}, "MAX_REQUEST_BODY_BYTES=-1 is out of range"),
+    ({"REQUEST_BODY_TIMEOUT_SECONDS": "0"}, "REQUEST_BODY_TIMEOUT_SECONDS=0 is out of range"),
+    ({"CLIENT_WRITE_TIMEOUT_SECONDS": "x"}, "CLIENT_WRITE_TIMEOUT_SECONDS='x' is not a number"),
+    ({"MAX_STREAMS_PER_SUBJECT": "-1"}, "MAX_STREAMS_PER_SUBJECT=-1 is out of range"),
     ({"UPSTREAM_CONNECT_TIMEOUT_SECONDS": "0"}, "UPSTREAM_CONNECT_TIMEOUT_SECONDS=0 is out of"),
     ({"MAX_HEADER_BYTES": "100"}, "MAX_HEADER_BYTES=100 is out of range"),
     # choices and flags
@@ -332,6 +335,8 @@ def test_defaults() -> None:
     assert upstream.idle_timeout == 300.0
     assert upstream.sse_idle_timeout is None  # SSE streams may idle for hours
     assert upstream.max_body_bytes == 10 * 1024 * 1024
+    assert (upstream.body_timeout, upstream.client_write_timeout) == (30.0, 60.0)
+    assert upstream.max_streams_per_subject == 32
 
 
 def test_defaults_table_parses_on_its_own() -> None:

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 from oauth_sidecar import proxy as proxy_module
 from oauth_sidecar.app import PROXY
-from oauth_sidecar.proxy import WHOLE_BODY_BYTES
+from oauth_sidecar.request_body import WHOLE_BODY_BYTES
 
 Client = TestClient[web.Request, web.Application]
 Respond = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -571,6 +571,43 @@ async def test_upstream_session_has_no_total_timeout(sidecar: Client) -> None:
     session = sidecar.app[PROXY]._session
     assert session is not None
     assert session.timeout.total is None  # aiohttp's default 300 s would cut SSE at 5 minutes
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_stream_closed(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream
+) -> None:
+    """A raw client with a small receive buffer reads the response head of a fast event stream,
+    then never reads again (its TCP window closes). Before: the relay blocked in write() forever
+    and held the upstream stream open."""
+    closed = asyncio.Event()
+
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = b"data: " + b"x" * 4090 + b"\n\n"
+        try:
+            while True:
+                await response.write(event)
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    scripted = await start_upstream(firehose)
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, CLIENT_WRITE_TIMEOUT_SECONDS="1")
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", sidecar.port)), 5)
+        request = (f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {idp.mint()}"
+                   "\r\nAccept: text/event-stream\r\n\r\n").encode()
+        await asyncio.wait_for(loop.sock_sendall(sock, request), 5)
+        head = await asyncio.wait_for(loop.sock_recv(sock, 1024), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        # Not another byte is read: the sidecar must give up within the bound and let go.
+        await wait_until(closed.is_set, within=15)
+        await wait_until(lambda: sidecar.app[PROXY].in_flight() == 0)
+        await wait_until(lambda: sidecar.app[PROXY].open_streams() == 0)
 
 
 def _quiet_gap(content_type: str) -> Respond:

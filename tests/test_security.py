@@ -374,11 +374,11 @@ SMUGGLING = [
          linger=True),
     Case("chunk-size-overflow-after-headers-with-token",
          (SPLIT_HEAD, "FFFFFFFFFFFFFFFFF1\r\nhello\r\n0\r\n\r\n"), None, closed=None, linger=True),
-    # ...and is answered 408 once the body wait passes UPSTREAM_RESPONSE_TIMEOUT_SECONDS.
+    # ...and is answered 408 once the body is silent for REQUEST_BODY_TIMEOUT_SECONDS.
     Case("malformed-chunk-after-headers-with-token-times-out",
          (SPLIT_HEAD + "5\r\nhello\r\n", "-5\r\nhello\r\n0\r\n\r\n"),
          (Answer(408, "request_timeout"),), closed=None, stop_after=1,  # aiohttp lingers 10 s
-         env={"UPSTREAM_RESPONSE_TIMEOUT_SECONDS": "0.5"}),
+         env={"REQUEST_BODY_TIMEOUT_SECONDS": "0.5"}),
     Case("malformed-chunk-after-headers-tokenless",
          (post(CHUNKED), "-5\r\nhello\r\n0\r\n\r\n"), (CHALLENGE,), closed=None, linger=True),
     # Requests hidden in the body of a refused one: consumed as a body, never parsed or sent.
@@ -795,11 +795,11 @@ BODIES = [
     Case("length-over-default-limit-claimed-tokenless",
          (post(f"Content-Length: {DEFAULT_BODY_LIMIT + 1}"),), (CHALLENGE,), closed=None,
          stop_after=1),
-    # Slow body with a token: waited for up to UPSTREAM_RESPONSE_TIMEOUT_SECONDS, then 408.
+    # Slow body with a token: a silence of REQUEST_BODY_TIMEOUT_SECONDS, then 408.
     Case("slow-length-body-with-token-times-out",
          (post(AUTH, "Content-Length: 1000", body="0123456789"),),
          (Answer(408, "request_timeout"),), closed=None, stop_after=1,
-         env={"UPSTREAM_RESPONSE_TIMEOUT_SECONDS": "0.5"}),
+         env={"REQUEST_BODY_TIMEOUT_SECONDS": "0.5"}),
     # Slow loris without a token: refused at once, before the body (which aiohttp then drains
     # for up to its 10 s lingering time before it closes).
     Case("slow-body-tokenless", (post("Content-Length: 1000", body="0123456789"),), (CHALLENGE,),
@@ -819,7 +819,7 @@ async def test_slow_body_with_token_never_completes_upstream_or_poisons_the_next
     make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
     """Content-Length 1000, 10 bytes sent, then silence: the proxy waits for the whole (small)
-    body before it calls the upstream, up to UPSTREAM_RESPONSE_TIMEOUT_SECONDS (then 408, see
+    body before it calls the upstream, up to REQUEST_BODY_TIMEOUT_SECONDS (then 408, see
     slow-length-body-with-token-times-out); our bound ends it first. Nothing reaches the upstream,
     and the next request on another connection is served normally."""
     client = await make_sidecar()
