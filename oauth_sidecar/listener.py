@@ -35,6 +35,7 @@ from oauth_sidecar.app import METRICS
 from oauth_sidecar.config import Config, ListenerConfig
 from oauth_sidecar.http_errors import error_body, json_error
 from oauth_sidecar.metrics import Metrics
+from oauth_sidecar.server_header import SERVER
 
 HEAD_SLICE = 8192  # bytes parsed at a time while a head (or a chunked body) arrives
 LINGER_SECONDS = 2.0  # a refused client still sending gets this long to read our answer
@@ -50,17 +51,19 @@ def _answer_parts(status: int, description: str) -> tuple[bytes, bytes]:
     phrase = HTTPStatus(status).phrase
     body = error_body(phrase.lower().replace(" ", "_"), description)
     head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n")
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n"
+            f"Server: {SERVER}\r\n")
     return head.encode(), b"\r\n\r\n" + body
 
 
 class Bounds:
     """What every connection of one listener shares: the limits, the open count, the metrics."""
 
-    def __init__(self, config: ListenerConfig, metrics: Metrics) -> None:
+    def __init__(self, config: ListenerConfig, metrics: Metrics, write_timeout: float) -> None:
         self.max_head_bytes = config.max_head_bytes
         self.head_timeout = config.head_timeout
         self.max_connections = config.max_connections
+        self.write_timeout = write_timeout
         self.metrics = metrics
         self.open = 0
         self._refused_unlogged = 0
@@ -261,8 +264,25 @@ class GuardedRequestHandler(RequestHandler):
         super().handle_error(request, status, exc, message)  # logs; raises if an answer began
         phrase = HTTPStatus(status).phrase
         response = json_error(status, phrase.lower().replace(" ", "_"), phrase)
+        response.headers["Server"] = SERVER  # no app hook runs for a request that never parsed
         response.force_close()
         return response
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp writes every answer a handler returns whole (most JSON-RPC replies, every
+        refusal) here, after the handler: a client that stops reading, pipelining requests it
+        never reads the answers of, would hold this write and its connection forever. Past
+        CLIENT_WRITE_TIMEOUT_SECONDS the connection is aborted (close() would wait to flush)."""
+        try:
+            async with asyncio.timeout(self._bounds.write_timeout):
+                return await super().finish_response(request, resp, start_time)
+        except TimeoutError:
+            log.warning("client_write_timeout", seconds=self._bounds.write_timeout)
+            if self.transport is not None:
+                self.transport.abort()
+            return resp, True
 
 
 class GuardedServer(web.Server):
@@ -303,7 +323,8 @@ class _GuardedAppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # starts the app; its server is replaced
         metrics = self.app.get(METRICS) or Metrics()
-        bounds = Bounds(self._config.listener, metrics)
+        bounds = Bounds(self._config.listener, metrics,
+                        self._config.upstream.client_write_timeout)
         metrics.watch("open_connections", "Client connections open now on PORT",
                       lambda: bounds.open)
         return GuardedServer(plain.request_handler, request_factory=plain.request_factory,

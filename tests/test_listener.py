@@ -127,6 +127,7 @@ def assert_refusal(response: RawResponse, status: int, error: str) -> None:
     assert response.headers["connection"] == ["close"]
     assert response.headers["cache-control"] == ["no-store"]
     assert "date" in response.headers
+    assert response.headers["server"] == ["oauth-sidecar"]  # no version, like every answer
 
 
 def refusal_events(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -400,6 +401,7 @@ async def test_a_malformed_head_is_refused_in_json_without_echoing_it(
         [response] = await raw.read_until_closed()
     assert response.status == 400
     assert response.json() == {"error": "bad_request", "error_description": "Bad Request"}
+    assert response.headers["server"] == ["oauth-sidecar"]  # aiohttp's would name its version
     assert SECRET_VALUE.encode() not in raw.data
 
 

@@ -610,6 +610,49 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_stream_cl
         await wait_until(lambda: sidecar.app[PROXY].open_streams() == 0)
 
 
+async def test_a_client_that_pipelines_and_never_reads_whole_answers_is_dropped(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream
+) -> None:
+    """Whole answers (at most 64 KiB, read whole from the upstream) are written by aiohttp after
+    the handler returned. A client pipelining requests it never reads the answers of held that
+    write, its connection and a handler task forever; now the connection is aborted within
+    CLIENT_WRITE_TIMEOUT_SECONDS."""
+    answer = b"x" * 60_000
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=answer, content_type="application/octet-stream")
+
+    scripted = await start_upstream(large)
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, CLIENT_WRITE_TIMEOUT_SECONDS="1")
+    # 3.6 MB of answers, far beyond the socket buffers on the way; the 60 heads (46 KB) stay
+    # under MAX_REQUEST_HEAD_BYTES, which caps heads waiting behind a blocked answer.
+    requests = 60
+    request = (f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {idp.mint()}"
+               "\r\n\r\n").encode()
+    loop = asyncio.get_running_loop()
+    with capture_logs() as logs, socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", sidecar.port)), 5)
+        # The sidecar stops reading requests while it cannot answer: sending may stall too.
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await asyncio.wait_for(loop.sock_sendall(sock, request * requests), 5)
+        await wait_until(lambda: any(e["event"] == "client_write_timeout" for e in logs),
+                         within=15)
+        received, ended = 0, False
+        async with asyncio.timeout(15):
+            while not ended:
+                try:
+                    chunk = await loop.sock_recv(sock, 1 << 16)
+                except ConnectionError:
+                    ended = True
+                else:
+                    received += len(chunk)
+                    ended = not chunk
+    assert received < requests * len(answer)  # aborted, not every answer delivered late
+    assert len(scripted.seen) < requests
+
+
 def _quiet_gap(content_type: str) -> Respond:
     async def respond(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": content_type})
