@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from oauth_sidecar.config import MetricsConfig
 from oauth_sidecar.outcome import handle_and_record
+from oauth_sidecar.server_header import name_server
 
 PREFIX = "oauth_sidecar_"
 # The `route` label: what kind of endpoint answered, decided by the matched resource (app.py).
@@ -196,6 +197,7 @@ class PrometheusMetrics(Metrics):
         # prometheus_client's own handler: text format, OpenMetrics when the scraper asks for
         # it (Accept), gzip when it accepts that, ?name[]= filtering.
         app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        app.on_response_prepare.append(name_server)  # no aiohttp version here either
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=LISTENER_SHUTDOWN)
         await runner.setup()
         site = web.TCPSite(runner, self._config.host, self._config.port)

@@ -75,6 +75,7 @@ async def scrape(port: int, accept: str | None = None) -> Scrape:
         f"http://127.0.0.1:{port}/metrics", headers=headers
     ) as response:
         assert response.status == 200
+        assert response.headers.getall("Server") == ["oauth-sidecar"]  # no aiohttp version
         text = await response.text()
         content_type = response.headers["Content-Type"]
     if content_type.startswith("application/openmetrics-text"):
