@@ -94,6 +94,9 @@ MAX_VERDICTS, MAX_REMEMBERED_NAME = 1024, 64
 RESPONSE_DROP = HOP_BY_HOP | {
     # They name the upstream's software and version; our own Server header applies.
     "server", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version",
+    # A challenge of the upstream's own protection space (its resource_metadata, often an
+    # internal URL): MCP clients would follow it away from the sidecar, which is theirs.
+    "www-authenticate",
 }
 RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
 # URLs the upstream names itself by: given back under the public origin (upstream_paths.py).
@@ -363,6 +366,9 @@ class UpstreamProxy:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 return self._not_answered(exc, body)
             self._metrics.upstream_answered(time.perf_counter() - sent)
+            if upstream.status == 401:
+                upstream.close()
+                return self._credential_refused()
             self._track_session(request.method, session_id, owner, upstream, identity)
             try:
                 return await self._relay(request, upstream, body, slot, identity)
@@ -388,6 +394,15 @@ class UpstreamProxy:
         log.warning("upstream_unavailable", error=type(exc).__name__)
         self._metrics.upstream_failed("unavailable")
         return json_error(502, "upstream_unavailable", "The MCP server is not reachable")
+
+    def _credential_refused(self) -> web.Response:
+        """The upstream never sees the caller's token, so its 401 is about the sidecar's own
+        credential (MCP_UPSTREAM_BEARER_FILE, or none). Relayed as 401 it would send the MCP
+        client to sign in again, in a loop that cannot fix it: the fault is ours, 502."""
+        log.warning("upstream_unauthorized", credential=self._credential is not None)
+        self._metrics.upstream_failed("refused")
+        return json_error(502, "upstream_refused",
+                          "The MCP server refused the sidecar's credentials")
 
     def _track_session(
         self, method: str, presented: str | None, owner: tuple[str, str] | None,

@@ -23,7 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, wait_until
 from multidict import CIMultiDict
+from processes import free_port
 from structlog.testing import capture_logs
+from test_metrics import scrape
 
 from oauth_sidecar import proxy as proxy_module
 from oauth_sidecar.app import PROXY
@@ -417,6 +419,48 @@ async def test_upstream_software_and_version_headers_are_dropped(
     for name in ("X-Powered-By", "X-AspNet-Version", "X-AspNetMvc-Version"):
         assert name not in response.headers, name
     assert response.headers["X-Kept"] == "yes"
+
+
+def _own_challenge(request: web.Request) -> dict[str, str]:
+    return {"WWW-Authenticate": f'Bearer resource_metadata="http://{request.host}'
+                                '/.well-known/oauth-protected-resource"'}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_upstream_challenge_never_reaches_the_client(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream, stream: bool
+) -> None:
+    """An upstream 403 with its own challenge: the status is the upstream's answer, the challenge
+    (naming the upstream's internal address) would send the MCP client away from the sidecar."""
+    scripted = await start_upstream(_answer_with(_own_challenge, status=403, stream=stream))
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url)
+    response = await sidecar.post("/mcp", data=b"{}", headers=bearer(idp.mint()), timeout=BOUND)
+    assert response.status == 403
+    await response.read()
+    assert "WWW-Authenticate" not in response.headers
+
+
+async def test_an_upstream_401_is_a_502_never_a_sign_in_loop(
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream
+) -> None:
+    """The upstream never sees the caller's token: its 401 is about the sidecar's credential.
+    Relayed, it would tell the MCP client to sign in again, forever, towards the upstream."""
+    scripted = await start_upstream(_answer_with(_own_challenge, status=401))
+    metrics_port = free_port()
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, METRICS_PORT=str(metrics_port))
+    with capture_logs() as logs:
+        response = await sidecar.post("/mcp", data=b"{}", headers=bearer(idp.mint()),
+                                      timeout=BOUND)
+    assert response.status == 502
+    assert await response.json() == {
+        "error": "upstream_refused",
+        "error_description": "The MCP server refused the sidecar's credentials"}
+    assert "WWW-Authenticate" not in response.headers
+    assert scripted.url.encode() not in await response.read()
+    assert [e["event"] for e in logs if e["event"] == "upstream_unauthorized"] == [
+        "upstream_unauthorized"]
+    assert 'oauth_sidecar_upstream_errors_total{kind="refused"} 1.0' in (
+        await scrape(metrics_port)).text
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
