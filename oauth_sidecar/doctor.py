@@ -1064,6 +1064,13 @@ class _Wording:
         return ("absent (optional)" if "jti" not in payload else repr(jti),
                 f"{jti!r} is not a string")
 
+    def _cnf(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
+        bound = payload.get("cnf")
+        how = ", ".join(sorted(bound)) if isinstance(bound, dict) else repr(bound)
+        return "absent: a bearer token", (
+            f"cnf ({how}): the client asked the IdP for a DPoP or mTLS-bound token; have it "
+            "request a plain bearer token for this resource")
+
     def _id_token(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
         named = [f"{name}={payload[name]!r}" for name in CLIENT_CLAIMS if name in payload]
         client = f"; client: {', '.join(named)}" if named else ""

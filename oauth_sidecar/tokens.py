@@ -223,7 +223,7 @@ class TokenVerifier:
         # After the signature, in pyjwt's order (RFC 7519 §4.1; the audience claim takes aud's
         # place): required claims, iat, nbf, exp, iss, aud, jti; ID tokens are told apart first.
         self.after_signature: tuple[tuple[str, Check], ...] = (
-            *id_tokens,
+            *id_tokens, ("cnf", self._not_sender_constrained),
             *((name, self._present(name)) for name in ("exp", "iss", audience, "sub")),
             ("iat", self._not_in_future("iat")), ("nbf", self._not_in_future("nbf")),
             ("exp", self._not_expired), ("iss", self._issuer), (audience, self._audience),
@@ -427,6 +427,16 @@ class TokenVerifier:
         token whose aud is that client (authentik) names none."""
         if not any(isinstance(payload.get(name), str) and payload[name] for name in CLIENT_CLAIMS):
             raise _invalid("id_token_no_client", "An ID token is not an access token")
+
+    def _not_sender_constrained(
+        self, header: dict[str, Any], payload: dict[str, Any], now: float
+    ) -> None:
+        """A token with a confirmation claim is bound to a key its client must prove it holds
+        (DPoP, RFC 9449 §6; mutual TLS, RFC 8705 §3). Accepted as a bearer token, the binding
+        would silently fall away and a stolen copy would work: refused (RFC 9449 §7.2)."""
+        if "cnf" in payload:
+            raise _invalid("sender_constrained", "The token is bound to a key (DPoP or mutual "
+                           "TLS); this server accepts bearer tokens only")
 
     @staticmethod
     def _present(name: str) -> Check:

@@ -643,6 +643,8 @@ TOKEN_MATRIX = [
     pytest.param({}, minted(at_hash="x4bt4E6Zs6n6m6vYd0Dk2w"), ["id_token"],
                  id="id-token-at_hash"),
     pytest.param({}, minted(nonce="n-1", azp="c"), [], id="access-token-with-nonce"),
+    pytest.param({}, minted(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+                 ["cnf"], id="dpop-bound"),
     pytest.param(AUTHENTIK, minted(aud="authentik-client", nonce="n-1"), ["id_token"],
                  id="id-token-authentik-no-azp"),
     pytest.param(AUTHENTIK, minted(aud="authentik-client", azp="authentik-client", nonce="n-1"),

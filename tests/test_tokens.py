@@ -1108,3 +1108,21 @@ async def test_off_accepts_even_a_marked_id_token(
     sidecar = await start(JWT_ID_TOKEN_CHECK="off")
     assert_accepted(await send(sidecar, auth(id_shaped(token_use="id", at_hash="x")(ctx))),
                     upstream)
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(id_shaped(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+                 id="dpop-jkt"),
+    pytest.param(id_shaped(cnf={"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}),
+                 id="mtls-x5t"),
+    pytest.param(id_shaped(cnf={}), id="empty-cnf"),
+])
+async def test_sender_constrained_tokens_are_refused_as_bearer_tokens(
+    ctx: Ctx, start: Start, upstream: FakeUpstream, build: Builder
+) -> None:
+    """A DPoP- or mTLS-bound token's binding would silently fall away under `Bearer`, and a stolen
+    copy would work without the client's key (RFC 9449 §7.2): refused, whatever the mode."""
+    for mode in ("marked", "off"):
+        sidecar = await start(JWT_ID_TOKEN_CHECK=mode)
+        assert_refused(await send(sidecar, auth(build(ctx))), upstream,
+                       reason="sender_constrained")
