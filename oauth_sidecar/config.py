@@ -113,7 +113,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "STATIC_CLIENT_CONFIDENTIAL": ("false", "Publish the secret in /oauth/register answers."),
     "ALLOWED_REDIRECT_URIS": (DEFAULT_REDIRECT_URIS, "Client redirect URIs accepted, exactly."),
     "ALLOW_LOOPBACK_REDIRECTS": ("true", "Also accept http://127.0.0.1|localhost|[::1]:any/..."),
-    "STATE_SECRET": ("", "Key signing the relay's state (share it across replicas)."),
+    "STATE_SECRET": ("", "Key sealing the relay's state and codes (share it across replicas)."),
     "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
     "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1."),
     "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),
@@ -621,9 +621,19 @@ def load(env: Mapping[str, str]) -> Config:
         config = replace(config, warnings=(*config.warnings, warning))
     if config.auth_server.facade and not config.auth_server.state_secret:
         warning = (
-            "STATE_SECRET is not set: sign-ins are signed with a random per-process key, so with "
+            "STATE_SECRET is not set: sign-ins are sealed with a random per-process key, so with "
             "several replicas a sign-in started on one fails on another; set the same "
             "STATE_SECRET everywhere"
+        )
+        config = replace(config, warnings=(*config.warnings, warning))
+    auth = config.auth_server
+    if not auth.facade and auth.client_secret and not auth.publish_secret:
+        warning = (
+            "AUTH_SERVER_MODE=direct with STATIC_CLIENT_SECRET: clients redeem their codes with "
+            "the IdP themselves, and the /token relay lends the secret to refresh tokens only "
+            "(never to a code it did not issue), so a client without the secret cannot sign in; "
+            "register the static client as public at the IdP, set STATIC_CLIENT_CONFIDENTIAL=true, "
+            "or use AUTH_SERVER_MODE=facade"
         )
         config = replace(config, warnings=(*config.warnings, warning))
     tokens, id_check = config.tokens, config.tokens.id_token_check

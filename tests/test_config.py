@@ -385,6 +385,18 @@ def test_id_token_check_defaults_to_marked_and_refuses_other_values() -> None:
         "JWT_ID_TOKEN_CHECK='strict' is not one of marked, client, off"]
 
 
+def test_direct_mode_with_an_unpublished_static_secret_warns() -> None:
+    """The relay lends the secret to no code it did not issue: in direct mode a client without
+    the secret could no longer redeem its code, so the operator hears it at start-up."""
+    direct = {"AUTH_SERVER_MODE": "direct", "STATIC_CLIENT_ID": "mcp-client"}
+    [warning] = loads(**direct, STATIC_CLIENT_SECRET="s3cret-value").warnings
+    assert warning.startswith("AUTH_SERVER_MODE=direct with STATIC_CLIENT_SECRET")
+    assert "s3cret-value" not in warning
+    assert loads(**direct, STATIC_CLIENT_SECRET="s3cret-value",
+                 STATIC_CLIENT_CONFIDENTIAL="true").warnings == ()
+    assert loads(**direct).warnings == ()
+
+
 def test_id_token_check_off_warns() -> None:
     [warning] = loads(JWT_ID_TOKEN_CHECK="off").warnings
     assert warning.startswith("JWT_ID_TOKEN_CHECK=off: ID tokens")
