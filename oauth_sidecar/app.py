@@ -131,7 +131,8 @@ def create_app(
     redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
     authserver = AuthorizationServer(config, idp, redirects, limiter, addresses,
                                      redemptions=redemptions)
-    registration = StaticRegistration(config.auth_server, redirects)
+    registration = StaticRegistration(config.auth_server, redirects,
+                                      config.upstream.body_timeout)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
     add_public("/authorize", authserver.authorize, "oauth", navigation=True)
     add_public("/token", authserver.token, "oauth", ("POST",))

@@ -50,6 +50,13 @@ from oauth_sidecar.idp import IdentityProvider, same_issuer
 from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
 from oauth_sidecar.redemptions import RedemptionStore, RedemptionUnavailable
 from oauth_sidecar.registration import ALLOWED_GRANTS, RedirectAllowList
+from oauth_sidecar.request_body import (
+    BodyBroken,
+    BodyReader,
+    BodyStalled,
+    BodyTooLarge,
+    body_refused,
+)
 
 log = structlog.get_logger("oauth_sidecar.authserver")
 
@@ -227,6 +234,7 @@ class AuthorizationServer:
         self._limiter = limiter
         self._addresses = addresses
         self._redemptions = redemptions
+        self._bodies = BodyReader(MAX_TOKEN_REQUEST_BYTES, config.upstream.body_timeout)
         self.issuer = public_origin(config)
         self._callback = self.issuer + CALLBACK_PATH
         secret = self._config.state_secret.encode() or secrets.token_bytes(32)
@@ -462,7 +470,7 @@ class AuthorizationServer:
         if "Authorization" in request.headers:  # the client's own authentication, for the IdP
             headers["Authorization"] = request.headers["Authorization"]
         try:
-            fields = await _token_form(request)
+            fields = await _token_form(request, self._bodies)
             grant = _relayed_grant(fields)
             target, session = self._idp_endpoint("token_endpoint"), self._session
             if target is None or session is None:
@@ -476,6 +484,8 @@ class AuthorizationServer:
             return json_error(exc.status, exc.error, exc.description)
         except RedemptionUnavailable:
             return _unavailable("The code cannot be redeemed right now; try again")
+        except (BodyStalled, BodyBroken) as failure:
+            return body_refused(failure)
         if self._lends_secret(grant, issued_here, fields, headers):
             self._authenticate_static_client(fields, headers)
         try:
@@ -497,15 +507,18 @@ class AuthorizationServer:
                             headers=NO_STORE)
 
 
-async def _token_form(request: web.Request) -> dict[str, str]:
-    """The token request's parameters, each at most once (RFC 6749 §3.2)."""
-    if (request.content_length or 0) > MAX_TOKEN_REQUEST_BYTES:
-        raise TokenRefused("invalid_request", "The token request is too large", 413)
+async def _token_form(request: web.Request, bodies: BodyReader) -> dict[str, str]:
+    """The token request's parameters, each at most once (RFC 6749 §3.2); raises TokenRefused,
+    or BodyStalled / BodyBroken for a body that stops arriving or breaks off."""
     if request.content_type != "application/x-www-form-urlencoded":
         raise TokenRefused("invalid_request",
                            "Use application/x-www-form-urlencoded (RFC 6749 §4.1.3)")
     try:
-        form = parse_qsl((await request.read()).decode(), keep_blank_values=True,
+        raw = await bodies.read_small(request)
+    except BodyTooLarge:
+        raise TokenRefused("invalid_request", "The token request is too large", 413) from None
+    try:
+        form = parse_qsl(raw.decode(), keep_blank_values=True,
                          max_num_fields=100, strict_parsing=False)
     except (ValueError, UnicodeDecodeError):
         raise TokenRefused("invalid_request", "The token request is malformed") from None

@@ -40,11 +40,11 @@ from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.request_body import (
     WHOLE_BODY_BYTES,
     BodyBroken,
-    BodyFailure,
     BodyReader,
     BodyStalled,
     BodyTooLarge,
     StreamedBody,
+    body_refused,
 )
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
@@ -533,14 +533,3 @@ class UpstreamProxy:
             return False
         return True
 
-
-def body_refused(failure: BodyFailure) -> web.Response:
-    """The client's body failed: its error, never the upstream's (and never counted as one)."""
-    if isinstance(failure, BodyTooLarge):
-        return json_error(413, "request_too_large", "The request body is too large")
-    if isinstance(failure, BodyStalled):
-        refused = json_error(408, "request_timeout", "The request body did not arrive in time")
-    else:
-        refused = json_error(400, "invalid_request", "The request body is incomplete")
-    refused.force_close()  # where the body ends is unknown: the connection is unusable
-    return refused

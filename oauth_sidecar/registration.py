@@ -19,6 +19,13 @@ from aiohttp import web
 
 from oauth_sidecar.config import AuthServerConfig, is_loopback_host
 from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.request_body import (
+    BodyBroken,
+    BodyReader,
+    BodyStalled,
+    BodyTooLarge,
+    body_refused,
+)
 
 MAX_REGISTRATION_BYTES = 64 * 1024  # real registration documents are a few hundred bytes
 ALLOWED_GRANTS = frozenset({"authorization_code", "refresh_token"})
@@ -71,21 +78,23 @@ def _invalid(error: str, description: str) -> web.Response:
 class StaticRegistration:
     """POST /oauth/register and /register: RFC 7591 answers naming the static client."""
 
-    def __init__(self, config: AuthServerConfig, redirects: RedirectAllowList) -> None:
+    def __init__(
+        self, config: AuthServerConfig, redirects: RedirectAllowList, body_timeout: float
+    ) -> None:
         self._config = config
         self._redirects = redirects
+        self._bodies = BodyReader(MAX_REGISTRATION_BYTES, body_timeout)
 
     async def handle(self, request: web.Request) -> web.Response:
         if not self._config.client_id:
             return json_error(404, "registration_not_supported",
                               "This server offers no client registration")
-        if (request.content_length or 0) > MAX_REGISTRATION_BYTES:
+        try:
+            raw = await self._bodies.read_small(request)
+        except BodyTooLarge:
             return _invalid("invalid_client_metadata", "The registration document is too large")
-        raw = b""
-        async for chunk in request.content.iter_chunked(65536):
-            raw += chunk
-            if len(raw) > MAX_REGISTRATION_BYTES:
-                return _invalid("invalid_client_metadata", "The registration document is too large")
+        except (BodyStalled, BodyBroken) as failure:
+            return body_refused(failure)
         try:
             metadata = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):

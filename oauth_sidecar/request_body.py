@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader, web
 
+from oauth_sidecar.http_errors import json_error
+
 # Bodies up to this size and of known length are read whole and sent in one write.
 WHOLE_BODY_BYTES = 65536
 
@@ -111,6 +113,15 @@ class BodyReader:
             return None
         return await self._gather(content, length)
 
+    async def read_small(self, request: web.Request) -> bytes:
+        """A body never streamed (a public endpoint's form or JSON, with a limit of at most
+        WHOLE_BODY_BYTES), whole; b"" when empty. The same bounds: a client that stops sending
+        its token request or registration holds its connection no longer than a proxied one."""
+        data = await self.read(request)
+        if isinstance(data, StreamedBody):  # only with a limit above WHOLE_BODY_BYTES
+            raise BodyTooLarge
+        return data or b""
+
     async def _gather(self, content: StreamReader, length: int | None) -> bytes | StreamedBody:
         """Pieces until the end, each within the gap; a chunked body that outgrows
         WHOLE_BODY_BYTES goes on as a StreamedBody with what was read so far."""
@@ -133,3 +144,15 @@ class BodyReader:
         if length is not None and size < length:
             raise BodyBroken
         return b"".join(pieces)
+
+
+def body_refused(failure: BodyFailure) -> web.Response:
+    """The client's body failed: its error, never the upstream's (and never counted as one)."""
+    if isinstance(failure, BodyTooLarge):
+        return json_error(413, "request_too_large", "The request body is too large")
+    if isinstance(failure, BodyStalled):
+        refused = json_error(408, "request_timeout", "The request body did not arrive in time")
+    else:
+        refused = json_error(400, "invalid_request", "The request body is incomplete")
+    refused.force_close()  # where the body ends is unknown: the connection is unusable
+    return refused

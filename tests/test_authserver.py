@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -1113,6 +1114,44 @@ async def test_token_request_over_64_kb_is_413(
     chunked = await call(client, "POST", "/token", data=chunks(),
                          headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert chunked.status == 413, chunked.text
+    assert token_endpoint.calls == []
+
+
+async def stalled_body(port: int | None, path: str, content_type: str) -> bytes:
+    """Send a head announcing 100 bytes of body, then 10 of them, then nothing: the answer, once
+    the sidecar has also closed the connection (bounded)."""
+    assert port is not None
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}"
+                     "\r\nContent-Length: 100\r\n\r\ngrant_type".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        # The connection is unusable (where would the body end?): it is closed after at most
+        # aiohttp's lingering time (10 s), not held.
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+        return head + body
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize(("path", "content_type"), [
+    ("/token", "application/x-www-form-urlencoded"),
+    ("/oauth/register", "application/json"),  # /register is the same handler
+])
+async def test_a_public_body_that_stops_arriving_is_408_and_frees_the_connection(
+    start: Start, token_endpoint: TokenEndpoint, path: str, content_type: str
+) -> None:
+    """Before: the handler waited for the rest of the body forever, so MAX_CONNECTIONS such
+    connections from one client would have locked everyone out of the sidecar."""
+    client = await start(**FACADE, REQUEST_BODY_TIMEOUT_SECONDS="0.5")
+    answer = await stalled_body(client.port, path, content_type)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"error": "request_timeout"' in answer
     assert token_endpoint.calls == []
 
 
