@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -18,6 +19,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from processes import free_port
+from redis_server import RedisServer
 
 from oauth_sidecar.app import create_app
 from oauth_sidecar.config import Config, load
@@ -307,3 +310,13 @@ def bearer(token: str) -> dict[str, str]:
 
 def as_json(text: str) -> Any:
     return json.loads(text)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -169,18 +170,27 @@ class TokenEndpoint:
         return self.calls[0]
 
 
-@pytest.fixture
-async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
+@asynccontextmanager
+async def running_token_endpoint() -> AsyncIterator[TokenEndpoint]:
+    """A recording token endpoint on loopback (test_redemptions.py uses it too)."""
     endpoint = TokenEndpoint()
     app = web.Application()
     app.router.add_post("/oauth2/token", endpoint.handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     endpoint.server = server
-    yield endpoint
-    if endpoint.hold is not None:
-        endpoint.hold.set()
-    await server.close()
+    try:
+        yield endpoint
+    finally:
+        if endpoint.hold is not None:
+            endpoint.hold.set()
+        await server.close()
+
+
+@pytest.fixture
+async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
+    async with running_token_endpoint() as endpoint:
+        yield endpoint
 
 
 Start = Callable[..., Awaitable[Client]]

@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from conftest import FakeIdp, SidecarFactory
-from processes import free_port
 from redis.asyncio import Redis
+from redis_server import RedisServer
 from structlog.testing import capture_logs
 from test_authserver import (
     FACADE,
@@ -27,11 +24,11 @@ from test_authserver import (
     code_exchange,
     form,
     idp_answers,
+    running_token_endpoint,
     sealed_code,
     sealed_state,
     serve_document,
 )
-from test_ratelimit import RedisServer
 
 from oauth_sidecar import redemptions
 from oauth_sidecar.authserver import StateCodec
@@ -41,25 +38,9 @@ HOUR = 3600.0
 
 
 @pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path)
-    try:
-        await server.start()
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
-    endpoint = TokenEndpoint()
-    app = web.Application()
-    app.router.add_post("/oauth2/token", endpoint.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    endpoint.server = server
-    yield endpoint
-    await server.close()
+    async with running_token_endpoint() as endpoint:
+        yield endpoint
 
 
 async def replicas(
