@@ -16,7 +16,7 @@ import structlog
 from oauth_sidecar import __version__, demo, doctor, listener
 from oauth_sidecar.app import CHILD, create_app
 from oauth_sidecar.child import ChildStartError
-from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load, shown_url
+from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load
 from oauth_sidecar.log import configure_logging
 from oauth_sidecar.metrics import MetricsListenError
 
@@ -37,7 +37,6 @@ def _summary(config: Config) -> dict[str, object]:
     """The effective configuration, with nothing secret in it (and no allow-list entries:
     they are personal data; their counts and files show what is in force)."""
     policy, auth, limits = config.policy, config.auth_server, config.rate_limits
-    storage = limits.storage_uri.removeprefix("async+").partition("?")[0]  # a query may hold a key
     summary: dict[str, object] = {
         "issuer": config.idp.issuer, "audiences": list(config.tokens.audiences),
         "resource": config.resource_url, "upstream": config.upstream.origin,
@@ -54,7 +53,7 @@ def _summary(config: Config) -> dict[str, object]:
         },
         "required_scopes": list(policy.required_scopes),
         "rate_limit_rpm": limits.per_subject_rpm,
-        "rate_limit_storage": shown_url(storage),
+        "rate_limit_storage": limits.storage_shown,
         "algorithms": sorted(config.tokens.algorithms), "cors_origins": sorted(config.cors_origins),
         "event_loop": config.event_loop,
         "metrics": f"{config.metrics.host}:{config.metrics.port}" if config.metrics else None,

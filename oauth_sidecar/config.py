@@ -20,7 +20,7 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,6 +38,7 @@ MAX_ALLOW_FILE_BYTES = 1 << 20  # a million characters of entries: far beyond an
 # Bytes a request head needs beside its largest header: the request line and ordinary headers.
 HEAD_ROOM = 8192
 MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
+MAX_SECRET_FILE_BYTES = 65536  # a key, a password or a URI: far beyond any real one
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -101,6 +102,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "RATE_LIMIT_RPM": ("60", "Requests per minute per subject (0 = unlimited)."),
     "RATE_LIMIT_UNAUTHENTICATED_RPM": ("600", "Failed authentications per minute per client IP."),
     "RATE_LIMIT_STORAGE_URI": ("memory://", "memory://, or redis://host:port/db to share."),
+    "RATE_LIMIT_STORAGE_URI_FILE": ("", "File holding RATE_LIMIT_STORAGE_URI (its password)."),
     "RATE_LIMIT_ON_STORAGE_ERROR": ("allow", "allow or deny requests while the storage fails."),
     "TRUSTED_PROXIES": ("", "Proxy addresses/CIDRs whose X-Forwarded-For is believed."),
     "FORWARD_IDENTITY": ("false", "Send X-Forwarded-User/Email/Groups/Issuer upstream."),
@@ -110,10 +112,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "AUTH_SERVER_MODE": ("", "direct or facade (default: facade with STATIC_CLIENT_ID)."),
     "STATIC_CLIENT_ID": ("", "Client id at the IdP handed out by /oauth/register."),
     "STATIC_CLIENT_SECRET": ("", "Its secret; added by the /token relay, never published."),
+    "STATIC_CLIENT_SECRET_FILE": ("", "File holding STATIC_CLIENT_SECRET (a mounted secret)."),
     "STATIC_CLIENT_CONFIDENTIAL": ("false", "Publish the secret in /oauth/register answers."),
     "ALLOWED_REDIRECT_URIS": (DEFAULT_REDIRECT_URIS, "Client redirect URIs accepted, exactly."),
     "ALLOW_LOOPBACK_REDIRECTS": ("true", "Also accept http://127.0.0.1|localhost|[::1]:any/..."),
     "STATE_SECRET": ("", "Key sealing the relay's state and codes (share it across replicas)."),
+    "STATE_SECRET_FILE": ("", "File holding STATE_SECRET (a mounted secret)."),
     "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
     "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1."),
     "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),
@@ -220,8 +224,17 @@ class RateLimitConfig:
     per_subject_rpm: int
     unauthenticated_rpm: int
     storage_uri: str
-    """In the `limits` library's form (async+memory://, async+redis://...)."""
+    """In the `limits` library's form (async+memory://, async+redis://...), password included."""
     fail_open: bool
+    storage_shown: str = "memory://"
+    """The URI as messages, logs and reports show it: no user-info, no password parameter."""
+    storage_secrets: tuple[str, ...] = ()
+    """The URI's password as written (percent-encoded) and decoded: masked in every log line."""
+
+    @property
+    def shared(self) -> bool:
+        """The storage is a Redis that replicas share (the redemption store goes there too)."""
+        return not self.storage_uri.startswith("async+memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +319,14 @@ class Config:
         """Scopes named in metadata and challenges: SCOPES_SUPPORTED, else REQUIRED_SCOPES."""
         return self.scopes or self.policy.required_scopes
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value held here, for the log's mask (secret_mask.py). The upstream
+        credential is not among them: it stays in its file, re-read when that changes."""
+        auth = self.auth_server
+        held = (auth.client_secret, auth.state_secret, *self.rate_limits.storage_secrets)
+        return tuple(dict.fromkeys(value for value in held if value))
+
 
 class _Reader:
     """Reads variables, collecting every problem instead of stopping at the first."""
@@ -319,6 +340,38 @@ class _Reader:
         if value is None or value.strip() == "":
             return VARIABLES[name][0]
         return value.strip()
+
+    def secret(self, name: str) -> str:
+        """NAME, or the content of the file NAME_FILE names, so that no secret needs to be in
+        the environment (a mounted Kubernetes or Docker secret). Never both: which one wins
+        would be a guess. One trailing newline, as `echo` and editors leave, is not part of it."""
+        path = self.env.get(f"{name}_FILE", "").strip()
+        if not path:
+            return self.raw(name)
+        if self.env.get(name, "").strip():
+            self.problems.append(f"{name} and {name}_FILE are both set: give the secret once")
+            return ""
+        try:
+            with open(path, "rb") as file:
+                content = file.read(MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            self.problems.append(f"{name}_FILE {path} cannot be read: {exc.strerror or exc}")
+            return ""
+        if len(content) > MAX_SECRET_FILE_BYTES:
+            self.problems.append(f"{name}_FILE {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+            return ""
+        try:
+            value = content.decode().removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            self.problems.append(f"{name}_FILE {path} is not UTF-8 text")
+            return ""
+        if not value.strip():
+            self.problems.append(f"{name}_FILE {path} is empty")
+        elif any(c in value for c in "\r\n\0"):
+            self.problems.append(f"{name}_FILE {path} has more than one line")
+        else:
+            return value
+        return ""
 
     def required(self, name: str, hint: str) -> str:
         value = self.raw(name)
@@ -400,9 +453,9 @@ def _origin(scheme: str, host: str, port: int | None) -> str:
 def shown_url(value: str) -> str:
     """A URL as it may appear in a message: never its user-info (it may hold a password)."""
     scheme, sep, rest = value.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    # Up to the last @, not the first /: a password may hold an unencoded / ? or # itself.
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return value
 
 
@@ -412,8 +465,9 @@ def _check_url(name: str, raw: str, problems: list[str], *, allow_http: bool = F
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        problems.append(f"{name}={value!r} is not a valid URL ({exc})")
+    except ValueError:  # its text quotes the "port", which may be a piece of a password
+        problems.append(f"{name}={value!r} is not a valid URL (no port number after a colon, "
+                        "or an unmatched bracket)")
         return False
     if parts.scheme not in ("http", "https") or not parts.hostname:
         problems.append(f"{name}={value!r} must be an absolute http(s) URL")
@@ -620,12 +674,7 @@ def load(env: Mapping[str, str]) -> Config:
         )
         config = replace(config, warnings=(*config.warnings, warning))
     if config.auth_server.facade and not config.auth_server.state_secret:
-        warning = (
-            "STATE_SECRET is not set: sign-ins are sealed with a random per-process key, so with "
-            "several replicas a sign-in started on one fails on another; set the same "
-            "STATE_SECRET everywhere"
-        )
-        config = replace(config, warnings=(*config.warnings, warning))
+        config = replace(config, warnings=(*config.warnings, UNSHARED_SEALING_WARNING))
     auth = config.auth_server
     if not auth.facade and auth.client_secret and not auth.publish_secret:
         warning = (
@@ -658,6 +707,14 @@ def load(env: Mapping[str, str]) -> Config:
         )
         config = replace(config, warnings=(*config.warnings, warning))
     return config
+
+
+# A facade's start-up warning without STATE_SECRET; the doctor words it for shared Redis.
+UNSHARED_SEALING_WARNING = (
+    "STATE_SECRET is not set: sign-ins are sealed with a random per-process key, so with "
+    "several replicas a sign-in started on one fails on another; set the same "
+    "STATE_SECRET everywhere"
+)
 
 
 def _has_allow_list(policy: PolicyConfig) -> bool:
@@ -768,22 +825,80 @@ def _policy(r: _Reader) -> PolicyConfig:
     return policy
 
 
-def _rate_limits(r: _Reader) -> RateLimitConfig:
-    uri = r.raw("RATE_LIMIT_STORAGE_URI")
+# A Redis database number as redis-py reads it from the path: /0, / or nothing.
+REDIS_DATABASE_PATH = re.compile(r"(?:/[0-9]*)?")
+# redis-py also takes the password as a query parameter (redis://host:6379/0?password=...).
+PASSWORD_PARAMETER = "password"  # noqa: S105 - a parameter's name, not a secret
+ENCODE_HINT = "; percent-encode / ? # @ % in its user name and password (%2F %3F %23 %40 %25)"
+
+
+class StorageUriError(ValueError):
+    """RATE_LIMIT_STORAGE_URI cannot be used; the message never quotes the URI (it may hold a
+    password, and a password with an unencoded / or ? ends up anywhere in it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageUri:
+    limits_form: str
+    shown: str
+    secrets: tuple[str, ...] = ()
+
+
+def parse_storage_uri(uri: str) -> StorageUri:
+    """The rate-limit storage, parsed once: the `limits` form (password included), the form
+    shown to people, and the password's spellings; raises StorageUriError."""
     scheme, sep, rest = uri.partition("://")
-    storage_uri = ""
-    if not sep or scheme.lower() not in RATE_LIMIT_SCHEMES:
-        r.problems.append(
-            f"RATE_LIMIT_STORAGE_URI={shown_url(uri)!r} is not memory:// or a redis:// URI "
-            f"(schemes: {', '.join(RATE_LIMIT_SCHEMES)})"
-        )
-    else:
-        storage_uri = f"{RATE_LIMIT_SCHEMES[scheme.lower()]}://{rest}"
+    scheme = scheme.lower()
+    if not sep or scheme not in RATE_LIMIT_SCHEMES:
+        named = f" ({scheme}://)" if sep and PRIVATE_SCHEME.fullmatch(scheme) else ""
+        raise StorageUriError(f"is not memory:// or a redis:// URI: its scheme{named} is not "
+                              f"one of {', '.join(RATE_LIMIT_SCHEMES)}")
+    limits_uri = f"{RATE_LIMIT_SCHEMES[scheme]}://{rest}"
+    if scheme == "memory":
+        return StorageUri(limits_uri, "memory://")
+    hint = ENCODE_HINT if "@" in uri else ""  # the likely cause when credentials are written
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        raise StorageUriError(f"is not a valid URI (no port number after a colon, or an "
+                              f"unmatched bracket){hint}") from None
+    after_host = parts.path + parts.query + parts.fragment
+    if parts.netloc.count("@") > 1 or "@" in after_host or parts.fragment:
+        raise StorageUriError(f"has an @ or a # outside its user name and password{hint}")
+    if scheme == "redis+unix":
+        if parts.hostname or not parts.path:
+            raise StorageUriError(f"must name a socket path, like redis+unix:///run/redis.sock"
+                                  f"{hint}")
+    elif not parts.hostname or port is None:
+        raise StorageUriError(f"must name a host and a port, like redis://host:6379/0{hint}")
+    elif not REDIS_DATABASE_PATH.fullmatch(parts.path):
+        raise StorageUriError(f"must end in a database number, like /0{hint}")
+    user_info, at, host = parts.netloc.rpartition("@")
+    written = [parts.password or ""]
+    written += [value for name, value in query if name == PASSWORD_PARAMETER]
+    secrets = {form for value in written if value for form in (value, unquote(value))}
+    shown_query = "&".join(f"{name}=***" if name == PASSWORD_PARAMETER else f"{name}={value}"
+                           for name, value in query)
+    shown = (f"{scheme}://{'***@' if at and user_info else ''}{host}{parts.path}"
+             f"{'?' if shown_query else ''}{shown_query}")
+    return StorageUri(limits_uri, shown, tuple(sorted(secrets, key=len, reverse=True)))
+
+
+def _rate_limits(r: _Reader) -> RateLimitConfig:
+    try:
+        storage = parse_storage_uri(r.secret("RATE_LIMIT_STORAGE_URI") or "memory://")
+    except StorageUriError as exc:
+        r.problems.append(f"RATE_LIMIT_STORAGE_URI {exc}")
+        storage = StorageUri("", "")
     return RateLimitConfig(
         per_subject_rpm=r.number("RATE_LIMIT_RPM", int, 0, 1_000_000),
         unauthenticated_rpm=r.number("RATE_LIMIT_UNAUTHENTICATED_RPM", int, 0, 1_000_000),
-        storage_uri=storage_uri,
+        storage_uri=storage.limits_form,
         fail_open=r.choice("RATE_LIMIT_ON_STORAGE_ERROR", ("allow", "deny")) == "allow",
+        storage_shown=storage.shown,
+        storage_secrets=storage.secrets,
     )
 
 
@@ -827,7 +942,7 @@ def _networks(r: _Reader, name: str) -> tuple[IPNetwork, ...]:
 
 
 def _auth_server(r: _Reader) -> AuthServerConfig:
-    client_id, secret = r.raw("STATIC_CLIENT_ID"), r.raw("STATIC_CLIENT_SECRET")
+    client_id, secret = r.raw("STATIC_CLIENT_ID"), r.secret("STATIC_CLIENT_SECRET")
     mode = r.raw("AUTH_SERVER_MODE").lower() or ("facade" if client_id else "direct")
     if mode not in ("direct", "facade"):
         r.problems.append(f"AUTH_SERVER_MODE={mode!r} is not direct or facade")
@@ -865,7 +980,7 @@ def _auth_server(r: _Reader) -> AuthServerConfig:
             r.problems.append(f"ALLOWED_REDIRECT_URIS entry {uri!r} must use https")
         else:
             uris.append(uri)
-    state_secret = r.raw("STATE_SECRET")
+    state_secret = r.secret("STATE_SECRET")
     if state_secret and len(state_secret) < MIN_STATE_SECRET:
         r.problems.append(
             f"STATE_SECRET is shorter than {MIN_STATE_SECRET} characters "
@@ -894,6 +1009,7 @@ CHILD_ENV_PREFIX = "MCP_SPAWN_ENV_"  # MCP_SPAWN_ENV_FOO=bar gives the child FOO
 # The sidecar's own credentials never go to the child, even if listed in MCP_SPAWN_ENV.
 CHILD_ENV_FORBIDDEN = frozenset({
     "STATIC_CLIENT_SECRET", "STATE_SECRET", "RATE_LIMIT_STORAGE_URI", "MCP_UPSTREAM_BEARER_FILE",
+    "STATIC_CLIENT_SECRET_FILE", "STATE_SECRET_FILE", "RATE_LIMIT_STORAGE_URI_FILE",
 })  # fmt: skip
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from oauth_sidecar.config import (
     ASYMMETRIC_ALGORITHMS,
+    CHILD_ENV_FORBIDDEN,
     DEFAULT_ALGORITHMS,
     VARIABLES,
     Config,
@@ -430,3 +433,134 @@ def test_every_bad_strip_request_headers_entry_is_listed() -> None:
     for entry in bad:
         assert any(f"STRIP_REQUEST_HEADERS entry {entry!r}" in p for p in problems), entry
     assert not any("'x-fine'" in p for p in problems)
+
+
+# -- secrets: _FILE forms, the rate-limit storage URI ---------------------------------------------
+
+FACADE_SECRETS = {"STATIC_CLIENT_ID": "mcp-client"}
+SECRET_VALUES = {
+    "STATIC_CLIENT_SECRET": "client-secret-7f3a9c",
+    "STATE_SECRET": "0123456789abcdef" * 4,
+    "RATE_LIMIT_STORAGE_URI": "redis://:pa%2Fss%3Fwd@redis.internal:6379/2",
+}
+
+
+def secret_from_file(config: Config, name: str) -> str:
+    return {"STATIC_CLIENT_SECRET": config.auth_server.client_secret,
+            "STATE_SECRET": config.auth_server.state_secret,
+            "RATE_LIMIT_STORAGE_URI": config.rate_limits.storage_uri.removeprefix("async+"),
+            }[name]
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_VALUES))
+@pytest.mark.parametrize("ending", ["", "\n", "\r\n"], ids=["bare", "lf", "crlf"])
+def test_every_secret_can_come_from_a_file_less_its_trailing_newline(
+    name: str, ending: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes((SECRET_VALUES[name] + ending).encode())
+    config = loads(**FACADE_SECRETS, **{f"{name}_FILE": str(path)})
+    assert secret_from_file(config, name) == SECRET_VALUES[name]
+    assert f"{name}_FILE" in VARIABLES
+    assert f"{name}_FILE" in CHILD_ENV_FORBIDDEN
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_VALUES))
+def test_a_secret_and_its_file_both_set_is_a_problem(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text(SECRET_VALUES[name])
+    problems = problems_for({**BASE, **FACADE_SECRETS, name: SECRET_VALUES[name],
+                             f"{name}_FILE": str(path)})
+    assert problems == [f"{name} and {name}_FILE are both set: give the secret once"]
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_VALUES))
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot be read: No such file or directory"), (b"", "is empty"),
+     (b"\n", "is empty"), (b"first-line\nsecond-line\n", "has more than one line"),
+     (b"\xff\xfe-not-text", "is not UTF-8 text"), (b"x" * 70_000, "is larger than 65536 bytes")],
+    ids=["missing", "empty", "blank", "two-lines", "binary", "huge"],
+)
+def test_an_unusable_secret_file_is_a_problem_naming_the_variable_not_the_content(
+    name: str, content: bytes | None, problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+    problems = problems_for({**BASE, **FACADE_SECRETS, f"{name}_FILE": str(path)})
+    assert problems == [f"{name}_FILE {path} {problem}"]
+    assert "first-line" not in problems[0]
+
+
+@pytest.mark.parametrize(
+    "password", ["hunter2/x", "hunter2?x", "hunter2#x", "hunter2/x?y#z", "a:hunter2/x", "hunter2@x"]
+)
+def test_a_storage_uri_with_an_unencoded_separator_is_a_problem_that_never_shows_it(
+    password: str
+) -> None:
+    """Such a password moves the URI's own boundaries: parsed as a port, a path, a query or a
+    fragment, it ends up anywhere; the problem names the variable and the fix, nothing of it."""
+    [problem] = problems_for({**BASE, "RATE_LIMIT_STORAGE_URI":
+                              f"redis://:{password}@127.0.0.1:6379/0"})
+    assert problem.startswith("RATE_LIMIT_STORAGE_URI ")
+    assert "percent-encode / ? # @ %" in problem
+    assert "hunter2" not in problem
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [("mongodb://x", "its scheme (mongodb://) is not one of memory, redis, rediss, redis+unix"),
+     ("redis:/hunter2@h", "its scheme is not one of"),
+     ("redis://redis/0", "must name a host and a port, like redis://host:6379/0"),
+     ("redis://redis:6379/zero", "must end in a database number, like /0"),
+     ("redis://redis:99999/0", "is not a valid URI"),
+     ("redis+unix://redis:6379", "must name a socket path")],
+)
+def test_a_storage_uri_that_limits_or_redis_would_refuse_is_a_configuration_problem(
+    uri: str, problem: str
+) -> None:
+    [found] = problems_for({**BASE, "RATE_LIMIT_STORAGE_URI": uri})
+    assert found.startswith("RATE_LIMIT_STORAGE_URI ")
+    assert problem in found
+    assert "hunter2" not in found
+
+
+@pytest.mark.parametrize(
+    ("uri", "limits_form", "shown", "secrets"),
+    [("memory://", "async+memory://", "memory://", ()),
+     ("redis://redis:6379/0", "async+redis://redis:6379/0", "redis://redis:6379/0", ()),
+     ("REDISS://user:p%40ss%2Fw@[::1]:6380/", "async+rediss://user:p%40ss%2Fw@[::1]:6380/",
+      "rediss://***@[::1]:6380/", ("p%40ss%2Fw", "p@ss/w")),
+     ("redis://redis:6379/0?password=s%3Fcret&ssl_cert_reqs=none",
+      "async+redis://redis:6379/0?password=s%3Fcret&ssl_cert_reqs=none",
+      "redis://redis:6379/0?password=***&ssl_cert_reqs=none", ("s?cret",)),
+     ("redis+unix://:sock-pw@/run/redis.sock?db=1", "async+redis+unix://:sock-pw@/run/redis.sock?db=1",
+      "redis+unix://***@/run/redis.sock?db=1", ("sock-pw",))],
+)
+def test_the_storage_uri_is_parsed_once_into_its_forms(
+    uri: str, limits_form: str, shown: str, secrets: tuple[str, ...]
+) -> None:
+    limits = loads(RATE_LIMIT_STORAGE_URI=uri).rate_limits
+    assert (limits.storage_uri, limits.storage_shown) == (limits_form, shown)
+    assert set(limits.storage_secrets) == set(secrets)
+    assert limits.shared == (not uri.startswith("memory"))
+
+
+def test_the_configuration_lists_every_secret_it_holds_for_the_log_mask() -> None:
+    config = loads(**FACADE_SECRETS, STATIC_CLIENT_SECRET="client-secret-7f3a9c",
+                   STATE_SECRET="0123456789abcdef" * 4,
+                   RATE_LIMIT_STORAGE_URI="redis://:pa%2Fss@redis:6379/0")
+    assert set(config.secrets) == {"client-secret-7f3a9c", "0123456789abcdef" * 4, "pa%2Fss",
+                                   "pa/ss"}
+    assert loads().secrets == ()
+
+
+@pytest.mark.parametrize(
+    "url", ["https://user:hunter2/x@idp.example.test", "https://user:hunter2?x@idp.example.test",
+            "https://user:hunter2#x@idp.example.test/realm"],
+)
+def test_a_url_password_with_an_unencoded_separator_is_never_echoed(url: str) -> None:
+    for name in ("OIDC_ISSUER_URL", "MCP_UPSTREAM_URL", "RESOURCE_URL"):
+        problems = problems_for({**BASE, name: url})
+        assert "hunter2" not in "\n".join(problems), name

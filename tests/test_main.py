@@ -102,6 +102,24 @@ def test_env_example_active_lines_name_only_supported_variables() -> None:
         assert name in VARIABLES, name
 
 
+@pytest.mark.parametrize("password", ["hunter2/x", "hunter2?x", "hunter2#x", "hunter2/x?y#z"])
+async def test_a_storage_uri_whose_password_has_an_unencoded_separator_exits_2_without_it(
+    password: str,
+) -> None:
+    """It used to print the whole URI in the start-up line, then crash with a traceback
+    quoting it again; now it is a configuration problem naming the variable, never the value."""
+    env = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": "mcp",
+           "RESOURCE_URL": "https://mcp.example.test/mcp", "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+           "ALLOW_ALL_AUTHENTICATED": "true", "HOST": "127.0.0.1", "PORT": str(free_port()),
+           "RATE_LIMIT_STORAGE_URI": f"redis://:{password}@127.0.0.1:6379/0"}
+    code, stdout, stderr = await run_cli(env=env)
+    assert code == 2, stderr
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    assert re.search(r"^  - RATE_LIMIT_STORAGE_URI .*percent-encode", stderr, re.MULTILINE)
+    assert "hunter2" not in stderr
+
+
 # -- a real run ----------------------------------------------------------------------------------
 
 
