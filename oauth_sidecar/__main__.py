@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -19,6 +20,8 @@ from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load
 from oauth_sidecar.log import configure_logging
 from oauth_sidecar.metrics import MetricsListenError
+from oauth_sidecar.secret_mask import SecretMask
+from oauth_sidecar.upstream_credential import read_token
 
 EXIT_CONFIG = 2
 EXIT_CHILD_FAILED = 1
@@ -118,6 +121,16 @@ def load_or_report(env: Mapping[str, str], heading: str) -> Config | None:
         return None
 
 
+def secret_mask(config: Config) -> SecretMask:
+    """Every secret the sidecar holds, for the log: the configuration's and the upstream
+    credential as it is now (create_app adds it again after each rotation)."""
+    mask = SecretMask(config.secrets)
+    if config.upstream_bearer_file:
+        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):  # create_app says why
+            mask.add(read_token(config.upstream_bearer_file))
+    return mask
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
@@ -128,16 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         "oauth-sidecar: cannot start, the configuration has problems:"))
     if config is None:
         return EXIT_CONFIG
+    mask = secret_mask(config)
     if args.command == "check":
-        return check(config, args)
-    return serve(config)
+        return check(config, args, mask)
+    return serve(config, mask)
 
 
-def check(config: Config, args: argparse.Namespace) -> int:
+def check(config: Config, args: argparse.Namespace, mask: SecretMask | None = None) -> int:
     """`check`: the report on stdout, logs (warnings, or LOG_LEVEL with -v) on stderr."""
     level = config.log_level if args.verbose else max(
         config.log_level, "warning", key=LOG_LEVELS.index)
-    configure_logging(level, config.log_format, sys.stderr)
+    configure_logging(level, config.log_format, sys.stderr, mask)
     try:
         token = doctor.read_token(args.token, args.token_file, sys.stdin)
     except ValueError as exc:
@@ -146,9 +160,9 @@ def check(config: Config, args: argparse.Namespace) -> int:
     return doctor.run(config, token, strict=args.strict, as_json=args.json)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, mask: SecretMask | None = None) -> int:
     """Run the sidecar until SIGTERM/SIGINT; the exit code says why it stopped."""
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, mask=mask)
     log = structlog.get_logger("oauth_sidecar")
     log.info("starting", version=__version__, **_summary(config))
     for warning in config.warnings:
@@ -159,7 +173,8 @@ def serve(config: Config) -> int:
     # Only MCP_SPAWN_RESTART=never ends the sidecar; a crash loop otherwise stays up, reported
     # by /readyz, for an operator to see.
     never = config.spawn is not None and not config.spawn.restart
-    app = create_app(config, on_child_give_up=shut_down if never else None)
+    app = create_app(config, on_child_give_up=shut_down if never else None,
+                     on_upstream_token=mask.add if mask is not None else None)
     try:
         with asyncio.Runner(loop_factory=partial(_new_event_loop, config)) as runner:
             runner.run(listener.serve(app, config))

@@ -70,9 +70,11 @@ def _watch(
 
 
 def create_app(
-    config: Config, *, on_child_give_up: Callable[[], None] | None = None
+    config: Config, *, on_child_give_up: Callable[[], None] | None = None,
+    on_upstream_token: Callable[[str], None] | None = None,
 ) -> web.Application:
-    """on_child_give_up: what to do when a spawned child is given up (__main__: shut down)."""
+    """on_child_give_up: what to do when a spawned child is given up (__main__: shut down).
+    on_upstream_token: told each upstream credential read (__main__: the log's secret mask)."""
     route_classes: dict[web.AbstractResource, str] = {}  # metrics' `route` label
     metrics = PrometheusMetrics(
         config.metrics, __version__, route_classes=route_classes, auth_failure=AUTH_FAILURE
@@ -84,7 +86,8 @@ def create_app(
     addresses = ClientAddress(config.trusted_proxies)
     sessions = SessionBindings(config.session_ttl)
     credential = (
-        UpstreamCredential(config.upstream_bearer_file) if config.upstream_bearer_file else None
+        UpstreamCredential(config.upstream_bearer_file, on_token=on_upstream_token)
+        if config.upstream_bearer_file else None
     )
     child = ChildProcess(config.spawn, on_child_give_up) if config.spawn else None
     proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.outcome import Handler, handle_and_record
+from oauth_sidecar.secret_mask import SecretMask
 
 REQUEST_ID = web.RequestKey("request_id", str)
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -65,15 +66,21 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
-def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str, fmt: str, stream: TextIO | None = None, mask: SecretMask | None = None
+) -> None:
     """Called once, from __main__ (never from create_app: tests capture logs their own way).
 
-    `stream` defaults to stdout; `check` logs to stderr, keeping its report alone on stdout."""
+    `stream` defaults to stdout; `check` logs to stderr, keeping its report alone on stdout.
+    `mask` (the configuration's secrets) is applied to every finished line, stdlib ones too;
+    without secrets to mask it costs nothing."""
     stream = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
+    if mask:
+        renderer = mask.wrap(renderer)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

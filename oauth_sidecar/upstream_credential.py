@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import structlog
@@ -19,10 +19,22 @@ from oauth_sidecar.watched_file import POLL_SECONDS, WatchedFile, polling
 log = structlog.get_logger("oauth_sidecar.upstream_credential")
 
 
+def read_token(path: str) -> str:
+    """The token in the file; OSError, UnicodeDecodeError or ValueError when it is unusable."""
+    with open(path, encoding="utf-8") as file:
+        token = file.read().strip()
+    if not token or any(c in token for c in "\r\n\0"):
+        raise ValueError("the file is empty or has more than one line")
+    return token
+
+
 class UpstreamCredential:
-    def __init__(self, path: str, poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, path: str, poll_seconds: float = POLL_SECONDS,
+                 on_token: Callable[[str], None] | None = None) -> None:
+        """on_token: told each token read, the first and every rotation (the log's mask)."""
         self._file = WatchedFile(path)
         self._poll = poll_seconds
+        self._on_token = on_token
         self._header: str | None = None
         self._reload()  # config.load checked it is readable; fail loudly here if it no longer is
 
@@ -35,9 +47,9 @@ class UpstreamCredential:
         stamp = self._file.changed()
         if stamp is None:
             return False
-        token = self._file.path.read_text(encoding="utf-8").strip()
-        if not token or any(c in token for c in "\r\n\0"):
-            raise ValueError("the file is empty or has more than one line")
+        token = read_token(os.fspath(self._file.path))
+        if self._on_token is not None:
+            self._on_token(token)
         self._file.mark_read(stamp)
         self._header = f"Bearer {token}"
         return True
