@@ -20,6 +20,7 @@ from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load
 from oauth_sidecar.log import configure_logging
 from oauth_sidecar.metrics import MetricsListenError
+from oauth_sidecar.process_privacy import forbid_inspection
 from oauth_sidecar.secret_mask import SecretMask
 from oauth_sidecar.upstream_credential import read_token
 
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return demo.run(args)
+    # Before the secrets are read and the child exists: same-uid processes never see them.
+    unprotected = forbid_inspection()
     config = load_or_report(os.environ, (
         "oauth-sidecar check: FAIL, the sidecar would not start; the configuration has problems:"
         if args.command == "check" else
@@ -143,15 +146,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     mask = secret_mask(config)
     if args.command == "check":
-        return check(config, args, mask)
-    return serve(config, mask)
+        return check(config, args, mask, unprotected)
+    return serve(config, mask, unprotected)
 
 
-def check(config: Config, args: argparse.Namespace, mask: SecretMask | None = None) -> int:
+def _log_unprotected(reason: str | None) -> None:
+    if reason is not None:
+        structlog.get_logger("oauth_sidecar").warning(
+            "process_inspectable", reason=reason,
+            consequence="processes of the same user, the spawned child included, may read "
+                        "this process's environment and memory")
+
+
+def check(config: Config, args: argparse.Namespace, mask: SecretMask | None = None,
+          unprotected: str | None = None) -> int:
     """`check`: the report on stdout, logs (warnings, or LOG_LEVEL with -v) on stderr."""
     level = config.log_level if args.verbose else max(
         config.log_level, "warning", key=LOG_LEVELS.index)
     configure_logging(level, config.log_format, sys.stderr, mask)
+    _log_unprotected(unprotected)
     try:
         token = doctor.read_token(args.token, args.token_file, sys.stdin)
     except ValueError as exc:
@@ -160,11 +173,12 @@ def check(config: Config, args: argparse.Namespace, mask: SecretMask | None = No
     return doctor.run(config, token, strict=args.strict, as_json=args.json)
 
 
-def serve(config: Config, mask: SecretMask | None = None) -> int:
+def serve(config: Config, mask: SecretMask | None = None, unprotected: str | None = None) -> int:
     """Run the sidecar until SIGTERM/SIGINT; the exit code says why it stopped."""
     configure_logging(config.log_level, config.log_format, mask=mask)
     log = structlog.get_logger("oauth_sidecar")
     log.info("starting", version=__version__, **_summary(config))
+    _log_unprotected(unprotected)
     for warning in config.warnings:
         log.warning("config_warning", message=warning)
     def shut_down() -> None:  # MCP_SPAWN_RESTART=never: the child died, so do we (non-zero)

@@ -10,6 +10,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from processes import stop_process
@@ -25,10 +26,13 @@ class RedisServer:
     workdir: Path
     process: asyncio.subprocess.Process | None = None
     starts: int = 0
+    password: str = ""
+    """requirepass: clients must AUTH with it (it goes percent-encoded into uri)."""
 
     @property
     def uri(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        user_info = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{user_info}127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
         executable = shutil.which("redis-server")
@@ -42,6 +46,7 @@ class RedisServer:
         self.process = await asyncio.create_subprocess_exec(
             executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(logfile),
+            *(("--requirepass", self.password) if self.password else ()),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -58,6 +63,11 @@ class RedisServer:
             async with asyncio.timeout(1.0):
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 try:
+                    if self.password:
+                        secret = self.password.encode()
+                        writer.write(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                        if await reader.readline() != b"+OK\r\n":
+                            return False
                     writer.write(b"PING\r\n")
                     await writer.drain()
                     answer = await reader.readline()

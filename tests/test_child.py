@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -33,6 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -41,6 +43,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, SidecarServer, bearer
 from mcp_client_probe import call_echo
 from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
+from redis_server import RedisServer
 from structlog.testing import capture_logs
 
 from oauth_sidecar import child as child_module
@@ -55,6 +58,7 @@ from oauth_sidecar.child import (
     port_accepts,
 )
 from oauth_sidecar.config import CHILD_ENV_FORBIDDEN, ConfigError, load
+from oauth_sidecar.secret_mask import MARK
 
 FAKE = Path(__file__).resolve().parent / "children" / "fake_mcp_server.py"
 ECHO_SERVER = Path(__file__).resolve().parent / "mcp_echo_server.py"
@@ -253,6 +257,8 @@ class SidecarRun:
     port: int
     events: list[dict[str, Any]] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
+    stdout: list[str] = field(default_factory=list)
+    """Every stdout line as written, before parsing."""
     readers: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -288,10 +294,13 @@ class SidecarRun:
 
 
 @asynccontextmanager
-async def run_sidecar(env: dict[str, str], leftovers: Leftovers) -> AsyncIterator[SidecarRun]:
-    """The real entry point; its JSON log lines are collected; always stopped and reaped."""
+async def run_sidecar(
+    env: dict[str, str], leftovers: Leftovers, prefix: Sequence[str] = ()
+) -> AsyncIterator[SidecarRun]:
+    """The real entry point (run through `prefix`, e.g. setpriv); its JSON log lines are
+    collected; always stopped and reaped."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "oauth_sidecar", env=env, cwd=REPO, limit=1 << 20,
+        *prefix, sys.executable, "-m", "oauth_sidecar", env=env, cwd=REPO, limit=1 << 20,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -302,6 +311,7 @@ async def run_sidecar(env: dict[str, str], leftovers: Leftovers) -> AsyncIterato
         assert proc.stdout is not None
         async for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").strip()
+            run.stdout.append(line)
             try:
                 parsed = json.loads(line)
             except ValueError:
@@ -476,6 +486,76 @@ async def test_child_environment_is_an_allow_list_without_the_sidecars_secrets(
     everything = json.dumps(seen)
     for secret in ("static-client-secret", "s" * 40, "memory://", str(bearer_file), idp.issuer):
         assert secret not in everything
+
+
+# -- the sidecar's secrets out of the child's reach -----------------------------------------------
+
+SNOOP = Path(__file__).resolve().parent / "children" / "snoop.py"
+# The sidecar as the image runs it: without any capability. The kernel lets a process read
+# another's environ and memory when both have the same uid, unless the target is not dumpable
+# and the reader lacks CAP_SYS_PTRACE; root keeps that capability, so as root the sidecar (and
+# the child it spawns: the bounding set is inherited) runs with every capability dropped.
+NO_CAPABILITIES = ("setpriv", "--inh-caps=-all", "--bounding-set=-all")
+
+
+def capability_free() -> tuple[str, ...]:
+    """The prefix that runs the sidecar as the image does (no capability), or a skip."""
+    if sys.platform != "linux":
+        pytest.skip("PR_SET_DUMPABLE and /proc/<pid>/environ are Linux's")
+    if os.geteuid() != 0:
+        return ()  # no capabilities already
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and setpriv (util-linux) is missing to drop the "
+                    "capabilities: root reads any process's environ, so the test would prove "
+                    "nothing")
+    return NO_CAPABILITIES
+
+
+async def test_a_child_reads_no_secret_of_the_sidecar_and_the_log_masks_every_one(
+    idp: FakeIdp, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    """The child runs under the sidecar's uid. It reads /proc/<sidecar>/environ (refused: the
+    sidecar is not dumpable), prints a secret it was given and the upstream credential it
+    receives: child_output shows MARK, and no secret is anywhere in the sidecar's output."""
+    prefix = capability_free()
+    client_secret = "client-secret-" + secrets.token_hex(8)
+    state_secret = secrets.token_hex(32)
+    upstream_token = "upstream-token-" + secrets.token_hex(8)
+    # A / ? and # in the password, percent-encoded as the URI needs them: parsed, and working.
+    redis = RedisServer(free_port(), tmp_path, password="pa/ss?wd#" + secrets.token_hex(6))
+    await redis.start()
+    bearer_file, given = tmp_path / "upstream-token", tmp_path / "given-secret"
+    bearer_file.write_text(upstream_token + "\n")
+    given.write_text(client_secret + "\n")
+    port = free_port()
+    env = process_env(
+        idp, json.dumps([sys.executable, str(SNOOP), str(port), str(given)]), port,
+        PATH="/usr/bin:/bin", RATE_LIMIT_RPM="100", RATE_LIMIT_STORAGE_URI=redis.uri,
+        STATIC_CLIENT_ID="mcp-client", STATIC_CLIENT_SECRET=client_secret,
+        STATE_SECRET=state_secret, MCP_UPSTREAM_BEARER_FILE=str(bearer_file),
+    )
+    try:
+        async with run_sidecar(env, leftovers, prefix) as run, \
+                aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+            await run.until_ready(session)
+            async with session.post(run.base + "/mcp", data=b"{}",
+                                    headers=bearer(idp.mint())) as response:
+                assert response.status == 200
+            await until(lambda: len(named(run.events, "child_output")) >= 3, 5.0,
+                        "the child's three lines")
+            await run.stop()
+    finally:
+        await redis.stop()
+    lines = [e["line"] for e in named(run.events, "child_output")]
+    assert lines == ["parent environ unreadable: Permission denied", f"given secret: {MARK}",
+                     f"upstream credential: {MARK}"]
+    output = "\n".join(run.stdout) + "".join(run.stderr)
+    for secret in (client_secret, state_secret, upstream_token, redis.password,
+                   quote(redis.password, safe="")):
+        assert secret not in output
+    assert not named(run.events, "process_inspectable")
+    assert not named(run.events, "rate_limit_storage_failed")  # Redis took the password
+    assert run.events[0]["rate_limit_storage"] == f"redis://***@127.0.0.1:{redis.port}/0"
 
 
 # -- the happy path, end to end -------------------------------------------------------------------
