@@ -42,7 +42,7 @@ from oauth_sidecar import __version__
 from oauth_sidecar.authserver import CALLBACK_PATH, facade_metadata, with_query
 from oauth_sidecar.child import ChildProcess, ChildStartError
 from oauth_sidecar.client_ip import ClientAddress
-from oauth_sidecar.config import Config, is_loopback_host
+from oauth_sidecar.config import UNSHARED_SEALING_WARNING, Config, is_loopback_host
 from oauth_sidecar.discovery import (
     authorization_server_metadata_paths,
     protected_resource_document,
@@ -233,7 +233,21 @@ def configuration_summary(config: Config) -> dict[str, object]:
         "algorithms": sorted(config.tokens.algorithms),
         "leeway (s)": config.tokens.leeway,
         "listen": f"{config.host}:{config.port}",
+        "rate-limit storage (RATE_LIMIT_STORAGE_URI)": config.rate_limits.storage_shown,
     }
+
+
+def state_secret_findings(config: Config) -> list[Finding]:
+    """Replicas are likely when they share a Redis; each then needs the same STATE_SECRET."""
+    auth = config.auth_server
+    if not auth.facade or auth.state_secret or not config.rate_limits.shared:
+        return []
+    return [Finding(WARNING, "state_secret_replicas", (
+        "STATE_SECRET is not set although RATE_LIMIT_STORAGE_URI is a Redis that replicas "
+        "share: each replica seals sign-ins with a random key of its own, so a sign-in whose "
+        "callback or /token request reaches another replica than /authorize did is refused"),
+        "set the same STATE_SECRET (or STATE_SECRET_FILE) on every replica, e.g. the output of "
+        "`openssl rand -hex 32`")]
 
 
 def resource_findings(config: Config) -> list[Finding]:
@@ -446,8 +460,11 @@ class _Doctor:
 
     async def run(self, token: str | None) -> None:
         config = self.config
+        replicas = state_secret_findings(config)
         for warning in config.warnings:
-            self.add(WARNING, "config_warning", warning)
+            if not (replicas and warning == UNSHARED_SEALING_WARNING):  # said more precisely below
+                self.add(WARNING, "config_warning", warning)
+        self.report.findings += replicas
         self.report.findings += resource_findings(config)
         audience = audience_findings(config)
         timeout = aiohttp.ClientTimeout(total=config.idp.timeout)

@@ -40,7 +40,7 @@ from structlog.testing import capture_logs
 
 from oauth_sidecar.app import create_app
 from oauth_sidecar.authserver import CALLBACK_PATH
-from oauth_sidecar.config import load
+from oauth_sidecar.config import UNSHARED_SEALING_WARNING, load
 from oauth_sidecar.discovery import authorization_server_metadata_paths, protected_resource_document
 from oauth_sidecar.doctor import (
     ERROR,
@@ -52,6 +52,7 @@ from oauth_sidecar.doctor import (
     read_token,
     render,
     resource_findings,
+    state_secret_findings,
 )
 
 FAKE_CHILD = Path(__file__).resolve().parent / "children" / "fake_mcp_server.py"
@@ -153,6 +154,41 @@ def test_resource_url_off_port_443_is_a_warning_and_loopback_http_a_note() -> No
     loopback = resource_findings(load({**base, "RESOURCE_URL": "http://127.0.0.1:8080/mcp"}))
     assert [(f.severity, f.code) for f in loopback] == [(NOTE, "resource_loopback")]
     assert resource_findings(load({**base, "RESOURCE_URL": RESOURCE_URL})) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "flagged"),
+    [({"RATE_LIMIT_STORAGE_URI": "redis://redis:6379/0"}, True),
+     ({}, False),  # memory://: one replica, as far as the configuration tells
+     ({"RATE_LIMIT_STORAGE_URI": "redis://redis:6379/0", "STATE_SECRET": STATE_SECRET}, False),
+     ({"RATE_LIMIT_STORAGE_URI": "redis://redis:6379/0", "AUTH_SERVER_MODE": "direct"}, False)],
+    ids=["facade-redis", "facade-memory", "state-secret-set", "direct-mode"],
+)
+def test_an_unset_state_secret_is_flagged_when_replicas_share_redis(
+    extra: dict[str, str], flagged: bool
+) -> None:
+    env = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": AUDIENCE,
+           "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+           "ALLOW_SUBS": "u", "STATIC_CLIENT_ID": STATIC_ID, **extra}
+    findings = state_secret_findings(load(env))
+    assert [(f.severity, f.code) for f in findings] == (
+        [(WARNING, "state_secret_replicas")] if flagged else [])
+
+
+async def test_check_words_the_replica_warning_once_and_masks_the_redis_password(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    env = clean_env(idp, upstream, STATIC_CLIENT_ID=STATIC_ID, AUTH_SERVER_MODE="facade",
+                    RATE_LIMIT_STORAGE_URI="redis://:hunter2-redis@127.0.0.1:1/0")
+    report = await check(env)
+    severity, message, fix = finding(report, "state_secret_replicas")
+    assert severity == WARNING
+    assert "RATE_LIMIT_STORAGE_URI is a Redis that replicas share" in message
+    assert "STATE_SECRET_FILE" in fix
+    assert UNSHARED_SEALING_WARNING not in [f.message for f in report.findings]  # not twice
+    assert report.summary["rate-limit storage (RATE_LIMIT_STORAGE_URI)"] == (
+        "redis://***@127.0.0.1:1/0")
+    assert "hunter2" not in render(report) + json.dumps(dataclasses.asdict(report), default=str)
 
 
 async def test_strict_turns_warnings_into_failure(idp: FakeIdp, upstream: FakeUpstream) -> None:
