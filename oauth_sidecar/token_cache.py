@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import compress
 from typing import Generic, TypeVar
 
@@ -58,45 +58,48 @@ def footprint(value: object) -> int:
 
 
 class _Shelf(Generic[V]):
-    """Entries in insertion order, each with its cost; the oldest go first past either bound."""
+    """Digests in insertion order, each with its cost, their values in the cache's one table;
+    the oldest go first past either bound."""
 
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, values: dict[bytes, V], max_entries: int, max_bytes: int) -> None:
+        self.values = values
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         # Ordered: evicting the oldest of a plain dict scans the slots its deletions left
         # (quadratic under a flood); OrderedDict.popitem is O(1).
-        self.entries: OrderedDict[bytes, tuple[V, int]] = OrderedDict()
+        self.costs: OrderedDict[bytes, int] = OrderedDict()
         self.used = 0
 
     def put(self, digest: bytes, value: V, cost: int) -> None:
         self.drop(digest)
         if self.max_entries == 0 or cost > self.max_bytes:
             return
-        while self.entries and (len(self.entries) >= self.max_entries
-                                or self.used + cost > self.max_bytes):
-            self.used -= self.entries.popitem(last=False)[1][1]
-        self.entries[digest] = (value, cost)
+        while self.costs and (len(self.costs) >= self.max_entries
+                              or self.used + cost > self.max_bytes):
+            oldest, oldest_cost = self.costs.popitem(last=False)
+            del self.values[oldest]
+            self.used -= oldest_cost
+        self.costs[digest] = cost
+        self.values[digest] = value
         self.used += cost
 
     def drop(self, digest: bytes) -> None:
-        entry = self.entries.pop(digest, None)
-        if entry is not None:
-            self.used -= entry[1]
+        cost = self.costs.pop(digest, None)
+        if cost is not None:
+            del self.values[digest]
+            self.used -= cost
 
 
 class TokenCache(Generic[V]):
     """Values by token digest, on an admitted and a refused shelf (see the module docstring)."""
 
     def __init__(self, max_entries: int, max_bytes: int = MAX_CACHE_BYTES) -> None:
+        values: dict[bytes, V] = {}
+        self.get: Callable[[bytes], V | None] = values.get  # a hit: one lookup, in C
         refused_entries = max_entries // REFUSED_SHARE
         refused_bytes = max_bytes // REFUSED_SHARE
-        self._admitted: _Shelf[V] = _Shelf(max_entries - refused_entries,
-                                           max_bytes - refused_bytes)
-        self._refused: _Shelf[V] = _Shelf(refused_entries, refused_bytes)
-
-    def get(self, digest: bytes) -> V | None:
-        entry = self._admitted.entries.get(digest) or self._refused.entries.get(digest)
-        return None if entry is None else entry[0]
+        self._admitted = _Shelf(values, max_entries - refused_entries, max_bytes - refused_bytes)
+        self._refused = _Shelf(values, refused_entries, refused_bytes)
 
     def put(self, digest: bytes, value: V, cost: int, *, admitted: bool) -> None:
         """Keep a value that `cost` bytes hold; on the shelf of its verdict (from the other one
@@ -116,4 +119,4 @@ class TokenCache(Generic[V]):
         return self._admitted.used + self._refused.used
 
     def __len__(self) -> int:
-        return len(self._admitted.entries) + len(self._refused.entries)
+        return len(self._admitted.values)
