@@ -3,8 +3,9 @@
     .venv/bin/python bench/jwt_micro.py [--tokens 1000] [--repeats 5] [--json]
 
 bench/run.py runs it pinned to the system-under-test CPU. The verifier is built exactly as the
-app builds it (`TokenVerifier(TokenConfig, key source)`) over a fixed key set parsed by the
-product's `parse_jwk`, with RS256 2048-bit tokens shaped like an IdP's access tokens. Its
+app builds it (`TokenVerifier(TokenConfig, key source, policy.kept_claims)`, every signed-in
+user admitted) over a fixed key set parsed by the product's `parse_jwk`, with RS256 2048-bit
+tokens shaped like an IdP's access tokens. Its
 coroutine never suspends for a known kid, so it is driven synchronously (no event loop in the
 measurement). Each figure is the best of --repeats passes (timeit's rule: the minimum is the
 cost, the rest is noise):
@@ -35,8 +36,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from oauth_sidecar.config import TokenConfig
+from oauth_sidecar.config import PolicyConfig, TokenConfig
 from oauth_sidecar.idp import VerificationKey, parse_jwk
+from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.tokens import TokenError, TokenVerifier, parse_strict
 
 T = TypeVar("T")
@@ -128,8 +130,13 @@ def measure(tokens: int, repeats: int) -> dict[str, float]:
     same = distinct[0]
     hits = 20_000
 
+    policy = AccessPolicy(PolicyConfig(
+        subs=frozenset(), emails=frozenset(), email_domains=frozenset(), groups=frozenset(),
+        groups_claim=("groups",), allow_all_authenticated=True, allow_unverified_email=False,
+        required_scopes=()), forwarded=False)
+
     def new_verifier() -> TokenVerifier:
-        return TokenVerifier(config, keys)
+        return TokenVerifier(config, keys, policy.kept_claims)
 
     warm = new_verifier()
     run_sync(warm.verify(same))

@@ -80,8 +80,8 @@ def create_app(
         config.metrics, __version__, route_classes=route_classes, auth_failure=AUTH_FAILURE
     ) if config.metrics else Metrics()
     idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
-    verifier = TokenVerifier(config.tokens, idp)
-    policy = AccessPolicy(config.policy)
+    policy = AccessPolicy(config.policy, forwarded=config.forward_identity)
+    verifier = TokenVerifier(config.tokens, idp, policy.kept_claims)
     limiter = RateLimiter(config.rate_limits, metrics)
     addresses = ClientAddress(config.trusted_proxies)
     sessions = SessionBindings(config.session_ttl)

@@ -67,8 +67,9 @@ class Metrics:
         """The upstream's response headers arrived this long after the request was sent."""
 
     def upstream_failed(self, kind: str) -> None:
-        """A proxied request failed at the upstream: unavailable, timeout, broken (mid-body) or
-        refused (it answered 401 to the sidecar's own credential)."""
+        """A proxied request failed at the upstream: unavailable, timeout, broken (mid-body),
+        refused (it answered 401 to the sidecar's own credential) or invalid_session_id (it
+        issued an Mcp-Session-Id the sidecar cannot bind)."""
 
     def connection_refused(self) -> None:
         """A new connection was closed at once: MAX_CONNECTIONS were open."""

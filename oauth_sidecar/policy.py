@@ -58,10 +58,19 @@ def _words(value: Any) -> list[str]:
     return []
 
 
+# The claims check(), verified_email() and scopes() read; the groups claim is added when read.
+READ_CLAIMS = frozenset({"email", "email_verified", "scope", "scp"})
+
+
 class AccessPolicy:
-    def __init__(self, config: PolicyConfig) -> None:
+    def __init__(self, config: PolicyConfig, *, forwarded: bool = True) -> None:
+        """forwarded: the caller's email and groups are also sent upstream (FORWARD_IDENTITY)."""
         self._config = config
         self._required = frozenset(config.required_scopes)
+        reads_groups = forwarded or bool(config.groups) or any(
+            allow_file.kind == "groups" for allow_file in config.files)
+        self._read_claims = READ_CLAIMS | (
+            {config.groups_claim[0]} if reads_groups else frozenset())
 
     def allow_list(self, kind: str) -> frozenset[str]:
         """One allow-list: subs, emails, email_domains or groups (config.ALLOW_LISTS)."""
@@ -112,6 +121,20 @@ class AccessPolicy:
             raise Denied("not_allowed")
         if self._required and self.missing_scopes(claims):
             raise Denied("insufficient_scope", scope_missing=True)
+
+    def kept_claims(
+        self, subject: str, claims: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """The claims a later request with the same token needs, and whether they are admitted
+        now. The verified-token cache keeps only these (an Entra token's groups are most of its
+        size, and kept only when a list or the forwarded identity reads them); the verdict only
+        chooses the cache's shelf, as it is taken again on every request."""
+        kept = {name: claims[name] for name in self._read_claims if name in claims}
+        try:
+            self.check(subject, kept)
+        except Denied:
+            return kept, False
+        return kept, True
 
     def explain(self, subject: str, claims: Mapping[str, Any]) -> Admission:
         """check()'s verdict, and what each configured allow-list says about this caller (the

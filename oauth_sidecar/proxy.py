@@ -46,7 +46,7 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
-from oauth_sidecar.sessions import SessionBindings
+from oauth_sidecar.sessions import MAX_SESSION_ID_BYTES, SessionBindings, valid_session_id
 from oauth_sidecar.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
 from oauth_sidecar.tokens import Principal
 from oauth_sidecar.upstream_credential import UpstreamCredential
@@ -106,10 +106,6 @@ AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
 # Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
 # is percent-encoded so a claim can never split or inject a header.
 HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
-# MCP transport: a session id "MUST only contain visible ASCII characters (0x21 to 0x7E)".
-# Checked before the binding: aiohttp decodes other bytes with surrogateescape and its header
-# writer drops the surrogates, so "s-1\xff" would be checked as one id and sent as another.
-SESSION_ID = re.compile(r"[\x21-\x7e]+")
 # TRACE echoes the request, MCP_UPSTREAM_BEARER_FILE's credential included; CONNECT tunnels.
 NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
@@ -334,8 +330,9 @@ class UpstreamProxy:
         if len(session_ids) > 1:  # which one would the upstream use? Never guess.
             return json_error(400, "invalid_request", "More than one Mcp-Session-Id header")
         session_id = session_ids[0] if session_ids else None
-        if session_id is not None and not SESSION_ID.fullmatch(session_id):
-            return json_error(400, "invalid_request", "The Mcp-Session-Id header is malformed")
+        if session_id is not None and not valid_session_id(session_id):
+            return json_error(400, "invalid_request", "The Mcp-Session-Id header is malformed: "
+                              f"visible ASCII, at most {MAX_SESSION_ID_BYTES} bytes")
         owner = self._sessions.owner(session_id) if session_id else None
         if owner is not None and owner != identity:
             request[AUTH_FAILURE] = "session_owned_by_another_identity"
@@ -369,6 +366,10 @@ class UpstreamProxy:
             if upstream.status == 401:
                 upstream.close()
                 return self._credential_refused()
+            issued = upstream.headers.get("Mcp-Session-Id")
+            if issued is not None and not valid_session_id(issued):
+                upstream.close()
+                return self._session_id_refused(issued)
             self._track_session(request.method, session_id, owner, upstream, identity)
             try:
                 return await self._relay(request, upstream, body, slot, identity)
@@ -404,11 +405,20 @@ class UpstreamProxy:
         return json_error(502, "upstream_refused",
                           "The MCP server refused the sidecar's credentials")
 
+    def _session_id_refused(self, issued: str) -> web.Response:
+        """An id the sidecar may not bind (too long, or not visible ASCII) could never be
+        presented back through it: the session is unusable, so say so now, and keep nothing."""
+        log.warning("upstream_session_id_invalid", length=len(issued))
+        self._metrics.upstream_failed("invalid_session_id")
+        return json_error(502, "upstream_invalid_session",
+                          "The MCP server issued a session id the sidecar cannot bind")
+
     def _track_session(
         self, method: str, presented: str | None, owner: tuple[str, str] | None,
         upstream: aiohttp.ClientResponse, identity: tuple[str, str],
     ) -> None:
-        """Bind session ids the upstream accepted or issued to the caller; forget ended ones."""
+        """Bind session ids the upstream accepted or issued to the caller; forget ended ones.
+        Both are valid ids by now (valid_session_id): refused above otherwise."""
         if upstream.status >= 400:
             return
         if presented and method == "DELETE":  # ended, even if the answer repeats the id

@@ -7,7 +7,7 @@ fixed at construction: algorithms come from configuration, never from the token;
 parsed strictly here, because pyjwt tolerates duplicate JSON keys, padding and string-typed
 times; pyjwt's algorithms check the signature; the claims are checked with pyjwt's semantics
 (tests/test_properties.py uses jwt.decode as the oracle). Verified tokens are cached by hash
-until they expire.
+until they expire, keeping only the claims a later request reads (token_cache.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jwt.algorithms import get_default_algorithms
 
 from oauth_sidecar.config import TokenConfig
 from oauth_sidecar.idp import VerificationKey
+from oauth_sidecar.token_cache import ENTRY_OVERHEAD, TokenCache, footprint
 
 # RFC 6750 §2.1 b64token; a JWT uses only base64url characters and dots (RFC 7515 §7.1).
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -79,6 +80,15 @@ class Principal:
     claims: Mapping[str, Any]
     expires_at: float
     kid: str | None
+
+
+KeptClaims = Callable[[str, Mapping[str, Any]], tuple[Mapping[str, Any], bool]]
+"""Given a verified token's subject and claims: the claims a request with it needs (what the
+policy and the forwarded identity read), and whether the policy admits it now."""
+
+
+def _keep_all(subject: str, claims: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+    return claims, True
 
 
 def _is_number(value: object) -> bool:
@@ -198,16 +208,20 @@ class TokenVerifier:
     claim is checked in two steps: its type before the signature, its value after.
     """
 
-    def __init__(self, config: TokenConfig, keys: KeySource) -> None:
+    def __init__(
+        self, config: TokenConfig, keys: KeySource, kept_claims: KeptClaims = _keep_all
+    ) -> None:
         self._config = config
         self._keys = keys
+        self._kept_claims = kept_claims
         issuer = config.issuer.removesuffix("/")
         self._issuers = (issuer, issuer + "/")  # one trailing slash tolerated, see idp.same_issuer
         self._audiences = frozenset(config.audiences)
         self.audience_claim = config.audience_claim
         algorithms = get_default_algorithms()
         self._signers = {name: algorithms[name] for name in config.algorithms}
-        self._cache: dict[bytes, tuple[Principal, VerificationKey]] = {}
+        self._cache: TokenCache[tuple[Principal, VerificationKey]] = TokenCache(
+            config.cache_size)
         audience = config.audience_claim
         # Before the key is chosen: the header, then the types pyjwt would coerce.
         self.before_key: tuple[tuple[str, Check], ...] = (
@@ -242,16 +256,21 @@ class TokenVerifier:
         if now >= principal.expires_at + self._config.leeway or (
             self._keys.get_key(principal.kid) is not key
         ):
-            del self._cache[digest]
+            self._cache.drop(digest)
             return None
         return principal
 
-    def _remember(self, digest: bytes, principal: Principal, key: VerificationKey) -> None:
-        if self._config.cache_size == 0:
-            return
-        if len(self._cache) >= self._config.cache_size:
-            del self._cache[next(iter(self._cache))]  # oldest first: bounded memory
-        self._cache[digest] = (principal, key)
+    def _remember(
+        self, digest: bytes, principal: Principal, key: VerificationKey, admitted: bool
+    ) -> None:
+        cost = ENTRY_OVERHEAD + sum(map(footprint, (
+            principal.issuer, principal.subject, principal.kid, principal.claims)))
+        self._cache.put(digest, (principal, key), cost, admitted=admitted)
+
+    @property
+    def cache_use(self) -> tuple[int, int]:
+        """(entries, bytes) the verified-token cache holds, as it counts them."""
+        return len(self._cache), self._cache.bytes
 
     def cached(self, token: str) -> Principal | None:
         """The Principal of a token verified before and still valid, without any parsing."""
@@ -272,11 +291,13 @@ class TokenVerifier:
         now = time.time()  # a key refresh may have taken a while
         for check in self._after_signature:
             check(header, payload, now)
+        # A hit and a miss give the same Principal: only what is kept, never the whole payload.
+        claims, admitted = self._kept_claims(payload["sub"], payload)
         principal = Principal(
-            issuer=payload["iss"], subject=payload["sub"], claims=payload,
+            issuer=payload["iss"], subject=payload["sub"], claims=claims,
             expires_at=float(payload["exp"]), kid=key.kid,
         )
-        self._remember(digest, principal, key)
+        self._remember(digest, principal, key, admitted)
         return principal
 
     async def explain(self, token: str) -> Explanation:

@@ -428,10 +428,23 @@ TRUSTED = ClientAddress((
                  id="several_trusted_hops_skipped"),
     pytest.param("127.0.0.1", "10.1.1.1, 10.2.2.2", "10.1.1.1", id="all_trusted_leftmost"),
     pytest.param("127.0.0.1", "garbage, 1.2.3.4", "1.2.3.4", id="garbage_left_ignored"),
-    pytest.param("127.0.0.1", "1.2.3.4, not-an-ip, 10.0.0.1", "not-an-ip",
-                 id="unparseable_hop_is_never_trusted"),
-    pytest.param("127.0.0.1", "1.2.3.4, 10.0.0.1:443", "10.0.0.1:443",
-                 id="hop_with_port_is_not_trusted"),
+    # A hop that is no address is never a key: the nearest trusted proxy, which passed it on, is.
+    pytest.param("127.0.0.1", "1.2.3.4, not-an-ip, 10.0.0.1", "10.0.0.1",
+                 id="unparseable_hop_ends_the_walk_at_the_proxy_that_passed_it"),
+    pytest.param("127.0.0.1", "1.2.3.4, not-an-ip", "127.0.0.1",
+                 id="unparseable_first_hop_gives_the_peer"),
+    pytest.param("127.0.0.1", "x" * 30_000, "127.0.0.1", id="huge_hop_gives_the_peer"),
+    pytest.param("127.0.0.1", "fe80::1%" + "x" * 100, "127.0.0.1", id="huge_zone_gives_the_peer"),
+    pytest.param("127.0.0.1", "[fe80::1%eth0]:80", "127.0.0.1", id="zone_in_brackets"),
+    pytest.param("127.0.0.1", "unknown", "127.0.0.1", id="rfc7239_unknown"),
+    # Azure Application Gateway appends ip:port; the address is the key, never the text.
+    pytest.param("127.0.0.1", "1.2.3.4:5678", "1.2.3.4", id="v4_hop_with_port"),
+    pytest.param("127.0.0.1", "[2001:db8:0:0::1]:443", "2001:db8::1", id="v6_hop_with_port"),
+    pytest.param("127.0.0.1", "1.2.3.4, 10.0.0.1:443", "1.2.3.4",
+                 id="trusted_hop_with_port_is_skipped"),
+    pytest.param("127.0.0.1", "2001:DB8:0000::0001", "2001:db8::1", id="v6_hop_canonical"),
+    pytest.param("127.0.0.1", "::ffff:1.2.3.4", "1.2.3.4", id="v4_mapped_hop_keyed_as_v4"),
+    pytest.param("127.0.0.1", "fe80::1%eth0", "fe80::1", id="zone_dropped"),
     pytest.param("127.0.0.1", " , ,1.2.3.4 , ,", "1.2.3.4", id="blank_entries_skipped"),
     pytest.param("127.0.0.1", " , , ", "127.0.0.1", id="only_blank_entries"),
     pytest.param("10.200.3.4", "1.2.3.4", "1.2.3.4", id="peer_trusted_by_cidr"),
@@ -441,13 +454,30 @@ TRUSTED = ClientAddress((
                  id="ipv6_all_trusted_leftmost"),
     pytest.param("2001:db8::1", "1.2.3.4, 2001:db8::9", "1.2.3.4", id="mixed_families"),
     pytest.param("2001:db9::1", "1.2.3.4", "2001:db9::1", id="ipv6_peer_untrusted"),
-    pytest.param("::ffff:127.0.0.1", "1.2.3.4", "::ffff:127.0.0.1",
-                 id="v4_mapped_peer_not_trusted_by_v4_entry"),
+    pytest.param("::ffff:127.0.0.1", "1.2.3.4", "127.0.0.1",
+                 id="v4_mapped_peer_not_trusted_by_v4_entry_keyed_as_v4"),
 ])
 def test_client_address_is_the_rightmost_untrusted_hop(
     peer: str | None, forwarded_for: str | None, client: str
 ) -> None:
     assert TRUSTED.client(peer, forwarded_for) == client
+
+
+async def test_spellings_of_one_address_share_one_failure_budget(
+    make_sidecar: SidecarFactory,
+) -> None:
+    """The per-IP key is the address in canonical form: a client behind a trusted proxy cannot
+    get a fresh budget by spelling its address another way (zeros, case, a port)."""
+    sidecar: Client = await make_sidecar(TRUSTED_PROXIES="127.0.0.1",
+                                         RATE_LIMIT_UNAUTHENTICATED_RPM="3")
+    spellings = ["2001:db8::1", "2001:DB8:0:0::1", "[2001:0db8::0001]:443",
+                 "2001:0db8:0000:0000:0000:0000:0000:0001"]
+    statuses = []
+    for spelling in spellings:
+        answer = await sidecar.get("/mcp", headers={**bearer("not.a.token"),
+                                                    "X-Forwarded-For": spelling})
+        statuses.append(answer.status)
+    assert statuses == [401, 401, 401, 429]
 
 
 def test_nothing_trusted_means_the_peer_is_the_client() -> None:

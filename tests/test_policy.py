@@ -8,6 +8,7 @@ that nothing refused ever reaches the upstream.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, FakeUpstream, SidecarFactory, bearer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from oauth_sidecar.config import ConfigError, PolicyConfig, ascii_lower, load
+from oauth_sidecar.config import AllowFile, ConfigError, PolicyConfig, ascii_lower, load
 from oauth_sidecar.policy import AccessPolicy, Denied
 
 Client = TestClient[web.Request, web.Application]
@@ -41,6 +44,7 @@ def make_policy(
     allow_all: bool = False,
     unverified: bool = False,
     required: tuple[str, ...] = (),
+    forwarded: bool = True,
 ) -> AccessPolicy:
     return AccessPolicy(PolicyConfig(
         subs=frozenset(subs),
@@ -51,7 +55,7 @@ def make_policy(
         allow_all_authenticated=allow_all,
         allow_unverified_email=unverified,
         required_scopes=required,
-    ))
+    ), forwarded=forwarded)
 
 
 def admitted(policy: AccessPolicy, subject: str, claims: Mapping[str, Any]) -> bool:
@@ -594,3 +598,57 @@ def test_allow_entries_lowercase_ascii_letters_only() -> None:
                    "ALLOW_EMAIL_DOMAINS": f"{KELVIN}IT.Example,B\u00dcCHER.example"})
     assert config.policy.emails == {"kim@example.com", f"{KELVIN}en@example.com"}
     assert config.policy.email_domains == {f"{KELVIN}it.example", "b\u00dccher.example"}
+
+
+# --- what the verified-token cache keeps (kept_claims) ------------------------------------------
+
+CLAIM_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from(
+        ["g1", "g2", "a@example.test", "A@EXAMPLE.TEST", "b@x@y", "true", "TRUE", "mcp", "mcp x",
+         "other", ""]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["roles", "groups", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+CLAIMS = st.dictionaries(
+    st.sampled_from(["email", "email_verified", "scope", "scp", "groups", "realm_access", "name",
+                     "tid", "roles"]),
+    CLAIM_VALUES, max_size=7,
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(claims=CLAIMS, groups_claim=st.sampled_from(["groups", "realm_access.roles", "scp"]),
+       lists=st.sampled_from(["none", "groups", "emails", "domains", "subs"]),
+       required=st.sampled_from([(), ("mcp",)]), unverified=st.booleans(),
+       forwarded=st.booleans())
+def test_kept_claims_give_every_answer_the_whole_claims_give(
+    *, claims: dict[str, Any], groups_claim: str, lists: str, required: tuple[str, ...],
+    unverified: bool, forwarded: bool,
+) -> None:
+    """A cache hit sees only kept_claims(): the verdict, and the email and groups forwarded
+    upstream, must be what the whole claims give, whatever the IdP put in them."""
+    policy = make_policy(
+        subs=["alice"] if lists == "subs" else (), emails=["a@example.test"] if lists == "emails"
+        else (), domains=["example.test"] if lists == "domains" else (),
+        groups=["g1"] if lists == "groups" else (), groups_claim=groups_claim,
+        allow_all=lists == "none", unverified=unverified, required=required, forwarded=forwarded)
+    kept, admits = policy.kept_claims("bob", claims)
+    assert admits == admitted(policy, "bob", claims)
+    assert set(kept) <= set(claims)
+    assert policy.missing_scopes(kept) == policy.missing_scopes(claims)
+    if forwarded or lists == "groups":
+        assert policy.groups(kept) == policy.groups(claims)
+    assert policy.verified_email(kept) == policy.verified_email(claims)
+
+
+def test_groups_are_kept_only_when_something_reads_them() -> None:
+    claims = {"groups": ["g1"], "email": "a@example.test", "scp": "mcp", "name": "x" * 100}
+    unread = make_policy(allow_all=True, forwarded=False).kept_claims("s", claims)
+    assert unread == ({"email": "a@example.test", "scp": "mcp"}, True)
+    assert "groups" in make_policy(groups=["g9"], forwarded=False).kept_claims("s", claims)[0]
+    assert "groups" in make_policy(allow_all=True, forwarded=True).kept_claims("s", claims)[0]
+    # A groups file empty for now may list groups later: they are read, so they are kept.
+    config = replace(make_policy()._config, files=(
+        AllowFile("groups", "/groups.txt", frozenset()),))
+    assert "groups" in AccessPolicy(config, forwarded=False).kept_claims("s", claims)[0]

@@ -7,6 +7,7 @@ echo and end, with FORWARD_IDENTITY on so the upstream can tell which user reach
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -379,3 +380,83 @@ async def test_upstream_error_for_unknown_session_does_not_bind_it(
     other = await sidecar.post("/mcp", data=b"{}", headers={**bob, "Mcp-Session-Id": "guessed-9"})
     assert other.status == status
     assert scripted.users() == ["alice", "bob"]
+
+
+# --- bounded in bytes, whatever ids callers or the upstream choose ------------------------------
+
+
+def test_a_binding_costs_the_same_whatever_the_ids_length() -> None:
+    """A binding keeps a digest of its id, never the id: 2,000 ids of the longest length allowed
+    take no more than 2,000 UUID-sized ones (before, each kept its 1 KB id: 1.3 KB a binding)."""
+
+    def bytes_per_binding(length: int) -> float:
+        bindings = SessionBindings(ttl=60)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(2000):
+                bindings.bind(f"{i:08d}".ljust(length, "s"), ALICE)  # a fresh id string each
+            return (tracemalloc.get_traced_memory()[0] - before) / 2000
+        finally:
+            tracemalloc.stop()
+
+    short, longest = bytes_per_binding(36), bytes_per_binding(sessions.MAX_SESSION_ID_BYTES)
+    assert longest < 400
+    assert longest < short + 16
+
+
+@pytest.mark.parametrize("session_id", ["", " ", "s 1", "s\x7f", "s\u00e9", "x" * 1025])
+def test_only_valid_ids_are_bound(session_id: str) -> None:
+    assert not sessions.valid_session_id(session_id)
+    with pytest.raises(ValueError, match="session id"):
+        SessionBindings(ttl=60).bind(session_id, ALICE)
+
+
+async def test_an_id_longer_than_the_bound_is_refused_before_the_upstream(
+    start_sessions: StartSessionSidecar, idp: FakeIdp
+) -> None:
+    sidecar, scripted = await start_sessions()
+    alice = token_for(idp, "alice")
+    longest = "s" * sessions.MAX_SESSION_ID_BYTES
+    too_long = longest + "s"
+    scripted.known.update({longest, too_long})
+
+    refused = await sidecar.post("/mcp", data=b"{}", headers={**alice, "Mcp-Session-Id": too_long})
+    assert refused.status == 400
+    assert (await refused.json())["error"] == "invalid_request"
+    assert scripted.seen == []  # nothing reached the upstream
+    assert len(sidecar.app[SESSIONS]) == 0
+
+    accepted = await sidecar.post("/mcp", data=b"{}", headers={**alice, "Mcp-Session-Id": longest})
+    assert accepted.status == 200
+    assert sidecar.app[SESSIONS].owner(longest) == (idp.issuer, "alice")
+
+
+@pytest.mark.parametrize("issued", ["s" * (sessions.MAX_SESSION_ID_BYTES + 1), "s 1"],
+                         ids=["too_long", "not_visible_ascii"])
+async def test_an_issued_id_the_sidecar_cannot_bind_is_502_and_nothing_is_kept(
+    make_sidecar: SidecarFactory, idp: FakeIdp, issued: str
+) -> None:
+    """The session could never be presented back through the sidecar: say so at once (502,
+    logged with the id's length only), bind nothing, and never pass the id on."""
+
+    async def issue(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True}, headers={"Mcp-Session-Id": issued})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", issue)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        sidecar: Client = await make_sidecar(MCP_UPSTREAM_URL=f"http://127.0.0.1:{server.port}")
+        with capture_logs() as events:
+            answer = await sidecar.post("/mcp", data=b"{}", headers=token_for(idp, "alice"))
+        assert answer.status == 502
+        assert (await answer.json())["error"] == "upstream_invalid_session"
+        assert "Mcp-Session-Id" not in answer.headers
+        assert len(sidecar.app[SESSIONS]) == 0
+        [warning] = [e for e in events if e["event"] == "upstream_session_id_invalid"]
+        assert warning["length"] == len(issued)
+        assert issued not in str(events)
+    finally:
+        await server.close()
