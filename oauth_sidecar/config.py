@@ -99,7 +99,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "INSECURE_ALLOW_UNVERIFIED_EMAIL": ("false", "Match emails without email_verified=true."),
     "REQUIRED_SCOPES": ("", "Scopes every token must carry (`scope` or `scp`)."),
     "RATE_LIMIT_RPM": ("60", "Requests per minute per subject (0 = unlimited)."),
-    "RATE_LIMIT_UNAUTHENTICATED_RPM": ("600", "Failed authentications per minute per client IP."),
+    "RATE_LIMIT_UNAUTHENTICATED_RPM": ("600", "Token verifications, refused tokens and sign-in "
+                                       "calls per minute per client IP."),
     "RATE_LIMIT_STORAGE_URI": ("memory://", "memory://, or redis://host:port/db to share."),
     "RATE_LIMIT_ON_STORAGE_ERROR": ("allow", "allow or deny requests while the storage fails."),
     "TRUSTED_PROXIES": ("", "Proxy addresses/CIDRs whose X-Forwarded-For is believed."),
