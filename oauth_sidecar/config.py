@@ -84,7 +84,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MAX_REQUEST_HEAD_BYTES": ("65536", "Largest request head: request line and all headers."),
     "REQUEST_HEAD_TIMEOUT_SECONDS": ("20", "Time a client gets to send a request head (then 408)."),
     "KEEPALIVE_TIMEOUT_SECONDS": ("75", "Idle time before a kept-alive connection is closed."),
-    "MAX_CONNECTIONS": ("512", "Open client connections at most; more are closed at once."),
+    "MAX_CONNECTIONS": ("512", "Open client connections at most (lowered to fit the descriptor "
+                        "limit); more get 503."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
     "ALLOW_SUBS": ("", "Subjects (`sub`) allowed, comma-separated."),
     "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (ASCII case-insensitive)."),

@@ -21,7 +21,7 @@ from oauth_sidecar.config import Config
 
 # Descriptors kept for everything but client connections and their upstream ones: stdio, the
 # event loop, the listeners (HOST:PORT, metrics), the IdP and token-relay sessions, a spawned
-# child's pipes, the log; about 20 at rest. Half of it is the listener's last margin
+# child's pipes, the log; 16 measured at rest. Half of it is the listener's last margin
 # (listener.py refuses a connection whose descriptor number reaches into it).
 RESERVED = 64
 # A proxied connection: the client's and the upstream's.

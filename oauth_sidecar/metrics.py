@@ -140,8 +140,8 @@ class PrometheusMetrics(Metrics):
             "(connect: no answer, 502; timeout: 504; broken: the body broke off)",
             ["kind"], registry=registry)
         self._connections_refused = Counter(
-            PREFIX + "connections_refused", "New connections closed at once because "
-            "MAX_CONNECTIONS were open", registry=registry)
+            PREFIX + "connections_refused", "New connections answered 503 and closed at once: "
+            "MAX_CONNECTIONS were open, or descriptors ran short", registry=registry)
         self._heads_refused = Counter(
             PREFIX + "request_heads_refused", "Request heads refused, by reason (too_large: 431 "
             "over MAX_REQUEST_HEAD_BYTES; timeout: 408 after REQUEST_HEAD_TIMEOUT_SECONDS)",
