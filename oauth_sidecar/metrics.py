@@ -71,7 +71,8 @@ class Metrics:
         refused (it answered 401 to the sidecar's own credential)."""
 
     def connection_refused(self) -> None:
-        """A new connection was closed at once: MAX_CONNECTIONS were open."""
+        """A new connection was answered 503 and closed: the cap was reached, or descriptors ran
+        short."""
 
     def head_refused(self, reason: str) -> None:
         """A request head was refused: too_large (431) or timeout (408)."""
