@@ -14,7 +14,7 @@ from functools import partial
 
 import structlog
 
-from oauth_sidecar import __version__, demo, doctor, listener
+from oauth_sidecar import __version__, demo, descriptors, doctor, listener
 from oauth_sidecar.app import CHILD, create_app
 from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load
@@ -173,6 +173,24 @@ def check(config: Config, args: argparse.Namespace, mask: SecretMask | None = No
     return doctor.run(config, token, strict=args.strict, as_json=args.json)
 
 
+def _fit_to_descriptors(config: Config) -> Config:
+    """Raise the descriptor limit and fit the connection caps to it; one log line with the
+    figures (a warning when a configured cap had to be lowered)."""
+    log = structlog.get_logger("oauth_sidecar")
+    limit = descriptors.raise_limit()
+    fitted = descriptors.fit(config, limit.soft)
+    lowered = [name for name, before, after in (
+        ("MAX_CONNECTIONS", config.listener.max_connections, fitted.listener.max_connections),
+        ("MAX_STREAMS_PER_SUBJECT", config.upstream.max_streams_per_subject,
+         fitted.upstream.max_streams_per_subject),
+    ) if after != before]
+    (log.warning if lowered else log.info)(
+        "file_descriptors", soft=limit.soft, hard=limit.hard, raised_from=limit.raised_from,
+        max_connections=fitted.listener.max_connections,
+        max_streams_per_subject=fitted.upstream.max_streams_per_subject, lowered=lowered)
+    return fitted
+
+
 def serve(config: Config, mask: SecretMask | None = None, unprotected: str | None = None) -> int:
     """Run the sidecar until SIGTERM/SIGINT; the exit code says why it stopped."""
     configure_logging(config.log_level, config.log_format, mask=mask)
@@ -181,6 +199,8 @@ def serve(config: Config, mask: SecretMask | None = None, unprotected: str | Non
     _log_unprotected(unprotected)
     for warning in config.warnings:
         log.warning("config_warning", message=warning)
+    config = _fit_to_descriptors(config)
+
     def shut_down() -> None:  # MCP_SPAWN_RESTART=never: the child died, so do we (non-zero)
         os.kill(os.getpid(), signal.SIGTERM)
 

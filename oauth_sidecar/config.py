@@ -85,7 +85,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MAX_REQUEST_HEAD_BYTES": ("65536", "Largest request head: request line and all headers."),
     "REQUEST_HEAD_TIMEOUT_SECONDS": ("20", "Time a client gets to send a request head (then 408)."),
     "KEEPALIVE_TIMEOUT_SECONDS": ("75", "Idle time before a kept-alive connection is closed."),
-    "MAX_CONNECTIONS": ("512", "Open client connections at most; more are closed at once."),
+    "MAX_CONNECTIONS": ("512", "Open client connections at most (lowered to fit the descriptor "
+                        "limit); more get 503."),
     "SHUTDOWN_TIMEOUT_SECONDS": ("20", "Time in-flight requests get to finish on SIGTERM."),
     "ALLOW_SUBS": ("", "Subjects (`sub`) allowed, comma-separated."),
     "ALLOW_EMAILS": ("", "Verified emails allowed, comma-separated (ASCII case-insensitive)."),
@@ -100,7 +101,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "INSECURE_ALLOW_UNVERIFIED_EMAIL": ("false", "Match emails without email_verified=true."),
     "REQUIRED_SCOPES": ("", "Scopes every token must carry (`scope` or `scp`)."),
     "RATE_LIMIT_RPM": ("60", "Requests per minute per subject (0 = unlimited)."),
-    "RATE_LIMIT_UNAUTHENTICATED_RPM": ("600", "Failed authentications per minute per client IP."),
+    "RATE_LIMIT_UNAUTHENTICATED_RPM": ("600", "Token verifications, refused tokens and sign-in "
+                                       "calls per minute per client IP."),
     "RATE_LIMIT_STORAGE_URI": ("memory://", "memory://, or redis://host:port/db to share."),
     "RATE_LIMIT_STORAGE_URI_FILE": ("", "File holding RATE_LIMIT_STORAGE_URI (its password)."),
     "RATE_LIMIT_ON_STORAGE_ERROR": ("allow", "allow or deny requests while the storage fails."),

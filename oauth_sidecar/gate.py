@@ -28,10 +28,10 @@ from oauth_sidecar.tokens import Principal, TokenError, TokenVerifier, bearer_to
 PRINCIPAL = web.RequestKey("principal", Principal)
 AUTH_FAILURE = web.RequestKey("auth_failure", str)
 RETRY_AFTER_UNAVAILABLE = "5"  # seconds; the IdP refresher and Redis retry faster than that
-# No credential at all costs nothing to refuse: only failed verifications spend the per-IP
-# budget, so users behind one egress IP (Claude.ai's connector) are not throttled by the
-# unauthenticated first request every MCP client makes.
-UNCOUNTED_FAILURES = frozenset({"missing", "not_bearer", "keys_unavailable"})
+# No credential at all costs nothing to refuse: only verifications and refused credentials
+# spend the per-IP budget, so users behind one egress IP (Claude.ai's connector) are not
+# throttled by the unauthenticated first request every MCP client makes.
+UNCOUNTED_FAILURES = frozenset({"missing", "not_bearer"})
 
 IsPublic = Callable[[web.Request], bool]
 
@@ -97,14 +97,17 @@ class Gate:
         try:
             token = bearer_token(request.headers.getall("Authorization", []), query_keys,
                                  self._max_token)
-            principal = self._verifier.cached(token)
-            if principal is None:  # verification costs CPU: only within the IP's budget
-                await self._limiter.check_failures(self._client_ip(request))
-                principal = await self._verifier.verify(token)
         except TokenError as exc:
             if exc.reason not in UNCOUNTED_FAILURES:
                 await self._limiter.hit_failure(self._client_ip(request))
             raise
+        principal = self._verifier.cached(token)
+        if principal is None:
+            # A verification costs CPU (and an unknown kid a key fetch): it is paid for before
+            # it runs, atomically, so a flood of concurrent requests gets no more of them than
+            # the IP's budget. A valid token pays once: afterwards it is a cache hit.
+            await self._limiter.hit_client(self._client_ip(request))
+            principal = await self._verifier.verify(token)
         return principal
 
     def _client_ip(self, request: web.Request) -> str:

@@ -7,7 +7,9 @@ of connections: 25 connections dribbling unterminated heads took a fresh sidecar
 head arriving plus complete heads pipelined behind the request being answered) and refuses more
 than MAX_REQUEST_HEAD_BYTES with 431 (RFC 6585 §5); a head gets REQUEST_HEAD_TIMEOUT_SECONDS to
 arrive, then 408 (RFC 9110 §15.5.9); an idle connection is closed after KEEPALIVE_TIMEOUT_SECONDS;
-a connection beyond MAX_CONNECTIONS is closed at once. aiohttp has no hook for any of this, so
+a connection beyond MAX_CONNECTIONS (fitted to the descriptor limit, see descriptors.py), or one
+that finds the process short of descriptors, is answered 503 and closed at once, before a byte is
+read (RFC 9110 §15.6.4). aiohttp has no hook for any of this, so
 GuardedRequestHandler reads a few private attributes of its RequestHandler (named there);
 tests/test_listener.py pins the behaviour, so an aiohttp upgrade that changes them fails the tests
 instead of quietly dropping a bound. __main__, the demo and the tests all serve through
@@ -22,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import hdrs, web
@@ -31,6 +33,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from oauth_sidecar import descriptors
 from oauth_sidecar.app import METRICS
 from oauth_sidecar.config import Config, ListenerConfig
 from oauth_sidecar.http_errors import error_body, json_error
@@ -41,18 +44,20 @@ HEAD_SLICE = 8192  # bytes parsed at a time while a head (or a chunked body) arr
 LINGER_SECONDS = 2.0  # a refused client still sending gets this long to read our answer
 REFUSALS_LOG_INTERVAL = 10.0  # seconds between log lines about refused connections (a flood)
 BACKLOG = 128  # connections the kernel queues before we accept them (run_app's default)
+REFUSED_RETRY_AFTER = 1  # seconds: connections end all the time, so room comes back soon
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = structlog.get_logger("oauth_sidecar.listener")
 
 
-def _answer_parts(status: int, description: str) -> tuple[bytes, bytes]:
-    """A connection-level refusal in our JSON error shape: the head before Date, and the rest."""
+def _answer_parts(status: int, description: str, more: str = "") -> tuple[bytes, bytes]:
+    """A connection-level refusal in our JSON error shape: the head before Date, and the rest
+    (`more`: extra header lines, each ending in CRLF)."""
     phrase = HTTPStatus(status).phrase
     body = error_body(phrase.lower().replace(" ", "_"), description)
     head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n"
-            f"Server: {SERVER}\r\n")
+            f"Server: {SERVER}\r\n{more}")
     return head.encode(), b"\r\n\r\n" + body
 
 
@@ -63,30 +68,39 @@ class Bounds:
         self.max_head_bytes = config.max_head_bytes
         self.head_timeout = config.head_timeout
         self.max_connections = config.max_connections
+        # A new connection's descriptor number counts the descriptors open (the kernel hands out
+        # the lowest free one): at this number the process is too short of them to serve it.
+        self.descriptor_ceiling = descriptors.soft_limit() - descriptors.RESERVED // 2
         self.write_timeout = write_timeout
         self.metrics = metrics
         self.open = 0
         self._refused_unlogged = 0
+        self._short_unlogged = 0
         self._next_refusal_log = 0.0
         self._answers = {
             431: _answer_parts(431, f"The request line and headers exceed {self.max_head_bytes}"
                                " bytes"),
             408: _answer_parts(408, f"The request head did not arrive within "
                                f"{self.head_timeout:g} seconds"),
+            503: _answer_parts(503, "Too many connections are open; try again shortly",
+                               f"Retry-After: {REFUSED_RETRY_AFTER}\r\n"),
         }
 
-    def admit(self) -> bool:
+    def admit(self, descriptor: int) -> bool:
         """Count a new connection in, or refuse it (logged at most every few seconds)."""
-        if self.open < self.max_connections:
+        short = descriptor >= self.descriptor_ceiling
+        if self.open < self.max_connections and not short:
             self.open += 1
             return True
         self.metrics.connection_refused()
         self._refused_unlogged += 1
+        self._short_unlogged += short
         now = time.monotonic()
         if now >= self._next_refusal_log:
             log.warning("connections_refused", refused=self._refused_unlogged, open=self.open,
-                        limit=self.max_connections)
-            self._refused_unlogged, self._next_refusal_log = 0, now + REFUSALS_LOG_INTERVAL
+                        limit=self.max_connections, short_of_descriptors=self._short_unlogged)
+            self._refused_unlogged = self._short_unlogged = 0
+            self._next_refusal_log = now + REFUSALS_LOG_INTERVAL
         return False
 
     def release(self) -> None:
@@ -111,6 +125,11 @@ def _content_length(message: object) -> int | None:
         return None
     value = message.headers.get(hdrs.CONTENT_LENGTH)
     return int(value) if value is not None and value.isdigit() else None
+
+
+def _descriptor(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -140,8 +159,12 @@ class GuardedRequestHandler(RequestHandler):
         self._linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._bounds.admit():
-            transport.close()  # before reading a byte: existing connections are unaffected
+        if not self._bounds.admit(_descriptor(transport)):
+            # Before reading a byte, so existing connections are unaffected; the answer is
+            # written whole at once (it is small) and closing keeps the descriptor no longer.
+            # A stream transport: asyncio's, or uvloop's (which does not subclass asyncio's).
+            cast(asyncio.Transport, transport).write(self._bounds.answer(503))
+            transport.close()
             return
         self._admitted = True
         super().connection_made(transport)

@@ -72,7 +72,8 @@ class Metrics:
         issued an Mcp-Session-Id the sidecar cannot bind)."""
 
     def connection_refused(self) -> None:
-        """A new connection was closed at once: MAX_CONNECTIONS were open."""
+        """A new connection was answered 503 and closed: the cap was reached, or descriptors ran
+        short."""
 
     def head_refused(self, reason: str) -> None:
         """A request head was refused: too_large (431) or timeout (408)."""
@@ -141,8 +142,8 @@ class PrometheusMetrics(Metrics):
             "(connect: no answer, 502; timeout: 504; broken: the body broke off)",
             ["kind"], registry=registry)
         self._connections_refused = Counter(
-            PREFIX + "connections_refused", "New connections closed at once because "
-            "MAX_CONNECTIONS were open", registry=registry)
+            PREFIX + "connections_refused", "New connections answered 503 and closed at once: "
+            "MAX_CONNECTIONS were open, or descriptors ran short", registry=registry)
         self._heads_refused = Counter(
             PREFIX + "request_heads_refused", "Request heads refused, by reason (too_large: 431 "
             "over MAX_REQUEST_HEAD_BYTES; timeout: 408 after REQUEST_HEAD_TIMEOUT_SECONDS)",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -51,6 +52,11 @@ from oauth_sidecar.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManySt
 from oauth_sidecar.tokens import Principal
 from oauth_sidecar.upstream_credential import UpstreamCredential
 from oauth_sidecar.upstream_paths import LocationRewriter, PathMap
+
+# The process (EMFILE) or the system (ENFILE) has no descriptor left for the upstream connection:
+# the sidecar is overloaded, the upstream is not at fault (503, not 502).
+NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+OVERLOADED_RETRY_AFTER = "1"  # seconds: descriptors come back as connections end
 
 log = structlog.get_logger("oauth_sidecar.proxy")
 
@@ -343,8 +349,12 @@ class UpstreamProxy:
         except TooManyStreams:
             request[AUTH_FAILURE] = "rate_limited_streams"
             self._metrics.rate_limited("streams")
-            return json_error(429, "rate_limited", "Too many open event streams",
-                              {"Retry-After": RETRY_AFTER})
+            refused = json_error(429, "rate_limited", "Too many open event streams",
+                                 {"Retry-After": RETRY_AFTER})
+            # Closed after the answer: a subject over its streams does not keep the connection
+            # (and its descriptor) that another user needs; a retry opens a new one.
+            refused.force_close()
+            return refused
         try:
             try:
                 data = await self._bodies.read(request)
@@ -392,6 +402,11 @@ class UpstreamProxy:
             log.warning("upstream_timeout", phase="headers")
             self._metrics.upstream_failed("timeout")
             return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
+        if isinstance(exc, OSError) and exc.errno in NO_DESCRIPTORS:
+            log.warning("descriptors_exhausted", phase="upstream_connect")
+            return json_error(503, "temporarily_unavailable",
+                              "The sidecar has too many connections open; try again shortly",
+                              {"Retry-After": OVERLOADED_RETRY_AFTER})
         log.warning("upstream_unavailable", error=type(exc).__name__)
         self._metrics.upstream_failed("unavailable")
         return json_error(502, "upstream_unavailable", "The MCP server is not reachable")

@@ -6,6 +6,11 @@ requests in any 60 seconds, so a client may spend its whole minute at once (MCP 
 session with a burst of initialize / tools/list calls) but never more. The storage is in-memory
 by default, or Redis so several replicas share one budget. When the storage fails, the operator
 chose fail-open or fail-closed; either way it is logged once per incident and never a 500.
+
+Every budget is spent with limits' `hit`, which counts and decides in one atomic step (a lock in
+memory, one Lua script in Redis), before the work it pays for. Checking first and counting after
+the work let every request in flight pass the check: 500 concurrent connections ran 1,098 token
+verifications against a per-IP budget of 600.
 """
 
 from __future__ import annotations
@@ -97,22 +102,18 @@ class RateLimiter:
             if not await self._call(lambda s: s.hit(item, NAMESPACE, "subject", key)):
                 raise await self._limited(item, "subject", key)
 
-    async def check_failures(self, client_ip: str) -> None:
-        """Raise RateLimited if this IP used up its budget of failed authentications."""
-        if self.limits_failures:
-            item = self._ip_item
-            if not await self._call(lambda s: s.test(item, NAMESPACE, "client_ip", client_ip)):
-                raise await self._limited(item, "client_ip", client_ip)
-
     async def hit_client(self, client_ip: str) -> None:
-        """Count one call to an unauthenticated endpoint (register, token relay, authorize)."""
+        """Count one piece of work done for a caller not known yet (a token verification, or a
+        call to register, the token relay or authorize); raise RateLimited when over budget.
+        Counted before the work, so concurrent requests cannot all start it."""
         if self.limits_failures:
             item = self._ip_item
             if not await self._call(lambda s: s.hit(item, NAMESPACE, "client_ip", client_ip)):
                 raise await self._limited(item, "client_ip", client_ip)
 
     async def hit_failure(self, client_ip: str) -> None:
-        """Count one failed authentication from this IP (the refusal is already decided)."""
+        """Count one refused credential that needed no verification (malformed, too large,
+        in the query): the refusal is already decided, so being over budget changes nothing."""
         if self.limits_failures:
             item = self._ip_item
             with suppress(RateLimitUnavailable):

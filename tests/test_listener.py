@@ -2,7 +2,8 @@
 
 Each request head is capped as a whole (MAX_REQUEST_HEAD_BYTES: 431, then the connection closes),
 a head gets REQUEST_HEAD_TIMEOUT_SECONDS (then 408), an idle kept-alive connection is closed after
-KEEPALIVE_TIMEOUT_SECONDS and a connection beyond MAX_CONNECTIONS is closed at once. Bodies and
+KEEPALIVE_TIMEOUT_SECONDS and a connection beyond MAX_CONNECTIONS is answered 503 and closed at
+once, before a byte is read. Bodies and
 heads that were answered never count as head bytes. The counting reads private attributes of
 aiohttp's RequestHandler (listener.py names them): these tests pin its behaviour, so an aiohttp
 release that changes them fails here. The in-process tests run on asyncio's loop; the last test
@@ -344,7 +345,7 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeo
 # -- connections ----------------------------------------------------------------------------------
 
 
-async def test_connections_beyond_the_cap_are_closed_at_once_and_others_keep_working(
+async def test_connections_beyond_the_cap_are_answered_503_and_closed_and_others_keep_working(
     make_sidecar: SidecarFactory,
 ) -> None:
     metrics_port = free_port()
@@ -358,8 +359,9 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_others_keep_wor
             for _ in range(2):
                 async with connect(client.port) as refused:
                     await refused.send(padded_head(200))
-                    assert await refused.read_until_closed() == []
-                    assert refused.data == b""
+                    [answer] = await refused.read_until_closed()
+                    assert_refusal(answer, 503, "service_unavailable")
+                    assert answer.headers["retry-after"] == ["1"]
             for raw in (a, b, c):  # the admitted ones are unaffected
                 await raw.send(padded_head(200))
                 assert [r.status for r in await raw.responses(2)] == [200, 200]
@@ -435,8 +437,9 @@ async def test_the_bounds_hold_in_the_served_process_on_both_event_loops(
             await wait_ready(session, f"http://127.0.0.1:{port}", proc)
         async with contextlib.AsyncExitStack() as stack:
             held = [await admitted(port, stack) for _ in range(3)]
-            async with connect(port) as refused:
-                assert await refused.read_until_closed() == []
+            async with connect(port) as refused:  # uvloop's transport writes the answer too
+                [answer] = await refused.read_until_closed()
+                assert_refusal(answer, 503, "service_unavailable")
             for raw in held:  # the admitted ones are unaffected
                 await raw.send(padded_head(200))
                 assert [r.status for r in await raw.responses(2)] == [200, 200]

@@ -1,6 +1,7 @@
 """Rate limits: a per-subject budget (memory:// per process, or one budget shared by every
 replica through a real redis-server), an explicit policy when the storage fails, and a per-IP
-budget of failed authentications that only a trusted proxy's X-Forwarded-For can split."""
+budget of token verifications and refused credentials that only a trusted proxy's X-Forwarded-For
+can split. Every budget is spent before the work it pays for, so concurrency cannot overshoot it."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import FakeIdp, FakeUpstream, SidecarFactory, as_json, bearer, sidecar_env
+from conftest import (
+    FakeIdp,
+    FakeUpstream,
+    SidecarFactory,
+    as_json,
+    bearer,
+    new_rsa,
+    sidecar_env,
+)
 from multidict import CIMultiDictProxy
 from processes import PROCESS_TIMEOUT, free_port, sidecar_process, wait_ready
 from redis_server import RedisServer
 from structlog.testing import capture_logs
+from test_metrics import scrape
 
 from oauth_sidecar import ratelimit
 from oauth_sidecar.app import VERIFIER
@@ -400,16 +410,18 @@ async def test_unreachable_redis_at_start_up_does_not_stop_the_app(
     assert failed["policy"] == policy
 
 
-# -- per-IP budget of failed authentications ----------------------------------------------------
+# -- per-IP budget of verifications and refused credentials ------------------------------------
 
 
-async def test_failed_verifications_exhaust_the_ip_budget_and_new_tokens_get_429_unverified(
+async def test_verifications_exhaust_the_ip_budget_and_new_tokens_get_429_unverified(
     make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3")
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="4")
     verified_before = idp.mint(claims={"sub": "alice"})
     assert (await send(sidecar, verified_before)).status == 200  # now in the token cache
+    for _ in range(3):  # its one verification spent one unit; cache hits spend nothing
+        assert (await send(sidecar, verified_before)).status == 200
     verifications = count_verifications(sidecar, monkeypatch)
 
     for token in failing_tokens(idp):
@@ -419,7 +431,7 @@ async def test_failed_verifications_exhaust_the_ip_budget_and_new_tokens_get_429
     fresh = idp.mint(claims={"sub": "bob"})
     with capture_logs() as events:
         reply = await send(sidecar, fresh)
-    assert_too_many(reply, limit=3)
+    assert_too_many(reply, limit=4)
     assert len(verifications) == 3  # refused before spending CPU on the signature
     [entry] = events_named(events, "request")
     assert entry["auth_error"] == "rate_limited_client_ip"
@@ -429,6 +441,83 @@ async def test_failed_verifications_exhaust_the_ip_budget_and_new_tokens_get_429
     before = len(upstream.requests)
     assert (await send(sidecar, verified_before)).status == 200  # cached: no verification cost
     assert len(upstream.requests) == before + 1
+
+
+FLOOD = 400  # concurrent connections, each with one request: more than the budget, bounded
+FLOOD_BUDGET = 50
+COOLDOWN = 0.1  # seconds between key-set fetches for unknown kids: the least allowed
+SLOW_JWKS = 0.3  # seconds the IdP takes to serve its keys in the flood tests
+
+
+async def flood_of_failing_tokens(port: int | None, tokens: list[str]) -> list[int]:
+    """One connection per request, all at once (the 500-connection overshoot, scaled down)."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=PROCESS_TIMEOUT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(token: str) -> int:
+            async with session.post(f"http://127.0.0.1:{port}/mcp", data=b"{}",
+                                    headers=bearer(token)) as response:
+                await response.read()
+                return response.status
+
+        async with asyncio.timeout(PROCESS_TIMEOUT):
+            return await asyncio.gather(*(one(token) for token in tokens))
+
+
+def unknown_kid(idp: FakeIdp) -> str:
+    """A token whose kid the IdP does not publish: its verification waits for a key refresh."""
+    return idp.mint(new_rsa("not-published"))
+
+
+async def slow_key_set(idp: FakeIdp) -> None:
+    """From now on the IdP takes a moment to serve its keys, as a remote one does: requests
+    with unknown kids wait for the refresh together."""
+
+    async def slowly(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(SLOW_JWKS)
+        return web.json_response({"keys": [key.jwk() for key in idp.keys]})
+
+    idp.jwks_override = slowly
+    await asyncio.sleep(COOLDOWN * 2)  # the start-up fetch's cooldown is over: unknown kids fetch
+
+
+async def assert_ip_budget_holds_under_concurrency(
+    make_sidecar: SidecarFactory, idp: FakeIdp, tokens: list[str], storage_uri: str,
+) -> None:
+    """Counting comes first and is atomic (limits' hit): no more verifications run than the
+    budget allows, however many requests are in flight when it runs out."""
+    metrics_port = free_port()
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM=str(FLOOD_BUDGET),
+                                 RATE_LIMIT_STORAGE_URI=storage_uri,
+                                 METRICS_PORT=str(metrics_port),
+                                 JWKS_COOLDOWN_SECONDS=str(COOLDOWN))
+    await slow_key_set(idp)
+
+    statuses = await flood_of_failing_tokens(sidecar.port, tokens)
+
+    result = await scrape(metrics_port)
+    failures = result.series("auth_failures_total")
+    verified = sum(count for labels, count in failures.items()
+                   if labels != (("reason", "rate_limited_client_ip"),))
+    assert verified <= FLOOD_BUDGET, failures  # verifications actually performed
+    assert statuses.count(401) == verified
+    assert statuses.count(429) == len(tokens) - verified
+    assert result.value("rate_limited_total", scope="client_ip") == len(tokens) - verified
+
+
+async def test_concurrent_failed_verifications_never_exceed_the_ip_budget_in_memory(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    tokens = [unknown_kid(idp) for _ in range(FLOOD)]
+    await assert_ip_budget_holds_under_concurrency(make_sidecar, idp, tokens, "memory://")
+
+
+async def test_concurrent_failed_verifications_never_exceed_the_ip_budget_through_redis(
+    redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    tokens = [bad_signature(idp) for _ in range(FLOOD)]
+    await assert_ip_budget_holds_under_concurrency(make_sidecar, idp, tokens, redis_server.uri)
 
 
 async def test_requests_without_credentials_never_spend_the_ip_budget(

@@ -121,6 +121,8 @@ async def assert_refused(response: aiohttp.ClientResponse) -> None:
     assert response.content_type == "application/json"
     assert (await response.json())["error"] == "rate_limited"
     assert int(response.headers["Retry-After"]) >= 1
+    # The refused connection is closed, so it holds no descriptor another user needs.
+    assert response.headers["Connection"] == "close"
 
 
 async def post(sidecar: Limited, who: str, answer: str, accept: str = MCP_ACCEPT,
