@@ -33,6 +33,18 @@ SECRET_SHAPES = (
     re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+"),
 )
 SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secret", "password"})
+# What a terminal or a log viewer acts on instead of showing: C0 controls (ESC opens the
+# sequences that move the cursor, erase lines and set the window title; CR and LF start a line
+# that looks like another record), DEL, C1 controls (0x9b is a one-character CSI, U+0085 a line
+# break), the Unicode line and paragraph separators, and the bidi controls that reorder what is
+# shown (CVE-2021-42574, "Trojan Source"). A path, a header or a claim can carry any of them.
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as Python writes them; others \\xNN
+# Rendered tracebacks: their line breaks are their shape, so they stay (every line after the
+# first indented, so no line of one can pass for a record of its own); the rest is escaped.
+MULTILINE_KEYS = frozenset({"exception", "stack"})
+# Added by structlog's stdlib bridge for its own use, never rendered.
+META_KEYS = frozenset({"_record", "_from_structlog"})
 
 access = structlog.get_logger("oauth_sidecar.access")
 _access_enabled = True  # configure_logging turns it off for LOG_LEVEL warning and above
@@ -65,14 +77,60 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def shown(text: str) -> str:
+    """text with every control character written as a Python-style escape (\\x1b, \\u2028).
+    A search first: most values have none, and then the same string comes back."""
+    if CONTROLS.search(text) is None:
+        return text
+    return CONTROLS.sub(_escape_one, text)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return shown(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {shown(k) if isinstance(k, str) else k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_escaped(v) for v in value]
+    return shown(repr(value))  # what either renderer would print, escaped
+
+
+def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Escape control characters in every key and value, nested ones included, so no client
+    can move the cursor, erase or forge a log line, set a terminal's title or reorder what a
+    log viewer shows, with the console renderer or the JSON one (json.dumps escapes them in the
+    bytes it writes, but a viewer decodes the strings and shows them raw). Last before the
+    renderer, after redaction (which must see the text as it was)."""
+    escaped: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in META_KEYS:
+            escaped[key] = value
+        elif key in MULTILINE_KEYS and isinstance(value, str):
+            escaped[key] = "\n  ".join(map(shown, value.split("\n")))
+        else:
+            escaped[shown(key)] = _escaped(value)
+    return escaped
+
+
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     """Called once, from __main__ (never from create_app: tests capture logs their own way).
 
     `stream` defaults to stdout; `check` logs to stderr, keeping its report alone on stdout."""
     stream = stream or sys.stdout
-    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    terminal = stream.isatty()
+    console = fmt == "console" or (fmt == "auto" and terminal)
+    # Colours only on a terminal: a console log in a file or a pipe holds no escape sequence.
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=terminal) if console
+        else structlog.processors.JSONRenderer()
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -80,7 +138,8 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, redact, escape_controls,
+                    renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(stream),
@@ -91,7 +150,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info, redact, renderer,
+            structlog.processors.format_exc_info, redact, escape_controls, renderer,
         ],
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
     ))
