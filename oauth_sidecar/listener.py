@@ -260,8 +260,17 @@ class GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """aiohttp's own refusals of malformed requests, in our JSON shape (not its plain text
-        echoing the offending line)."""
-        super().handle_error(request, status, exc, message)  # logs; raises if an answer began
+        echoing the offending line), logged in one line naming the parser's complaint: the
+        request is the client's mistake, and aiohttp's traceback per request (1.3 KB, quoting
+        the offending bytes) would let anyone flood the log. A 500, an error of ours, is still
+        logged with its traceback."""
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs; raises if answered
+        else:
+            log.info("request_malformed", status=status, error=type(exc).__name__,
+                     remote=request.remote)
+            if request.writer.output_size > 0:  # as aiohttp does: too late for an answer
+                raise ConnectionError("an answer was already being sent")
         phrase = HTTPStatus(status).phrase
         response = json_error(status, phrase.lower().replace(" ", "_"), phrase)
         response.headers["Server"] = SERVER  # no app hook runs for a request that never parsed
