@@ -91,15 +91,16 @@ def shown(text: str) -> str:
     return CONTROLS.sub(_escape_one, text)
 
 
-def _escaped(value: Any) -> Any:
+def escaped(value: Any) -> Any:
+    """value with every string in it shown(); anything not JSON-like as its escaped repr."""
     if isinstance(value, str):
         return shown(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, dict):
-        return {shown(k) if isinstance(k, str) else k: _escaped(v) for k, v in value.items()}
+        return {shown(k) if isinstance(k, str) else k: escaped(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_escaped(v) for v in value]
+        return [escaped(v) for v in value]
     return shown(repr(value))  # what either renderer would print, escaped
 
 
@@ -109,15 +110,15 @@ def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     log viewer shows, with the console renderer or the JSON one (json.dumps escapes them in the
     bytes it writes, but a viewer decodes the strings and shows them raw). Last before the
     renderer, after redaction (which must see the text as it was)."""
-    escaped: dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for key, value in event.items():
         if key in META_KEYS:
-            escaped[key] = value
+            result[key] = value
         elif key in MULTILINE_KEYS and isinstance(value, str):
-            escaped[key] = "\n  ".join(map(shown, value.split("\n")))
+            result[key] = "\n  ".join(map(shown, value.split("\n")))
         else:
-            escaped[shown(key)] = _escaped(value)
-    return escaped
+            result[shown(key)] = escaped(value)
+    return result
 
 
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
