@@ -1,7 +1,7 @@
 """Odd bytes in every parameter of every public endpoint: never a 5xx, never a traceback.
 
 A seeded generator (the same cases on every run; change SEED to explore) writes each request as
-raw bytes on a fresh connection to the real sidecar in facade mode, with CORS origins, trusted
+raw bytes on a fresh connection to the real sidecar in either mode, with CORS origins, trusted
 proxies, rate limits and the metrics listener on, so every public handler and the gate see them:
 non-ASCII and invalid UTF-8, %-encoded garbage, NULs and other control bytes, huge and numeric
 values, repeated parameters, odd content types and JSON, in the query, the form or JSON body and
@@ -385,15 +385,18 @@ async def answered_below_500(port: int, cases: list[tuple[str, bytes]]) -> list[
     return failures
 
 
+@pytest.mark.parametrize("mode", ["facade", "direct"])
 async def test_odd_input_on_every_public_endpoint_gets_no_5xx_and_logs_no_traceback(
     make_sidecar: SidecarFactory, idp: FakeIdp, token_endpoint: TokenEndpoint,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, mode: str,
 ) -> None:
     serve_document(idp, token_endpoint=token_endpoint.url)
     metrics_port = free_port()
-    client = await make_sidecar(**ENV, METRICS_PORT=str(metrics_port))
+    client = await make_sidecar(**ENV, AUTH_SERVER_MODE=mode, METRICS_PORT=str(metrics_port))
     assert client.port is not None
-    sealed = await make_sealed(client, idp)
+    # Direct mode seals nothing: /authorize and /token pass the client's values on to the IdP.
+    sealed = await make_sealed(client, idp) if mode == "facade" else Sealed(
+        [], [], idp.mint(), idp.issuer)
     odd = Odd(SEED)
     names = list(ENDPOINTS)
     cases = [(names[i % len(names)], raw_request(odd, ENDPOINTS[names[i % len(names)]], sealed))
