@@ -109,16 +109,19 @@ def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     can move the cursor, erase or forge a log line, set a terminal's title or reorder what a
     log viewer shows, with the console renderer or the JSON one (json.dumps escapes them in the
     bytes it writes, but a viewer decodes the strings and shows them raw). Last before the
-    renderer, after redaction (which must see the text as it was)."""
-    result: dict[str, Any] = {}
+    renderer, after redaction (which must see the text as it was). On every access line: a
+    plain string or number costs one check and is left where it is."""
+    if CONTROLS.search("".join(event)):  # keys come from code: almost never
+        event = {shown(key): value for key, value in event.items()}
     for key, value in event.items():
-        if key in META_KEYS:
-            result[key] = value
-        elif key in MULTILINE_KEYS and isinstance(value, str):
-            result[key] = "\n  ".join(map(shown, value.split("\n")))
-        else:
-            result[shown(key)] = escaped(value)
-    return result
+        if type(value) is str:
+            if CONTROLS.search(value) is not None:
+                event[key] = (
+                    "\n  ".join(map(shown, value.split("\n"))) if key in MULTILINE_KEYS
+                    else CONTROLS.sub(_escape_one, value))
+        elif not (value is None or isinstance(value, bool | int | float) or key in META_KEYS):
+            event[key] = escaped(value)
+    return event
 
 
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
