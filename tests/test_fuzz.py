@@ -5,10 +5,11 @@ raw bytes on a fresh connection to the real sidecar in either mode, with CORS or
 proxies, rate limits and the metrics listener on, so every public handler and the gate see them:
 non-ASCII and invalid UTF-8, %-encoded garbage, NULs and other control bytes, huge and numeric
 values, repeated parameters, odd content types and JSON, in the query, the form or JSON body and
-the headers. Half of the values are the ones a real client sends, so a request often gets past
-the first checks and carries its odd value into the later ones (a real sealed state or code, the
-right client id and PKCE verifier). Whatever the sidecar answers, it answers below 500, and
-neither the structlog events nor the standard library's records contain an error or a traceback.
+the headers. Each request makes one to three of its parameters odd and sends the others as a real
+client does, so it often gets past the first checks and carries its odd value into the later
+ones (a real sealed state or code, the right client id and PKCE verifier). Whatever the
+sidecar answers, it answers below 500, and neither the structlog events nor the standard
+library's records contain an error or a traceback.
 A failure names the case: `case 37` replays with the same SEED.
 """
 
@@ -196,15 +197,16 @@ class Odd:
         return text.encode("utf-8", "surrogatepass")
 
 
-Build = Callable[[Odd, Sealed], tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]]
+Request = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]
 """method, target, extra headers, body."""
+Build = Callable[["Odd", "Sealed"], Request]
 
 
 def _take(values: list[str]) -> str | None:
     return values.pop() if values else None
 
 
-def authorize(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def authorize(odd: Odd, sealed: Sealed) -> Request:
     query = odd.pairs({
         "response_type": "code", "client_id": CLIENT_ID, "redirect_uri": CLAUDE_AI,
         "state": "client-state", "code_challenge": CHALLENGE, "code_challenge_method": "S256",
@@ -214,7 +216,7 @@ def authorize(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes,
     return b"GET", b"/authorize?" + query, [], b""
 
 
-def callback(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def callback(odd: Odd, sealed: Sealed) -> Request:
     query = odd.pairs({
         "state": _take(sealed.states) or "x.y", "code": "idp-code",
         "iss": sealed.issuer, "error": None, "error_description": None, "error_uri": None,
@@ -222,7 +224,7 @@ def callback(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, 
     return b"GET", b"/oauth/callback?" + query, [], b""
 
 
-def token(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def token(odd: Odd, sealed: Sealed) -> Request:
     grant = "authorization_code" if odd.chance(0.7) else "refresh_token"
     code = _take(sealed.codes) or "a.b"
     body = odd.pairs({
@@ -238,14 +240,14 @@ def token(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, byt
     return b"POST", b"/token", headers, body
 
 
-def register(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def register(odd: Odd, sealed: Sealed) -> Request:
     path = odd.rng.choice((b"/oauth/register", b"/register"))
     content_type = "application/json" if odd.chance(0.7) else odd.rng.choice(CONTENT_TYPES)
     return b"POST", path, [(b"Content-Type", content_type.encode())], odd.json_body()
 
 
 def plain_get(*paths: str) -> Build:
-    def build(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+    def build(odd: Odd, sealed: Sealed) -> Request:
         method = b"GET" if odd.chance(0.7) else odd.rng.choice(METHODS).encode()
         target = odd.rng.choice(paths).encode()
         if odd.chance(0.6):
@@ -255,7 +257,7 @@ def plain_get(*paths: str) -> Build:
     return build
 
 
-def preflight(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def preflight(odd: Odd, sealed: Sealed) -> Request:
     path = odd.rng.choice(("/mcp", "/token", "/authorize", "/oauth/register", *METADATA))
     headers = [
         (b"Origin", odd.header_value("https://inspector.example")),
@@ -265,7 +267,7 @@ def preflight(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes,
     return b"OPTIONS", path.encode(), headers, b""
 
 
-def protected(odd: Odd, sealed: Sealed) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
+def protected(odd: Odd, sealed: Sealed) -> Request:
     """The proxied route, with no token, a broken one, or a valid one (then the upstream)."""
     method = odd.rng.choice(METHODS).encode()
     target = b"/mcp"
