@@ -58,6 +58,7 @@ from oauth_sidecar.idp import (
     parse_jwk,
     same_issuer,
 )
+from oauth_sidecar.log import escaped, shown
 from oauth_sidecar.policy import AccessPolicy, Admission
 from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
@@ -95,6 +96,19 @@ UNLIKELY_AUDIENCE = frozenset({
     "audience_entra_v2", "audience_near_resource", "audience_client_id",
 })  # fmt: skip
 SECTIONS = ("identity provider", "keys", "upstream")
+# The spawn command is printed with its credentials masked. An argument value is masked when its
+# option names a credential (--api-key VALUE, --token=VALUE, password=VALUE; not a *-file, *-path
+# or *-dir option, which names a place), when it is a URL's password, or when it looks like one
+# by itself: 20 or more characters mixing upper case, lower case and digits (API keys, JWTs,
+# base64), or 32 or more hex digits. Masking a harmless value costs a little readability;
+# printing a key puts it in a terminal's scroll-back and a CI log.
+MASK = "***"
+CREDENTIAL_NAME = re.compile(
+    r"(?i)key|token|secret|passw|passphrase|pwd|credential|cookie|bearer|private"
+    r"|(?:^|[-_.])auth(?:orization)?(?:$|[-_.])")
+PLACE_NAME = re.compile(r"(?i)(?:file|path|dir)$")
+URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")
+HEX_SECRET = re.compile(r"[0-9a-fA-F]{32,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +197,11 @@ def run(config: Config, token: str | None = None, *, strict: bool = False,
     """Diagnose, print the report, return the exit code (0 pass, 1 fail)."""
     report = asyncio.run(diagnose(config, token))
     out = out or sys.stdout
+    # What the IdP, the upstream, the child and the token's claims said is theirs to choose:
+    # escaped like a log line, so none can rewrite the operator's terminal.
     if as_json:
         document = {**dataclasses.asdict(report), "passed": report.passed(strict)}
-        out.write(json.dumps(document, indent=2, default=str) + "\n")
+        out.write(json.dumps(escaped(document), indent=2, default=str) + "\n")
     else:
         out.write(render(report, strict=strict))
     return EXIT_PASS if report.passed(strict) else EXIT_FAIL
@@ -198,6 +214,39 @@ async def diagnose(config: Config, token: str | None = None) -> Report:
 
 
 # -- the configuration alone -----------------------------------------------------------------------
+
+
+def _names_credential(option: str) -> bool:
+    name = option.lstrip("-")
+    return bool(CREDENTIAL_NAME.search(name)) and not PLACE_NAME.search(name)
+
+
+def _looks_secret(value: str) -> bool:
+    if HEX_SECRET.fullmatch(value):
+        return True
+    return len(value) >= 20 and not any(c.isspace() for c in value) and (
+        not value.startswith(("/", "./", "../", "~"))) and any(c.isupper() for c in value) and (
+        any(c.islower() for c in value)) and any(c.isdigit() for c in value)
+
+
+def shown_command(argv: tuple[str, ...]) -> str:
+    """argv as a shell line, every credential-looking value masked (the rule is at MASK)."""
+    words: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next and not arg.startswith("-"):
+            words.append(MASK)
+            hide_next = False
+            continue
+        name, equals, value = arg.partition("=")
+        if equals and value and (_names_credential(name) or _looks_secret(value)):
+            words.append(f"{name}={MASK}")
+        elif _looks_secret(arg):
+            words.append(MASK)
+        else:
+            words.append(URL_PASSWORD.sub(rf"\g<1>{MASK}@", arg))
+        hide_next = arg.startswith("-") and not equals and _names_credential(arg)
+    return shlex.join(words)
 
 
 def configuration_summary(config: Config) -> dict[str, object]:
@@ -215,7 +264,8 @@ def configuration_summary(config: Config) -> dict[str, object]:
     if policy.allow_all_authenticated:
         allow.append("ALLOW_ALL_AUTHENTICATED=true")
     if config.spawn is not None:
-        upstream = (f"spawned: {shlex.join(config.spawn.argv)} on 127.0.0.1:{config.spawn.port}")
+        upstream = (f"spawned: {shown_command(config.spawn.argv)} on 127.0.0.1:"
+                    f"{config.spawn.port}")
     else:
         upstream = config.upstream.origin + config.upstream.path_prefix
     return {
@@ -795,7 +845,7 @@ class _Doctor:
             await self._probe_upstream(url)
             return
         child, pid = ChildProcess(spawn), None
-        self.line("upstream", f"spawning {shlex.join(spawn.argv)} (port {spawn.port}, ready "
+        self.line("upstream", f"spawning {shown_command(spawn.argv)} (port {spawn.port}, ready "
                               f"within {spawn.ready_timeout:g} s)")
         try:
             async with child.running():
@@ -1224,8 +1274,8 @@ def render(report: Report, *, strict: bool = False) -> str:
     lines = [f"oauth-sidecar check ({__version__})", "", "Configuration"]
     width = max(map(len, report.summary))
     for name, value in report.summary.items():
-        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-        lines.append(f"  {name:<{width}}  {shown or '-'}")
+        text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        lines.append(f"  {name:<{width}}  {text or '-'}")
     titles = {"identity provider": "Identity provider", "keys": "Keys (JWKS)",
               "upstream": "Upstream"}
     for name, entries in report.sections.items():
@@ -1262,4 +1312,4 @@ def render(report: Report, *, strict: bool = False) -> str:
         summary += f", token {'accepted' if token.accepted else 'refused'}"
     verdict = "PASS" if report.passed(strict) else "FAIL"
     lines += ["", f"Result: {verdict} ({summary}{', --strict' if strict else ''})", ""]
-    return "\n".join(lines)
+    return "\n".join(map(shown, lines))  # claims and the IdP's words, escaped

@@ -137,8 +137,9 @@ class GuardedRequestHandler(RequestHandler):
 
     Private attributes of RequestHandler read here: `_request_count` (requests parsed so far on
     this connection), `_messages` (parsed requests not yet handled, as (message, payload)),
-    `_waiter` (pending while it waits for a request: the connection is idle) and `_parser`
-    (dropped on a refusal, with the head bytes it buffered).
+    `_waiter` (pending while it waits for a request: the connection is idle), `_parser`
+    (dropped on a refusal, with the head bytes it buffered) and `_force_close` (set after an
+    answer to a request whose body is still arriving: no lingering read, no close yet).
     """
 
     __slots__ = ("_admitted", "_body", "_body_length", "_bounds", "_head_bytes", "_head_timer",
@@ -283,8 +284,17 @@ class GuardedRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """aiohttp's own refusals of malformed requests, in our JSON shape (not its plain text
-        echoing the offending line)."""
-        super().handle_error(request, status, exc, message)  # logs; raises if an answer began
+        echoing the offending line), logged in one line naming the parser's complaint: the
+        request is the client's mistake, and aiohttp's traceback per request (1.3 KB, quoting
+        the offending bytes) would let anyone flood the log. A 500, an error of ours, is still
+        logged with its traceback."""
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs; raises if answered
+        else:
+            log.info("request_malformed", status=status, error=type(exc).__name__,
+                     remote=request.remote)
+            if request.writer.output_size > 0:  # as aiohttp does: too late for an answer
+                raise ConnectionError("an answer was already being sent")
         phrase = HTTPStatus(status).phrase
         response = json_error(status, phrase.lower().replace(" ", "_"), phrase)
         response.headers["Server"] = SERVER  # no app hook runs for a request that never parsed
@@ -297,15 +307,39 @@ class GuardedRequestHandler(RequestHandler):
         """aiohttp writes every answer a handler returns whole (most JSON-RPC replies, every
         refusal) here, after the handler: a client that stops reading, pipelining requests it
         never reads the answers of, would hold this write and its connection forever. Past
-        CLIENT_WRITE_TIMEOUT_SECONDS the connection is aborted (close() would wait to flush)."""
+        CLIENT_WRITE_TIMEOUT_SECONDS the connection is aborted (close() would wait to flush).
+
+        An answer given before the request's body has arrived (a 401, 403, 429, 405 or 413 that
+        never read it) closes the connection instead of letting aiohttp read and discard the
+        rest for its 10 s lingering time: 44.9 GB on loopback, for a request without a token."""
+        unread = not request.content.is_eof()
+        if unread:
+            resp.force_close()  # says Connection: close (RFC 9112 §9.6)
         try:
             async with asyncio.timeout(self._bounds.write_timeout):
-                return await super().finish_response(request, resp, start_time)
+                answered = await super().finish_response(request, resp, start_time)
         except TimeoutError:
             log.warning("client_write_timeout", seconds=self._bounds.write_timeout)
             if self.transport is not None:
                 self.transport.abort()
             return resp, True
+        if unread:
+            self._close_unread()
+        return answered
+
+    def _close_unread(self) -> None:
+        """After the answer: half-close, so a client still sending reads the answer and the
+        end, stop reading (what arrives waits in the socket buffers, never in ours), and close
+        LINGER_SECONDS later (RFC 9112 §9.6). `_force_close` set without force_close() keeps
+        aiohttp from draining the body and from closing at once, which would reset the
+        connection and could lose the answer on its way."""
+        self._stopped = True
+        self._force_close = True
+        self.pause_reading()
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        self._linger_timer = self._loop.call_later(LINGER_SECONDS, self.force_close)
 
 
 class GuardedServer(web.Server):

@@ -34,6 +34,18 @@ SECRET_SHAPES = (
     re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+"),
 )
 SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secret", "password"})
+# What a terminal or a log viewer acts on instead of showing: C0 controls (ESC opens the
+# sequences that move the cursor, erase lines and set the window title; CR and LF start a line
+# that looks like another record), DEL, C1 controls (0x9b is a one-character CSI, U+0085 a line
+# break), the Unicode line and paragraph separators, and the bidi controls that reorder what is
+# shown (CVE-2021-42574, "Trojan Source"). A path, a header or a claim can carry any of them.
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as Python writes them; others \\xNN
+# Rendered tracebacks: their line breaks are their shape, so they stay (every line after the
+# first indented, so no line of one can pass for a record of its own); the rest is escaped.
+MULTILINE_KEYS = frozenset({"exception", "stack"})
+# Added by structlog's stdlib bridge for its own use, never rendered.
+META_KEYS = frozenset({"_record", "_from_structlog"})
 
 access = structlog.get_logger("oauth_sidecar.access")
 _access_enabled = True  # configure_logging turns it off for LOG_LEVEL warning and above
@@ -66,6 +78,53 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def shown(text: str) -> str:
+    """text with every control character written as a Python-style escape (\\x1b, \\u2028).
+    A search first: most values have none, and then the same string comes back."""
+    if CONTROLS.search(text) is None:
+        return text
+    return CONTROLS.sub(_escape_one, text)
+
+
+def escaped(value: Any) -> Any:
+    """value with every string in it shown(); anything not JSON-like as its escaped repr."""
+    if isinstance(value, str):
+        return shown(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {shown(k) if isinstance(k, str) else k: escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [escaped(v) for v in value]
+    return shown(repr(value))  # what either renderer would print, escaped
+
+
+def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Escape control characters in every key and value, nested ones included, so no client
+    can move the cursor, erase or forge a log line, set a terminal's title or reorder what a
+    log viewer shows, with the console renderer or the JSON one (json.dumps escapes them in the
+    bytes it writes, but a viewer decodes the strings and shows them raw). Last before the
+    renderer, after redaction (which must see the text as it was). On every access line: a
+    plain string or number costs one check and is left where it is."""
+    if CONTROLS.search("".join(event)):  # keys come from code: almost never
+        event = {shown(key): value for key, value in event.items()}
+    for key, value in event.items():
+        if type(value) is str:
+            if CONTROLS.search(value) is not None:
+                event[key] = (
+                    "\n  ".join(map(shown, value.split("\n"))) if key in MULTILINE_KEYS
+                    else CONTROLS.sub(_escape_one, value))
+        elif not (value is None or isinstance(value, bool | int | float) or key in META_KEYS):
+            event[key] = escaped(value)
+    return event
+
+
 def configure_logging(
     level: str, fmt: str, stream: TextIO | None = None, mask: SecretMask | None = None
 ) -> None:
@@ -75,9 +134,12 @@ def configure_logging(
     `mask` (the configuration's secrets) is applied to every finished line, stdlib ones too;
     without secrets to mask it costs nothing."""
     stream = stream or sys.stdout
-    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    terminal = stream.isatty()
+    console = fmt == "console" or (fmt == "auto" and terminal)
+    # Colours only on a terminal: a console log in a file or a pipe holds no escape sequence.
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=terminal) if console
+        else structlog.processors.JSONRenderer()
     )
     if mask:
         renderer = mask.wrap(renderer)
@@ -87,7 +149,8 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, redact, escape_controls,
+                    renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(stream),
@@ -98,7 +161,7 @@ def configure_logging(
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info, redact, renderer,
+            structlog.processors.format_exc_info, redact, escape_controls, renderer,
         ],
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
     ))

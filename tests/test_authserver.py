@@ -1058,6 +1058,18 @@ async def test_refresh_grant_forwarded_unchanged_apart_from_the_secret(
     assert token_endpoint.last.form == [*sent.items(), ("client_secret", "static-secret")]
 
 
+async def test_control_characters_in_a_relayed_form_reach_the_idp_instead_of_a_500(
+    start: Start, token_endpoint: TokenEndpoint
+) -> None:
+    """Found by tests/test_fuzz.py: aiohttp's FormData refuses a field name with a control
+    character (its header-injection check), so relaying the parsed form raised a 500."""
+    client = await start(**FACADE)
+    sent = refresh(**{"x\x08\x00y": "v\x1b[2K", "scope": "a\rb"})
+    reply = await call(client, "POST", "/token", **form(**sent))
+    assert reply.status == 200, reply.text
+    assert token_endpoint.last.form == list(sent.items())
+
+
 async def test_idp_error_status_body_and_content_type_come_back_uncached(
     start: Start, idp: FakeIdp, token_endpoint: TokenEndpoint
 ) -> None:

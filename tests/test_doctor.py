@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
 from real_idp import RealIdp, client_credentials_token, run_oidc_provider
 from structlog.testing import capture_logs
+from test_log import FORGERY, RAW_CONTROL, decoded_strings
 
 from oauth_sidecar.app import create_app
 from oauth_sidecar.authserver import CALLBACK_PATH
@@ -585,6 +586,52 @@ async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothin
     assert not group_alive(report.child_pid)
     assert any(line.startswith(f"child stopped: pid {report.child_pid} and its group are gone")
                for line in report.sections["upstream"])
+
+
+# The rule (doctor.MASK): values of credential-named options, URL passwords, and values that look
+# like keys by themselves; paths, ports, plain words and URLs without a password stay readable.
+SPAWN_SECRETS = ("sk-live-4eC39HqLyjWDarjtT1zdp7dc", "tok-plain-value", "hunter2", "pw-in-url",
+                 "ghp_16C7e42F292c6912E7710c838347Ae178B4a", "0123456789abcdef0123456789abcdef")
+SPAWN_ARGS = ("--api-key", SPAWN_SECRETS[0], "--token=" + SPAWN_SECRETS[1],
+              "password=" + SPAWN_SECRETS[2], f"--db=postgres://me:{SPAWN_SECRETS[3]}@db/x",
+              SPAWN_SECRETS[4], "--signing", SPAWN_SECRETS[5], "--key-file", "/run/secrets/key",
+              "--name", "my-server-2024")
+
+
+async def test_check_prints_the_spawn_command_without_credential_values(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    port = free_port()
+    env = spawn_env(idp, upstream, port, "serve", str(port), *SPAWN_ARGS)
+    for flags in ((), ("--json",)):
+        code, stdout, stderr = await run_cli("check", *flags, env=env)
+        assert code == 0, stdout + stderr
+        for secret in SPAWN_SECRETS:
+            assert secret not in stdout + stderr
+        text = "\n".join(decoded_strings(json.loads(stdout))) if flags else stdout
+        assert ("--api-key '***' '--token=***' 'password=***' "
+                "'--db=postgres://me:***@db/x' '***' --signing '***' "
+                "--key-file /run/secrets/key --name my-server-2024") in text
+        assert "child ready" in text  # the child got its real arguments
+
+
+async def test_check_escapes_claims_and_header_fields_it_prints(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """A signed-in user chooses their email and name; whoever hands a token to an operator
+    chooses its header: none of it may drive the operator's terminal."""
+    email = "\x1b]0;pwned\x07\x1b[2k@example.com"  # ASCII (and folded already): shown as it is
+    token = idp.mint(claims={"sub": FORGERY, "email": email, "email_verified": True},
+                     header={"typ": "at+jwt\x1b[1A\x1b[2K", "x": "\u2028"})
+    env = clean_env(idp, upstream, ALLOW_SUBS="", ALLOW_EMAILS="someone@example.com")
+    for flags in ((), ("--json",)):
+        code, stdout, stderr = await run_cli("check", "--token", token, *flags, env=env)
+        assert code == 1, stdout + stderr  # refused: the operator still reads every claim
+        assert not RAW_CONTROL.search(stdout.replace("\n", "")), RAW_CONTROL.findall(stdout)
+        text = "\n".join(decoded_strings(json.loads(stdout))) if flags else stdout
+        assert not RAW_CONTROL.search(text.replace("\n", "")), RAW_CONTROL.findall(text)
+        assert "\\x1b]0;pwned\\x07\\x1b[2k@example.com" in text  # shown, escaped
+        assert "at+jwt\\x1b[1A\\x1b[2K" in text
 
 
 # -- --token: the explanation agrees with the real sidecar -----------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import re
@@ -10,18 +11,24 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import FakeIdp, FakeUpstream, bearer, sidecar_env
-from processes import free_port
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from processes import free_port, sidecar_process, wait_ready
 from structlog.testing import capture_logs
 
-from oauth_sidecar.log import redact
+from oauth_sidecar.log import configure_logging, redact, shown
 
 Client = TestClient[web.Request, web.Application]
 
@@ -304,6 +311,131 @@ async def test_malformed_requests_carrying_a_token_do_not_log_it(
     if failure is not None:
         pytest.fail(f"{failure!r}; the sidecar exited {proc.returncode}: {stderr.decode()[-3000:]}")
     text = stdout.decode()
-    assert "Error handling request" in text  # the malformed requests were logged ...
+    assert "request_malformed" in text  # the malformed requests were logged ...
     for part in secret_parts(token):
         assert part not in text  # ... but never with the token in them
+
+
+# -- control characters: no log line can be forged -------------------------------------------------
+
+# Every character a terminal or a log viewer acts on, spelled out here independently of log.py.
+RAW_CONTROL = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# Moves up a line and erases it, sets the window title (OSC ... BEL), then a line separator, a
+# right-to-left override, NEL and a one-character CSI: no space, quote, "=", CR or LF in it, so
+# the console renderer has no reason of its own to quote it.
+FORGERY = "\x1b[1A\x1b[2K\x1b]0;pwned\x07\u2028\u202eevil\x85\x9b31m"
+RECORD_START = re.compile(r"\d{4}-\d\d-\d\dT")  # every record begins with its timestamp
+TRACEBACK = "Traceback (most recent call last):"  # the console renderer's own line after it
+
+
+def decoded_strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *decoded_strings(v)]]
+    if isinstance(value, list):
+        return [s for item in value for s in decoded_strings(item)]
+    return []
+
+
+@pytest.mark.parametrize("log_format", ["console", "json"])
+async def test_escape_sequences_from_paths_headers_and_claims_reach_no_log_line_raw(
+    idp: FakeIdp, upstream: FakeUpstream, log_format: str
+) -> None:
+    """`curl -g 'http://host/%1b[1A%1b[2K...'` needs no token: the access line carries the path.
+    A signed-in user's claims (sub) reach it too, and a raw header breaks the parser's line."""
+    port = free_port()
+    env = sidecar_env(idp, upstream, HOST="127.0.0.1", PORT=str(port), LOG_FORMAT=log_format)
+    token = idp.mint(claims={"sub": FORGERY})
+    path = "/mcp/" + quote(FORGERY, safe="")
+    raw_forgery = FORGERY.encode("utf-8")
+    requests = [
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode(),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: " + raw_forgery + b"\r\nX-Request-Id: "
+        + raw_forgery + b"\r\nConnection: close\r\n\r\n",
+        b"GET /" + raw_forgery + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    timeout = aiohttp.ClientTimeout(total=SUBPROCESS_TIMEOUT, sock_connect=1)
+    async with sidecar_process(env) as proc, aiohttp.ClientSession(timeout=timeout) as session:
+        await wait_ready(session, f"http://127.0.0.1:{port}", proc)
+        answers = [await send_raw(port, request) for request in requests]
+        proc.terminate()
+        stdout, _ = await asyncio.wait_for(proc.communicate(), SUBPROCESS_TIMEOUT)
+    assert [answer[9:12] for answer in answers] == [b"401", b"200", b"400", b"400"]
+    text = stdout.decode()
+    assert "\x1b[2K" not in text
+    assert not RAW_CONTROL.search(text), RAW_CONTROL.findall(text)
+    lines = text.splitlines()
+    if log_format == "json":
+        events = [json.loads(line) for line in lines]  # one record a line, none forged or split
+        for value in decoded_strings(events):  # what a log viewer shows
+            assert not RAW_CONTROL.search(value), value
+        access = [e for e in events if e["event"] == "request" and e["path"].startswith("/mcp/")]
+        shown_text = "\n".join(decoded_strings(events))
+    else:
+        assert all(RECORD_START.match(line) for line in lines)  # none forged or split
+        access = [{"line": line} for line in lines if " request " in line and "/mcp/" in line]
+        shown_text = text
+    assert len(access) == 2  # the path without a token, the path and the sub with one
+    # Both are there, escaped: the path twice, the sub once.
+    assert shown_text.count(
+        "\\x1b[1A\\x1b[2K\\x1b]0;pwned\\x07\\u2028\\u202eevil\\x85\\x9b31m") == 3
+
+
+def test_values_without_control_characters_come_back_as_they_are() -> None:
+    for value in ("/mcp", "user-1", "ünïcödé ✓", "a\\x1b is already escaped text"):
+        assert shown(value) is value
+
+
+@contextmanager
+def configured(log_format: str) -> Iterator[io.StringIO]:
+    """configure_logging in this process, writing to a buffer; everything put back after."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure_logging("info", log_format, stream)
+        yield stream
+    finally:
+        structlog.configure(**saved)
+        root.handlers, root.level = handlers, level  # "info" left access logging on
+
+
+TEXT = st.text(st.characters(codec=None, exclude_categories=["Cs"]), max_size=12) | (
+    st.lists(st.sampled_from(["\x1b[2K", "\r", "\n", "\u2028", "\u202e", "\x85", "\x9b", "\x00",
+                              "\x7f", "\t", "plain", " "]), max_size=6).map("".join))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(key=TEXT, value=TEXT, nested=TEXT)
+def test_no_control_character_reaches_a_rendered_line_whatever_the_text(
+    key: str, value: str, nested: str
+) -> None:
+    """The production configuration, both renderers: a text anywhere in an event (the event
+    itself, a value, a key of a nested dict, a list item, an exception message, a stdlib
+    record's arguments) comes out with no raw control character, and each record is one line
+    (a traceback's own lines indented)."""
+    for log_format in ("console", "json"):
+        with configured(log_format) as stream:
+            logger = structlog.get_logger("property")
+            logger.info(value, detail=value, nested={nested: [value, {key: nested}]})
+            try:
+                raise ValueError(value)
+            except ValueError:
+                logger.exception("failed", detail=key)
+                logging.getLogger("aiohttp.server").exception("bad %s", value)
+        text = stream.getvalue()
+        assert not RAW_CONTROL.search(text), (log_format, text)
+        lines = text.splitlines()
+        if log_format == "json":
+            events = [json.loads(line) for line in lines]
+            assert len(events) == 3
+            for shown_value in decoded_strings(events):  # a traceback keeps its line breaks
+                assert not RAW_CONTROL.search(shown_value), shown_value
+        else:
+            assert len([line for line in lines if RECORD_START.match(line)]) == 3, repr(text)
+            assert all(RECORD_START.match(line) or line.startswith((" ", TRACEBACK))
+                       for line in lines), repr(text)
