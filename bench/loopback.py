@@ -10,12 +10,34 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 WATCHDOG_PERIOD = 1.0  # seconds between checks that the parent is still alive
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nobody holds now, for a process the bench is about to start."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory in MiB; NaN once it has gone (a sampler must not crash)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 async def serve_until_stopped(name: str, apps: list[tuple[web.Application, int]], *,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 import time
 import uuid
@@ -41,6 +40,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
+from loopback import free_port, rss_mib
 
 REPO = Path(__file__).resolve().parent.parent
 AUDIENCE = "https://mcp.bench.test/mcp"
@@ -51,18 +51,6 @@ GUID_CLAIM_BYTES = 52  # one `"<guid>",` of a groups list, base64url-encoded in 
 FLOODS = ("sessions", "issued", "refused-tokens", "admitted-tokens", "ip-keys")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 @dataclass

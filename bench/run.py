@@ -64,7 +64,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 from jwt_micro import BenchKey, unknown_kid_token
+from loopback import free_port
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -294,12 +294,6 @@ def raise_nofile() -> int:
         soft = target
     return soft
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- processes -----------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+from loopback import free_port, rss_mib
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER_FIELD = 32768  # aiohttp's max_field_size as the sidecar sets it (MAX_HEADER_BYTES default)
@@ -76,18 +76,6 @@ class Ended:
         return "closed without an answer" if self.closed else "still open when we gave up"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def head_bytes(size: int, first: bytes = b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n") -> bytes:

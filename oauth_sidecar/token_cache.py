@@ -7,8 +7,8 @@ token's SHA-256 (never the token), holds only what a hit needs (the caller keeps
 policy and the forwarded identity read), and its bytes are counted as it goes in; past
 TOKEN_CACHE_SIZE entries or MAX_CACHE_BYTES the oldest go first. Tokens the policy refused when
 they were verified are kept too (otherwise each retry of a refused caller costs a full
-verification, which no budget counts), but on a shelf of their own, a quarter of the entries and
-bytes, so a flood of them can never push out the entries of callers who are let in.
+verification and a unit of its IP's budget), but on a shelf of their own, a quarter of the
+entries and bytes, so a flood of them can never push out the entries of callers who are let in.
 """
 
 from __future__ import annotations
