@@ -1155,7 +1155,7 @@ def paired_ratio(runs: dict[str, list[Json]], case: str, floor: str, key: str) -
 
 
 def summarise(results: Results) -> None:
-    """Medians, ratios and the verdicts against the issue's targets."""
+    """Medians, ratios and the verdicts against the performance targets."""
     t, lat, sse = results.throughput, results.latency, results.sse
     summary: Json = {"throughput_rps": {c: med(t, c, "rps") for c in t},
                      "cpu_us_per_request": {c: med(t, c, "cpu_us_per_request") for c in t},
@@ -1352,7 +1352,7 @@ def report(results: Results) -> str:
             rows.append([x["target"], f"{fmt(x['value'], 3)} {unit}".strip(),
                          f"{sign} {x['limit']:g} {unit}".strip(),
                          "meets" if x["meets"] else "MISSES"])
-        out += ["", "targets (issue 7)", table(["target", "value", "target", "result"], rows)]
+        out += ["", "targets", table(["target", "value", "target", "result"], rows)]
     if r.notes:
         out += ["", "notes:", *(f"  - {n}" for n in r.notes)]
     return "\n".join(out)

@@ -1,9 +1,9 @@
 """The spawned MCP server: start it, know when it is ready, keep it alive, stop it completely.
 
 Why: the one-container setup (a Claude.ai connector in front of `npx some-mcp-server`) needs the
-sidecar to own the MCP server's lifetime. The peer project crashed on a missing binary, orphaned
-the child when it never became ready, never restarted it, stayed green while it was dead, and
-handed it every secret. Here the child runs in its own session (so `npx` grandchildren are
+sidecar to own the MCP server's lifetime. The failures to avoid: crashing on a missing binary,
+orphaning a child that never became ready, never restarting it, staying green while it is dead,
+and handing it every secret. Here the child runs in its own session (so `npx` grandchildren are
 stopped with it), gets an allow-listed environment (config.SpawnConfig.env), is watched for
 readiness racing its own exit, restarted with exponential backoff until it crash-loops, and on
 shutdown its whole process group gets SIGTERM, then SIGKILL after a grace period, and is reaped.

@@ -2,8 +2,8 @@
 
 Why: a misconfigured auth proxy must refuse to start, listing every problem at once, rather than
 fail at the first request or, worse, let requests through. Nothing downstream reads the
-environment again. Variable names and meanings follow the peer project `mcp-oauth-proxy` so users
-can switch by changing the image.
+environment again. Variable names and meanings follow the Node project `mcp-oauth-proxy`, so
+its users can switch by changing the image.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The auth middleware: every route is protected except an explicit set of public ones.
 
-Why: the peer project decided "public" by path prefix and then fell through to the proxy, so
-unauthenticated requests reached the MCP server (`POST /healthz`, `/.well-known/%2e%2e/mcp`).
+Why: deciding "public" by path prefix and then falling through to the proxy lets
+unauthenticated requests reach the MCP server (`POST /healthz`, `/.well-known/%2e%2e/mcp`).
 Here public routes are terminal handlers registered for exactly their methods, and the gate asks
 the router which route matched, never the path. For everything else, in order: authenticate
 (401, RFC 6750 §3 and the MCP authorization spec), spend one request of the subject's budget
@@ -49,7 +49,7 @@ class Gate:
         self._addresses = addresses
         self._is_public = is_public
         self._max_token = config.tokens.max_token_bytes
-        # Precomputed challenge parts (house rule 5): only the error code varies per request.
+        # Precomputed challenge parts, off the hot path: only the error code varies per request.
         self._tail = f'resource_metadata="{metadata_url(config)}"'
         if config.advertised_scopes:
             self._tail += f', scope="{" ".join(config.advertised_scopes)}"'

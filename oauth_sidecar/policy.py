@@ -1,13 +1,13 @@
 """AccessPolicy: which verified callers may use the MCP server, and with which scopes.
 
 Why: a valid token only says who the caller is; anyone who can sign in to the IdP has one. The
-allow-lists decide (any configured list matching admits, the peer project's OR semantics), and
-they are pure functions of the claims so they are easy to test exhaustively. Emails count only
-when the IdP says they are verified (on an IdP with self-service sign-up an unverified `email` is
-attacker-chosen) and domains match exactly after the single `@`, never as a suffix. Emails and
-domains compare case-insensitively in ASCII alone: no Unicode case folding or normalisation, which
-would let `\u212aim@example.com` (KELVIN SIGN) or a fullwidth `\uff4bim@example.com` pass as
-`kim@example.com` on an IdP that lets users register such addresses.
+allow-lists decide (any configured list matching admits: OR, the meaning the same variables have in
+`mcp-oauth-proxy`), and they are pure functions of the claims so they are easy to test
+exhaustively. Emails count only when the IdP says they are verified (on an IdP with self-service
+sign-up an unverified `email` is attacker-chosen) and domains match exactly after the single `@`,
+never as a suffix. Emails and domains compare case-insensitively in ASCII alone: no Unicode case
+folding or normalisation, which would let `\u212aim@example.com` (KELVIN SIGN) or a fullwidth
+`\uff4bim@example.com` pass as `kim@example.com` on an IdP that lets users register such addresses.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Bounded wait for background work (house rule: every wait in a test is bounded)."""
+    """Bounded wait for background work: a test that waits forever hangs CI instead of failing."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
