@@ -19,7 +19,7 @@ from oauth_sidecar.discovery import (
     authorization_server_metadata_paths,
     protected_resource_paths,
 )
-from oauth_sidecar.gate import AUTH_FAILURE, Gate
+from oauth_sidecar.gate import Gate
 from oauth_sidecar.health import Health
 from oauth_sidecar.http_errors import json_errors, method_not_allowed
 from oauth_sidecar.idp import IdentityProvider
@@ -31,6 +31,7 @@ from oauth_sidecar.proxy import UpstreamProxy
 from oauth_sidecar.ratelimit import RateLimiter
 from oauth_sidecar.redemptions import redemption_store
 from oauth_sidecar.registration import RedirectAllowList, StaticRegistration
+from oauth_sidecar.request_keys import AUTH_FAILURE
 from oauth_sidecar.server_header import name_server
 from oauth_sidecar.sessions import SessionBindings
 from oauth_sidecar.tokens import TokenVerifier

@@ -18,9 +18,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from oauth_sidecar.config import Config
-from oauth_sidecar.gate import IsPublic
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.outcome import Handler
+from oauth_sidecar.request_keys import IsPublic
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = (

@@ -12,8 +12,6 @@ otherwise each refusal would be free. Each refusal is mapped to HTTP here and on
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiohttp import web
 
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
@@ -23,17 +21,14 @@ from oauth_sidecar.http_errors import json_error, rate_limited
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.policy import AccessPolicy, Denied
 from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, IsPublic
 from oauth_sidecar.tokens import Principal, TokenError, TokenVerifier, bearer_token
 
-PRINCIPAL = web.RequestKey("principal", Principal)
-AUTH_FAILURE = web.RequestKey("auth_failure", str)
 RETRY_AFTER_UNAVAILABLE = "5"  # seconds; the IdP refresher and Redis retry faster than that
 # No credential at all costs nothing to refuse: only verifications and refused credentials
 # spend the per-IP budget, so users behind one egress IP (Claude.ai's connector) are not
 # throttled by the unauthenticated first request every MCP client makes.
 UNCOUNTED_FAILURES = frozenset({"missing", "not_bearer"})
-
-IsPublic = Callable[[web.Request], bool]
 
 
 class Gate:

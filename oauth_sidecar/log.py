@@ -18,8 +18,8 @@ from typing import Any, TextIO
 import structlog
 from aiohttp import web
 
-from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.outcome import Handler, handle_and_record
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.secret_mask import SecretMask
 
 REQUEST_ID = web.RequestKey("request_id", str)

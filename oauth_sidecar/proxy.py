@@ -34,7 +34,6 @@ from oauth_sidecar.child import ChildProcess
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.discovery import public_origin
-from oauth_sidecar.gate import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
 from oauth_sidecar.policy import AccessPolicy
@@ -47,6 +46,7 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.sessions import MAX_SESSION_ID_BYTES, SessionBindings, valid_session_id
 from oauth_sidecar.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
 from oauth_sidecar.tokens import Principal

@@ -1,0 +1,18 @@
+"""What the gate leaves on a request for the modules after it (the proxy, the access log, CORS).
+
+Why a module of its own: those modules read these keys without needing the gate itself, so they
+import this small neutral module instead of the gate and its rate limiter, policy and verifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from oauth_sidecar.tokens import Principal
+
+PRINCIPAL = web.RequestKey("principal", Principal)  # the verified caller, set once admitted
+AUTH_FAILURE = web.RequestKey("auth_failure", str)  # why a request was refused, for logs/metrics
+
+IsPublic = Callable[[web.Request], bool]  # is this request for a route that needs no token?
