@@ -24,12 +24,12 @@ from functools import partial
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
+from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import load
-from oauth_sidecar.policy import AccessPolicy
-from oauth_sidecar.proxy import UpstreamProxy
-from oauth_sidecar.sessions import SessionBindings
-from oauth_sidecar.tokens import Principal
+from oauth_sidecar.request_keys import Principal
+from oauth_sidecar.upstream.proxy import UpstreamProxy
+from oauth_sidecar.upstream.sessions import SessionBindings
 
 ENV = {
     "OIDC_ISSUER_URL": "https://idp.bench.test",

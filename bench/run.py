@@ -100,9 +100,10 @@ PROFILE_RATE = 250  # py-spy samples per second
 PROFILE_TOP = 15
 # Inclusive time is shown for the product's own code and the libraries it calls per request.
 PROFILE_INCLUSIVE = tuple(f"{p}.py)" for p in (
-    "oauth_sidecar/gate", "oauth_sidecar/tokens", "oauth_sidecar/proxy", "oauth_sidecar/log",
-    "oauth_sidecar/cors", "oauth_sidecar/http_errors", "oauth_sidecar/ratelimit",
-    "oauth_sidecar/policy", "oauth_sidecar/client_ip", "oauth_sidecar/sessions",
+    "oauth_sidecar/auth/gate", "oauth_sidecar/auth/tokens", "oauth_sidecar/upstream/proxy",
+    "oauth_sidecar/log", "oauth_sidecar/cors", "oauth_sidecar/http_errors",
+    "oauth_sidecar/auth/ratelimit",
+    "oauth_sidecar/auth/policy", "oauth_sidecar/client_ip", "oauth_sidecar/upstream/sessions",
     "jwt/api_jwt", "jwt/api_jws", "jwt/algorithms", "aiohttp/client", "aiohttp/web_response",
     "structlog/_native", "limits/aio/strategies"))
 LATENCY_CONNECTIONS = 10  # the latency runs' connections (wrk) and workers (hey)

@@ -14,15 +14,15 @@ from functools import partial
 
 import structlog
 
-from oauth_sidecar import __version__, demo, descriptors, doctor, listener
+from oauth_sidecar import __version__, descriptors, listener
 from oauth_sidecar.app import CHILD, create_app
-from oauth_sidecar.child import ChildStartError
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load
 from oauth_sidecar.log import configure_logging
 from oauth_sidecar.metrics import MetricsListenError
 from oauth_sidecar.process_privacy import forbid_inspection
 from oauth_sidecar.secret_mask import SecretMask
-from oauth_sidecar.upstream_credential import read_token
+from oauth_sidecar.upstream.child import ChildStartError
+from oauth_sidecar.upstream.credential import read_token
 
 EXIT_CONFIG = 2
 EXIT_CHILD_FAILED = 1
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oauth-sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve (the default): protect the configured MCP server")
-    demo.add_arguments(commands.add_parser(
+    _demo_arguments(commands.add_parser(
         "demo", help="try it: a development OpenID provider, an example MCP server and the "
         "sidecar in front of it, on this machine only"))
     check = commands.add_parser(
@@ -109,6 +109,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="log at LOG_LEVEL to stderr (e.g. the spawned child's output); "
                        "default: warnings only")
     return parser
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="loopback address for the sidecar: 127.0.0.1 (default), ::1 or "
+                             "localhost; anything else is refused")
+    parser.add_argument("--port", type=_port, default=8080,
+                        help="port of the sidecar, the MCP URL you connect to (default 8080; "
+                             "0 picks a free one)")
+    parser.add_argument("--idp-port", type=_port, default=0,
+                        help="port of the development OpenID provider (default: a free one)")
+    parser.add_argument("--mcp-port", type=_port, default=0,
+                        help="port of the example MCP server (default: a free one)")
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 def load_or_report(env: Mapping[str, str], heading: str) -> Config | None:
@@ -135,6 +158,8 @@ def secret_mask(config: Config) -> SecretMask:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        from oauth_sidecar.devtools import demo  # noqa: PLC0415  development only: never on the serving path
+
         return demo.run(args)
     # Before the secrets are read and the child exists: same-uid processes never see them.
     unprotected = forbid_inspection()
@@ -166,6 +191,8 @@ def check(config: Config, args: argparse.Namespace, mask: SecretMask | None = No
     configure_logging(level, config.log_format, sys.stderr, mask)
     _log_unprotected(unprotected)
     try:
+        from oauth_sidecar import doctor  # noqa: PLC0415  `check` only: never on the serving path
+
         token = doctor.read_token(args.token, args.token_file, sys.stdin)
     except ValueError as exc:
         print(f"oauth-sidecar check: {exc}", file=sys.stderr)

@@ -8,34 +8,34 @@ from contextlib import AbstractAsyncContextManager
 from aiohttp import web
 
 from oauth_sidecar import __version__
-from oauth_sidecar.allow_files import AllowListFiles
-from oauth_sidecar.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
-from oauth_sidecar.child import ChildProcess
-from oauth_sidecar.client_ip import ClientAddress
-from oauth_sidecar.config import Config
-from oauth_sidecar.cors import Cors
-from oauth_sidecar.discovery import (
+from oauth_sidecar.auth.allow_files import AllowListFiles
+from oauth_sidecar.auth.gate import Gate
+from oauth_sidecar.auth.idp import IdentityProvider
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.ratelimit import RateLimiter
+from oauth_sidecar.auth.resource_metadata import (
     ProtectedResourceMetadata,
     authorization_server_metadata_paths,
     protected_resource_paths,
 )
-from oauth_sidecar.gate import Gate
+from oauth_sidecar.auth.tokens import TokenVerifier
+from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.config import Config
+from oauth_sidecar.cors import Cors
 from oauth_sidecar.health import Health
 from oauth_sidecar.http_errors import json_errors, method_not_allowed
-from oauth_sidecar.idp import IdentityProvider
 from oauth_sidecar.log import access_log, add_request_id
-from oauth_sidecar.metrics import Metrics, PrometheusMetrics
+from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
 from oauth_sidecar.outcome import Handler
-from oauth_sidecar.policy import AccessPolicy
-from oauth_sidecar.proxy import UpstreamProxy
-from oauth_sidecar.ratelimit import RateLimiter
-from oauth_sidecar.redemptions import redemption_store
-from oauth_sidecar.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.request_keys import AUTH_FAILURE
 from oauth_sidecar.server_header import name_server
-from oauth_sidecar.sessions import SessionBindings
-from oauth_sidecar.tokens import TokenVerifier
-from oauth_sidecar.upstream_credential import UpstreamCredential
+from oauth_sidecar.signin.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
+from oauth_sidecar.signin.redemptions import redemption_store
+from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistration
+from oauth_sidecar.upstream.child import ChildProcess
+from oauth_sidecar.upstream.credential import UpstreamCredential
+from oauth_sidecar.upstream.proxy import UpstreamProxy
+from oauth_sidecar.upstream.sessions import SessionBindings
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
@@ -43,7 +43,6 @@ PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
 ALLOW_FILES = web.AppKey("allow_files", AllowListFiles)
-METRICS = web.AppKey("metrics", Metrics)
 
 
 def _lifetime(

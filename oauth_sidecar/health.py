@@ -12,9 +12,9 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
-from oauth_sidecar.child import ChildProcess
-from oauth_sidecar.idp import IdentityProvider
-from oauth_sidecar.proxy import UpstreamProxy
+from oauth_sidecar.auth.idp import IdentityProvider
+from oauth_sidecar.upstream.child import ChildProcess
+from oauth_sidecar.upstream.proxy import UpstreamProxy
 
 log = structlog.get_logger("oauth_sidecar.health")
 

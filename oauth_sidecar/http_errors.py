@@ -15,7 +15,6 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from oauth_sidecar.outcome import CLIENT_CLOSED_REQUEST, Handler
-from oauth_sidecar.ratelimit import RateLimited
 
 log = structlog.get_logger("oauth_sidecar.http")
 
@@ -34,16 +33,6 @@ def json_error(
         response.headers.update(headers)
     response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def rate_limited(limited: RateLimited) -> web.Response:
-    """429 with when to come back (RFC 6585 §4, RFC 9110 §10.2.3) and the RateLimit fields."""
-    return json_error(429, "rate_limited", "Too many requests", {
-        "Retry-After": str(limited.retry_after),
-        "RateLimit-Limit": str(limited.limit),
-        "RateLimit-Remaining": "0",
-        "RateLimit-Reset": str(limited.retry_after),
-    })
 
 
 def method_not_allowed(allow: str) -> Handler:

@@ -34,10 +34,9 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from oauth_sidecar import descriptors
-from oauth_sidecar.app import METRICS
 from oauth_sidecar.config import Config, ListenerConfig
 from oauth_sidecar.http_errors import error_body, json_error
-from oauth_sidecar.metrics import Metrics
+from oauth_sidecar.metrics import METRICS, Metrics
 from oauth_sidecar.server_header import SERVER
 
 HEAD_SLICE = 8192  # bytes parsed at a time while a head (or a chunked body) arrives

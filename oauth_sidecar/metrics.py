@@ -87,6 +87,9 @@ class Metrics:
         yield
 
 
+METRICS = web.AppKey("metrics", Metrics)  # the app's hooks, read by the listener too
+
+
 class _Watched(Collector):
     """Values the components already keep, read when Prometheus scrapes."""
 

@@ -6,11 +6,23 @@ import this small neutral module instead of the gate and its rate limiter, polic
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from oauth_sidecar.tokens import Principal
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified caller."""
+
+    issuer: str
+    subject: str
+    claims: Mapping[str, Any]
+    expires_at: float
+    kid: str | None
+
 
 PRINCIPAL = web.RequestKey("principal", Principal)  # the verified caller, set once admitted
 AUTH_FAILURE = web.RequestKey("auth_failure", str)  # why a request was refused, for logs/metrics

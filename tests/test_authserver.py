@@ -29,7 +29,7 @@ from multidict import CIMultiDictProxy
 from processes import free_port
 from structlog.testing import capture_logs
 
-from oauth_sidecar import authserver
+from oauth_sidecar.signin import authserver
 
 Client = TestClient[web.Request, web.Application]
 

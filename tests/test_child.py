@@ -46,9 +46,11 @@ from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
 from redis_server import RedisServer
 from structlog.testing import capture_logs
 
-from oauth_sidecar import child as child_module
 from oauth_sidecar.app import CHILD, IDP, create_app
-from oauth_sidecar.child import (
+from oauth_sidecar.config import CHILD_ENV_FORBIDDEN, ConfigError, load
+from oauth_sidecar.secret_mask import MARK
+from oauth_sidecar.upstream import child as child_module
+from oauth_sidecar.upstream.child import (
     LINE_BURST,
     LINES_PER_SECOND,
     MAX_LINE,
@@ -57,8 +59,6 @@ from oauth_sidecar.child import (
     ChildState,
     port_accepts,
 )
-from oauth_sidecar.config import CHILD_ENV_FORBIDDEN, ConfigError, load
-from oauth_sidecar.secret_mask import MARK
 
 FAKE = Path(__file__).resolve().parent / "children" / "fake_mcp_server.py"
 ECHO_SERVER = Path(__file__).resolve().parent / "mcp_echo_server.py"

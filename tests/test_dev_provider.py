@@ -26,8 +26,8 @@ from mcp_client_probe import call_echo
 from oauth_flow import run_sidecar
 from processes import free_port
 
-from oauth_sidecar.dev_provider import DEMO_USERS, DevProvider
-from oauth_sidecar.example_mcp import ExampleMcpServer
+from oauth_sidecar.devtools.dev_provider import DEMO_USERS, DevProvider
+from oauth_sidecar.devtools.example_mcp import ExampleMcpServer
 
 RESOURCE = "http://127.0.0.1:8080/mcp"
 REDIRECT = "http://127.0.0.1:33333/callback"

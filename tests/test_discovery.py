@@ -9,12 +9,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import FakeIdp, FakeUpstream, SidecarFactory
 
-from oauth_sidecar.config import load
-from oauth_sidecar.discovery import (
+from oauth_sidecar.auth.resource_metadata import (
     metadata_url,
     protected_resource_document,
     protected_resource_paths,
 )
+from oauth_sidecar.config import load
 
 Client = TestClient[web.Request, web.Application]
 

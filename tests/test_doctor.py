@@ -40,9 +40,11 @@ from structlog.testing import capture_logs
 from test_log import FORGERY, RAW_CONTROL, decoded_strings
 
 from oauth_sidecar.app import create_app
-from oauth_sidecar.authserver import CALLBACK_PATH
+from oauth_sidecar.auth.resource_metadata import (
+    authorization_server_metadata_paths,
+    protected_resource_document,
+)
 from oauth_sidecar.config import UNSHARED_SEALING_WARNING, load
-from oauth_sidecar.discovery import authorization_server_metadata_paths, protected_resource_document
 from oauth_sidecar.doctor import (
     ERROR,
     NOTE,
@@ -55,6 +57,7 @@ from oauth_sidecar.doctor import (
     resource_findings,
     state_secret_findings,
 )
+from oauth_sidecar.signin.authserver import CALLBACK_PATH
 
 FAKE_CHILD = Path(__file__).resolve().parent / "children" / "fake_mcp_server.py"
 STATIC_ID, STATIC_SECRET = "doctor-static", "doctor-secret"

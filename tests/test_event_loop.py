@@ -355,7 +355,7 @@ async def test_upstream_credential_rotation_is_read_off_the_loop(
     worker thread (upstream_credential.py uses asyncio.to_thread), never on the loop. The first
     read happens in create_app, before the server runs (in __main__, before the loop starts)."""
     from oauth_sidecar import app as app_module
-    from oauth_sidecar.upstream_credential import UpstreamCredential
+    from oauth_sidecar.upstream.credential import UpstreamCredential
 
     # The constructor's own poll interval, shortened so a rotation is seen in 50 ms, not 2 s.
     with pytest.MonkeyPatch.context() as patch:

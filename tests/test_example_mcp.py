@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from mcp_client_probe import Mode, call_echo, call_whoami
 
-from oauth_sidecar.example_mcp import LATEST, PROTOCOL_VERSIONS, ExampleMcpServer
+from oauth_sidecar.devtools.example_mcp import LATEST, PROTOCOL_VERSIONS, ExampleMcpServer
 
 CLIENT_TIMEOUT = 20.0
 JSON_AND_SSE = "application/json, text/event-stream"

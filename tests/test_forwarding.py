@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from oauth_sidecar.app import PROXY
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import ConfigError, load
-from oauth_sidecar.proxy import MAX_REMEMBERED_NAME, MAX_VERDICTS
+from oauth_sidecar.upstream.proxy import MAX_REMEMBERED_NAME, MAX_VERDICTS
 
 Client = TestClient[web.Request, web.Application]
 

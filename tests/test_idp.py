@@ -34,8 +34,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP
-from oauth_sidecar.config import DEFAULT_ALGORITHMS, IdpConfig, TokenConfig
-from oauth_sidecar.idp import (
+from oauth_sidecar.auth.idp import (
     MAX_KEYS,
     IdentityProvider,
     IdpError,
@@ -43,7 +42,8 @@ from oauth_sidecar.idp import (
     parse_jwks,
     same_issuer,
 )
-from oauth_sidecar.tokens import TokenError, TokenVerifier
+from oauth_sidecar.auth.tokens import TokenError, TokenVerifier
+from oauth_sidecar.config import DEFAULT_ALGORITHMS, IdpConfig, TokenConfig
 
 Client = TestClient[web.Request, web.Application]
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]

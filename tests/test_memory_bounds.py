@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from conftest import FakeIdp, FakeUpstream, SigningKey, new_ec, sidecar_env
 from processes import PROCESS_TIMEOUT, free_port, sidecar_process, wait_ready
 
-from oauth_sidecar.token_cache import MAX_CACHE_BYTES
+from oauth_sidecar.auth.token_cache import MAX_CACHE_BYTES
 
 MiB = 1 << 20
 SLACK = 10 * MiB  # what a flood may leave beyond its bound: allocator noise, buffers reused

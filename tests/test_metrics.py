@@ -38,10 +38,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from oauth_sidecar import __version__
-from oauth_sidecar import child as child_module
-from oauth_sidecar.app import CHILD, IDP, METRICS, create_app
+from oauth_sidecar.app import CHILD, IDP, create_app
 from oauth_sidecar.config import ConfigError, load
-from oauth_sidecar.metrics import Metrics, PrometheusMetrics
+from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
+from oauth_sidecar.upstream import child as child_module
 
 Client = TestClient[web.Request, web.Application]
 FAKE_CHILD = Path(__file__).resolve().parent / "children" / "fake_mcp_server.py"

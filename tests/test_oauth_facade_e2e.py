@@ -63,7 +63,7 @@ from processes import free_port
 from pydantic import AnyUrl
 from real_idp import RealIdp, discover, run_oidc_provider
 
-from oauth_sidecar.authserver import AuthorizationServer, StateCodec
+from oauth_sidecar.signin.authserver import AuthorizationServer, StateCodec
 
 USER = "user-1"  # the provider's --auto-login account
 STATIC_ID = "mcp-facade"

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from oauth_sidecar.auth.policy import AccessPolicy, Denied
 from oauth_sidecar.config import AllowFile, ConfigError, PolicyConfig, ascii_lower, load
-from oauth_sidecar.policy import AccessPolicy, Denied
 
 Client = TestClient[web.Request, web.Application]
 

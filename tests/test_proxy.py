@@ -27,9 +27,9 @@ from processes import free_port
 from structlog.testing import capture_logs
 from test_metrics import scrape
 
-from oauth_sidecar import proxy as proxy_module
 from oauth_sidecar.app import PROXY
 from oauth_sidecar.request_body import WHOLE_BODY_BYTES
+from oauth_sidecar.upstream import proxy as proxy_module
 
 Client = TestClient[web.Request, web.Application]
 Respond = Callable[[web.Request], Awaitable[web.StreamResponse]]

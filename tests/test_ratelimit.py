@@ -30,9 +30,9 @@ from redis_server import RedisServer
 from structlog.testing import capture_logs
 from test_metrics import scrape
 
-from oauth_sidecar import ratelimit
 from oauth_sidecar.app import VERIFIER
-from oauth_sidecar.tokens import Principal
+from oauth_sidecar.auth import ratelimit
+from oauth_sidecar.request_keys import Principal
 
 Client = TestClient[web.Request, web.Application]
 

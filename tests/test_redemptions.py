@@ -30,9 +30,9 @@ from test_authserver import (
     serve_document,
 )
 
-from oauth_sidecar import redemptions
-from oauth_sidecar.authserver import StateCodec
-from oauth_sidecar.redemptions import MemoryRedemptions, RedemptionUnavailable
+from oauth_sidecar.signin import redemptions
+from oauth_sidecar.signin.authserver import StateCodec
+from oauth_sidecar.signin.redemptions import MemoryRedemptions, RedemptionUnavailable
 
 HOUR = 3600.0
 

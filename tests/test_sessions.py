@@ -19,9 +19,9 @@ from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
-from oauth_sidecar import sessions
 from oauth_sidecar.app import SESSIONS
-from oauth_sidecar.sessions import SessionBindings
+from oauth_sidecar.upstream import sessions
+from oauth_sidecar.upstream.sessions import SessionBindings
 
 Client = TestClient[web.Request, web.Application]
 

@@ -23,11 +23,12 @@ from multidict import CIMultiDict
 from test_properties import PublishedKey
 
 from oauth_sidecar.app import VERIFIER
+from oauth_sidecar.auth.idp import VerificationKey
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.token_cache import MAX_CACHE_BYTES, REFUSED_SHARE, TokenCache, footprint
+from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import PolicyConfig, TokenConfig
-from oauth_sidecar.idp import VerificationKey
-from oauth_sidecar.policy import AccessPolicy
-from oauth_sidecar.token_cache import MAX_CACHE_BYTES, REFUSED_SHARE, TokenCache, footprint
-from oauth_sidecar.tokens import Principal, TokenVerifier
+from oauth_sidecar.request_keys import Principal
 
 Client = TestClient[web.Request, web.Application]
 

@@ -45,7 +45,7 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP
-from oauth_sidecar.tokens import NON_ACCESS_TYPES, TokenError, bearer_token, parse_strict
+from oauth_sidecar.auth.tokens import NON_ACCESS_TYPES, TokenError, bearer_token, parse_strict
 
 Client = TestClient[web.Request, web.Application]
 Start = Callable[..., Awaitable[Client]]

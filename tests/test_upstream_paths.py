@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from oauth_sidecar.upstream_paths import LocationRewriter, PathMap
+from oauth_sidecar.upstream.paths import LocationRewriter, PathMap
 
 # (RESOURCE_URL's path, MCP_UPSTREAM_PATH) as config.load leaves them.
 LAYOUTS = [("/mcp", ""), ("/mcp", "/inner"), ("", "/mcp"), ("", ""), ("/mcp", "/mcp"),

@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.config import AllowFile, allow_entries, read_allow_file
-from oauth_sidecar.policy import AccessPolicy
-from oauth_sidecar.watched_file import POLL_SECONDS, WatchedFile, polling
+from oauth_sidecar.config.watched_file import POLL_SECONDS, WatchedFile, polling
 
 log = structlog.get_logger("oauth_sidecar.allow_files")
 

@@ -39,18 +39,8 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from oauth_sidecar import __version__
-from oauth_sidecar.authserver import CALLBACK_PATH, facade_metadata, with_query
-from oauth_sidecar.child import ChildProcess, ChildStartError
-from oauth_sidecar.client_ip import ClientAddress
-from oauth_sidecar.config import UNSHARED_SEALING_WARNING, Config, is_loopback_host
-from oauth_sidecar.discovery import (
-    authorization_server_metadata_paths,
-    protected_resource_document,
-    protected_resource_paths,
-    public_origin,
-)
-from oauth_sidecar.gate import Gate
-from oauth_sidecar.idp import (
+from oauth_sidecar.auth.gate import Gate
+from oauth_sidecar.auth.idp import (
     MAX_REDIRECTS,
     IdentityProvider,
     VerificationKey,
@@ -58,12 +48,15 @@ from oauth_sidecar.idp import (
     parse_jwk,
     same_issuer,
 )
-from oauth_sidecar.log import escaped, shown
-from oauth_sidecar.policy import AccessPolicy, Admission
-from oauth_sidecar.proxy import UpstreamProxy
-from oauth_sidecar.ratelimit import RateLimiter
-from oauth_sidecar.sessions import SessionBindings
-from oauth_sidecar.tokens import (
+from oauth_sidecar.auth.policy import AccessPolicy, Admission
+from oauth_sidecar.auth.ratelimit import RateLimiter
+from oauth_sidecar.auth.resource_metadata import (
+    authorization_server_metadata_paths,
+    protected_resource_document,
+    protected_resource_paths,
+    public_origin,
+)
+from oauth_sidecar.auth.tokens import (
     CLIENT_CLAIMS,
     ID_TOKEN_HASHES,
     MAX_KID_LENGTH,
@@ -74,7 +67,14 @@ from oauth_sidecar.tokens import (
     bearer_token,
     media_type,
 )
-from oauth_sidecar.upstream_credential import UpstreamCredential
+from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.config import UNSHARED_SEALING_WARNING, Config, is_loopback_host
+from oauth_sidecar.log import escaped, shown
+from oauth_sidecar.signin.authserver import CALLBACK_PATH, facade_metadata, with_query
+from oauth_sidecar.upstream.child import ChildProcess, ChildStartError
+from oauth_sidecar.upstream.credential import UpstreamCredential
+from oauth_sidecar.upstream.proxy import UpstreamProxy
+from oauth_sidecar.upstream.sessions import SessionBindings
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 EXIT_PASS, EXIT_FAIL = 0, 1

@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from multidict import MultiMapping
 
-from oauth_sidecar.authserver import with_query
 from oauth_sidecar.config import canonical_resource, is_loopback_host, split_list
 from oauth_sidecar.outcome import Handler
-from oauth_sidecar.registration import is_loopback_redirect, redirect_parts
+from oauth_sidecar.signin.authserver import with_query
+from oauth_sidecar.signin.registration import is_loopback_redirect, redirect_parts
 
 log = structlog.get_logger("oauth_sidecar.dev_provider")
 

@@ -30,13 +30,12 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from oauth_sidecar.child import ChildProcess
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.resource_metadata import public_origin
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
-from oauth_sidecar.discovery import public_origin
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
-from oauth_sidecar.policy import AccessPolicy
 from oauth_sidecar.request_body import (
     WHOLE_BODY_BYTES,
     BodyBroken,
@@ -46,12 +45,12 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
-from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL
-from oauth_sidecar.sessions import MAX_SESSION_ID_BYTES, SessionBindings, valid_session_id
-from oauth_sidecar.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
-from oauth_sidecar.tokens import Principal
-from oauth_sidecar.upstream_credential import UpstreamCredential
-from oauth_sidecar.upstream_paths import LocationRewriter, PathMap
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, Principal
+from oauth_sidecar.upstream.child import ChildProcess
+from oauth_sidecar.upstream.credential import UpstreamCredential
+from oauth_sidecar.upstream.paths import LocationRewriter, PathMap
+from oauth_sidecar.upstream.sessions import MAX_SESSION_ID_BYTES, SessionBindings, valid_session_id
+from oauth_sidecar.upstream.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
 
 # The process (EMFILE) or the system (ENFILE) has no descriptor left for the upstream connection:
 # the sidecar is overloaded, the upstream is not at fault (503, not 502).

@@ -25,9 +25,10 @@ from typing import Any, Protocol
 
 from jwt.algorithms import get_default_algorithms
 
+from oauth_sidecar.auth.idp import VerificationKey
+from oauth_sidecar.auth.token_cache import ENTRY_OVERHEAD, TokenCache, footprint
 from oauth_sidecar.config import TokenConfig
-from oauth_sidecar.idp import VerificationKey
-from oauth_sidecar.token_cache import ENTRY_OVERHEAD, TokenCache, footprint
+from oauth_sidecar.request_keys import Principal
 
 # RFC 6750 §2.1 b64token; a JWT uses only base64url characters and dots (RFC 7515 §7.1).
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -71,15 +72,6 @@ def _invalid(reason: str, description: str) -> TokenError:
     return TokenError(reason, description)
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """The verified caller."""
-
-    issuer: str
-    subject: str
-    claims: Mapping[str, Any]
-    expires_at: float
-    kid: str | None
 
 
 KeptClaims = Callable[[str, Mapping[str, Any]], tuple[Mapping[str, Any], bool]]

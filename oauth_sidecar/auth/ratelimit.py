@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import structlog
+from aiohttp import web
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -31,6 +32,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from oauth_sidecar.config import RateLimitConfig
+from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
 
 log = structlog.get_logger("oauth_sidecar.ratelimit")
@@ -176,3 +178,13 @@ async def _close(storage: Storage) -> None:
     if close is not None:
         with suppress(OSError, StorageError):  # already gone: nothing to release
             await close()
+
+
+def rate_limited(limited: RateLimited) -> web.Response:
+    """429 with when to come back (RFC 6585 §4, RFC 9110 §10.2.3) and the RateLimit fields."""
+    return json_error(429, "rate_limited", "Too many requests", {
+        "Retry-After": str(limited.retry_after),
+        "RateLimit-Limit": str(limited.limit),
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": str(limited.retry_after),
+    })

@@ -31,8 +31,8 @@ from aiohttp import web
 
 from oauth_sidecar.app import IDP, create_app
 from oauth_sidecar.config import Config, ConfigError, is_loopback_host, load
-from oauth_sidecar.dev_provider import DEMO_USERS, DemoUser, DevProvider
-from oauth_sidecar.example_mcp import LATEST, MCP_PATH, ExampleMcpServer
+from oauth_sidecar.devtools.dev_provider import DEMO_USERS, DemoUser, DevProvider
+from oauth_sidecar.devtools.example_mcp import LATEST, MCP_PATH, ExampleMcpServer
 from oauth_sidecar.listener import make_runner
 from oauth_sidecar.log import configure_logging
 
@@ -53,29 +53,6 @@ CORS_ORIGINS = "https://claude.ai,https://claude.com,http://localhost:6274,http:
 
 class DemoError(Exception):
     """A reason the demo cannot start, printed as one line (exit 2)."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="loopback address for the sidecar: 127.0.0.1 (default), ::1 or "
-                             "localhost; anything else is refused")
-    parser.add_argument("--port", type=_port, default=8080,
-                        help="port of the sidecar, the MCP URL you connect to (default 8080; "
-                             "0 picks a free one)")
-    parser.add_argument("--idp-port", type=_port, default=0,
-                        help="port of the development OpenID provider (default: a free one)")
-    parser.add_argument("--mcp-port", type=_port, default=0,
-                        help="port of the example MCP server (default: a free one)")
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
-    return port
 
 
 @dataclass

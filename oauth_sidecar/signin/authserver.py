@@ -42,14 +42,17 @@ from aiohttp import web
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from oauth_sidecar.auth.idp import IdentityProvider, same_issuer
+from oauth_sidecar.auth.ratelimit import (
+    RateLimited,
+    RateLimiter,
+    RateLimitUnavailable,
+    rate_limited,
+)
+from oauth_sidecar.auth.resource_metadata import public_origin
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
-from oauth_sidecar.discovery import public_origin
-from oauth_sidecar.http_errors import json_error, rate_limited
-from oauth_sidecar.idp import IdentityProvider, same_issuer
-from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
-from oauth_sidecar.redemptions import RedemptionStore, RedemptionUnavailable
-from oauth_sidecar.registration import ALLOWED_GRANTS, RedirectAllowList
+from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.request_body import (
     BodyBroken,
     BodyReader,
@@ -57,6 +60,8 @@ from oauth_sidecar.request_body import (
     BodyTooLarge,
     body_refused,
 )
+from oauth_sidecar.signin.redemptions import RedemptionStore, RedemptionUnavailable
+from oauth_sidecar.signin.registration import ALLOWED_GRANTS, RedirectAllowList
 
 log = structlog.get_logger("oauth_sidecar.authserver")
 

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from oauth_sidecar.auth.policy import AccessPolicy, Denied
+from oauth_sidecar.auth.ratelimit import (
+    RateLimited,
+    RateLimiter,
+    RateLimitUnavailable,
+    rate_limited,
+)
+from oauth_sidecar.auth.resource_metadata import metadata_url
+from oauth_sidecar.auth.tokens import TokenError, TokenVerifier, bearer_token
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
-from oauth_sidecar.discovery import metadata_url
-from oauth_sidecar.http_errors import json_error, rate_limited
+from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.outcome import Handler
-from oauth_sidecar.policy import AccessPolicy, Denied
-from oauth_sidecar.ratelimit import RateLimited, RateLimiter, RateLimitUnavailable
-from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, IsPublic
-from oauth_sidecar.tokens import Principal, TokenError, TokenVerifier, bearer_token
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, IsPublic, Principal
 
 RETRY_AFTER_UNAVAILABLE = "5"  # seconds; the IdP refresher and Redis retry faster than that
 # No credential at all costs nothing to refuse: only verifications and refused credentials

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 
-from oauth_sidecar.watched_file import POLL_SECONDS, WatchedFile, polling
+from oauth_sidecar.config.watched_file import POLL_SECONDS, WatchedFile, polling
 
 log = structlog.get_logger("oauth_sidecar.upstream_credential")
 
