@@ -591,8 +591,9 @@ async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothin
                for line in report.sections["upstream"])
 
 
-# The rule (config_summary.MASK): values of credential-named options, URL passwords, and values that look
-# like keys by themselves; paths, ports, plain words and URLs without a password stay readable.
+# The rule (config_summary.MASK): values of credential-named options, URL passwords, and values
+# that look like keys by themselves; paths, ports, plain words and URLs without a password stay
+# readable.
 SPAWN_SECRETS = ("sk-live-4eC39HqLyjWDarjtT1zdp7dc", "tok-plain-value", "hunter2", "pw-in-url",
                  "ghp_16C7e42F292c6912E7710c838347Ae178B4a", "0123456789abcdef0123456789abcdef")
 SPAWN_ARGS = ("--api-key", SPAWN_SECRETS[0], "--token=" + SPAWN_SECRETS[1],
