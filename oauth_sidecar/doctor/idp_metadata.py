@@ -39,7 +39,6 @@ ISS_SENDER_HOSTS = (("clerk.", "Clerk"), (".clerk.accounts.dev", "Clerk"),
 class IdpChecks(Checker):
     """The IdP's discovery, keys, clock and metadata, written into the report."""
 
-
     async def identity_provider(self, idp: IdentityProvider) -> None:
         config, section = self.config, "identity provider"
         urls = discovery_urls(config.idp.issuer)

@@ -59,6 +59,7 @@ def _group_alive(pgid: int) -> bool:
         return True
     return True
 
+
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """At most `limit` bytes of the body (the rest is left unread)."""
     body = b""
@@ -86,7 +87,6 @@ def _mentions_redirect_error(body: bytes) -> bool:
     return "aadsts50011" in text or bool(
         re.search(r"invalid[_ ]redirect[_ ]uri|redirect_uri[^<]{0,40}(mismatch|not match|invalid)",
                   text))
-
 
 
 class Probes(Checker):

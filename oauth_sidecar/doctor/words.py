@@ -60,7 +60,6 @@ def describe_key(key: VerificationKey) -> str:
     return f"{kind}, verifies {', '.join(sorted(key.algorithms))}"
 
 
-
 class ClaimWords:
     """The words for each named check of the verifier, and for the policy's lists."""
 
