@@ -17,6 +17,7 @@ import structlog
 from oauth_sidecar import __version__, descriptors, listener
 from oauth_sidecar.app import CHILD, create_app
 from oauth_sidecar.config import LOG_LEVELS, VARIABLES, Config, ConfigError, load
+from oauth_sidecar.config_summary import summary
 from oauth_sidecar.log import configure_logging
 from oauth_sidecar.metrics import MetricsListenError
 from oauth_sidecar.process_privacy import forbid_inspection
@@ -35,38 +36,6 @@ def _variables_help() -> str:
         shown = f" [default: {default}]" if default else ""
         lines.append(f"  {name:<{width}}  {meaning}{shown}")
     return "\n".join(lines)
-
-
-def _summary(config: Config) -> dict[str, object]:
-    """The effective configuration, with nothing secret in it (and no allow-list entries:
-    they are personal data; their counts and files show what is in force)."""
-    policy, auth, limits = config.policy, config.auth_server, config.rate_limits
-    summary: dict[str, object] = {
-        "issuer": config.idp.issuer, "audiences": list(config.tokens.audiences),
-        "resource": config.resource_url, "upstream": config.upstream.origin,
-        "upstream_path": config.upstream.path_prefix or None,
-        "listen": f"{config.host}:{config.port}",
-        "auth_server_mode": "facade" if auth.facade else "direct",
-        "static_client_id": auth.client_id or None,
-        "static_client_secret": "(set)" if auth.client_secret else None,
-        "allow": {
-            "subs": len(policy.subs), "emails": len(policy.emails),
-            "email_domains": len(policy.email_domains), "groups": len(policy.groups),
-            "files": [file.path for file in policy.files],
-            "all_authenticated": policy.allow_all_authenticated,
-        },
-        "required_scopes": list(policy.required_scopes),
-        "rate_limit_rpm": limits.per_subject_rpm,
-        "rate_limit_storage": limits.storage_shown,
-        "algorithms": sorted(config.tokens.algorithms), "cors_origins": sorted(config.cors_origins),
-        "event_loop": config.event_loop,
-        "metrics": f"{config.metrics.host}:{config.metrics.port}" if config.metrics else None,
-    }
-    if config.tokens.audience_claim != "aud":
-        summary["audience_claim"] = config.tokens.audience_claim
-    if config.spawn is not None:
-        summary["spawn"] = {"program": config.spawn.argv[0], "port": config.spawn.port}
-    return summary
 
 
 def _new_event_loop(config: Config) -> asyncio.AbstractEventLoop:
@@ -222,7 +191,7 @@ def serve(config: Config, mask: SecretMask | None = None, unprotected: str | Non
     """Run the sidecar until SIGTERM/SIGINT; the exit code says why it stopped."""
     configure_logging(config.log_level, config.log_format, mask=mask)
     log = structlog.get_logger("oauth_sidecar")
-    log.info("starting", version=__version__, **_summary(config))
+    log.info("starting", version=__version__, **summary(config))
     _log_unprotected(unprotected)
     for warning in config.warnings:
         log.warning("config_warning", message=warning)

@@ -190,7 +190,7 @@ async def test_check_words_the_replica_warning_once_and_masks_the_redis_password
     assert "RATE_LIMIT_STORAGE_URI is a Redis that replicas share" in message
     assert "STATE_SECRET_FILE" in fix
     assert UNSHARED_SEALING_WARNING not in [f.message for f in report.findings]  # not twice
-    assert report.summary["rate-limit storage (RATE_LIMIT_STORAGE_URI)"] == (
+    assert report.summary["rate_limit_storage"] == (
         "redis://***@127.0.0.1:1/0")
     assert "hunter2" not in render(report) + json.dumps(dataclasses.asdict(report), default=str)
 
@@ -591,8 +591,9 @@ async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothin
                for line in report.sections["upstream"])
 
 
-# The rule (doctor.MASK): values of credential-named options, URL passwords, and values that look
-# like keys by themselves; paths, ports, plain words and URLs without a password stay readable.
+# The rule (config_summary.MASK): values of credential-named options, URL passwords, and values
+# that look like keys by themselves; paths, ports, plain words and URLs without a password stay
+# readable.
 SPAWN_SECRETS = ("sk-live-4eC39HqLyjWDarjtT1zdp7dc", "tok-plain-value", "hunter2", "pw-in-url",
                  "ghp_16C7e42F292c6912E7710c838347Ae178B4a", "0123456789abcdef0123456789abcdef")
 SPAWN_ARGS = ("--api-key", SPAWN_SECRETS[0], "--token=" + SPAWN_SECRETS[1],

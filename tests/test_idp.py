@@ -38,6 +38,7 @@ from oauth_sidecar.auth.idp import (
     MAX_KEYS,
     IdentityProvider,
     IdpError,
+    VerificationKey,
     discovery_urls,
     parse_jwks,
     same_issuer,
@@ -105,13 +106,16 @@ def idp_config(
     return IdpConfig(issuer=issuer, timeout=timeout, jwks_cooldown=cooldown, jwks_refresh=refresh)
 
 
-def verifier_for(issuer: str, provider: IdentityProvider) -> TokenVerifier:
-    """No token cache: every verify looks the key up in the provider's current set."""
-    config = TokenConfig(
+def verifier_config(issuer: str) -> TokenConfig:
+    return TokenConfig(
         issuer=issuer, audiences=(AUDIENCE,), algorithms=ALGORITHMS, leeway=30,
         max_token_bytes=16384, cache_size=0,
     )
-    return TokenVerifier(config, provider)
+
+
+def verifier_for(issuer: str, provider: IdentityProvider) -> TokenVerifier:
+    """No token cache: every verify looks the key up in the provider's current set."""
+    return TokenVerifier(verifier_config(issuer), provider)
 
 
 def jwks(*keys: SigningKey) -> dict[str, Any]:
@@ -160,6 +164,65 @@ def test_discovery_urls_for_issuer_with_path_append_then_insert_well_known() -> 
         "https://kc.example/.well-known/oauth-authorization-server/realms/demo",
         "https://kc.example/.well-known/openid-configuration/realms/demo",
     ]
+
+
+# (configured OIDC_ISSUER_URL, issuer presented by a token or a discovery document, same issuer?)
+ISSUER_PAIRS = [
+    ("https://a.example/x", "https://a.example/x", True),
+    ("https://a.example/x", "https://a.example/x/", True),
+    ("https://a.example/x/", "https://a.example/x", True),
+    ("https://a.example/", "https://a.example", True),
+    ("https://a.example/x/", "https://a.example/x/", True),
+    ("https://a.example/x", "https://a.example/x//", False),
+    ("https://a.example/x//", "https://a.example/x", False),
+    ("https://a.example/x", "https://A.example/x", False),
+    ("https://a.example/x", "https://a.example/X", False),
+    ("https://a.example/x", "https://a.example/y", False),
+    ("https://a.example", "http://a.example", False),
+    ("https://a.example/x", "https://a.example:443/x", False),
+    ("https://a.example/x", "https://a.example/x/.", False),
+    ("https://a.example/x", "https://a.example/x ", False),
+    ("https://a.example/x", "https://a.example/x?", False),
+    ("https://login.microsoftonline.com/t/v2.0", "https://sts.windows.net/t/", False),
+    ("https://a.example/x", "", False),
+]
+
+
+@dataclass
+class OneKey:
+    """A KeySource publishing exactly one key."""
+
+    key: VerificationKey
+    ready: bool = True
+
+    def get_key(self, kid: str | None) -> VerificationKey | None:
+        return self.key if kid == self.key.kid else None
+
+    def all_keys(self) -> list[VerificationKey]:
+        return [self.key]
+
+    async def refresh_for_unknown_kid(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("configured", "presented", "same"), ISSUER_PAIRS)
+async def test_one_issuer_rule_for_discovery_and_tokens(
+    signing_key: SigningKey, configured: str, presented: str, same: bool
+) -> None:
+    """same_issuer is the rule; the verifier's iss check gives the same answer for every pair
+    (discovery and the doctor call same_issuer itself)."""
+    assert same_issuer(configured, presented) is same
+    assert same_issuer(presented, configured) is same
+    public = VerificationKey(signing_key.kid, signing_key.private.public_key(),
+                             frozenset({signing_key.alg}))
+    verifier = TokenVerifier(verifier_config(configured), OneKey(public))
+    now = int(time.time())
+    token = jwt.encode({"iss": presented, "aud": AUDIENCE, "sub": "u", "exp": now + 300},
+                       signing_key.private, algorithm=signing_key.alg,
+                       headers={"kid": signing_key.kid})
+    explanation = await verifier.explain(token)
+    assert (explanation.outcomes["iss"] is None) is same
+    assert (explanation.error is None) is same
 
 
 def test_same_issuer_tolerates_only_one_trailing_slash() -> None:

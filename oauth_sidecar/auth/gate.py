@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from oauth_sidecar.auth.challenge import (
+    ACCESS_DENIED_DESCRIPTION,
+    INSUFFICIENT_SCOPE_DESCRIPTION,
+    Challenges,
+)
 from oauth_sidecar.auth.policy import AccessPolicy, Denied
 from oauth_sidecar.auth.ratelimit import (
     RateLimited,
@@ -21,7 +26,6 @@ from oauth_sidecar.auth.ratelimit import (
     RateLimitUnavailable,
     rate_limited,
 )
-from oauth_sidecar.auth.resource_metadata import metadata_url
 from oauth_sidecar.auth.tokens import TokenError, TokenVerifier, bearer_token
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
@@ -49,24 +53,7 @@ class Gate:
         self._addresses = addresses
         self._is_public = is_public
         self._max_token = config.tokens.max_token_bytes
-        # Precomputed challenge parts, off the hot path: only the error code varies per request.
-        self._tail = f'resource_metadata="{metadata_url(config)}"'
-        if config.advertised_scopes:
-            self._tail += f', scope="{" ".join(config.advertised_scopes)}"'
-        self._no_credentials = f"Bearer {self._tail}"
-        # RFC 6750 §3.1 / MCP step-up: name every scope the request needs.
-        required = " ".join(config.policy.required_scopes)
-        self._insufficient_scope = (
-            f'Bearer error="insufficient_scope", scope="{required}", '
-            f'resource_metadata="{metadata_url(config)}"'
-        )
-
-    def challenge(self, error: TokenError) -> str:
-        if error.error is None:  # RFC 6750 §3.1: no error code when no credentials were sent
-            return self._no_credentials
-        return (
-            f'Bearer error="{error.error}", error_description="{error.description}", {self._tail}'
-        )
+        self._challenges = Challenges(config)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -120,12 +107,11 @@ class Gate:
                               {"Retry-After": RETRY_AFTER_UNAVAILABLE})
         return json_error(
             error.status, error.error or "unauthorized", error.description,
-            {"WWW-Authenticate": self.challenge(error)},
+            {"WWW-Authenticate": self._challenges.for_error(error)},
         )
 
     def deny(self, denied: Denied) -> web.Response:
         if denied.scope_missing:
-            return json_error(403, "insufficient_scope", "The token lacks a required scope",
-                              {"WWW-Authenticate": self._insufficient_scope})
-        # Names the class of refusal, never the allow-lists.
-        return json_error(403, "access_denied", "This account may not use this server")
+            return json_error(403, "insufficient_scope", INSUFFICIENT_SCOPE_DESCRIPTION,
+                              {"WWW-Authenticate": self._challenges.insufficient_scope})
+        return json_error(403, "access_denied", ACCESS_DENIED_DESCRIPTION)

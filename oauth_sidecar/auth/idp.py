@@ -144,7 +144,8 @@ def parse_jwks(document: Any, allowed: frozenset[str]) -> KeySet:
 
 
 def same_issuer(a: str, b: str) -> bool:
-    """Issuers are compared exactly except for one trailing slash (Authentik, Auth0 add one)."""
+    """Issuers are compared exactly except for one trailing slash (Authentik, Auth0 add one).
+    The one rule for discovery documents, token `iss` claims and the doctor's words."""
     return a.removesuffix("/") == b.removesuffix("/")
 
 

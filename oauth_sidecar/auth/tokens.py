@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from jwt.algorithms import get_default_algorithms
 
-from oauth_sidecar.auth.idp import VerificationKey
+from oauth_sidecar.auth.idp import VerificationKey, same_issuer
 from oauth_sidecar.auth.token_cache import ENTRY_OVERHEAD, TokenCache, footprint
 from oauth_sidecar.config import TokenConfig
 from oauth_sidecar.request_keys import Principal
@@ -206,8 +206,7 @@ class TokenVerifier:
         self._config = config
         self._keys = keys
         self._kept_claims = kept_claims
-        issuer = config.issuer.removesuffix("/")
-        self._issuers = (issuer, issuer + "/")  # one trailing slash tolerated, see idp.same_issuer
+        self._trusted_issuer = config.issuer
         self._audiences = frozenset(config.audiences)
         self.audience_claim = config.audience_claim
         algorithms = get_default_algorithms()
@@ -477,7 +476,8 @@ class TokenVerifier:
             raise _invalid("expired", "The token has expired")
 
     def _issuer(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
-        if not isinstance(payload["iss"], str) or payload["iss"] not in self._issuers:
+        iss = payload["iss"]
+        if not isinstance(iss, str) or not same_issuer(iss, self._trusted_issuer):
             raise _invalid("wrong_issuer", "The token is not from the trusted issuer")
 
     def _audience(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:

@@ -1,0 +1,234 @@
+"""Live probes beyond the IdP's documents: the relay's sign-in request at the IdP's authorization
+endpoint (facade mode), and the upstream, reached at the URL the proxy maps RESOURCE_URL to, or
+spawned and stopped as the sidecar would spawn it.
+
+Why real requests: a redirect URI the IdP does not know, or an upstream that wants credentials,
+shows up only when asked; each probe reads the status line and at most a bounded part of the
+body, and a spawned child must leave no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.resource_metadata import public_origin
+from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.config_summary import shown_command
+from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker
+from oauth_sidecar.signin.authserver import CALLBACK_PATH, with_query
+from oauth_sidecar.upstream.child import ChildProcess, ChildStartError
+from oauth_sidecar.upstream.credential import UpstreamCredential
+from oauth_sidecar.upstream.proxy import UpstreamProxy
+from oauth_sidecar.upstream.sessions import SessionBindings
+
+PROBE_SECONDS = 10.0  # an upstream or authorization-endpoint probe: the answer's status line only
+PROBE_BODY_BYTES = 64 * 1024  # enough of an IdP's error page to find its error code
+CHILD_SLACK = 5.0  # seconds beyond MCP_SPAWN_READY_TIMEOUT_SECONDS before we stop waiting
+
+
+async def until(predicate: Callable[[], bool], within: float) -> bool:
+    """Poll until the predicate holds, at most `within` seconds; whether it did."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body (the rest is left unread)."""
+    body = b""
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) >= limit:
+            return body[:limit]
+    return body
+
+
+def _error_in(body: bytes) -> tuple[str, str] | None:
+    """An OAuth error object (RFC 6749 §4.1.2.1 fields) in a JSON answer."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(document, dict) and isinstance(document.get("error"), str):
+        return document["error"], str(document.get("error_description", ""))
+    return None
+
+
+def _mentions_redirect_error(body: bytes) -> bool:
+    """Error pages served with 200 (Entra's AADSTS50011 is one)."""
+    text = body.decode("utf-8", "replace").lower()
+    return "aadsts50011" in text or bool(
+        re.search(r"invalid[_ ]redirect[_ ]uri|redirect_uri[^<]{0,40}(mismatch|not match|invalid)",
+                  text))
+
+
+class Probes(Checker):
+    """The relay's sign-in request and the upstream, written into the report."""
+
+    async def probe_relay(self, metadata: Mapping[str, Any]) -> None:
+        """Ask the IdP's authorization endpoint what it says to the relay's sign-in request:
+        STATIC_CLIENT_ID with redirect_uri=<public origin>/oauth/callback, PKCE S256, the
+        advertised scopes and resource, as /authorize sends it. No redirect is followed."""
+        config, session, section = self.config, self.session, "identity provider"
+        endpoint = metadata.get("authorization_endpoint")
+        if not isinstance(endpoint, str) or session is None:
+            return
+        callback = public_origin(config) + CALLBACK_PATH
+        verifier = secrets.token_urlsafe(32)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        params = {
+            "response_type": "code", "client_id": config.auth_server.client_id,
+            "redirect_uri": callback, "code_challenge": challenge.rstrip(b"=").decode(),
+            "code_challenge_method": "S256", "state": secrets.token_urlsafe(16),
+            "resource": config.resource_url,
+        }
+        if config.advertised_scopes:
+            params["scope"] = " ".join(config.advertised_scopes)
+        asked = f"client_id={config.auth_server.client_id}, redirect_uri={callback}"
+        try:
+            async with session.get(with_query(endpoint, params), allow_redirects=False,
+                                   timeout=aiohttp.ClientTimeout(total=PROBE_SECONDS)) as response:
+                status, location = response.status, response.headers.get("Location", "")
+                body = await read_capped(response, PROBE_BODY_BYTES)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.add(WARNING, "relay_probe_failed",
+                     f"could not ask the IdP's authorization endpoint {endpoint}: "
+                     f"{type(exc).__name__}: {exc}", "check that this host reaches the IdP")
+            return
+        self.line(section, f"relay sign-in probe ({asked}): HTTP {status}"
+                           + (f" -> {location.partition('?')[0]}" if location else ""))
+        error = _error_in(body)
+        fix = (f"register {callback} as a redirect URI of client {config.auth_server.client_id} "
+               "at the IdP")
+        if 300 <= status < 400 and location.startswith(callback):
+            answer = dict(parse_qsl(urlsplit(location).query))
+            self.add(ERROR, "relay_refused",
+                     f"the IdP accepted the relay's callback but refused the sign-in request "
+                     f"({asked}): {answer.get('error')}: {answer.get('error_description', '')}",
+                     "allow this client the authorization_code grant and the advertised scopes "
+                     "and resource at the IdP")
+        elif 300 <= status < 400:
+            self.add(NOTE, "relay_ok",
+                     f"the IdP accepts the relay's sign-in request ({asked}): it answered "
+                     f"{status} towards its sign-in page")
+        elif status >= 400 or _mentions_redirect_error(body):
+            detail = f"{error[0]}: {error[1]}" if error else f"HTTP {status}"
+            self.add(ERROR, "relay_refused",
+                     f"the IdP refuses the relay's sign-in request ({asked}): {detail}; every "
+                     "sign-in would stop at the IdP's error page", fix)
+        else:
+            self.add(NOTE, "relay_unconfirmed",
+                     f"the IdP answered the relay's sign-in request ({asked}) with HTTP {status} "
+                     "and a page, most likely its sign-in form; the callback could not be "
+                     "confirmed", f"if sign-in fails at the IdP: {fix}")
+
+    # -- upstream -------------------------------------------------------------------------------
+
+    async def upstream(self) -> None:
+        config = self.config
+        proxy = UpstreamProxy(config, policy=AccessPolicy(config.policy),
+                              addresses=ClientAddress(config.trusted_proxies),
+                              sessions=SessionBindings(config.session_ttl))
+        url = str(proxy.upstream_url(config.resource_path or "/", ""))  # the proxy's mapping
+        spawn = config.spawn
+        if spawn is None:
+            await self._probe_upstream(url)
+            return
+        child, pid = ChildProcess(spawn), None
+        self.line("upstream", f"spawning {shown_command(spawn.argv)} (port {spawn.port}, ready "
+                              f"within {spawn.ready_timeout:g} s)")
+        try:
+            async with child.running():
+                await until(lambda: child.ready or child.last_exit is not None,
+                             spawn.ready_timeout + CHILD_SLACK)
+                pid = self.report.child_pid = child.pid
+                if child.ready:
+                    self.line("upstream", f"child ready: pid {pid}, port {spawn.port} accepts "
+                                          "connections")
+                    await self._probe_upstream(url)
+                else:
+                    self.add(ERROR, "child_not_ready",
+                             f"the MCP child did not become ready: {child.last_exit or 'timeout'}",
+                             "run MCP_SPAWN_CMD by hand (check -v shows its output); check "
+                             "MCP_SPAWN_PORT is the port it listens on, and "
+                             "MCP_SPAWN_READY_TIMEOUT_SECONDS")
+        except ChildStartError as exc:
+            self.add(ERROR, "child_start_failed", f"the MCP child cannot start: {exc.reason}",
+                     "free MCP_SPAWN_PORT or choose another")
+            return
+        if pid is not None:
+            alive = _group_alive(pid)
+            self.line("upstream", f"child stopped: pid {pid} "
+                                  f"{'STILL RUNNING' if alive else 'and its group are gone'}")
+            if alive:
+                self.add(ERROR, "child_left_running",
+                         f"the child's process group {pid} outlived its stop")
+
+    async def _probe_upstream(self, url: str) -> None:
+        config, session = self.config, self.session
+        if session is None:
+            return
+        headers = {"Accept": "application/json, text/event-stream"}
+        credential = None
+        if config.upstream_bearer_file:
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+                credential = UpstreamCredential(config.upstream_bearer_file).authorization
+        if credential:
+            headers["Authorization"] = credential
+        timeout = aiohttp.ClientTimeout(total=config.upstream.connect_timeout + PROBE_SECONDS,
+                                        sock_connect=config.upstream.connect_timeout)
+        try:
+            async with session.get(url, headers=headers, allow_redirects=False,
+                                   timeout=timeout) as response:
+                status = response.status  # only the status line: an SSE body never ends
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.line("upstream", f"GET {url}: unreachable ({type(exc).__name__})")
+            self.add(ERROR, "upstream_unreachable",
+                     f"GET {url} failed: {type(exc).__name__}: {exc}".rstrip(": "),
+                     "check MCP_UPSTREAM_URL (or the spawned child); while the upstream is "
+                     "unreachable every authenticated request gets 502 and /readyz 503")
+            return
+        self.line("upstream", f"GET {url} -> HTTP {status}: reachable")
+        if status in (401, 403):
+            self.add(WARNING, "upstream_refuses",
+                     f"the upstream answered {status} to the sidecar's own request: it wants "
+                     "credentials the sidecar does not send",
+                     "give it a token in MCP_UPSTREAM_BEARER_FILE, or let it trust the sidecar")
+        elif status == 404:
+            self.add(WARNING, "upstream_not_found",
+                     f"the upstream answered 404 at {url}",
+                     "check MCP_UPSTREAM_PATH (the upstream path RESOURCE_URL's path maps to)")
+        elif status == 421:
+            self.add(WARNING, "upstream_host",
+                     "the upstream answered 421 (misdirected): it checks Host",
+                     "allow the Host of MCP_UPSTREAM_URL in the MCP server's settings")
+        elif status >= 500:
+            self.add(WARNING, "upstream_error", f"the upstream answered {status} at {url}")
+

@@ -1,0 +1,92 @@
+"""The doctor's report: findings with a severity, section lines, the documents clients see and the
+token's explanation; and the base every part of the diagnosis writes through.
+
+Why a model apart from the checks: the text renderer, the JSON output and the tests read the same
+report, so what the checks found is decided once and only said in two ways.
+
+Severities: an error means sign-in or validation will fail (exit 1); a warning means likely
+trouble (exit 0 unless --strict); a note records what was checked and found fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from oauth_sidecar.config import Config
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
+SECTIONS = ("identity provider", "keys", "upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: str
+    code: str
+    """Stable identifier, e.g. `issuer_trailing_slash`."""
+    message: str
+    fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimCheck:
+    name: str
+    ok: bool | None
+    """None: information only, or not checked (a check it needs failed)."""
+    detail: str
+    reason: str = ""
+    """The verifier's or the policy's reason code when the check failed."""
+
+
+@dataclass(slots=True)
+class TokenReport:
+    checks: list[ClaimCheck]
+    accepted: bool
+    status: int
+    """What the sidecar answers: 200 (forwarded), 400, 401, 403 or 503."""
+    reason: str
+    """The verifier's or the policy's reason code; "" when accepted."""
+    description: str
+    challenge: str = ""
+    """The WWW-Authenticate header the client would get, if any."""
+
+    def failed_checks(self) -> list[str]:
+        return [check.name for check in self.checks if check.ok is False]
+
+
+@dataclass(slots=True)
+class Report:
+    summary: dict[str, object]
+    sections: dict[str, list[str]] = field(default_factory=dict)
+    documents: dict[str, object] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    token: TokenReport | None = None
+    child_pid: int | None = None
+
+    def codes(self, *severities: str) -> set[str]:
+        return {f.code for f in self.findings if not severities or f.severity in severities}
+
+    def passed(self, strict: bool = False) -> bool:
+        failing = {ERROR, WARNING} if strict else {ERROR}
+        token_ok = self.token is None or self.token.accepted
+        return token_ok and not any(f.severity in failing for f in self.findings)
+
+
+class Checker:
+    """One part of the diagnosis: reads the configuration, may use the doctor's HTTP session, and
+    writes findings and section lines into the shared report."""
+
+    def __init__(self, config: Config, report: Report,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.config = config
+        self.report = report
+        self.session = session
+
+    def add(self, severity: str, code: str, message: str, fix: str = "") -> None:
+        self.report.findings.append(Finding(severity, code, message, fix))
+
+    def line(self, section: str, text: str) -> None:
+        self.report.sections[section].append(text)
