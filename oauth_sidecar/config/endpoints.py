@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from oauth_sidecar.config.files import read_capped_text
+from oauth_sidecar.config.files import MAX_SECRET_FILE_BYTES, read_capped_text
 from oauth_sidecar.config.model import SpawnConfig
-from oauth_sidecar.config.reader import MAX_SECRET_FILE_BYTES, Reader, split_list
+from oauth_sidecar.config.reader import Reader, split_list
 from oauth_sidecar.config.urls import (
     UNSPLITTABLE,
     canonical_resource,

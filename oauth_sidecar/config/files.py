@@ -7,6 +7,8 @@ single bounded read, so a file that grows between a stat and the read cannot sli
 
 from __future__ import annotations
 
+MAX_SECRET_FILE_BYTES = 65536  # a key, a password, a token or a URI: far beyond any real one
+
 
 class FileTooLarge(OSError):
     """The file holds more than the reader takes; an OSError, so callers handle it like any

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from oauth_sidecar.config.files import FileTooLarge, read_capped_text
+from oauth_sidecar.config.files import MAX_SECRET_FILE_BYTES, FileTooLarge, read_capped_text
 from oauth_sidecar.config.variables import VARIABLES
 
 T = TypeVar("T")
-MAX_SECRET_FILE_BYTES = 65536  # a key, a password or a URI: far beyond any real one
 
 
 def split_list(value: str) -> tuple[str, ...]:
