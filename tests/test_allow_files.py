@@ -84,6 +84,17 @@ def test_a_bad_entry_in_a_file_stops_start_up_naming_the_file(
     assert caught.value.problems == [f"{variable} {listed} {problem}"]
 
 
+def test_a_file_larger_than_the_cap_stops_start_up(
+    idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    listed = tmp_path / "groups"
+    listed.write_bytes(b"admins\n" * 200_000)  # 1.4 MB: more than any real list
+    with pytest.raises(ConfigError) as caught:
+        load(sidecar_env(idp, upstream, ALLOW_ALL_AUTHENTICATED="false",
+                         ALLOW_GROUPS_FILE=str(listed)))
+    assert caught.value.problems == ["ALLOW_GROUPS_FILE cannot be read: larger than 1048576 bytes"]
+
+
 def test_a_missing_file_stops_start_up_with_every_other_problem(
     idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
 ) -> None:

@@ -145,6 +145,10 @@ BAD_VALUES: list[tuple[dict[str, str], str]] = [
     ({"CORS_ALLOW_ORIGINS": "null"}, "entry 'null' is not an origin"),
     ({"CORS_ALLOW_ORIGINS": "ftp://claude.ai"}, "entry 'ftp://claude.ai' is not an origin"),
     ({"CORS_ALLOW_ORIGINS": "https://claude.ai,*.example.com"}, "entry '*.example.com' is not"),
+    # CORS entries that cannot be split are refused, not a crash of load()
+    ({"CORS_ALLOW_ORIGINS": "https://[::1"}, "CORS_ALLOW_ORIGINS entry 'https://[::1' is not a "
+     "valid URL (no port number after a colon, or an unmatched bracket)"),
+    ({"CORS_ALLOW_ORIGINS": "https://claude.ai:44x"}, "'https://claude.ai:44x' is not a valid"),
     # a header cap that cannot carry the largest accepted token
     ({"MAX_HEADER_BYTES": "10000"},
      "MAX_HEADER_BYTES=10000 cannot carry a token of JWT_MAX_TOKEN_BYTES=16384"),

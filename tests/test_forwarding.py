@@ -347,6 +347,15 @@ def test_missing_bearer_file_refuses_to_start(
     assert any(p.startswith("MCP_UPSTREAM_BEARER_FILE cannot be read") for p in problems)
 
 
+def test_a_bearer_file_larger_than_any_token_refuses_to_start(
+    idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    secret = tmp_path / "upstream-token"
+    secret.write_bytes(b"x" * 70_000)  # a mistyped path naming a log file, say
+    problems = _bearer_file_problems(idp, upstream, secret)
+    assert "MCP_UPSTREAM_BEARER_FILE cannot be read: larger than 65536 bytes" in problems
+
+
 def test_multi_line_bearer_file_refuses_to_start(
     idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
 ) -> None:

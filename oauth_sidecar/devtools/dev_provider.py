@@ -36,9 +36,13 @@ from jwt.algorithms import ECAlgorithm
 from multidict import MultiMapping
 
 from oauth_sidecar.config import canonical_resource, is_loopback_host, split_list
+from oauth_sidecar.config.redirect_uris import (
+    RedirectUriRefused,
+    is_loopback_redirect,
+    parse_redirect_uri,
+)
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.signin.authserver import with_query
-from oauth_sidecar.signin.registration import is_loopback_redirect, redirect_parts
 
 log = structlog.get_logger("oauth_sidecar.dev_provider")
 
@@ -167,10 +171,11 @@ def _single(params: MultiMapping[Any], name: str) -> str | None:
 
 def _redirect_uri_allowed(uri: object) -> bool:
     """https anywhere, or http on loopback (RFC 8252 §7.3: Claude Code, MCP Inspector)."""
-    parts = redirect_parts(uri)
-    return parts is not None and bool(parts.hostname) and (
-        parts.scheme == "https" or is_loopback_redirect(parts)
-    )
+    try:
+        parts = parse_redirect_uri(uri)
+    except RedirectUriRefused:
+        return False
+    return parts.scheme == "https" or is_loopback_redirect(parts)
 
 
 class DevProvider:

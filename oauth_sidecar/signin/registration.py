@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
 
 from aiohttp import web
 
-from oauth_sidecar.config import AuthServerConfig, is_loopback_host
+from oauth_sidecar.config import AuthServerConfig
+from oauth_sidecar.config.redirect_uris import (
+    RedirectUriRefused,
+    is_loopback_redirect,
+    parse_redirect_uri,
+)
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.request_body import (
     BodyBroken,
@@ -31,43 +35,20 @@ MAX_REGISTRATION_BYTES = 64 * 1024  # real registration documents are a few hund
 ALLOWED_GRANTS = frozenset({"authorization_code", "refresh_token"})
 
 
-MAX_REDIRECT_URI = 2048  # characters; real callbacks are far shorter
-
-
-def redirect_parts(uri: object) -> SplitResult | None:
-    """A redirect URI's parts if it can be one at all: a string of sane length with a valid
-    port, no fragment (RFC 6749 §3.1.2) and no credentials; otherwise None."""
-    if not isinstance(uri, str) or len(uri) > MAX_REDIRECT_URI:
-        return None
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return None
-    if parts.fragment or parts.username or parts.password:
-        return None
-    return parts
-
-
-def is_loopback_redirect(parts: SplitResult) -> bool:
-    """http on a loopback host, any port and path (RFC 8252 §7.3 native apps)."""
-    return parts.scheme == "http" and is_loopback_host(parts.hostname)
-
-
 class RedirectAllowList:
-    """Exact URIs, plus loopback http on any port and path (RFC 8252 §7.3 native apps)."""
+    """Exact URIs, plus loopback http on any port and path (RFC 8252 §7.3 native apps); every
+    URI first held to the rule the start-up check applies (config/redirect_uris.py)."""
 
     def __init__(self, config: AuthServerConfig) -> None:
         self._exact = config.redirect_uris
         self._loopback = config.allow_loopback_redirects
 
     def allows(self, uri: object) -> bool:
-        if not isinstance(uri, str) or len(uri) > MAX_REDIRECT_URI:
+        try:
+            parts = parse_redirect_uri(uri)
+        except RedirectUriRefused:
             return False
-        if uri in self._exact:
-            return True
-        parts = redirect_parts(uri) if self._loopback else None
-        return parts is not None and is_loopback_redirect(parts)
+        return uri in self._exact or (self._loopback and is_loopback_redirect(parts))
 
 
 def _invalid(error: str, description: str) -> web.Response:

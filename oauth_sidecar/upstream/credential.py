@@ -14,15 +14,16 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from oauth_sidecar.config.files import MAX_SECRET_FILE_BYTES, read_capped_text
 from oauth_sidecar.config.watched_file import POLL_SECONDS, WatchedFile, polling
 
 log = structlog.get_logger("oauth_sidecar.upstream_credential")
 
 
 def read_token(path: str) -> str:
-    """The token in the file; OSError, UnicodeDecodeError or ValueError when it is unusable."""
-    with open(path, encoding="utf-8") as file:
-        token = file.read().strip()
+    """The token in the file; OSError (also when it is larger than any token),
+    UnicodeDecodeError or ValueError when it is unusable."""
+    token = read_capped_text(path, MAX_SECRET_FILE_BYTES).strip()
     if not token or any(c in token for c in "\r\n\0"):
         raise ValueError("the file is empty or has more than one line")
     return token

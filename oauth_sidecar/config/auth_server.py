@@ -1,0 +1,69 @@
+"""The authorization-server section: direct or facade, the static client, the redirect allow-list
+and the key that seals the relay's state.
+
+Why checked together: these settings only make sense as a set (a facade needs a client, a
+published secret needs a secret, a shared deployment needs a shared key), and a redirect entry
+that could never be used must stop the start, not fail a sign-in later.
+"""
+
+from __future__ import annotations
+
+from oauth_sidecar.config.model import AuthServerConfig
+from oauth_sidecar.config.reader import Reader, split_list
+from oauth_sidecar.config.redirect_uris import (
+    RedirectUriRefused,
+    parse_redirect_uri,
+    shown_redirect_uri,
+)
+
+MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
+
+# A facade's start-up warning without STATE_SECRET; the doctor words it for shared Redis.
+UNSHARED_SEALING_WARNING = (
+    "STATE_SECRET is not set: sign-ins are sealed with a random per-process key, so with "
+    "several replicas a sign-in started on one fails on another; set the same "
+    "STATE_SECRET everywhere"
+)
+
+
+def redirect_uris(r: Reader) -> frozenset[str]:
+    """ALLOWED_REDIRECT_URIS, each entry held to the rule registration and sign-in apply."""
+    uris = []
+    for uri in split_list(r.raw("ALLOWED_REDIRECT_URIS")):
+        try:
+            parse_redirect_uri(uri)
+        except RedirectUriRefused as refused:
+            r.problems.append(f"ALLOWED_REDIRECT_URIS entry {shown_redirect_uri(uri)!r} "
+                              f"{refused.reason}")
+        else:
+            uris.append(uri)
+    return frozenset(uris)
+
+
+def auth_server(r: Reader) -> AuthServerConfig:
+    client_id, secret = r.raw("STATIC_CLIENT_ID"), r.secret("STATIC_CLIENT_SECRET")
+    mode = r.raw("AUTH_SERVER_MODE").lower() or ("facade" if client_id else "direct")
+    if mode not in ("direct", "facade"):
+        r.problems.append(f"AUTH_SERVER_MODE={mode!r} is not direct or facade")
+    if mode == "facade" and not client_id:
+        r.problems.append(
+            "AUTH_SERVER_MODE=facade needs STATIC_CLIENT_ID: the relay signs users in with one "
+            "client registered at the IdP with the callback <RESOURCE_URL origin>/oauth/callback"
+        )
+    if secret and not client_id:
+        r.problems.append("STATIC_CLIENT_SECRET is set without STATIC_CLIENT_ID")
+    publish = r.flag("STATIC_CLIENT_CONFIDENTIAL")
+    if publish and not secret:
+        r.problems.append("STATIC_CLIENT_CONFIDENTIAL=true needs STATIC_CLIENT_SECRET")
+    uris = redirect_uris(r)
+    state_secret = r.secret("STATE_SECRET")
+    if state_secret and len(state_secret) < MIN_STATE_SECRET:
+        r.problems.append(
+            f"STATE_SECRET is shorter than {MIN_STATE_SECRET} characters "
+            "(use e.g. `openssl rand -hex 32`)"
+        )
+    return AuthServerConfig(
+        facade=mode == "facade", client_id=client_id, client_secret=secret,
+        publish_secret=publish, redirect_uris=uris,
+        allow_loopback_redirects=r.flag("ALLOW_LOOPBACK_REDIRECTS"), state_secret=state_secret,
+    )
