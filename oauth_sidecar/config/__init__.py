@@ -22,7 +22,7 @@ from oauth_sidecar.config.allow_lists import (
     read_allow_file,
 )
 from oauth_sidecar.config.auth_server import UNSHARED_SEALING_WARNING
-from oauth_sidecar.config.load import load
+from oauth_sidecar.config.loader import load
 from oauth_sidecar.config.model import (
     AllowFile,
     AuthServerConfig,
