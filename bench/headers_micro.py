@@ -25,11 +25,11 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import load
 from oauth_sidecar.request_keys import Principal
 from oauth_sidecar.upstream.proxy import UpstreamProxy
-from oauth_sidecar.upstream.sessions import SessionBindings
 
 ENV = {
     "OIDC_ISSUER_URL": "https://idp.bench.test",

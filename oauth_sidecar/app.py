@@ -18,6 +18,7 @@ from oauth_sidecar.auth.resource_metadata import (
     authorization_server_metadata_paths,
     protected_resource_paths,
 )
+from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
@@ -35,7 +36,6 @@ from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistrat
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.proxy import UpstreamProxy
-from oauth_sidecar.upstream.sessions import SessionBindings
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
@@ -82,8 +82,8 @@ def create_app(
     idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
     policy = AccessPolicy(config.policy, forwarded=config.forward_identity)
     verifier = TokenVerifier(config.tokens, idp, policy.kept_claims)
-    limiter = RateLimiter(config.rate_limits, metrics)
     addresses = ClientAddress(config.trusted_proxies)
+    limiter = RateLimiter(config.rate_limits, metrics, addresses)
     sessions = SessionBindings(config.session_ttl)
     credential = (
         UpstreamCredential(config.upstream_bearer_file, on_token=on_upstream_token)
@@ -102,7 +102,7 @@ def create_app(
         return request.match_info.route.resource in navigations
 
     gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
-                is_public=is_public)
+                is_public=is_public, sessions=sessions)
     cors = Cors(config, is_public, is_navigation)
     app = web.Application(
         middlewares=[access_log, *metrics.middlewares(), json_errors, cors.middleware,
@@ -132,16 +132,14 @@ def create_app(
         add_public(path, metadata.handle, "metadata")
     redirects = RedirectAllowList(config.auth_server)
     redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
-    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses,
-                                     redemptions=redemptions)
+    authserver = AuthorizationServer(config, idp, redirects, redemptions=redemptions)
     registration = StaticRegistration(config.auth_server, redirects,
                                       config.upstream.body_timeout)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
-    add_public("/authorize", authserver.authorize, "oauth", navigation=True)
-    add_public("/token", authserver.token, "oauth", ("POST",))
-    async def register(request: web.Request) -> web.StreamResponse:
-        return await authserver.over_budget(request) or await registration.handle(request)
-
+    # Unauthenticated work: each call spends the client IP's budget first (limiter.guard).
+    add_public("/authorize", limiter.guard(authserver.authorize), "oauth", navigation=True)
+    add_public("/token", limiter.guard(authserver.token), "oauth", ("POST",))
+    register = limiter.guard(registration.handle)
     for path in (REGISTRATION_PATH, "/register"):
         add_public(path, register, "oauth", ("POST",))
     if authserver.facade:

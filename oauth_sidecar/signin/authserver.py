@@ -43,14 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from oauth_sidecar.auth.idp import IdentityProvider, same_issuer
-from oauth_sidecar.auth.ratelimit import (
-    RateLimited,
-    RateLimiter,
-    RateLimitUnavailable,
-    rate_limited,
-)
 from oauth_sidecar.auth.resource_metadata import public_origin
-from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.request_body import (
@@ -72,7 +65,7 @@ NONCE_BYTES = 12  # AES-GCM's standard nonce, random per value (NIST SP 800-38D 
 MAX_SEALED = 8192  # characters of a sealed state or code: real ones are well under 1 KB
 # RFC 7636 §4.1, §4.2: a verifier, and so a challenge, is 43-128 unreserved characters.
 PKCE_VALUE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
-UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}  # seconds: IdP metadata, budget or store back
+UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}  # seconds: IdP metadata or store back
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024
 MAX_TOKEN_RESPONSE_BYTES = 1 << 20
 TOKEN_TIMEOUT = 30.0  # seconds for the IdP's token endpoint
@@ -229,15 +222,15 @@ def facade_metadata(config: Config, upstream: Mapping[str, Any]) -> dict[str, An
 
 class AuthorizationServer:
     def __init__(
-        self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList,
-        limiter: RateLimiter, addresses: ClientAddress, *, redemptions: RedemptionStore,
+        self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList, *,
+        redemptions: RedemptionStore,
     ) -> None:
+        """Its endpoints are unauthenticated: the app puts each behind the rate limiter's
+        per-client-IP budget (RateLimiter.guard), so no handler here spends a budget."""
         self._config = config.auth_server
         self._whole_config = config
         self._idp = idp
         self._redirects = redirects
-        self._limiter = limiter
-        self._addresses = addresses
         self._redemptions = redemptions
         self._bodies = BodyReader(MAX_TOKEN_REQUEST_BYTES, config.upstream.body_timeout)
         self.issuer = public_origin(config)
@@ -279,26 +272,12 @@ class AuthorizationServer:
 
     # -- the relay ----------------------------------------------------------------------------
 
-    async def over_budget(self, request: web.Request) -> web.Response | None:
-        """These endpoints are unauthenticated: each call spends the client IP's budget."""
-        client_ip = self._addresses.client(request.remote, forwarded_chain(request.headers))
-        try:
-            await self._limiter.hit_client(client_ip)
-        except RateLimited as exc:
-            return rate_limited(exc)
-        except RateLimitUnavailable:
-            return _unavailable("Try again later")
-        return None
-
     def _idp_endpoint(self, name: str) -> str | None:
         value = (self._idp.metadata or {}).get(name)
         return value if isinstance(value, str) and value.startswith(("https://", "http://")) \
             else None
 
     async def authorize(self, request: web.Request) -> web.Response:
-        refusal = await self.over_budget(request)
-        if refusal is not None:
-            return refusal
         query = request.query
         if len(query) != len(set(query)):  # RFC 6749 §3.1: no parameter twice
             return json_error(400, "invalid_request", "A parameter is repeated")
@@ -468,9 +447,6 @@ class AuthorizationServer:
         fields["redirect_uri"] = self._callback  # the IdP bound the code to our callback
 
     async def token(self, request: web.Request) -> web.Response:
-        refusal = await self.over_budget(request)
-        if refusal is not None:
-            return refusal
         headers = {"Accept": "application/json"}
         if "Authorization" in request.headers:  # the client's own authentication, for the IdP
             headers["Authorization"] = request.headers["Authorization"]

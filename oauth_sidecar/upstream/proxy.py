@@ -32,6 +32,7 @@ from yarl import URL
 
 from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.resource_metadata import public_origin
+from oauth_sidecar.auth.sessions import SessionBindings, valid_session_id
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
@@ -45,11 +46,10 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
-from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, Principal
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, SESSION, PresentedSession, Principal
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.paths import LocationRewriter, PathMap
-from oauth_sidecar.upstream.sessions import MAX_SESSION_ID_BYTES, SessionBindings, valid_session_id
 from oauth_sidecar.upstream.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
 
 # The process (EMFILE) or the system (ENFILE) has no descriptor left for the upstream connection:
@@ -89,10 +89,6 @@ MCP_PARAM_PREFIX = "mcp-param-"
 # A name with another separator than "-" is what WSGI/CGI/PHP servers confuse with a real one
 # (PEP 3333 environ: `Mcp_Session_Id` and `Mcp-Session-Id` are both HTTP_MCP_SESSION_ID).
 PLAIN_NAME = re.compile(r"[a-z0-9-]+")
-# Any other spelling of Mcp-Session-Id would reach the upstream's session unchecked by the binding.
-SESSION_LOOK_ALIKE = re.compile(r"mcp[^a-z0-9]session[^a-z0-9]id", re.IGNORECASE)
-SESSION_HEADER = "mcp-session-id"
-SESSION_HEADER_LENGTH = len(SESSION_HEADER)  # a look-alike swaps separators, never adds any
 # The filter remembers its verdict per distinct header name, at most this many names of at most
 # this length (about 150 KB); other names are decided each time, so callers cannot grow it.
 MAX_VERDICTS, MAX_REMEMBERED_NAME = 1024, 64
@@ -260,19 +256,6 @@ class UpstreamProxy:
             return None
         return lower
 
-    @staticmethod
-    def _refuse_look_alike(request: web.Request) -> web.Response | None:
-        """400 for a second spelling of Mcp-Session-Id (`Mcp_Session_Id`): the binding checks
-        the real header, a WSGI or CGI upstream would read this one as the session."""
-        for name in request.headers:
-            if len(name) == SESSION_HEADER_LENGTH and name.lower() != SESSION_HEADER and (
-                SESSION_LOOK_ALIKE.fullmatch(name)
-            ):
-                request[AUTH_FAILURE] = "session_id_look_alike"  # in the access log and metrics
-                return json_error(400, "invalid_request",
-                                  "Mcp-Session-Id must be spelled with dashes")
-        return None
-
     def _add_identity(self, headers: dict[str, str], principal: Principal) -> None:
         """X-Forwarded-User/Email/Groups/Issuer; caller copies were dropped above."""
         headers["x-forwarded-user"] = header_value(principal.subject)
@@ -317,8 +300,6 @@ class UpstreamProxy:
     async def _forward(
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
-        if refused := self._refuse_look_alike(request):
-            return refused
         if request.method in NEVER_FORWARDED:
             return json_error(405, "method_not_allowed", f"{request.method} is not forwarded")
         raw_path = request.rel_url.raw_path
@@ -331,17 +312,7 @@ class UpstreamProxy:
                               {"Retry-After": "2"})
         principal = request[PRINCIPAL]
         identity = (principal.issuer, principal.subject)
-        session_ids = request.headers.getall("Mcp-Session-Id", [])
-        if len(session_ids) > 1:  # which one would the upstream use? Never guess.
-            return json_error(400, "invalid_request", "More than one Mcp-Session-Id header")
-        session_id = session_ids[0] if session_ids else None
-        if session_id is not None and not valid_session_id(session_id):
-            return json_error(400, "invalid_request", "The Mcp-Session-Id header is malformed: "
-                              f"visible ASCII, at most {MAX_SESSION_ID_BYTES} bytes")
-        owner = self._sessions.owner(session_id) if session_id else None
-        if owner is not None and owner != identity:
-            request[AUTH_FAILURE] = "session_owned_by_another_identity"
-            return json_error(404, "session_not_found", "No such session")
+        presented = request.get(SESSION)  # the gate checked it is the caller's (or nobody's)
         url = self.upstream_url(raw_path, request.rel_url.raw_query_string)
         try:
             slot = self._slots.reserve(request.method, request.headers, identity)
@@ -379,7 +350,7 @@ class UpstreamProxy:
             if issued is not None and not valid_session_id(issued):
                 upstream.close()
                 return self._session_id_refused(issued)
-            self._track_session(request.method, session_id, owner, upstream, identity)
+            self._track_session(request.method, presented, upstream, identity)
             try:
                 return await self._relay(request, upstream, body, slot, identity)
             finally:
@@ -428,21 +399,23 @@ class UpstreamProxy:
                           "The MCP server issued a session id the sidecar cannot bind")
 
     def _track_session(
-        self, method: str, presented: str | None, owner: tuple[str, str] | None,
+        self, method: str, presented: PresentedSession | None,
         upstream: aiohttp.ClientResponse, identity: tuple[str, str],
     ) -> None:
-        """Bind session ids the upstream accepted or issued to the caller; forget ended ones.
-        Both are valid ids by now (valid_session_id): refused above otherwise."""
+        """Record what the upstream answered: bind the session ids it accepted or issued to the
+        caller, forget ended ones. Both are valid ids by now: the gate refused a malformed
+        presented one, _forward an issued one. Whether the caller may use the session was
+        decided by the gate."""
         if upstream.status >= 400:
             return
-        if presented and method == "DELETE":  # ended, even if the answer repeats the id
-            self._sessions.forget(presented)
+        if presented is not None and method == "DELETE":  # ended, even if the answer repeats it
+            self._sessions.forget(presented.id)
             return
         issued = upstream.headers.get("Mcp-Session-Id")
         if issued:
             self._sessions.bind(issued, identity)
-        elif presented and owner is None:  # created before a restart or on another replica
-            self._sessions.bind(presented, identity)
+        elif presented is not None and not presented.bound:  # from before a restart or another
+            self._sessions.bind(presented.id, identity)  # replica: the upstream accepted it
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, body: StreamedBody | None,
