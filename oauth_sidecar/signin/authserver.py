@@ -53,6 +53,7 @@ from oauth_sidecar.request_body import (
     BodyTooLarge,
     body_refused,
 )
+from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.redemptions import RedemptionStore, RedemptionUnavailable
 from oauth_sidecar.signin.registration import ALLOWED_GRANTS, RedirectAllowList
 
@@ -475,18 +476,14 @@ class AuthorizationServer:
         try:
             async with session.post(target, data=urlencode(fields).encode(), headers=headers,
                                     allow_redirects=False) as response:
-                body = b""
-                async for chunk in response.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_TOKEN_RESPONSE_BYTES:
-                        break
+                body = await read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
                 status, content_type = response.status, response.content_type
+        except ResponseTooLarge:
+            return json_error(502, "server_error", "The identity provider's answer is too large")
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("token_relay_failed", error=type(exc).__name__)
             return json_error(502, "temporarily_unavailable",
                               "The identity provider's token endpoint is not reachable")
-        if len(body) > MAX_TOKEN_RESPONSE_BYTES:
-            return json_error(502, "server_error", "The identity provider's answer is too large")
         return web.Response(status=status, body=body, content_type=content_type,
                             headers=NO_STORE)
 
