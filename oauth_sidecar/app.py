@@ -30,7 +30,8 @@ from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.request_keys import AUTH_FAILURE
 from oauth_sidecar.server_header import name_server
-from oauth_sidecar.signin.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
+from oauth_sidecar.signin.authserver import CALLBACK_PATH, AuthorizationServer
+from oauth_sidecar.signin.metadata import REGISTRATION_PATH, FacadeMetadata
 from oauth_sidecar.signin.redemptions import redemption_store
 from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.upstream.child import ChildProcess
@@ -144,8 +145,9 @@ def create_app(
         add_public(path, register, "oauth", ("POST",))
     if authserver.facade:
         add_public(CALLBACK_PATH, authserver.callback, "oauth", navigation=True)
+        facade_document = FacadeMetadata(config, idp)
         for path in authorization_server_metadata_paths(config):
-            add_public(path, authserver.metadata, "metadata")
+            add_public(path, facade_document.handle, "metadata")
     mcp = app.router.add_resource("/{path:.*}")
     mcp.add_route("*", proxy.handle)  # everything else: authenticated
     route_classes[mcp] = "mcp"
