@@ -95,21 +95,9 @@ def create_app(
                           credential=credential, child=child, metrics=metrics)
     public: set[web.AbstractResource] = set()
     navigations: set[web.AbstractResource] = set()  # public, but no CORS: browsers navigate
-
-    def is_public(request: web.Request) -> bool:
-        return request.match_info.route.resource in public
-
-    def is_navigation(request: web.Request) -> bool:
-        return request.match_info.route.resource in navigations
-
-    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
-                is_public=is_public, sessions=sessions)
-    cors = Cors(config, is_public, is_navigation)
-    app = web.Application(
-        middlewares=[access_log, *metrics.middlewares(), json_errors, cors.middleware,
-                     gate.middleware],
-        client_max_size=64 * 1024,  # only public handlers read bodies; the proxy streams
-    )
+    # Middlewares are added once the routes exist: the gate and CORS get the finished sets.
+    # client_max_size: only public handlers read bodies; the proxy streams.
+    app = web.Application(client_max_size=64 * 1024)
     app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
     app[METRICS] = metrics
 
@@ -151,6 +139,19 @@ def create_app(
     mcp = app.router.add_resource("/{path:.*}")
     mcp.add_route("*", proxy.handle)  # everything else: authenticated
     route_classes[mcp] = "mcp"
+    public_routes, navigation_routes = frozenset(public), frozenset(navigations)
+
+    def is_public(request: web.Request) -> bool:
+        return request.match_info.route.resource in public_routes
+
+    def is_navigation(request: web.Request) -> bool:
+        return request.match_info.route.resource in navigation_routes
+
+    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
+                is_public=is_public, sessions=sessions)
+    cors = Cors(config, is_public, is_navigation)
+    app.middlewares.extend([access_log, *metrics.middlewares(), json_errors, cors.middleware,
+                            gate.middleware])
     _watch(metrics, idp, proxy, child)
 
     # First in, last out: a taken METRICS_PORT fails start-up before the child is spawned, and
