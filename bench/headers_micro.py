@@ -7,9 +7,10 @@ request shaped like an MCP client's POST (the official SDK's headers, a session,
 version, the 2026 Mcp-Method/Mcp-Name, a request id). Measured, each the best of --repeats passes
 (timeit's rule: the minimum is the cost, the rest is noise):
 
-- `_request_headers`: the caller's headers filtered and ours added, what every proxied request
-  pays;
-- `_refuse_look_alike`: the scan for a second spelling of Mcp-Session-Id (when present);
+- `_request_headers` (`proxy.headers.request`): the caller's headers filtered and ours added,
+  what every proxied request pays;
+- `session check`: the gate's Mcp-Session-Id checks (a second spelling, the id's form, its
+  binding), which the proxy made before they moved to the gate;
 - both again with FORWARD_IDENTITY=true and STRIP_REQUEST_HEADERS set (names and a prefix).
 """
 
@@ -25,11 +26,11 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import load
 from oauth_sidecar.request_keys import Principal
 from oauth_sidecar.upstream.proxy import UpstreamProxy
-from oauth_sidecar.upstream.sessions import SessionBindings
 
 ENV = {
     "OIDC_ISSUER_URL": "https://idp.bench.test",
@@ -79,14 +80,14 @@ def measure(calls: int, repeats: int) -> dict[str, float]:
         "FORWARD_IDENTITY": "true", "STRIP_REQUEST_HEADERS": "x-tenant, x-internal-*"
     })):
         config = load({**ENV, **extra})  # an older tree ignores STRIP_REQUEST_HEADERS
+        bindings = SessionBindings(60)
         proxy = UpstreamProxy(config, policy=AccessPolicy(config.policy),
-                              addresses=ClientAddress(()), sessions=SessionBindings(60))
+                              addresses=ClientAddress(()), sessions=bindings)
         figures["_request_headers" + label] = best_us(
-            repeats, calls, partial(proxy._request_headers, request, PRINCIPAL))
-        refuse = getattr(proxy, "_refuse_look_alike", None)  # absent before it existed
-        if refuse is not None:
-            figures["_refuse_look_alike" + label] = best_us(
-                repeats, calls, partial(refuse, request))
+            repeats, calls, partial(proxy.headers.request, request, PRINCIPAL))
+        # The session header checks (look-alike spellings included) now run in the gate.
+        figures["session check" + label] = best_us(repeats, calls, partial(
+            bindings.check, request.headers, (PRINCIPAL.issuer, PRINCIPAL.subject)))
     return figures
 
 

@@ -18,6 +18,7 @@ from oauth_sidecar.auth.resource_metadata import (
     authorization_server_metadata_paths,
     protected_resource_paths,
 )
+from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
@@ -29,13 +30,13 @@ from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.request_keys import AUTH_FAILURE
 from oauth_sidecar.server_header import name_server
-from oauth_sidecar.signin.authserver import CALLBACK_PATH, REGISTRATION_PATH, AuthorizationServer
+from oauth_sidecar.signin.authserver import CALLBACK_PATH, AuthorizationServer
+from oauth_sidecar.signin.metadata import REGISTRATION_PATH, FacadeMetadata
 from oauth_sidecar.signin.redemptions import redemption_store
 from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.proxy import UpstreamProxy
-from oauth_sidecar.upstream.sessions import SessionBindings
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
@@ -82,8 +83,8 @@ def create_app(
     idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
     policy = AccessPolicy(config.policy, forwarded=config.forward_identity)
     verifier = TokenVerifier(config.tokens, idp, policy.kept_claims)
-    limiter = RateLimiter(config.rate_limits, metrics)
     addresses = ClientAddress(config.trusted_proxies)
+    limiter = RateLimiter(config.rate_limits, metrics, addresses)
     sessions = SessionBindings(config.session_ttl)
     credential = (
         UpstreamCredential(config.upstream_bearer_file, on_token=on_upstream_token)
@@ -94,21 +95,9 @@ def create_app(
                           credential=credential, child=child, metrics=metrics)
     public: set[web.AbstractResource] = set()
     navigations: set[web.AbstractResource] = set()  # public, but no CORS: browsers navigate
-
-    def is_public(request: web.Request) -> bool:
-        return request.match_info.route.resource in public
-
-    def is_navigation(request: web.Request) -> bool:
-        return request.match_info.route.resource in navigations
-
-    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
-                is_public=is_public)
-    cors = Cors(config, is_public, is_navigation)
-    app = web.Application(
-        middlewares=[access_log, *metrics.middlewares(), json_errors, cors.middleware,
-                     gate.middleware],
-        client_max_size=64 * 1024,  # only public handlers read bodies; the proxy streams
-    )
+    # Middlewares are added once the routes exist: the gate and CORS get the finished sets.
+    # client_max_size: only public handlers read bodies; the proxy streams.
+    app = web.Application(client_max_size=64 * 1024)
     app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
     app[METRICS] = metrics
 
@@ -132,25 +121,37 @@ def create_app(
         add_public(path, metadata.handle, "metadata")
     redirects = RedirectAllowList(config.auth_server)
     redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
-    authserver = AuthorizationServer(config, idp, redirects, limiter, addresses,
-                                     redemptions=redemptions)
+    authserver = AuthorizationServer(config, idp, redirects, redemptions=redemptions)
     registration = StaticRegistration(config.auth_server, redirects,
                                       config.upstream.body_timeout)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
-    add_public("/authorize", authserver.authorize, "oauth", navigation=True)
-    add_public("/token", authserver.token, "oauth", ("POST",))
-    async def register(request: web.Request) -> web.StreamResponse:
-        return await authserver.over_budget(request) or await registration.handle(request)
-
+    # Unauthenticated work: each call spends the client IP's budget first (limiter.guard).
+    add_public("/authorize", limiter.guard(authserver.authorize), "oauth", navigation=True)
+    add_public("/token", limiter.guard(authserver.token), "oauth", ("POST",))
+    register = limiter.guard(registration.handle)
     for path in (REGISTRATION_PATH, "/register"):
         add_public(path, register, "oauth", ("POST",))
     if authserver.facade:
         add_public(CALLBACK_PATH, authserver.callback, "oauth", navigation=True)
+        facade_document = FacadeMetadata(config, idp)
         for path in authorization_server_metadata_paths(config):
-            add_public(path, authserver.metadata, "metadata")
+            add_public(path, facade_document.handle, "metadata")
     mcp = app.router.add_resource("/{path:.*}")
     mcp.add_route("*", proxy.handle)  # everything else: authenticated
     route_classes[mcp] = "mcp"
+    public_routes, navigation_routes = frozenset(public), frozenset(navigations)
+
+    def is_public(request: web.Request) -> bool:
+        return request.match_info.route.resource in public_routes
+
+    def is_navigation(request: web.Request) -> bool:
+        return request.match_info.route.resource in navigation_routes
+
+    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
+                is_public=is_public, sessions=sessions)
+    cors = Cors(config, is_public, is_navigation)
+    app.middlewares.extend([access_log, *metrics.middlewares(), json_errors, cors.middleware,
+                            gate.middleware])
     _watch(metrics, idp, proxy, child)
 
     # First in, last out: a taken METRICS_PORT fails start-up before the child is spawned, and

@@ -87,7 +87,9 @@ class StreamedBody:
 
 
 class BodyReader:
-    """Reads each request's body the cheapest way its size allows, within both bounds."""
+    """Reads each request's body the cheapest way its size allows, within both bounds. The size
+    rule is the response side's (response_body.read_capped): at most `limit` bytes, one more is
+    too large, and a Content-Length over it is refused before a byte is read."""
 
     def __init__(self, limit: int, gap: float) -> None:
         self._limit = limit

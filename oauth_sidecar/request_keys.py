@@ -24,7 +24,16 @@ class Principal:
     kid: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class PresentedSession:
+    """The Mcp-Session-Id a request presented, which the gate let it use."""
+
+    id: str
+    bound: bool  # already bound to this caller; False: bound to nobody yet
+
+
 PRINCIPAL = web.RequestKey("principal", Principal)  # the verified caller, set once admitted
+SESSION = web.RequestKey("session", PresentedSession)  # set by the gate when one was presented
 AUTH_FAILURE = web.RequestKey("auth_failure", str)  # why a request was refused, for logs/metrics
 
 IsPublic = Callable[[web.Request], bool]  # is this request for a route that needs no token?

@@ -30,6 +30,7 @@ from processes import free_port
 from structlog.testing import capture_logs
 
 from oauth_sidecar.signin import authserver
+from oauth_sidecar.signin import state as relay_state
 
 Client = TestClient[web.Request, web.Application]
 
@@ -444,7 +445,7 @@ async def test_direct_token_relay_forwards_codes_and_the_form_unchanged(
     client = await start(**env)
     # In direct mode the IdP issued the code to the client itself: nothing to unseal, whatever
     # the code looks like, and the client's own redirect_uri is the one the IdP saw.
-    sealed_looking = authserver.StateCodec(STATE_SECRET.encode()).seal(
+    sealed_looking = relay_state.StateCodec(STATE_SECRET.encode()).seal(
         {"kind": "code", "c": "inner", "r": LOOPBACK})
     sent_forms = [code_exchange(client_id="client-registered-at-the-idp"),
                   code_exchange(sealed_looking, client_id="client-registered-at-the-idp")]
@@ -713,7 +714,7 @@ async def test_callback_refuses_a_sealed_code_presented_as_state(
     # Same key, same shape, and it names an allowed redirect_uri: only its kind tells it apart.
     assert_refused_without_redirect(await idp_answers(client, code="c", state=code,
                                                       iss=idp.issuer))
-    forged_kinds = authserver.StateCodec(STATE_SECRET.encode())
+    forged_kinds = relay_state.StateCodec(STATE_SECRET.encode())
     fields = {"r": CLAUDE_AI, "s": "x", "cid": CLIENT_ID, "pc": CHALLENGE}
     for values in (fields, {"kind": "code", **fields}, {"kind": "STATE", **fields}):
         reply = await idp_answers(client, code="c", state=forged_kinds.seal(values),
@@ -728,7 +729,7 @@ async def test_callback_refuses_a_state_past_its_lifetime(
 ) -> None:
     client = await start(**FACADE)
     with monkeypatch.context() as patch:
-        patch.setattr(authserver, "STATE_TTL", -1)
+        patch.setattr(relay_state, "STATE_TTL", -1)
         expired = await sealed_state(client)
     assert_refused_without_redirect(await idp_answers(client, code="c", state=expired,
                                                       iss=idp.issuer))
@@ -740,9 +741,9 @@ async def test_callback_state_expires_after_ten_minutes(
     client = await start(**FACADE)
     state, twin = await sealed_state(client), await sealed_state(client)  # each used once
 
-    monkeypatch.setattr(authserver, "time", Clock(590))
+    monkeypatch.setattr(relay_state, "time", Clock(590))
     assert (await idp_answers(client, code="c", state=state, iss=idp.issuer)).status == 302
-    monkeypatch.setattr(authserver, "time", Clock(authserver.STATE_TTL + 5))
+    monkeypatch.setattr(relay_state, "time", Clock(relay_state.STATE_TTL + 5))
     assert_refused_without_redirect(await idp_answers(client, code="c", state=twin,
                                                       iss=idp.issuer))
 
@@ -891,7 +892,7 @@ async def test_facade_token_refuses_sealed_values_that_are_not_a_code(
     start: Start, token_endpoint: TokenEndpoint, values: dict[str, Any]
 ) -> None:
     client = await start(**FACADE)
-    sealed = authserver.StateCodec(STATE_SECRET.encode()).seal(values)
+    sealed = relay_state.StateCodec(STATE_SECRET.encode()).seal(values)
     assert_invalid_grant(await call(client, "POST", "/token", **form(**code_exchange(sealed))))
     assert token_endpoint.calls == []
 
@@ -900,7 +901,7 @@ async def test_facade_token_accepts_a_code_sealed_with_the_state_secret(
     start: Start, token_endpoint: TokenEndpoint
 ) -> None:
     client = await start(**FACADE)
-    sealed = authserver.StateCodec(STATE_SECRET.encode()).seal(
+    sealed = relay_state.StateCodec(STATE_SECRET.encode()).seal(
         {"kind": "code", "c": "inner-code", "r": CLAUDE_AI, "cid": CLIENT_ID, "pc": CHALLENGE})
     sent = code_exchange(sealed)
     assert (await call(client, "POST", "/token", **form(**sent))).status == 200
@@ -930,7 +931,7 @@ async def test_facade_token_refuses_a_code_past_its_lifetime(
     client = await start(**FACADE)
     state = await sealed_state(client)  # sealed with the normal lifetime
     with monkeypatch.context() as patch:
-        patch.setattr(authserver, "STATE_TTL", -1)
+        patch.setattr(relay_state, "STATE_TTL", -1)
         reply = await idp_answers(client, code=IDP_CODE, state=state, iss=idp.issuer)
     assert reply.status == 302, reply.text
     expired = dict(reply.target()[1])["code"]
@@ -945,9 +946,9 @@ async def test_facade_code_expires_after_ten_minutes(
     sent = code_exchange(await sealed_code(client, idp))
     twin = code_exchange(await sealed_code(client, idp))  # each code is used once
 
-    monkeypatch.setattr(authserver, "time", Clock(590))
+    monkeypatch.setattr(relay_state, "time", Clock(590))
     assert (await call(client, "POST", "/token", **form(**sent))).status == 200
-    monkeypatch.setattr(authserver, "time", Clock(authserver.STATE_TTL + 5))
+    monkeypatch.setattr(relay_state, "time", Clock(relay_state.STATE_TTL + 5))
     assert_invalid_grant(await call(client, "POST", "/token", **form(**twin)))
     assert len(token_endpoint.calls) == 1
 

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from oauth_sidecar.app import PROXY
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import ConfigError, load
-from oauth_sidecar.upstream.proxy import MAX_REMEMBERED_NAME, MAX_VERDICTS
+from oauth_sidecar.upstream.headers import MAX_REMEMBERED_NAME, MAX_VERDICTS
 
 Client = TestClient[web.Request, web.Application]
 
@@ -744,6 +744,6 @@ async def test_header_verdicts_stay_bounded_whatever_names_callers_invent(
     assert seen["X-Invented-11-99"] == "v"  # decided right after the table is full
     assert seen["X-" + "L" * 100 + "11"] == "long"
     assert "X_Invented_Late" not in seen
-    verdicts = sidecar.app[PROXY]._verdicts
+    verdicts = sidecar.app[PROXY].headers._verdicts
     assert len(verdicts) <= MAX_VERDICTS
     assert max(map(len, verdicts)) <= MAX_REMEMBERED_NAME

@@ -63,7 +63,8 @@ from processes import free_port
 from pydantic import AnyUrl
 from real_idp import RealIdp, discover, run_oidc_provider
 
-from oauth_sidecar.signin.authserver import AuthorizationServer, StateCodec
+from oauth_sidecar.signin.authserver import AuthorizationServer
+from oauth_sidecar.signin.state import StateCodec
 
 USER = "user-1"  # the provider's --auto-login account
 STATIC_ID = "mcp-facade"

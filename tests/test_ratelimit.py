@@ -410,6 +410,81 @@ async def test_unreachable_redis_at_start_up_does_not_stop_the_app(
     assert failed["policy"] == policy
 
 
+async def down_storage_sidecar(make_sidecar: SidecarFactory, policy: str) -> Client:
+    """A sidecar with every budget on, whose Redis is not there (nothing listens on the port)."""
+    return await make_sidecar(
+        RATE_LIMIT_RPM="3", RATE_LIMIT_UNAUTHENTICATED_RPM="3",
+        RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0",
+        RATE_LIMIT_ON_STORAGE_ERROR=policy,
+    )
+
+
+def assert_unavailable(reply: Reply) -> None:
+    """The one answer of every budget while its storage is down and the policy is deny."""
+    assert reply.status == 503, reply
+    assert reply.body == {"error": "temporarily_unavailable",
+                          "error_description": "Rate limiting is unavailable"}
+    assert reply.headers["Retry-After"].isdigit()
+
+
+# Each unauthenticated route the limiter guards, and a request it would otherwise serve.
+GUARDED = [("GET", "/authorize"), ("POST", "/token"), ("POST", "/oauth/register"),
+           ("POST", "/register")]
+
+
+@pytest.mark.parametrize(("method", "path"), GUARDED)
+async def test_every_guarded_route_answers_503_while_the_storage_is_down_with_deny(
+    make_sidecar: SidecarFactory, method: str, path: str
+) -> None:
+    sidecar = await down_storage_sidecar(make_sidecar, "deny")
+    async with asyncio.timeout(REQUEST_TIMEOUT):
+        response = await sidecar.request(method, path, data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        reply = Reply(response.status, response.headers, await response.json())
+    assert_unavailable(reply)
+
+
+@pytest.mark.parametrize(("method", "path"), GUARDED)
+async def test_guarded_routes_are_served_while_the_storage_is_down_with_allow(
+    make_sidecar: SidecarFactory, method: str, path: str
+) -> None:
+    sidecar = await down_storage_sidecar(make_sidecar, "allow")
+    async with asyncio.timeout(REQUEST_TIMEOUT):
+        response = await sidecar.request(method, path, data=b"{}", allow_redirects=False,
+                                         headers={"Content-Type": "application/json"})
+    assert response.status not in (429, 503), await response.text()
+
+
+async def test_gate_budgets_answer_503_while_the_storage_is_down_with_deny(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """Both budgets the gate spends: a new token's verification (per client IP) and a
+    signed-in subject's request (per subject, its token already verified)."""
+    sidecar = await down_storage_sidecar(make_sidecar, "deny")
+    with capture_logs() as events:
+        unverified = await send(sidecar, idp.mint(claims={"sub": "alice"}))
+        refused_credential = await send(sidecar, "Bearer-less garbage")
+    assert_unavailable(unverified)
+    # A refusal already decided is not turned into a 503: the storage does not matter to it.
+    assert refused_credential.status == 401
+    first, _ = events_named(events, "request")
+    assert first["auth_error"] == "rate_limit_unavailable"
+    assert upstream.requests == []
+
+
+async def test_subject_budget_answers_503_while_the_storage_is_down_with_deny(
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    """Only the subject's budget: the per-IP budget is off, so the token is verified."""
+    sidecar = await make_sidecar(
+        RATE_LIMIT_RPM="3", RATE_LIMIT_UNAUTHENTICATED_RPM="0",
+        RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0",
+        RATE_LIMIT_ON_STORAGE_ERROR="deny",
+    )
+    assert_unavailable(await send(sidecar, idp.mint(claims={"sub": "alice"})))
+    assert upstream.requests == []
+
+
 # -- per-IP budget of verifications and refused credentials ------------------------------------
 
 

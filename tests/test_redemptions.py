@@ -31,8 +31,8 @@ from test_authserver import (
 )
 
 from oauth_sidecar.signin import redemptions
-from oauth_sidecar.signin.authserver import StateCodec
 from oauth_sidecar.signin.redemptions import MemoryRedemptions, RedemptionUnavailable
+from oauth_sidecar.signin.state import StateCodec
 
 HOUR = 3600.0
 

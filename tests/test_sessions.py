@@ -15,13 +15,21 @@ from types import SimpleNamespace
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer
-from multidict import CIMultiDict
+from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer, sidecar_env, wait_until
+from multidict import CIMultiDict, CIMultiDictProxy
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import SESSIONS
-from oauth_sidecar.upstream import sessions
-from oauth_sidecar.upstream.sessions import SessionBindings
+from oauth_sidecar.auth import sessions
+from oauth_sidecar.auth.gate import Gate
+from oauth_sidecar.auth.idp import IdentityProvider
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.ratelimit import RateLimiter
+from oauth_sidecar.auth.sessions import SessionBindings, SessionRefused
+from oauth_sidecar.auth.tokens import TokenVerifier
+from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.config import load
+from oauth_sidecar.request_keys import SESSION, PresentedSession
 
 Client = TestClient[web.Request, web.Application]
 
@@ -460,3 +468,98 @@ async def test_an_issued_id_the_sidecar_cannot_bind_is_502_and_nothing_is_kept(
         assert issued not in str(events)
     finally:
         await server.close()
+
+
+# --- the gate decides: the session check runs in the gate, before any handler ------------------
+
+
+@dataclass
+class GatedApp:
+    """The Gate in front of a handler that only records what reached it (no proxy at all)."""
+
+    client: Client
+    bindings: SessionBindings
+    reached: list[PresentedSession | None] = field(default_factory=list)
+
+
+@pytest.fixture
+async def gated(idp: FakeIdp, upstream: FakeUpstream) -> AsyncIterator[GatedApp]:
+    config = load(sidecar_env(idp, upstream, ALLOW_SUBS="alice,bob",
+                              ALLOW_ALL_AUTHENTICATED="false"))
+    provider = IdentityProvider(config.idp, config.tokens.algorithms)
+    bindings = SessionBindings(config.session_ttl)
+    limiter = RateLimiter(config.rate_limits)
+    gate = Gate(config, verifier=TokenVerifier(config.tokens, provider),
+                policy=AccessPolicy(config.policy), limiter=limiter,
+                addresses=ClientAddress(()), is_public=lambda _: False, sessions=bindings)
+    reached: list[PresentedSession | None] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        reached.append(request.get(SESSION))
+        return web.Response(text="reached")
+
+    app = web.Application(middlewares=[gate.middleware])
+    app.router.add_route("*", "/{path:.*}", handler)
+    async with provider.running(), limiter.running():
+        await wait_until(lambda: provider.ready)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            yield GatedApp(client, bindings, reached)
+
+
+async def test_gate_refuses_another_users_session_before_any_handler(
+    gated: GatedApp, idp: FakeIdp
+) -> None:
+    gated.bindings.bind("s-alice", (idp.issuer, "alice"))
+    hijack = await gated.client.post("/mcp", headers={**token_for(idp, "bob"),
+                                                      "Mcp-Session-Id": "s-alice"})
+    assert hijack.status == 404
+    assert (await hijack.json())["error"] == "session_not_found"
+    assert gated.reached == []
+
+    own = await gated.client.post("/mcp", headers={**token_for(idp, "alice"),
+                                                   "Mcp-Session-Id": "s-alice"})
+    assert own.status == 200
+    unknown = await gated.client.post("/mcp", headers={**token_for(idp, "bob"),
+                                                       "Mcp-Session-Id": "s-new"})
+    assert unknown.status == 200
+    none = await gated.client.post("/mcp", headers=token_for(idp, "bob"))
+    assert none.status == 200
+    # What the gate leaves for the proxy: whether the caller already owns it, or nobody does.
+    assert gated.reached == [PresentedSession("s-alice", bound=True),
+                             PresentedSession("s-new", bound=False), None]
+    assert len(gated.bindings) == 1  # the gate decides; binding is the proxy's to record
+
+
+async def test_gate_checks_the_session_after_the_access_policy(
+    gated: GatedApp, idp: FakeIdp
+) -> None:
+    """A caller the allow-lists refuse hears 403, never whether a session id exists."""
+    gated.bindings.bind("s-alice", (idp.issuer, "alice"))
+    refused = await gated.client.post("/mcp", headers={**token_for(idp, "mallory"),
+                                                       "Mcp-Session-Id": "s-alice"})
+    assert refused.status == 403
+    assert gated.reached == []
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ([("Mcp-Session-Id", "a"), ("Mcp-Session-Id", "b")], 400),
+    ([("Mcp-Session-Id", "s 1")], 400),
+    ([("Mcp_Session_Id", "s-alice")], 400),
+])
+async def test_gate_refuses_malformed_session_headers(
+    gated: GatedApp, idp: FakeIdp, headers: list[tuple[str, str]], status: int
+) -> None:
+    refused = await gated.client.post(
+        "/mcp", headers=CIMultiDict([*token_for(idp, "alice").items(), *headers]))
+    assert refused.status == status
+    assert (await refused.json())["error"] == "invalid_request"
+    assert gated.reached == []
+
+
+def test_session_refused_carries_what_the_gate_answers() -> None:
+    bindings = SessionBindings(ttl=60)
+    bindings.bind("s1", ALICE)
+    with pytest.raises(SessionRefused) as refused:
+        bindings.check(CIMultiDictProxy(CIMultiDict({"Mcp-Session-Id": "s1"})), BOB)
+    assert (refused.value.status, refused.value.error, refused.value.reason) == (
+        404, "session_not_found", "session_owned_by_another_identity")

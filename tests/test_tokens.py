@@ -44,8 +44,15 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
-from oauth_sidecar.app import IDP
-from oauth_sidecar.auth.tokens import NON_ACCESS_TYPES, TokenError, bearer_token, parse_strict
+from oauth_sidecar.app import IDP, VERIFIER
+from oauth_sidecar.auth import tokens
+from oauth_sidecar.auth.tokens import (
+    NON_ACCESS_TYPES,
+    TokenError,
+    bearer_token,
+    expired,
+    parse_strict,
+)
 
 Client = TestClient[web.Request, web.Application]
 Start = Callable[..., Awaitable[Client]]
@@ -854,6 +861,48 @@ async def test_cached_token_is_refused_once_it_expires(
     await asyncio.sleep(max(0.0, exp - time.time()) + 0.1)  # bounded: at most ~3 s
     assert time.time() > exp
     assert_refused(await send(client, auth(token)), upstream, reason="expired", forwarded=1)
+
+
+@pytest.mark.parametrize("leeway", [0, 30])
+def test_expiry_starts_at_exp_plus_leeway_to_the_instant(leeway: int) -> None:
+    exp = 1_700_000_000
+    assert not expired(exp, exp + leeway - 0.001, leeway)
+    assert expired(exp, exp + leeway, leeway)
+    assert expired(exp + 0.75, exp + leeway, leeway)  # exp counts in whole seconds (pyjwt)
+
+
+class FrozenClock:
+    """The tokens module's clock only (never the event loop's or the IdP's)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("exp_offset", [0.0, 0.5])
+@pytest.mark.parametrize("leeway", [0, 30])
+async def test_cache_hit_and_fresh_verification_expire_at_the_same_instant(
+    idp: FakeIdp, start: Start, monkeypatch: pytest.MonkeyPatch, leeway: int,
+    exp_offset: float,
+) -> None:
+    """A cached token is refused at exactly the instant a fresh verification refuses it, also
+    for an exp with a fraction (the cache once kept it half a second longer)."""
+    client = await start(JWT_LEEWAY_SECONDS=str(leeway))
+    verifier = client.app[VERIFIER]
+    exp = math.ceil(time.time()) + 1000
+    token = idp.mint(claims={"exp": exp + exp_offset})
+    clock = FrozenClock(exp + leeway - 1)
+    monkeypatch.setattr(tokens, "time", clock)
+    await verifier.verify(token)
+    assert verifier.cached(token) is not None
+
+    clock.now = exp + leeway  # the same instant for both
+    assert verifier.cached(token) is None
+    with pytest.raises(TokenError) as fresh:
+        await verifier.verify(token)
+    assert fresh.value.reason == "expired"
 
 
 async def rotate_to(client: Client, idp: FakeIdp, key: SigningKey) -> None:

@@ -5,9 +5,10 @@ unauthenticated requests reach the MCP server (`POST /healthz`, `/.well-known/%2
 Here public routes are terminal handlers registered for exactly their methods, and the gate asks
 the router which route matched, never the path. For everything else, in order: authenticate
 (401, RFC 6750 §3 and the MCP authorization spec), spend one request of the subject's budget
-(429), then apply the access policy (403). The budget comes first so that a signed-in subject the
-allow-lists refuse pays for its refusals like anyone else: its IdP-valid token is cached, so
-otherwise each refusal would be free. Each refusal is mapped to HTTP here and only here.
+(429), apply the access policy (403), then check that a presented MCP session is the caller's
+(404, sessions.py). The budget comes first so that a signed-in subject the allow-lists refuse pays
+for its refusals like anyone else: its IdP-valid token is cached, so otherwise each refusal would
+be free. Each refusal is mapped to HTTP here and only here (budgets by the limiter's `refusal`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from oauth_sidecar.auth.challenge import (
 )
 from oauth_sidecar.auth.policy import AccessPolicy, Denied
 from oauth_sidecar.auth.ratelimit import (
+    PER_CLIENT_IP,
+    PER_SUBJECT,
     RateLimited,
     RateLimiter,
     RateLimitUnavailable,
-    rate_limited,
+    refusal,
+    refusal_reason,
 )
+from oauth_sidecar.auth.sessions import SessionBindings, SessionRefused
 from oauth_sidecar.auth.tokens import TokenError, TokenVerifier, bearer_token
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.outcome import Handler
-from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, IsPublic, Principal
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, SESSION, IsPublic, Principal
 
 RETRY_AFTER_UNAVAILABLE = "5"  # seconds; the IdP refresher and Redis retry faster than that
 # No credential at all costs nothing to refuse: only verifications and refused credentials
@@ -46,12 +51,16 @@ class Gate:
     def __init__(
         self, config: Config, *, verifier: TokenVerifier, policy: AccessPolicy,
         limiter: RateLimiter, addresses: ClientAddress, is_public: IsPublic,
+        sessions: SessionBindings | None = None,
     ) -> None:
+        """sessions: the bindings the proxy records; a gate of its own (the doctor's, which
+        never serves) gets empty ones, so no gate ever skips the session check."""
         self._verifier = verifier
         self._policy = policy
         self._limiter = limiter
         self._addresses = addresses
         self._is_public = is_public
+        self._sessions = sessions if sessions is not None else SessionBindings(config.session_ttl)
         self._max_token = config.tokens.max_token_bytes
         self._challenges = Challenges(config)
 
@@ -62,21 +71,24 @@ class Gate:
         try:
             principal = await self._authenticate(request)
             request[PRINCIPAL] = principal  # before the checks below, so refusals are attributed
-            await self._limiter.hit_subject(principal.issuer, principal.subject)
+            await self._limiter.admit(PER_SUBJECT, principal.issuer, principal.subject)
             self._policy.check(principal.subject, principal.claims)
+            session = self._sessions.check(request.headers, (principal.issuer, principal.subject))
         except TokenError as exc:
             request[AUTH_FAILURE] = exc.reason
             return self.refuse(exc)
         except Denied as exc:
             request[AUTH_FAILURE] = exc.reason
             return self.deny(exc)
-        except RateLimited as exc:
-            request[AUTH_FAILURE] = f"rate_limited_{exc.scope}"
-            return rate_limited(exc)
-        except RateLimitUnavailable:
-            request[AUTH_FAILURE] = "rate_limit_unavailable"
-            return json_error(503, "temporarily_unavailable", "Rate limiting is unavailable",
-                              {"Retry-After": RETRY_AFTER_UNAVAILABLE})
+        except (RateLimited, RateLimitUnavailable) as exc:
+            request[AUTH_FAILURE] = refusal_reason(exc)
+            return refusal(exc)
+        except SessionRefused as exc:
+            if exc.reason is not None:
+                request[AUTH_FAILURE] = exc.reason
+            return json_error(exc.status, exc.error, exc.description)
+        if session is not None:
+            request[SESSION] = session
         return await handler(request)
 
     async def _authenticate(self, request: web.Request) -> Principal:
@@ -86,14 +98,14 @@ class Gate:
                                  self._max_token)
         except TokenError as exc:
             if exc.reason not in UNCOUNTED_FAILURES:
-                await self._limiter.hit_failure(self._client_ip(request))
+                await self._limiter.spend(PER_CLIENT_IP, self._client_ip(request))
             raise
         principal = self._verifier.cached(token)
         if principal is None:
             # A verification costs CPU (and an unknown kid a key fetch): it is paid for before
             # it runs, atomically, so a flood of concurrent requests gets no more of them than
             # the IP's budget. A valid token pays once: afterwards it is a cache hit.
-            await self._limiter.hit_client(self._client_ip(request))
+            await self._limiter.admit(PER_CLIENT_IP, self._client_ip(request))
             principal = await self._verifier.verify(token)
         return principal
 

@@ -28,6 +28,7 @@ from jwt.exceptions import InvalidKeyError
 
 from oauth_sidecar.config import IdpConfig
 from oauth_sidecar.metrics import Metrics
+from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 
 log = structlog.get_logger("oauth_sidecar.idp")
 
@@ -341,8 +342,10 @@ class IdentityProvider:
                         continue
                     if response.status != 200:
                         raise IdpError(f"HTTP {response.status}")
-                    body = await self._read_capped(response)
+                    body = await read_capped(response, self._config.max_document_bytes)
                     max_age = MAX_AGE.search(response.headers.get("Cache-Control", ""))
+            except ResponseTooLarge as exc:
+                raise IdpError(f"document larger than {exc.limit} bytes") from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise IdpError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
             try:
@@ -353,15 +356,3 @@ class IdentityProvider:
                 raise IdpError("response is not a JSON object")
             return document, float(max_age.group(1)) if max_age else None
         raise IdpError("too many redirects")
-
-    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
-        limit = self._config.max_document_bytes
-        if (response.content_length or 0) > limit:
-            raise IdpError(f"document larger than {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in response.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                raise IdpError(f"document larger than {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)

@@ -1,4 +1,4 @@
-"""Per-subject and per-client-IP rate limits over the `limits` library.
+"""The one rate-limit service: named budgets (per subject, per client IP) over `limits`.
 
 Why: one user (or one stolen token) must not be able to monopolise the MCP server, and a flood
 of garbage tokens must not burn CPU without bound. Budgets are moving windows: RATE_LIMIT_RPM
@@ -11,6 +11,10 @@ Every budget is spent with limits' `hit`, which counts and decides in one atomic
 memory, one Lua script in Redis), before the work it pays for. Checking first and counting after
 the work let every request in flight pass the check: 500 concurrent connections ran 1,098 token
 verifications against a per-IP budget of 600.
+
+Every budget is decided here and mapped to HTTP here (429, or 503 when the storage is down and
+the operator chose fail-closed): the gate spends budgets for protected requests, and `guard`
+wraps the unauthenticated sign-in and registration handlers, so no caller keeps its own copy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -31,9 +36,11 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
+from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import RateLimitConfig
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
+from oauth_sidecar.outcome import Handler
 
 log = structlog.get_logger("oauth_sidecar.ratelimit")
 
@@ -41,8 +48,23 @@ STORAGE_TIMEOUT = 1.0  # seconds: a slow Redis must not hold every request hosta
 # After a failure, apply the failure policy at once for this long instead of making every
 # request wait STORAGE_TIMEOUT for a storage that is down; then one request tries again.
 RETRY_STORAGE_AFTER = 5.0
-UNAVAILABLE_RETRY_AFTER = 5  # seconds, when failing closed
+UNAVAILABLE_RETRY_AFTER = "5"  # seconds, when failing closed: the storage is retried sooner
 NAMESPACE = "oauth_sidecar"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A named budget. `scope` names it in metrics, log reasons and storage keys; a hashed
+    budget stores a digest of its key (an issuer and subject may be long, and are personal)."""
+
+    scope: str
+    hashed: bool = False
+
+
+PER_SUBJECT = Budget("subject", hashed=True)  # RATE_LIMIT_RPM: requests of one signed-in subject
+# RATE_LIMIT_UNAUTHENTICATED_RPM: work done for a caller not known yet (token verifications,
+# refused credentials, sign-in and registration calls), by client address.
+PER_CLIENT_IP = Budget("client_ip")
 
 
 class RateLimited(Exception):
@@ -61,24 +83,29 @@ class RateLimitUnavailable(Exception):
 
 
 class RateLimiter:
-    def __init__(self, config: RateLimitConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: RateLimitConfig, metrics: Metrics | None = None,
+        addresses: ClientAddress | None = None,
+    ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
-        self._subject_item = RateLimitItemPerMinute(max(config.per_subject_rpm, 1))
-        self._ip_item = RateLimitItemPerMinute(max(config.unauthenticated_rpm, 1))
+        # No trusted proxies unless told: then the TCP peer is the client, never a header.
+        self._addresses = addresses or ClientAddress(())
+        self._items = {  # a budget of 0 is off: no entry
+            budget: RateLimitItemPerMinute(rpm)
+            for budget, rpm in ((PER_SUBJECT, config.per_subject_rpm),
+                                (PER_CLIENT_IP, config.unauthenticated_rpm))
+            if rpm > 0
+        }
         self._storage: Storage | None = None
         self._strategy: MovingWindowRateLimiter | None = None
         self._failing = False
         self._skip_storage_until = 0.0
         self._in_memory = config.storage_uri.startswith("async+memory")
 
-    @property
-    def limits_subjects(self) -> bool:
-        return self._config.per_subject_rpm > 0
-
-    @property
-    def limits_failures(self) -> bool:
-        return self._config.unauthenticated_rpm > 0
+    def limits(self, budget: Budget) -> bool:
+        """Whether this budget is enforced at all (an RPM of 0 turns it off)."""
+        return budget in self._items
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RateLimiter]:
@@ -96,33 +123,48 @@ class RateLimiter:
             await _close(storage)
             self._storage = self._strategy = None
 
-    async def hit_subject(self, issuer: str, subject: str) -> None:
-        """Count one request for this subject; raise RateLimited when over budget."""
-        if self.limits_subjects:
-            key = hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()[:32]
-            item = self._subject_item
-            if not await self._call(lambda s: s.hit(item, NAMESPACE, "subject", key)):
-                raise await self._limited(item, "subject", key)
+    def client_ip(self, request: web.Request) -> str:
+        """The PER_CLIENT_IP key of a request: its client as the trusted proxies tell it."""
+        return self._addresses.client(request.remote, forwarded_chain(request.headers))
 
-    async def hit_client(self, client_ip: str) -> None:
-        """Count one piece of work done for a caller not known yet (a token verification, or a
-        call to register, the token relay or authorize); raise RateLimited when over budget.
-        Counted before the work, so concurrent requests cannot all start it."""
-        if self.limits_failures:
-            item = self._ip_item
-            if not await self._call(lambda s: s.hit(item, NAMESPACE, "client_ip", client_ip)):
-                raise await self._limited(item, "client_ip", client_ip)
+    async def admit(self, budget: Budget, *key: str) -> None:
+        """Spend one unit of this budget before the work it pays for; raise RateLimited when
+        it is spent (or RateLimitUnavailable when the storage is down and we fail closed)."""
+        item = self._items.get(budget)
+        if item is not None:
+            name = _key(budget, key)
+            if not await self._call(lambda s: s.hit(item, NAMESPACE, budget.scope, name)):
+                raise await self._limited(item, budget.scope, name)
 
-    async def hit_failure(self, client_ip: str) -> None:
-        """Count one refused credential that needed no verification (malformed, too large,
-        in the query): the refusal is already decided, so being over budget changes nothing."""
-        if self.limits_failures:
-            item = self._ip_item
+    async def spend(self, budget: Budget, *key: str) -> None:
+        """Count one unit for a refusal already decided (a malformed or oversized credential,
+        one in the query): being over budget, or the storage being down, changes nothing."""
+        item = self._items.get(budget)
+        if item is not None:
+            name = _key(budget, key)
             with suppress(RateLimitUnavailable):
-                await self._call(lambda s: s.hit(item, NAMESPACE, "client_ip", client_ip))
+                await self._call(lambda s: s.hit(item, NAMESPACE, budget.scope, name))
+
+    async def over_budget(self, budget: Budget, *key: str) -> web.Response | None:
+        """admit(), its refusal as the HTTP answer; None when the request may go on."""
+        try:
+            await self.admit(budget, *key)
+        except (RateLimited, RateLimitUnavailable) as exc:
+            return refusal(exc)
+        return None
+
+    def guard(self, handler: Handler) -> Handler:
+        """handler behind the PER_CLIENT_IP budget: for unauthenticated endpoints, where each
+        call is work for a caller not known yet (sign-in, the token relay, registration)."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            refused = await self.over_budget(PER_CLIENT_IP, self.client_ip(request))
+            return refused if refused is not None else await handler(request)
+
+        return guarded
 
     async def _limited(self, item: RateLimitItemPerMinute, scope: str, key: str) -> RateLimited:
-        self._metrics.rate_limited(scope)  # every RateLimited becomes a 429 (gate, authserver)
+        self._metrics.rate_limited(scope)  # every RateLimited becomes a 429 (refusal)
         window: list[float] = []
 
         async def stats(strategy: MovingWindowRateLimiter) -> bool:
@@ -178,6 +220,26 @@ async def _close(storage: Storage) -> None:
     if close is not None:
         with suppress(OSError, StorageError):  # already gone: nothing to release
             await close()
+
+
+def _key(budget: Budget, parts: tuple[str, ...]) -> str:
+    joined = "\0".join(parts)
+    return hashlib.sha256(joined.encode()).hexdigest()[:32] if budget.hashed else joined
+
+
+def refusal_reason(refused: RateLimited | RateLimitUnavailable) -> str:
+    """What the access log and metrics record for this refusal."""
+    if isinstance(refused, RateLimited):
+        return f"rate_limited_{refused.scope}"
+    return "rate_limit_unavailable"
+
+
+def refusal(refused: RateLimited | RateLimitUnavailable) -> web.Response:
+    """The one HTTP answer to a spent budget (429) or an unavailable storage (503)."""
+    if isinstance(refused, RateLimited):
+        return rate_limited(refused)
+    return json_error(503, "temporarily_unavailable", "Rate limiting is unavailable",
+                      {"Retry-After": UNAVAILABLE_RETRY_AFTER})
 
 
 def rate_limited(limited: RateLimited) -> web.Response:

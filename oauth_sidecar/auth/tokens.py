@@ -79,6 +79,14 @@ KeptClaims = Callable[[str, Mapping[str, Any]], tuple[Mapping[str, Any], bool]]
 policy and the forwarded identity read), and whether the policy admits it now."""
 
 
+def expired(exp: float, now: float, leeway: float) -> bool:
+    """Whether a token with this `exp` is expired at `now`: the one rule for a fresh
+    verification and a cache hit, so a cached token never outlives what verify() would accept.
+    pyjwt's semantics: exp truncated to whole seconds, expired from that instant on, less the
+    leeway (RFC 7519 §4.1.4 "on or after")."""
+    return int(exp) <= now - leeway
+
+
 def _keep_all(subject: str, claims: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
     return claims, True
 
@@ -244,7 +252,7 @@ class TokenVerifier:
         principal, key = entry
         # Re-check on every hit: still unexpired, and the very key that verified it still
         # published (the IdP keeps unchanged keys' identity across refreshes; see idp.py).
-        if now >= principal.expires_at + self._config.leeway or (
+        if expired(principal.expires_at, now, self._config.leeway) or (
             self._keys.get_key(principal.kid) is not key
         ):
             self._cache.drop(digest)
@@ -472,7 +480,7 @@ class TokenVerifier:
         return check
 
     def _not_expired(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
-        if int(payload["exp"]) <= now - self._config.leeway:
+        if expired(payload["exp"], now, self._config.leeway):
             raise _invalid("expired", "The token has expired")
 
     def _issuer(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:

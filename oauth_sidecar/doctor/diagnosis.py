@@ -32,7 +32,7 @@ from oauth_sidecar.doctor.lint import (
 )
 from oauth_sidecar.doctor.probes import Probes
 from oauth_sidecar.doctor.report import NOTE, SECTIONS, WARNING, Checker, Report
-from oauth_sidecar.signin.authserver import facade_metadata
+from oauth_sidecar.signin.metadata import facade_metadata
 
 
 async def diagnose(config: Config, token: str | None = None) -> Report:

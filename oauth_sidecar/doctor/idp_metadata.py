@@ -25,9 +25,10 @@ from oauth_sidecar.auth.idp import (
     parse_jwk,
     same_issuer,
 )
-from oauth_sidecar.doctor.probes import read_capped, until
+from oauth_sidecar.doctor.probes import until
 from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker
 from oauth_sidecar.doctor.words import describe_key, span
+from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH
 
 CLOCK_SLACK = 2.0  # seconds: the Date header is truncated to seconds and the request took time
@@ -84,7 +85,8 @@ class IdpChecks(Checker):
                 body = await read_capped(response, self.config.idp.max_document_bytes)
                 status, date, age = (response.status, response.headers.get("Date"),
                                      response.headers.get("Age"))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ResponseTooLarge) as exc:
+            # ResponseTooLarge: the sidecar's own key fetch refuses the same body.
             self.line(section, f"cannot list the keys: {type(exc).__name__}: {exc}")
             return
         if date:

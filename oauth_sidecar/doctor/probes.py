@@ -26,14 +26,15 @@ import aiohttp
 
 from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.resource_metadata import public_origin
+from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config_summary import shown_command
 from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker
+from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, with_query
 from oauth_sidecar.upstream.child import ChildProcess, ChildStartError
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.proxy import UpstreamProxy
-from oauth_sidecar.upstream.sessions import SessionBindings
 
 PROBE_SECONDS = 10.0  # an upstream or authorization-endpoint probe: the answer's status line only
 PROBE_BODY_BYTES = 64 * 1024  # enough of an IdP's error page to find its error code
@@ -60,14 +61,12 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` bytes of the body (the rest is left unread)."""
-    body = b""
-    async for chunk in response.content.iter_chunked(65536):
-        body += chunk
-        if len(body) >= limit:
-            return body[:limit]
-    return body
+async def read_head(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body: a probe only looks for an error in what comes first."""
+    try:
+        return await read_capped(response, limit)
+    except ResponseTooLarge as too_large:
+        return too_large.head
 
 
 def _error_in(body: bytes) -> tuple[str, str] | None:
@@ -116,7 +115,7 @@ class Probes(Checker):
             async with session.get(with_query(endpoint, params), allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=PROBE_SECONDS)) as response:
                 status, location = response.status, response.headers.get("Location", "")
-                body = await read_capped(response, PROBE_BODY_BYTES)
+                body = await read_head(response, PROBE_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.add(WARNING, "relay_probe_failed",
                      f"could not ask the IdP's authorization endpoint {endpoint}: "

@@ -1,4 +1,7 @@
-"""The authorization-server side MCP clients see: RFC 8414 metadata and an RFC 9207-safe relay.
+"""The authorization-server side MCP clients see: an RFC 9207-safe sign-in and token relay.
+
+Its parts beside it: the RFC 8414 document it publishes (metadata.py), its sealed state and
+codes with the PKCE check (state.py), and the reading of a token request (token_request.py).
 
 Why: in facade mode the protected-resource metadata names the sidecar as the authorization
 server, so the metadata we serve must carry our own issuer (RFC 8414 §3.3; MCP 2026-07-28 clients
@@ -25,138 +28,47 @@ code we did not issue.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import json
-import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
-from urllib.parse import parse_qsl, quote_plus, unquote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 from aiohttp import web
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from oauth_sidecar.auth.idp import IdentityProvider, same_issuer
-from oauth_sidecar.auth.ratelimit import (
-    RateLimited,
-    RateLimiter,
-    RateLimitUnavailable,
-    rate_limited,
-)
 from oauth_sidecar.auth.resource_metadata import public_origin
-from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
-from oauth_sidecar.request_body import (
-    BodyBroken,
-    BodyReader,
-    BodyStalled,
-    BodyTooLarge,
-    body_refused,
-)
+from oauth_sidecar.request_body import BodyBroken, BodyReader, BodyStalled, body_refused
+from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.redemptions import RedemptionStore, RedemptionUnavailable
-from oauth_sidecar.signin.registration import ALLOWED_GRANTS, RedirectAllowList
+from oauth_sidecar.signin.registration import RedirectAllowList
+from oauth_sidecar.signin.state import (
+    CODE_FIELDS,
+    MAX_SEALED,
+    PKCE_VALUE,
+    STATE_FIELDS,
+    StateCodec,
+    pkce_matches,
+    unsealed,
+)
+from oauth_sidecar.signin.token_request import (
+    TokenRefused,
+    client_ids,
+    relayed_grant,
+    token_form,
+)
 
 log = structlog.get_logger("oauth_sidecar.authserver")
 
 CALLBACK_PATH = "/oauth/callback"
-REGISTRATION_PATH = "/oauth/register"
-STATE_TTL = 600  # seconds a user has to sign in at the IdP
-NONCE_BYTES = 12  # AES-GCM's standard nonce, random per value (NIST SP 800-38D §8.2.2)
-MAX_SEALED = 8192  # characters of a sealed state or code: real ones are well under 1 KB
-# RFC 7636 §4.1, §4.2: a verifier, and so a challenge, is 43-128 unreserved characters.
-PKCE_VALUE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
-UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}  # seconds: IdP metadata, budget or store back
+UNAVAILABLE_RETRY_AFTER = {"Retry-After": "5"}  # seconds: IdP metadata or store back
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024
 MAX_TOKEN_RESPONSE_BYTES = 1 << 20
 TOKEN_TIMEOUT = 30.0  # seconds for the IdP's token endpoint
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
-# IdP metadata we must not pass on in facade mode: endpoints that would bypass the relay.
-FACADE_DROP = frozenset({
-    "pushed_authorization_request_endpoint", "require_pushed_authorization_requests",
-    "mtls_endpoint_aliases", "client_id_metadata_document_supported", "registration_endpoint",
-})  # fmt: skip
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class StateCodec:
-    """Expiring relay values under authenticated encryption (AES-256-GCM): the client's own
-    values travel through the browser and the IdP, so they must be tamper-proof; and a sealed
-    code holds the IdP's code, which with a public static client would buy a token at the IdP
-    directly, past our PKCE and single-use checks, so it must be unreadable too.
-
-    Each sealed value gets a random `id`, so it can be redeemed once (redemptions.py)."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._aead = AESGCM(hashlib.sha256(b"oauth_sidecar relay seal\0" + secret).digest())
-
-    def seal(self, values: Mapping[str, Any]) -> str:
-        sealed = {**values, "id": secrets.token_urlsafe(16), "exp": int(time.time()) + STATE_TTL}
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        return f"{_b64(nonce)}.{_b64(self._aead.encrypt(nonce, json.dumps(sealed).encode(), None))}"
-
-    def open(self, state: str | None) -> dict[str, Any] | None:
-        if not state or state.count(".") != 1 or len(state) > MAX_SEALED:
-            return None
-        nonce, box = state.split(".")
-        try:
-            values = json.loads(self._aead.decrypt(_unb64(nonce), _unb64(box), None))
-        except (InvalidTag, ValueError):  # forged, tampered, another key; or not base64 at all
-            return None
-        if not isinstance(values, dict) or not isinstance(values.get("exp"), int):
-            return None
-        return values if values["exp"] >= time.time() else None
-
-
-# What a sealed value must carry besides its kind: the redemption id, the client's redirect_uri,
-# the client it was issued to and its PKCE challenge; a code also the IdP's code.
-STATE_FIELDS = ("id", "r", "cid", "pc")
-CODE_FIELDS = ("id", "r", "cid", "pc", "c")
-
-
-def _unsealed(
-    codec: StateCodec, value: str | None, kind: str, names: tuple[str, ...]
-) -> dict[str, Any] | None:
-    """A value sealed as `kind` with every field in names a string; None for anything else
-    (a state presented as a code, a value sealed before these fields existed, a forgery)."""
-    values = codec.open(value)
-    if values is None or values.get("kind") != kind:
-        return None
-    return values if all(isinstance(values.get(name), str) for name in names) else None
-
-
-def pkce_matches(verifier: str | None, challenge: str) -> bool:
-    """RFC 7636 §4.6: BASE64URL(SHA256(verifier)) == challenge, in constant time."""
-    if verifier is None or not PKCE_VALUE.fullmatch(verifier):
-        return False
-    computed = _b64(hashlib.sha256(verifier.encode("ascii")).digest())
-    return hmac.compare_digest(computed.encode(), challenge.encode())
-
-
-def _client_ids(fields: Mapping[str, str], authorization: str | None) -> set[str]:
-    """Every client a token request names: its client_id and its Basic user (RFC 6749 §2.3.1)."""
-    named = {fields["client_id"]} if fields.get("client_id") else set()
-    scheme, _, value = (authorization or "").partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            pair = base64.b64decode(value.strip(), validate=True).decode()
-        except (ValueError, UnicodeDecodeError):  # the IdP refuses it; it names nobody here
-            return named
-        named.add(unquote_plus(pair.partition(":")[0]))
-    return named
 
 
 class AuthorizationRefused(Exception):
@@ -167,16 +79,6 @@ class AuthorizationRefused(Exception):
         super().__init__(error)
         self.error = error
         self.description = description
-
-
-class TokenRefused(Exception):
-    """A token request refused before the IdP is contacted (RFC 6749 §5.2)."""
-
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
-        super().__init__(error)
-        self.error = error
-        self.description = description
-        self.status = status
 
 
 def _unavailable(description: str) -> web.Response:
@@ -200,44 +102,16 @@ def _redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location, **NO_STORE})
 
 
-def facade_metadata(config: Config, upstream: Mapping[str, Any]) -> dict[str, Any]:
-    """The IdP's RFC 8414 document as the facade presents it (pure: `check` prints it too)."""
-    issuer = public_origin(config)
-    document = {k: v for k, v in upstream.items() if k not in FACADE_DROP}
-    document.update({
-        "issuer": issuer,
-        "authorization_endpoint": issuer + "/authorize",
-        "token_endpoint": issuer + "/token",
-        "registration_endpoint": issuer + REGISTRATION_PATH,
-        "response_types_supported": ["code"],
-        "grant_types_supported": sorted(ALLOWED_GRANTS),  # exactly what /token relays
-        # Clients refuse to proceed without S256 (OAuth 2.1 requires PKCE).
-        "code_challenge_methods_supported": ["S256"],
-        # The relay adds the static client's secret itself: clients authenticate as public.
-        "token_endpoint_auth_methods_supported": ["none"] + (
-            ["client_secret_post"] if config.auth_server.publish_secret else []
-        ),
-        "authorization_response_iss_parameter_supported": True,  # RFC 9207
-    })
-    if config.advertised_scopes:
-        offered = upstream.get("scopes_supported")
-        offline = isinstance(offered, list) and "offline_access" in offered
-        scopes = [*config.advertised_scopes, *(["offline_access"] if offline else [])]
-        document["scopes_supported"] = list(dict.fromkeys(scopes))
-    return document
-
-
 class AuthorizationServer:
     def __init__(
-        self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList,
-        limiter: RateLimiter, addresses: ClientAddress, *, redemptions: RedemptionStore,
+        self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList, *,
+        redemptions: RedemptionStore,
     ) -> None:
+        """Its endpoints are unauthenticated: the app puts each behind the rate limiter's
+        per-client-IP budget (RateLimiter.guard), so no handler here spends a budget."""
         self._config = config.auth_server
-        self._whole_config = config
         self._idp = idp
         self._redirects = redirects
-        self._limiter = limiter
-        self._addresses = addresses
         self._redemptions = redemptions
         self._bodies = BodyReader(MAX_TOKEN_REQUEST_BYTES, config.upstream.body_timeout)
         self.issuer = public_origin(config)
@@ -245,7 +119,6 @@ class AuthorizationServer:
         secret = self._config.state_secret.encode() or secrets.token_bytes(32)
         self._states = StateCodec(secret)
         self._session: aiohttp.ClientSession | None = None
-        self._document: tuple[int, bytes] | None = None  # (id of the IdP document, our bytes)
 
     @property
     def facade(self) -> bool:
@@ -263,32 +136,7 @@ class AuthorizationServer:
             finally:
                 self._session = None
 
-    # -- metadata -----------------------------------------------------------------------------
-
-    async def metadata(self, request: web.Request) -> web.Response:
-        upstream = self._idp.metadata
-        if upstream is None:
-            return json_error(503, "temporarily_unavailable",
-                              "The identity provider's metadata is not available yet",
-                              {"Retry-After": "5"})
-        if self._document is None or self._document[0] != id(upstream):
-            body = json.dumps(facade_metadata(self._whole_config, upstream), indent=2).encode()
-            self._document = (id(upstream), body)
-        return web.Response(body=self._document[1], content_type="application/json",
-                            headers={"Cache-Control": "public, max-age=300"})
-
     # -- the relay ----------------------------------------------------------------------------
-
-    async def over_budget(self, request: web.Request) -> web.Response | None:
-        """These endpoints are unauthenticated: each call spends the client IP's budget."""
-        client_ip = self._addresses.client(request.remote, forwarded_chain(request.headers))
-        try:
-            await self._limiter.hit_client(client_ip)
-        except RateLimited as exc:
-            return rate_limited(exc)
-        except RateLimitUnavailable:
-            return _unavailable("Try again later")
-        return None
 
     def _idp_endpoint(self, name: str) -> str | None:
         value = (self._idp.metadata or {}).get(name)
@@ -296,9 +144,6 @@ class AuthorizationServer:
             else None
 
     async def authorize(self, request: web.Request) -> web.Response:
-        refusal = await self.over_budget(request)
-        if refusal is not None:
-            return refusal
         query = request.query
         if len(query) != len(set(query)):  # RFC 6749 §3.1: no parameter twice
             return json_error(400, "invalid_request", "A parameter is repeated")
@@ -374,7 +219,7 @@ class AuthorizationServer:
         query = request.query
         if len(query) != len(set(query)):  # RFC 6749 §3.1: a second iss or code is a trick
             return json_error(400, "invalid_request", "A parameter is repeated")
-        sealed = _unsealed(self._states, query.get("state"), "state", STATE_FIELDS)
+        sealed = unsealed(self._states, query.get("state"), "state", STATE_FIELDS)
         if sealed is None or not self._redirects.allows(sealed["r"]):
             return _bad_state()
         iss = query.get("iss")
@@ -446,13 +291,13 @@ class AuthorizationServer:
     async def _redeem_code(self, fields: dict[str, str], authorization: str | None) -> None:
         """Check a sealed code as the authorization server would (RFC 6749 §4.1.3, RFC 7636
         §4.6), use it up, and put back the IdP's code and the callback it saw."""
-        code = _unsealed(self._states, fields.get("code"), "code", CODE_FIELDS)
+        code = unsealed(self._states, fields.get("code"), "code", CODE_FIELDS)
         if code is None:
             raise TokenRefused("invalid_grant", "The authorization code is invalid or expired")
         if fields.get("redirect_uri") != code["r"]:
             raise TokenRefused("invalid_grant",
                                "redirect_uri differs from the authorization request's")
-        named = _client_ids(fields, authorization)
+        named = client_ids(fields, authorization)
         if not named:
             raise TokenRefused("invalid_request", "client_id is missing (RFC 6749 §4.1.3)")
         if named != {code["cid"]}:
@@ -468,15 +313,12 @@ class AuthorizationServer:
         fields["redirect_uri"] = self._callback  # the IdP bound the code to our callback
 
     async def token(self, request: web.Request) -> web.Response:
-        refusal = await self.over_budget(request)
-        if refusal is not None:
-            return refusal
         headers = {"Accept": "application/json"}
         if "Authorization" in request.headers:  # the client's own authentication, for the IdP
             headers["Authorization"] = request.headers["Authorization"]
         try:
-            fields = await _token_form(request, self._bodies)
-            grant = _relayed_grant(fields)
+            fields = await token_form(request, self._bodies)
+            grant = relayed_grant(fields)
             target, session = self._idp_endpoint("token_endpoint"), self._session
             if target is None or session is None:
                 return _unavailable("The identity provider is not available yet")
@@ -499,51 +341,13 @@ class AuthorizationServer:
         try:
             async with session.post(target, data=urlencode(fields).encode(), headers=headers,
                                     allow_redirects=False) as response:
-                body = b""
-                async for chunk in response.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_TOKEN_RESPONSE_BYTES:
-                        break
+                body = await read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
                 status, content_type = response.status, response.content_type
+        except ResponseTooLarge:
+            return json_error(502, "server_error", "The identity provider's answer is too large")
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("token_relay_failed", error=type(exc).__name__)
             return json_error(502, "temporarily_unavailable",
                               "The identity provider's token endpoint is not reachable")
-        if len(body) > MAX_TOKEN_RESPONSE_BYTES:
-            return json_error(502, "server_error", "The identity provider's answer is too large")
         return web.Response(status=status, body=body, content_type=content_type,
                             headers=NO_STORE)
-
-
-async def _token_form(request: web.Request, bodies: BodyReader) -> dict[str, str]:
-    """The token request's parameters, each at most once (RFC 6749 §3.2); raises TokenRefused,
-    or BodyStalled / BodyBroken for a body that stops arriving or breaks off."""
-    if request.content_type != "application/x-www-form-urlencoded":
-        raise TokenRefused("invalid_request",
-                           "Use application/x-www-form-urlencoded (RFC 6749 §4.1.3)")
-    try:
-        raw = await bodies.read_small(request)
-    except BodyTooLarge:
-        raise TokenRefused("invalid_request", "The token request is too large", 413) from None
-    try:
-        form = parse_qsl(raw.decode(), keep_blank_values=True,
-                         max_num_fields=100, strict_parsing=False)
-    except (ValueError, UnicodeDecodeError):
-        raise TokenRefused("invalid_request", "The token request is malformed") from None
-    fields = dict(form)
-    if len(fields) != len(form):
-        raise TokenRefused("invalid_request", "A parameter is repeated")
-    return fields
-
-
-def _relayed_grant(fields: Mapping[str, str]) -> str:
-    """The grant, if it is one the metadata advertises: nothing else ever reaches the IdP, so
-    the relay cannot be used to run client_credentials, password or token exchange with the
-    static client's secret."""
-    grant = fields.get("grant_type")
-    if not grant:  # RFC 6749 §3.1: a parameter without a value counts as omitted
-        raise TokenRefused("invalid_request", "grant_type is missing")
-    if grant not in ALLOWED_GRANTS:  # exact: grant types are compared as strings (§5.2)
-        raise TokenRefused("unsupported_grant_type",
-                           "Only authorization_code and refresh_token are relayed")
-    return grant

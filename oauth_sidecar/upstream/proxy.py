@@ -22,17 +22,17 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.resource_metadata import public_origin
-from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
+from oauth_sidecar.auth.sessions import SessionBindings, valid_session_id
+from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
@@ -45,11 +45,11 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
-from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, Principal
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, SESSION, PresentedSession
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
+from oauth_sidecar.upstream.headers import HeaderFilter
 from oauth_sidecar.upstream.paths import LocationRewriter, PathMap
-from oauth_sidecar.upstream.sessions import MAX_SESSION_ID_BYTES, SessionBindings, valid_session_id
 from oauth_sidecar.upstream.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
 
 # The process (EMFILE) or the system (ENFILE) has no descriptor left for the upstream connection:
@@ -59,71 +59,11 @@ OVERLOADED_RETRY_AFTER = "1"  # seconds: descriptors come back as connections en
 
 log = structlog.get_logger("oauth_sidecar.proxy")
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies also drop.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "transfer-encoding", "upgrade",
-})  # fmt: skip
-# Never upstream: the caller's credentials, its Host/Origin, framing we recompute, and the
-# forwarding headers we set ourselves.
-REQUEST_DROP = HOP_BY_HOP | {"authorization", "cookie", "host", "origin", "expect", "forwarded"}
-# They change the method or path the upstream acts on after we authenticated another (Rails and
-# Express method-override, Symfony and IIS URL rewriting), or the host it builds URLs from.
-OVERRIDE_HEADERS = frozenset({
-    "x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
-    "x-rewrite-url", "x-original-method", "x-host", "x-http-host-override", "x-original-host",
-})  # fmt: skip
-# Identities, client addresses and the original scheme and host that other front ends vouch
-# for: here only the token and the TCP peer do, so a caller's copies never reach the upstream.
-IDENTITY_HEADERS = frozenset({
-    "remote-user", "x-remote-user", "x-user", "x-webauth-user", "x-authenticated-user",
-    "x-authenticated-users", "x-authenticated-userid", "true-client-ip", "cf-connecting-ip",
-    "x-real-ip", "x-client-ip", "x-cluster-client-ip", "fastly-client-ip", "x-originating-ip",
-})  # fmt: skip
-IDENTITY_PREFIXES = (
-    "x-forwarded-", "x-auth-request-", "x-user-",
-    "x-goog-authenticated-user-", "x-ms-client-principal", "x-amzn-oidc-", "cf-access-",
-)  # Google IAP, Azure App Service, AWS ALB and Cloudflare Access identities
-# MCP's per-call parameter headers may carry any token character in their names (`_`, `.`).
-MCP_PARAM_PREFIX = "mcp-param-"
-# A name with another separator than "-" is what WSGI/CGI/PHP servers confuse with a real one
-# (PEP 3333 environ: `Mcp_Session_Id` and `Mcp-Session-Id` are both HTTP_MCP_SESSION_ID).
-PLAIN_NAME = re.compile(r"[a-z0-9-]+")
-# Any other spelling of Mcp-Session-Id would reach the upstream's session unchecked by the binding.
-SESSION_LOOK_ALIKE = re.compile(r"mcp[^a-z0-9]session[^a-z0-9]id", re.IGNORECASE)
-SESSION_HEADER = "mcp-session-id"
-SESSION_HEADER_LENGTH = len(SESSION_HEADER)  # a look-alike swaps separators, never adds any
-# The filter remembers its verdict per distinct header name, at most this many names of at most
-# this length (about 150 KB); other names are decided each time, so callers cannot grow it.
-MAX_VERDICTS, MAX_REMEMBERED_NAME = 1024, 64
-RESPONSE_DROP = HOP_BY_HOP | {
-    # They name the upstream's software and version; our own Server header applies.
-    "server", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version",
-    # A challenge of the upstream's own protection space (its resource_metadata, often an
-    # internal URL): MCP clients would follow it away from the sidecar, which is theirs.
-    "www-authenticate",
-}
-RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
-# URLs the upstream names itself by: given back under the public origin (upstream_paths.py).
-RESPONSE_REWRITTEN = frozenset({"location", "content-location"})
 # Encoded slash, backslash, dot or NUL mean different paths to different parsers: refuse them.
 AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
-# Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
-# is percent-encoded so a claim can never split or inject a header.
-HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
 # TRACE echoes the request, MCP_UPSTREAM_BEARER_FILE's credential included; CONNECT tunnels.
 NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
-
-
-def connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
-    """Fields listed in every Connection header line are hop-by-hop too (RFC 9110 §7.6.1)."""
-    names = ",".join(headers.getall("Connection", [])).split(",")
-    return {name.strip().lower() for name in names if name.strip()}
-
-
-def header_value(value: str) -> str:
-    return quote(value, safe=HEADER_SAFE)
 
 
 class UpstreamProxy:
@@ -141,20 +81,11 @@ class UpstreamProxy:
         self._addresses = addresses
         self._sessions = sessions
         self._credential = credential
-        self._forward_identity = config.forward_identity
-        public = urlsplit(config.resource_url)
-        self._forwarded_proto = public.scheme
-        self._forwarded_host = public.netloc
-        strip = config.strip_request_headers
-        self._drop = REQUEST_DROP | OVERRIDE_HEADERS | IDENTITY_HEADERS | {
-            name for name in strip if not name.endswith("*")}
-        self._drop_prefixes = IDENTITY_PREFIXES + tuple(
-            name.removesuffix("*") for name in strip if name.endswith("*"))
-        self._verdicts: dict[str, str | None] = {}
-        """Header name as sent -> _verdict(name): decided once per distinct name."""
         self._paths = PathMap(config.resource_path, config.upstream.path_prefix)
-        self._locations = LocationRewriter(self._paths, config.upstream.origin,
-                                           public_origin(config))
+        self.headers = HeaderFilter(
+            config, policy=policy, addresses=addresses, credential=credential,
+            locations=LocationRewriter(self._paths, config.upstream.origin, public_origin(config)),
+        )
         self._shutdown_timeout = config.shutdown_timeout
         self._bodies = BodyReader(config.upstream.max_body_bytes, config.upstream.body_timeout)
         self._slots = StreamSlots(config.upstream.max_streams_per_subject)
@@ -221,69 +152,6 @@ class UpstreamProxy:
         url = self._config.origin + path + (f"?{raw_query}" if raw_query else "")
         return URL(url, encoded=True)
 
-    def _request_headers(self, request: web.Request, principal: Principal) -> dict[str, str]:
-        """The caller's headers less everything on the drop lists, in one pass, then ours."""
-        headers: dict[str, str] = {}
-        named = connection_named(request.headers)
-        verdicts = self._verdicts
-        for name, value in request.headers.items():
-            lower = verdicts.get(name, "")
-            if lower == "":  # a name not seen before
-                lower = self._verdict(name)
-                if len(verdicts) < MAX_VERDICTS and len(name) <= MAX_REMEMBERED_NAME:
-                    verdicts[name] = lower
-            if lower is None or lower in named:
-                continue
-            if lower in headers:  # repeated lines, any case: one list (RFC 9110 §5.3)
-                headers[lower] += ", " + value
-            else:
-                headers[lower] = value
-        headers["x-forwarded-for"] = self._addresses.forwarded_for(
-            request.remote, forwarded_chain(request.headers)
-        )
-        headers["x-forwarded-proto"] = self._forwarded_proto
-        headers["x-forwarded-host"] = self._forwarded_host
-        if self._credential is not None and self._credential.authorization:
-            headers["authorization"] = self._credential.authorization
-        if self._forward_identity:
-            self._add_identity(headers, principal)
-        return headers
-
-    def _verdict(self, name: str) -> str | None:
-        """The lowercase name a caller's header goes upstream under; None: it never does."""
-        lower = key = name.lower()
-        if not PLAIN_NAME.fullmatch(lower):
-            if not lower.startswith(MCP_PARAM_PREFIX):
-                return None  # X_Forwarded_User, Mcp.Session.Id, "_": what nginx drops too
-            key = lower.replace("_", "-")  # for the drop lists only: sent as it came
-        if key in self._drop or key.startswith(self._drop_prefixes):
-            return None
-        return lower
-
-    @staticmethod
-    def _refuse_look_alike(request: web.Request) -> web.Response | None:
-        """400 for a second spelling of Mcp-Session-Id (`Mcp_Session_Id`): the binding checks
-        the real header, a WSGI or CGI upstream would read this one as the session."""
-        for name in request.headers:
-            if len(name) == SESSION_HEADER_LENGTH and name.lower() != SESSION_HEADER and (
-                SESSION_LOOK_ALIKE.fullmatch(name)
-            ):
-                request[AUTH_FAILURE] = "session_id_look_alike"  # in the access log and metrics
-                return json_error(400, "invalid_request",
-                                  "Mcp-Session-Id must be spelled with dashes")
-        return None
-
-    def _add_identity(self, headers: dict[str, str], principal: Principal) -> None:
-        """X-Forwarded-User/Email/Groups/Issuer; caller copies were dropped above."""
-        headers["x-forwarded-user"] = header_value(principal.subject)
-        headers["x-forwarded-issuer"] = header_value(principal.issuer)
-        email = self._policy.verified_email(principal.claims)
-        if email is not None:
-            headers["x-forwarded-email"] = header_value(email)
-        groups = self._policy.groups(principal.claims)
-        if groups:
-            headers["x-forwarded-groups"] = ",".join(header_value(g) for g in groups)
-
     async def reachable(self) -> bool:
         """A cached TCP connect to the upstream, for /readyz."""
         now = time.monotonic()
@@ -317,8 +185,6 @@ class UpstreamProxy:
     async def _forward(
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
-        if refused := self._refuse_look_alike(request):
-            return refused
         if request.method in NEVER_FORWARDED:
             return json_error(405, "method_not_allowed", f"{request.method} is not forwarded")
         raw_path = request.rel_url.raw_path
@@ -331,17 +197,7 @@ class UpstreamProxy:
                               {"Retry-After": "2"})
         principal = request[PRINCIPAL]
         identity = (principal.issuer, principal.subject)
-        session_ids = request.headers.getall("Mcp-Session-Id", [])
-        if len(session_ids) > 1:  # which one would the upstream use? Never guess.
-            return json_error(400, "invalid_request", "More than one Mcp-Session-Id header")
-        session_id = session_ids[0] if session_ids else None
-        if session_id is not None and not valid_session_id(session_id):
-            return json_error(400, "invalid_request", "The Mcp-Session-Id header is malformed: "
-                              f"visible ASCII, at most {MAX_SESSION_ID_BYTES} bytes")
-        owner = self._sessions.owner(session_id) if session_id else None
-        if owner is not None and owner != identity:
-            request[AUTH_FAILURE] = "session_owned_by_another_identity"
-            return json_error(404, "session_not_found", "No such session")
+        presented = request.get(SESSION)  # the gate checked it is the caller's (or nobody's)
         url = self.upstream_url(raw_path, request.rel_url.raw_query_string)
         try:
             slot = self._slots.reserve(request.method, request.headers, identity)
@@ -366,7 +222,7 @@ class UpstreamProxy:
                 async with asyncio.timeout(self._config.response_timeout):
                     sent = time.perf_counter()
                     upstream = await session.request(
-                        request.method, url, headers=self._request_headers(request, principal),
+                        request.method, url, headers=self.headers.request(request, principal),
                         data=data, allow_redirects=False,
                     )
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -379,7 +235,7 @@ class UpstreamProxy:
             if issued is not None and not valid_session_id(issued):
                 upstream.close()
                 return self._session_id_refused(issued)
-            self._track_session(request.method, session_id, owner, upstream, identity)
+            self._track_session(request.method, presented, upstream, identity)
             try:
                 return await self._relay(request, upstream, body, slot, identity)
             finally:
@@ -428,21 +284,23 @@ class UpstreamProxy:
                           "The MCP server issued a session id the sidecar cannot bind")
 
     def _track_session(
-        self, method: str, presented: str | None, owner: tuple[str, str] | None,
+        self, method: str, presented: PresentedSession | None,
         upstream: aiohttp.ClientResponse, identity: tuple[str, str],
     ) -> None:
-        """Bind session ids the upstream accepted or issued to the caller; forget ended ones.
-        Both are valid ids by now (valid_session_id): refused above otherwise."""
+        """Record what the upstream answered: bind the session ids it accepted or issued to the
+        caller, forget ended ones. Both are valid ids by now: the gate refused a malformed
+        presented one, _forward an issued one. Whether the caller may use the session was
+        decided by the gate."""
         if upstream.status >= 400:
             return
-        if presented and method == "DELETE":  # ended, even if the answer repeats the id
-            self._sessions.forget(presented)
+        if presented is not None and method == "DELETE":  # ended, even if the answer repeats it
+            self._sessions.forget(presented.id)
             return
         issued = upstream.headers.get("Mcp-Session-Id")
         if issued:
             self._sessions.bind(issued, identity)
-        elif presented and owner is None:  # created before a restart or on another replica
-            self._sessions.bind(presented, identity)
+        elif presented is not None and not presented.bound:  # from before a restart or another
+            self._sessions.bind(presented.id, identity)  # replica: the upstream accepted it
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, body: StreamedBody | None,
@@ -460,7 +318,7 @@ class UpstreamProxy:
                 and request.method != "HEAD"):
             return await self._relay_whole(upstream, body)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        self._copy_headers(upstream, response)
+        self.headers.response(upstream, response)
         if event_stream:
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
         idle = self._config.sse_idle_timeout if event_stream else self._config.idle_timeout
@@ -474,19 +332,6 @@ class UpstreamProxy:
             if claimed is not None:
                 claimed.release()
         return response
-
-    def _copy_headers(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
-        named = connection_named(upstream.headers)
-        for name, value in upstream.headers.items():
-            lower = name.lower()
-            if lower in RESPONSE_DROP or lower in named or lower.startswith(RESPONSE_DROP_PREFIXES):
-                continue
-            if lower in RESPONSE_REWRITTEN:
-                public = self._locations.rewrite(value)
-                if public is not None:  # None: no public URL reaches it; never its address
-                    response.headers.add(name, public)
-                continue
-            response.headers.add(name, value)
 
     async def _relay_whole(
         self, upstream: aiohttp.ClientResponse, request_body: StreamedBody | None
@@ -510,7 +355,7 @@ class UpstreamProxy:
             self._metrics.upstream_failed("broken")
             return json_error(502, "upstream_unavailable", "The MCP server's answer broke off")
         response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-        self._copy_headers(upstream, response)
+        self.headers.response(upstream, response)
         return response
 
     async def _copy_body(
