@@ -465,9 +465,12 @@ async def flood_of_failing_tokens(port: int | None, tokens: list[str]) -> list[i
             return await asyncio.gather(*(one(token) for token in tokens))
 
 
-def unknown_kid(idp: FakeIdp) -> str:
-    """A token whose kid the IdP does not publish: its verification waits for a key refresh."""
-    return idp.mint(new_rsa("not-published"))
+def unknown_kid_tokens(idp: FakeIdp, count: int) -> list[str]:
+    """Distinct tokens (each its own jti) whose kid the IdP does not publish: each verification
+    waits for a key refresh. One unpublished key signs them all: generating an RSA key per
+    token would cost the test far more than the flood itself."""
+    unpublished = new_rsa("not-published")
+    return [idp.mint(unpublished) for _ in range(count)]
 
 
 async def slow_key_set(idp: FakeIdp) -> None:
@@ -509,7 +512,7 @@ async def assert_ip_budget_holds_under_concurrency(
 async def test_concurrent_failed_verifications_never_exceed_the_ip_budget_in_memory(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
-    tokens = [unknown_kid(idp) for _ in range(FLOOD)]
+    tokens = unknown_kid_tokens(idp, FLOOD)
     await assert_ip_budget_holds_under_concurrency(make_sidecar, idp, tokens, "memory://")
 
 
