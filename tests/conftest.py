@@ -237,9 +237,19 @@ class SidecarServer(TestServer):
 SidecarFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+@pytest.fixture(scope="session")
+def rsa_private_key() -> rsa.RSAPrivateKey:
+    """One 2048-bit RSA key per test process: generating one costs tens of milliseconds of CPU
+    (more on a loaded machine), and over a thousand tests sign with the IdP's default key. The
+    key object is immutable; tests that need distinct material still call new_rsa()."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 @pytest.fixture
-def signing_key() -> SigningKey:
-    return new_rsa()
+def signing_key(rsa_private_key: rsa.RSAPrivateKey) -> SigningKey:
+    """The IdP's published key: a fresh SigningKey per test (tests may change its kid or
+    publish_alg) over the session's RSA material."""
+    return SigningKey("rsa-1", "RS256", rsa_private_key)
 
 
 @pytest.fixture

@@ -119,6 +119,7 @@ def test_no_module_imports_itself_back_through_a_cycle() -> None:
     assert cycles == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["oauth_sidecar.__main__", "oauth_sidecar.app"])
 def test_the_serving_path_loads_neither_the_doctor_nor_the_developer_tools(entry: str) -> None:
     probe = (

@@ -441,6 +441,7 @@ def test_unrunnable_program_is_a_configuration_error(tmp_path: Path, kind: str) 
         f"MCP_SPAWN_CMD program {program!r} is {shown} (PATH of the child: /usr/bin:/bin)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["missing-on-path", "not-executable"])
 async def test_unrunnable_program_exits_2_with_a_clean_message(tmp_path: Path, kind: str) -> None:
     program, shown = unrunnable(kind, tmp_path)
@@ -457,6 +458,7 @@ async def test_unrunnable_program_exits_2_with_a_clean_message(tmp_path: Path, k
 # -- environment ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_child_environment_is_an_allow_list_without_the_sidecars_secrets(
     spawn_sidecar: SpawnFactory, idp: FakeIdp, tmp_path: Path
 ) -> None:
@@ -511,6 +513,7 @@ def capability_free() -> tuple[str, ...]:
     return NO_CAPABILITIES
 
 
+@pytest.mark.slow
 async def test_a_child_reads_no_secret_of_the_sidecar_and_the_log_masks_every_one(
     idp: FakeIdp, leftovers: Leftovers, tmp_path: Path
 ) -> None:
@@ -561,6 +564,7 @@ async def test_a_child_reads_no_secret_of_the_sidecar_and_the_log_masks_every_on
 # -- the happy path, end to end -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sdk_client_calls_echo_on_a_spawned_official_sdk_server(
     spawn_sidecar: SpawnFactory, idp: FakeIdp
 ) -> None:
@@ -580,6 +584,7 @@ async def test_sdk_client_calls_echo_on_a_spawned_official_sdk_server(
 # -- readiness ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_child_that_never_listens_gets_fast_503s_and_is_killed_and_retried(
     spawn_sidecar: SpawnFactory, logs: Events, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -608,6 +613,7 @@ async def test_child_that_never_listens_gets_fast_503s_and_is_killed_and_retried
     assert sidecar.child.last_exit == "not ready after 1 s"
 
 
+@pytest.mark.slow
 async def test_child_exiting_before_it_listens_reports_exit_code_7_without_waiting(
     spawn_sidecar: SpawnFactory, logs: Events
 ) -> None:
@@ -626,6 +632,7 @@ async def test_child_exiting_before_it_listens_reports_exit_code_7_without_waiti
     await event(logs, "child_output", stream="stdout", line="exiting with 7")
 
 
+@pytest.mark.slow
 async def test_ready_path_answering_500_is_not_ready_until_it_answers_200(
     spawn_sidecar: SpawnFactory, logs: Events, tmp_path: Path
 ) -> None:
@@ -698,6 +705,7 @@ def stranger_received(stranger: socket.socket) -> list[bytes]:
                 received.append(data)
 
 
+@pytest.mark.slow
 async def test_port_taken_before_start_makes_the_process_exit_2_without_proxying(
     idp: FakeIdp, leftovers: Leftovers
 ) -> None:
@@ -723,6 +731,7 @@ async def test_port_taken_before_start_makes_the_process_exit_2_without_proxying
 # -- supervision ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_killed_child_gets_fast_503s_then_is_restarted_after_1_s_and_serves_again(
     spawn_sidecar: SpawnFactory, logs: Events
 ) -> None:
@@ -756,6 +765,7 @@ async def test_killed_child_gets_fast_503s_then_is_restarted_after_1_s_and_serve
     assert ready.body["checks"]["child"] == "ready"
 
 
+@pytest.mark.slow
 async def test_crash_loop_gives_up_and_readyz_reports_the_child_failed(
     spawn_sidecar: SpawnFactory, logs: Events, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -788,6 +798,7 @@ async def test_crash_loop_gives_up_and_readyz_reports_the_child_failed(
     assert sidecar.child.gave_up
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_restart_never_makes_the_sidecar_exit_1_when_the_child_dies(
     idp: FakeIdp, leftovers: Leftovers, event_loop: str
@@ -812,6 +823,7 @@ async def test_restart_never_makes_the_sidecar_exit_1_when_the_child_dies(
     assert is_gone(pid)
 
 
+@pytest.mark.slow
 async def test_crash_loop_with_restart_always_keeps_the_sidecar_up_reporting_failed(
     idp: FakeIdp, leftovers: Leftovers
 ) -> None:
@@ -838,6 +850,7 @@ async def test_crash_loop_with_restart_always_keeps_the_sidecar_up_reporting_fai
 # -- child output ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_child_stdout_and_stderr_lines_become_child_output_events(
     spawn_sidecar: SpawnFactory, logs: Events
 ) -> None:
@@ -850,6 +863,7 @@ async def test_child_stdout_and_stderr_lines_become_child_output_events(
         assert found["log_level"] == "info"
 
 
+@pytest.mark.slow
 async def test_a_long_line_is_cut_at_4096_bytes(
     spawn_sidecar: SpawnFactory, logs: Events
 ) -> None:
@@ -860,6 +874,7 @@ async def test_a_long_line_is_cut_at_4096_bytes(
     assert lines[:2] == ["x" * MAX_LINE, "after-long-line"]
 
 
+@pytest.mark.slow
 async def test_a_line_longer_than_one_read_is_cut_once_not_split_into_fragments(
     spawn_sidecar: SpawnFactory, logs: Events
 ) -> None:
@@ -870,6 +885,7 @@ async def test_a_line_longer_than_one_read_is_cut_once_not_split_into_fragments(
     assert lines[:2] == ["x" * MAX_LINE, "after-long-line"], [len(line) for line in lines]
 
 
+@pytest.mark.slow
 async def test_chatty_child_is_read_continuously_but_its_log_lines_are_budgeted(
     spawn_sidecar: SpawnFactory, logs: Events
 ) -> None:
@@ -907,6 +923,7 @@ async def test_chatty_child_is_read_continuously_but_its_log_lines_are_budgeted(
 # -- shutdown -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_sigterm_stops_the_child_and_the_sidecar_exits_0(
     idp: FakeIdp, leftovers: Leftovers, event_loop: str
@@ -929,6 +946,7 @@ async def test_sigterm_stops_the_child_and_the_sidecar_exits_0(
     assert not named(run.events, "child_given_up")
 
 
+@pytest.mark.slow
 async def test_child_ignoring_sigterm_is_killed_after_the_stop_timeout(
     idp: FakeIdp, leftovers: Leftovers
 ) -> None:
@@ -958,6 +976,7 @@ async def wait_for_pid_file(path: Path, different_from: int | None = None) -> in
     return pid
 
 
+@pytest.mark.slow
 async def test_shutdown_stops_the_childs_grandchildren_too(
     idp: FakeIdp, leftovers: Leftovers, tmp_path: Path
 ) -> None:
@@ -981,6 +1000,7 @@ async def test_shutdown_stops_the_childs_grandchildren_too(
     assert is_gone(child)
 
 
+@pytest.mark.slow
 async def test_a_child_that_died_is_noticed_and_its_grandchild_stopped(
     spawn_sidecar: SpawnFactory, leftovers: Leftovers, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -1001,6 +1021,7 @@ async def test_a_child_that_died_is_noticed_and_its_grandchild_stopped(
     assert (await sidecar.call("/pid")).status == 200
 
 
+@pytest.mark.slow
 async def test_shutdown_after_the_child_died_does_not_wait_the_grace_period(
     idp: FakeIdp, leftovers: Leftovers
 ) -> None:

@@ -26,6 +26,9 @@ from dev_browser import DevProviderSdkClient
 from mcp_client_probe import call_echo, call_whoami
 from processes import PROCESS_TIMEOUT, REPO, run_cli, run_to_end, stop_process
 
+# Every test here runs real processes (see the marker in pyproject.toml).
+pytestmark = pytest.mark.slow
+
 Process = asyncio.subprocess.Process
 CLIENT_TIMEOUT = 30.0
 CURL_TIMEOUT = 10.0

@@ -93,6 +93,7 @@ def log_events(log_path: Path, name: str) -> list[dict[str, Any]]:
 # -- the limit is raised ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one_and_logged_once(
     idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path,
 ) -> None:
@@ -161,6 +162,7 @@ async def answered(port: int, method: str, path: str, headers: dict[str, str]) -
         return response.status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streams_per_subject", ["32", "300"])
 async def test_one_subject_flooding_event_streams_leaves_room_for_another_user(
     idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path, streams_per_subject: str,

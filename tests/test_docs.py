@@ -46,7 +46,7 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     [test_command] = [b.strip() for b in SH_BLOCK.findall(readme) if "-m pytest" in b and
                       b.strip().startswith("npm ci")]
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
-    assert ci[-1] == test_command.rpartition(" && ")[2] == ".venv/bin/python -m pytest"
+    assert ci[-1] == test_command.rpartition(" && ")[2] == ".venv/bin/python -m pytest -n 2"
     for step in test_command.split(" && ")[:-1]:  # and installs what the command installs
         assert step.split()[0] in {"npm", "python3", ".venv/bin/pip"}, step
 

@@ -108,6 +108,7 @@ async def test_clean_configuration_passes_with_no_error_or_warning(
     assert idp_document["issuer"] == idp.issuer
 
 
+@pytest.mark.slow
 async def test_check_command_passes_and_prints_what_clients_see(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -125,6 +126,7 @@ async def test_check_command_passes_and_prints_what_clients_see(
     assert document["token"] is None
 
 
+@pytest.mark.slow
 async def test_check_command_fails_with_exit_1_naming_the_pitfall_and_its_fix(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -136,6 +138,7 @@ async def test_check_command_fails_with_exit_1_naming_the_pitfall_and_its_fix(
     assert "Result: FAIL (1 error(s)" in stdout
 
 
+@pytest.mark.slow
 async def test_configuration_problems_exit_2_as_serve_prints_them(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -283,6 +286,7 @@ def facade_env(real: RealIdp, upstream: FakeUpstream, port: int) -> dict[str, st
     }
 
 
+@pytest.mark.slow
 async def test_facade_in_front_of_an_rfc9207_idp_relays_and_the_callback_is_accepted(
     oidc: RealIdp, upstream: FakeUpstream, public_port: int
 ) -> None:
@@ -298,6 +302,7 @@ async def test_facade_in_front_of_an_rfc9207_idp_relays_and_the_callback_is_acce
                      + probe[0].rpartition("/interaction/")[2]]
 
 
+@pytest.mark.slow
 async def test_facade_whose_callback_the_idp_refuses_is_an_error(
     oidc: RealIdp, upstream: FakeUpstream
 ) -> None:
@@ -311,6 +316,7 @@ async def test_facade_whose_callback_the_idp_refuses_is_an_error(
     assert not report.passed()
 
 
+@pytest.mark.slow
 async def test_facade_with_an_unknown_client_is_an_error(
     oidc: RealIdp, upstream: FakeUpstream, public_port: int
 ) -> None:
@@ -321,6 +327,7 @@ async def test_facade_with_an_unknown_client_is_an_error(
     assert "invalid_client" in message
 
 
+@pytest.mark.slow
 async def test_direct_mode_in_front_of_an_rfc9207_idp_is_fine(
     oidc: RealIdp, upstream: FakeUpstream, public_port: int
 ) -> None:
@@ -558,6 +565,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 async def test_spawned_child_is_started_reported_ready_and_stopped(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -573,6 +581,7 @@ async def test_spawned_child_is_started_reported_ready_and_stopped(
     assert not group_alive(pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("child", "why"), [
     (("exit-now", "3"), "exited before listening (exit code 3)"),
     (("never-listen",), "not ready after 1 s"),  # the peer orphaned this one
@@ -602,6 +611,7 @@ SPAWN_ARGS = ("--api-key", SPAWN_SECRETS[0], "--token=" + SPAWN_SECRETS[1],
               "--name", "my-server-2024")
 
 
+@pytest.mark.slow
 async def test_check_prints_the_spawn_command_without_credential_values(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -619,6 +629,7 @@ async def test_check_prints_the_spawn_command_without_credential_values(
         assert "child ready" in text  # the child got its real arguments
 
 
+@pytest.mark.slow
 async def test_check_escapes_claims_and_header_fields_it_prints(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -843,6 +854,7 @@ async def test_token_explanation_details(idp: FakeIdp, upstream: FakeUpstream) -
     assert future.token.reason == "not_yet_valid"
 
 
+@pytest.mark.slow
 async def test_token_from_a_file_through_the_command(
     idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
@@ -859,6 +871,7 @@ async def test_token_from_a_file_through_the_command(
         assert part not in stderr
 
 
+@pytest.mark.slow
 async def test_refused_token_on_stdin_fails_the_command(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -881,6 +894,7 @@ async def test_refused_token_on_stdin_fails_the_command(
     assert token.split(".")[2] not in stdout + err.decode()
 
 
+@pytest.mark.slow
 async def test_real_idp_token_is_explained(
     oidc: RealIdp, upstream: FakeUpstream, public_port: int
 ) -> None:
@@ -907,6 +921,7 @@ def test_read_token_sources(tmp_path: Path) -> None:
         read_token(None, str(tmp_path / "missing"), io.StringIO(""))
 
 
+@pytest.mark.slow
 async def test_help_says_tokens_on_the_command_line_land_in_history() -> None:
     code, stdout, _ = await run_cli("check", "--help", env={})
     assert code == 0

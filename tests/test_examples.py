@@ -299,6 +299,7 @@ async def run_healthcheck(argv: list[str], port: int) -> int:
             await proc.wait()
 
 
+@pytest.mark.slow
 async def test_healthcheck_command_passes_on_a_running_sidecar_and_fails_without_one(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:

@@ -498,6 +498,7 @@ async def admitted(port: int | None, stack: contextlib.AsyncExitStack) -> Raw:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_the_bounds_hold_in_the_served_process_on_both_event_loops(
     idp: FakeIdp, upstream: FakeUpstream, event_loop: str,

@@ -240,6 +240,7 @@ def run_python(script: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_configured_logging_renders_json_and_redacts_messages() -> None:
     stdout = run_python(f"""
 import logging
@@ -257,6 +258,7 @@ logging.getLogger("aiohttp.server").warning("bad request %s", "{FAKE_JWT}")
     assert "c2lnbmF0dXJl" not in stdout
 
 
+@pytest.mark.slow
 def test_exception_text_is_redacted() -> None:
     stdout = run_python(EXCEPTION_SCRIPT)
     assert stdout.count("\n") == 2
@@ -276,6 +278,7 @@ async def send_raw(port: int, data: bytes) -> bytes:
         await writer.wait_closed()
 
 
+@pytest.mark.slow
 async def test_malformed_requests_carrying_a_token_do_not_log_it(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -339,6 +342,7 @@ def decoded_strings(value: Any) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["console", "json"])
 async def test_escape_sequences_from_paths_headers_and_claims_reach_no_log_line_raw(
     idp: FakeIdp, upstream: FakeUpstream, log_format: str

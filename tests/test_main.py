@@ -31,6 +31,7 @@ def json_lines(stdout: str) -> list[dict[str, Any]]:
 # -- configuration errors and documentation ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [(), ("serve",)], ids=["default", "serve"])
 async def test_empty_environment_exits_2_listing_every_required_variable(
     command: tuple[str, ...],
@@ -43,18 +44,21 @@ async def test_empty_environment_exits_2_listing_every_required_variable(
         assert re.search(rf"^  - {name} is required", stderr, re.MULTILINE), name
 
 
+@pytest.mark.slow
 async def test_version_flag_prints_the_version() -> None:
     code, stdout, _ = await run_cli("--version", env={})
     assert code == 0
     assert stdout.strip() == f"oauth-sidecar {__version__}"
 
 
+@pytest.mark.slow
 async def test_unknown_command_exits_2_naming_the_commands() -> None:
     code, _, stderr = await run_cli("srve", env={})
     assert code == 2
     assert "invalid choice: 'srve'" in stderr
 
 
+@pytest.mark.slow
 async def test_help_lists_every_variable() -> None:
     code, stdout, _ = await run_cli("--help", env={})
     assert code == 0
@@ -102,6 +106,7 @@ def test_env_example_active_lines_name_only_supported_variables() -> None:
         assert name in VARIABLES, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("password", ["hunter2/x", "hunter2?x", "hunter2#x", "hunter2/x?y#z"])
 async def test_a_storage_uri_whose_password_has_an_unencoded_separator_exits_2_without_it(
     password: str,
@@ -140,6 +145,7 @@ async def sigterm_with_stream_open(
         return time.monotonic() - started, stdout.decode(), stderr.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_serves_logs_json_and_exits_cleanly_on_sigterm_with_a_stream_open(
     idp: FakeIdp, upstream: FakeUpstream, event_loop: str
@@ -185,6 +191,7 @@ async def test_serves_logs_json_and_exits_cleanly_on_sigterm_with_a_stream_open(
         assert part not in stderr
 
 
+@pytest.mark.slow
 async def test_sigterm_with_a_stream_open_exits_within_the_shutdown_timeout(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -201,6 +208,7 @@ async def test_sigterm_with_a_stream_open_exits_within_the_shutdown_timeout(
     assert elapsed < shutdown_timeout + 0.75
 
 
+@pytest.mark.slow
 async def test_port_in_use_exits_2_with_listen_failed(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -217,6 +225,7 @@ async def test_port_in_use_exits_2_with_listen_failed(
     assert failures[0]["level"] == "error"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["console", "json"])
 async def test_log_format_is_honoured(
     idp: FakeIdp, upstream: FakeUpstream, log_format: str
@@ -237,6 +246,7 @@ async def test_log_format_is_honoured(
         assert "starting" in first
 
 
+@pytest.mark.slow
 async def test_start_up_line_summarises_the_configuration_without_secrets(
     idp: FakeIdp, upstream: FakeUpstream, tmp_path: Any
 ) -> None:

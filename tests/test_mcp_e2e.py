@@ -21,6 +21,9 @@ from conftest import FakeIdp, SidecarFactory
 from mcp_client_probe import Mode, call_echo, call_whoami, expect_unauthorized
 from processes import free_port, stop_process
 
+# Every test here runs real processes (see the marker in pyproject.toml).
+pytestmark = pytest.mark.slow
+
 ECHO_SERVER = Path(__file__).with_name("mcp_echo_server.py")
 STARTUP_TIMEOUT = 20.0  # the SDK server needs ~0.8 s; leave room for a loaded CI machine
 SHUTDOWN_TIMEOUT = 10.0

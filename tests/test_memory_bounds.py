@@ -26,6 +26,9 @@ from processes import PROCESS_TIMEOUT, free_port, sidecar_process, wait_ready
 
 from oauth_sidecar.auth.token_cache import MAX_CACHE_BYTES
 
+# Every test here runs real processes (see the marker in pyproject.toml).
+pytestmark = pytest.mark.slow
+
 MiB = 1 << 20
 SLACK = 10 * MiB  # what a flood may leave beyond its bound: allocator noise, buffers reused
 CONCURRENCY = 8

@@ -441,6 +441,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
+@pytest.mark.slow
 async def test_the_process_listens_on_port_alone_without_metrics_port(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -451,6 +452,7 @@ async def test_the_process_listens_on_port_alone_without_metrics_port(
         assert listening(proc.pid) == {("127.0.0.1", port)}
 
 
+@pytest.mark.slow
 async def test_the_process_serves_metrics_on_loopback_and_stops_cleanly(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -483,6 +485,7 @@ def occupied() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+@pytest.mark.slow
 async def test_a_taken_metrics_port_stops_start_up_with_exit_2(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -533,6 +536,7 @@ async def until(predicate: Callable[[], bool], within: float) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_a_killed_child_shows_as_down_then_as_one_restart(
     spawned: tuple[web.Application, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,6 +38,9 @@ from processes import free_port
 from pydantic import AnyUrl
 from real_idp import RealIdp, run_oidc_provider
 
+# Every test here runs real processes (see the marker in pyproject.toml).
+pytestmark = pytest.mark.slow
+
 TEXT = "hello through the sidecar, signed in"
 USER = "user-1"  # the provider's --auto-login account
 ISSUER_PATHS = [

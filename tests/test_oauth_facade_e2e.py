@@ -66,6 +66,9 @@ from real_idp import RealIdp, discover, run_oidc_provider
 from oauth_sidecar.signin.authserver import AuthorizationServer
 from oauth_sidecar.signin.state import StateCodec
 
+# Every test here runs real processes (see the marker in pyproject.toml).
+pytestmark = pytest.mark.slow
+
 USER = "user-1"  # the provider's --auto-login account
 STATIC_ID = "mcp-facade"
 STATIC_SECRET = "facade-secret-kept-by-the-sidecar"

@@ -220,6 +220,7 @@ async def alternate(replicas: tuple[Client, Client], token: str, requests: int) 
     return [(await send(replicas[i % 2], token)).status for i in range(requests)]
 
 
+@pytest.mark.slow
 async def test_replicas_share_one_budget_through_redis_but_each_has_its_own_in_memory(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
     upstream: FakeUpstream,
@@ -245,6 +246,7 @@ async def test_replicas_share_one_budget_through_redis_but_each_has_its_own_in_m
     assert_too_many(await send(shared[1], token), limit=6)
 
 
+@pytest.mark.slow
 async def test_concurrent_requests_never_exceed_the_shared_budget(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
     upstream: FakeUpstream,
@@ -278,6 +280,7 @@ async def test_concurrent_requests_never_exceed_the_memory_budget(
 # -- the storage fails ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_redis_outage_fails_open_logs_once_and_limits_resume_when_it_returns(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
     monkeypatch: pytest.MonkeyPatch,
@@ -310,6 +313,7 @@ async def test_redis_outage_fails_open_logs_once_and_limits_resume_when_it_retur
     assert events_named(recovery, "rate_limit_storage_failed") == []
 
 
+@pytest.mark.slow
 async def test_redis_outage_with_deny_policy_answers_503_never_500(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
     upstream: FakeUpstream,
@@ -335,6 +339,7 @@ async def test_redis_outage_with_deny_policy_answers_503_never_500(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.slow
 async def test_hung_redis_holds_requests_no_longer_than_the_storage_timeout(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
     monkeypatch: pytest.MonkeyPatch,
@@ -365,6 +370,7 @@ async def test_hung_redis_holds_requests_no_longer_than_the_storage_timeout(
     assert len(events_named(events, "rate_limit_storage_recovered")) == 1
 
 
+@pytest.mark.slow
 async def test_during_an_outage_only_one_request_waits_for_the_storage_timeout(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp,
 ) -> None:
@@ -540,9 +546,12 @@ async def flood_of_failing_tokens(port: int | None, tokens: list[str]) -> list[i
             return await asyncio.gather(*(one(token) for token in tokens))
 
 
-def unknown_kid(idp: FakeIdp) -> str:
-    """A token whose kid the IdP does not publish: its verification waits for a key refresh."""
-    return idp.mint(new_rsa("not-published"))
+def unknown_kid_tokens(idp: FakeIdp, count: int) -> list[str]:
+    """Distinct tokens (each its own jti) whose kid the IdP does not publish: each verification
+    waits for a key refresh. One unpublished key signs them all: generating an RSA key per
+    token would cost the test far more than the flood itself."""
+    unpublished = new_rsa("not-published")
+    return [idp.mint(unpublished) for _ in range(count)]
 
 
 async def slow_key_set(idp: FakeIdp) -> None:
@@ -584,10 +593,11 @@ async def assert_ip_budget_holds_under_concurrency(
 async def test_concurrent_failed_verifications_never_exceed_the_ip_budget_in_memory(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
-    tokens = [unknown_kid(idp) for _ in range(FLOOD)]
+    tokens = unknown_kid_tokens(idp, FLOOD)
     await assert_ip_budget_holds_under_concurrency(make_sidecar, idp, tokens, "memory://")
 
 
+@pytest.mark.slow
 async def test_concurrent_failed_verifications_never_exceed_the_ip_budget_through_redis(
     redis_server: RedisServer, make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -663,6 +673,7 @@ async def test_forwarded_for_is_ignored_without_trusted_proxies(
     assert (await send(sidecar, idp.mint(claims={"sub": "z"}))).status == 429
 
 
+@pytest.mark.slow
 async def test_two_sidecar_processes_sharing_one_redis_hold_a_subject_to_one_budget(
     redis_server: RedisServer, idp: FakeIdp, upstream: FakeUpstream
 ) -> None:

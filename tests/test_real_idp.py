@@ -24,6 +24,9 @@ from real_idp import RealIdp, client_credentials_token, run_oidc_provider
 from oauth_sidecar.app import IDP, create_app
 from oauth_sidecar.config import load
 
+# Every test here runs real processes (see the marker in pyproject.toml).
+pytestmark = pytest.mark.slow
+
 OTHER_RESOURCE = "https://other.example.test/mcp"
 KEYS_TIMEOUT = 10.0
 INITIALIZE = {

@@ -99,6 +99,7 @@ async def test_full_memory_store_answers_503_and_keeps_refusing_replays(
 # -- through Redis --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_replicas_sharing_redis_refuse_a_value_used_on_the_other(
     make_sidecar: SidecarFactory, idp: FakeIdp, token_endpoint: TokenEndpoint,
     redis_server: RedisServer,
@@ -114,6 +115,7 @@ async def test_replicas_sharing_redis_refuse_a_value_used_on_the_other(
     assert len(token_endpoint.calls) == 1
 
 
+@pytest.mark.slow
 async def test_replicas_racing_on_one_code_through_redis_let_one_through(
     make_sidecar: SidecarFactory, idp: FakeIdp, token_endpoint: TokenEndpoint,
     redis_server: RedisServer,
@@ -138,6 +140,7 @@ async def test_replicas_in_memory_each_remember_their_own(
     assert_refused_without_redirect(await idp_answers(b, code="c", state=state, iss=idp.issuer))
 
 
+@pytest.mark.slow
 async def test_sign_in_fails_closed_while_redis_is_down_or_hung(
     make_sidecar: SidecarFactory, idp: FakeIdp, token_endpoint: TokenEndpoint,
     redis_server: RedisServer,
@@ -170,6 +173,7 @@ async def test_sign_in_fails_closed_while_redis_is_down_or_hung(
     assert names == ["redemption_store_failed", "redemption_store_recovered"]
 
 
+@pytest.mark.slow
 async def test_redis_keeps_each_used_id_past_its_value_expiry_by_the_clock_skew(
     make_sidecar: SidecarFactory, idp: FakeIdp, token_endpoint: TokenEndpoint,
     redis_server: RedisServer,

@@ -73,6 +73,7 @@ log.info("upstream_said", body=f"token {rotated}")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_configured_logging_masks_every_secret_whatever_logged_it(fmt: str) -> None:
     rotated = "upstream-token-0d9e8f"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gzip
 import json
 from collections.abc import AsyncIterator, Mapping
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 from aiohttp import http_parser, web, web_protocol
 from aiohttp.test_utils import TestClient
-from conftest import FakeIdp, FakeUpstream, SidecarFactory, SigningKey, bearer, new_rsa
+from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer
 from test_gate import METADATA_URL, assert_no_credentials_challenge
 
 Client = TestClient[web.Request, web.Application]
@@ -54,17 +53,6 @@ QUIET = {"RATE_LIMIT_UNAUTHENTICATED_RPM": "0"}
 SMALL_HEADERS = {"MAX_HEADER_BYTES": "8190", "JWT_MAX_TOKEN_BYTES": "4096"}
 BODY_LIMIT = {"MAX_REQUEST_BODY_BYTES": "1000"}
 DEFAULT_BODY_LIMIT = 10 * 1024 * 1024  # MAX_REQUEST_BODY_BYTES' default (config.py)
-
-
-@functools.cache
-def _shared_key() -> SigningKey:
-    return new_rsa()
-
-
-@pytest.fixture
-def signing_key() -> SigningKey:
-    """One RSA key for the whole module: a fresh sidecar and IdP per case, not a fresh key."""
-    return _shared_key()
 
 
 # -- the wire -------------------------------------------------------------------------------------
