@@ -73,6 +73,7 @@ def test_spawn_command_is_shown_with_credentials_masked(argv: tuple[str, ...], s
     assert shown_command(argv).endswith(shown.removeprefix("server "))
 
 
+@pytest.mark.slow
 async def test_start_up_line_and_check_print_the_same_summary(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
