@@ -230,7 +230,7 @@ def log_events(path: Path) -> Counter[str]:
     return counted
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace) -> int:  # noqa: PLR0915 (the scenario reads top to bottom)
     fakes = Fakes()
     await fakes.start()
     port = free_port()

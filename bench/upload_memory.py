@@ -71,7 +71,7 @@ async def upload(session: aiohttp.ClientSession, url: str, headers: dict[str, st
         await response.read()
 
 
-async def run(tree: Path, mib: int, uploads: int, parallel: int) -> None:
+async def run(tree: Path, mib: int, uploads: int, parallel: int) -> None:  # noqa: PLR0915 (the scenario reads top to bottom)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "k1", "alg": "RS256"}
     idp_port, upstream_port, port = free_port(), free_port(), free_port()

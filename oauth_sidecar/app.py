@@ -32,7 +32,7 @@ from oauth_sidecar.request_keys import AUTH_FAILURE
 from oauth_sidecar.server_header import name_server
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, AuthorizationServer
 from oauth_sidecar.signin.metadata import REGISTRATION_PATH, FacadeMetadata
-from oauth_sidecar.signin.redemptions import redemption_store
+from oauth_sidecar.signin.redemptions import RedemptionStore, redemption_store
 from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistration
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
@@ -70,6 +70,60 @@ def _watch(
                       lambda: child.restarts, counter=True)
 
 
+class PublicRoutes:
+    """The routes served without a token, each terminal for every method, so a public path never
+    falls through to the proxy; the gate and CORS ask these sets what a request matched instead
+    of judging its path. Navigations (sign-in pages a browser opens) are public and get no CORS."""
+
+    def __init__(self, router: web.UrlDispatcher,
+                 route_classes: dict[web.AbstractResource, str]) -> None:
+        self._router = router
+        self._route_classes = route_classes
+        self._public: set[web.AbstractResource] = set()
+        self._navigations: set[web.AbstractResource] = set()
+
+    def add(self, path: str, handler: Handler, kind: str,
+            methods: tuple[str, ...] = ("GET", "HEAD"), navigation: bool = False) -> None:
+        resource = self._router.add_resource(path)
+        for method in methods:
+            resource.add_route(method, handler)
+        resource.add_route("*", method_not_allowed(", ".join(methods)))
+        self._public.add(resource)
+        if navigation:
+            self._navigations.add(resource)
+        self._route_classes[resource] = kind
+
+    def is_public(self, request: web.Request) -> bool:
+        return request.match_info.route.resource in self._public
+
+    def is_navigation(self, request: web.Request) -> bool:
+        return request.match_info.route.resource in self._navigations
+
+
+def _add_sign_in(
+    routes: PublicRoutes, config: Config, idp: IdentityProvider, limiter: RateLimiter,
+) -> tuple[AuthorizationServer, RedemptionStore]:
+    """The sign-in routes (relay or facade, registration), each behind the client IP's budget."""
+    redirects = RedirectAllowList(config.auth_server)
+    redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
+    authserver = AuthorizationServer(config, idp, redirects, redemptions=redemptions)
+    registration = StaticRegistration(config.auth_server, redirects,
+                                      config.upstream.body_timeout)
+    # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
+    # Unauthenticated work: each call spends the client IP's budget first (limiter.guard).
+    routes.add("/authorize", limiter.guard(authserver.authorize), "oauth", navigation=True)
+    routes.add("/token", limiter.guard(authserver.token), "oauth", ("POST",))
+    register = limiter.guard(registration.handle)
+    for path in (REGISTRATION_PATH, "/register"):
+        routes.add(path, register, "oauth", ("POST",))
+    if authserver.facade:
+        routes.add(CALLBACK_PATH, authserver.callback, "oauth", navigation=True)
+        facade_document = FacadeMetadata(config, idp)
+        for path in authorization_server_metadata_paths(config):
+            routes.add(path, facade_document.handle, "metadata")
+    return authserver, redemptions
+
+
 def create_app(
     config: Config, *, on_child_give_up: Callable[[], None] | None = None,
     on_upstream_token: Callable[[str], None] | None = None,
@@ -93,83 +147,43 @@ def create_app(
     child = ChildProcess(config.spawn, on_child_give_up) if config.spawn else None
     proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,
                           credential=credential, child=child, metrics=metrics)
-    public: set[web.AbstractResource] = set()
-    navigations: set[web.AbstractResource] = set()  # public, but no CORS: browsers navigate
-    # Middlewares are added once the routes exist: the gate and CORS get the finished sets.
     # client_max_size: only public handlers read bodies; the proxy streams.
     app = web.Application(client_max_size=64 * 1024)
     app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
     app[METRICS] = metrics
-
-    def add_public(path: str, handler: Handler, kind: str,
-                   methods: tuple[str, ...] = ("GET", "HEAD"), navigation: bool = False) -> None:
-        resource = app.router.add_resource(path)
-        if navigation:
-            navigations.add(resource)
-        for method in methods:
-            resource.add_route(method, handler)
-        # Terminal for every other method: a public path never falls through to the proxy.
-        resource.add_route("*", method_not_allowed(", ".join(methods)))
-        public.add(resource)
-        route_classes[resource] = kind
-
+    routes = PublicRoutes(app.router, route_classes)
     health = Health(idp, proxy, child)
-    add_public("/healthz", health.live, "health")
-    add_public("/readyz", health.ready, "health")
+    routes.add("/healthz", health.live, "health")
+    routes.add("/readyz", health.ready, "health")
     metadata = ProtectedResourceMetadata(config)
     for path in protected_resource_paths(config):
-        add_public(path, metadata.handle, "metadata")
-    redirects = RedirectAllowList(config.auth_server)
-    redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
-    authserver = AuthorizationServer(config, idp, redirects, redemptions=redemptions)
-    registration = StaticRegistration(config.auth_server, redirects,
-                                      config.upstream.body_timeout)
-    # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
-    # Unauthenticated work: each call spends the client IP's budget first (limiter.guard).
-    add_public("/authorize", limiter.guard(authserver.authorize), "oauth", navigation=True)
-    add_public("/token", limiter.guard(authserver.token), "oauth", ("POST",))
-    register = limiter.guard(registration.handle)
-    for path in (REGISTRATION_PATH, "/register"):
-        add_public(path, register, "oauth", ("POST",))
-    if authserver.facade:
-        add_public(CALLBACK_PATH, authserver.callback, "oauth", navigation=True)
-        facade_document = FacadeMetadata(config, idp)
-        for path in authorization_server_metadata_paths(config):
-            add_public(path, facade_document.handle, "metadata")
+        routes.add(path, metadata.handle, "metadata")
+    authserver, redemptions = _add_sign_in(routes, config, idp, limiter)
     mcp = app.router.add_resource("/{path:.*}")
     mcp.add_route("*", proxy.handle)  # everything else: authenticated
     route_classes[mcp] = "mcp"
-    public_routes, navigation_routes = frozenset(public), frozenset(navigations)
-
-    def is_public(request: web.Request) -> bool:
-        return request.match_info.route.resource in public_routes
-
-    def is_navigation(request: web.Request) -> bool:
-        return request.match_info.route.resource in navigation_routes
-
     gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
-                is_public=is_public, sessions=sessions)
-    cors = Cors(config, is_public, is_navigation)
+                is_public=routes.is_public, sessions=sessions)
+    cors = Cors(config, routes.is_public, routes.is_navigation)
     app.middlewares.extend([access_log, *metrics.middlewares(), json_errors, cors.middleware,
                             gate.middleware])
     _watch(metrics, idp, proxy, child)
 
     # First in, last out: a taken METRICS_PORT fails start-up before the child is spawned, and
-    # the numbers stay scrapable until everything else has stopped.
-    app.cleanup_ctx.append(_lifetime(metrics.running))
-    if child is not None:  # the child outlives every request
+    # the numbers stay scrapable until everything else has stopped; the child outlives every
+    # request.
+    lifetimes: list[Callable[[], AbstractAsyncContextManager[object]]] = [metrics.running]
+    if child is not None:
         app[CHILD] = child
-        app.cleanup_ctx.append(_lifetime(child.running))
-    app.cleanup_ctx.append(_lifetime(idp.running))
-    app.cleanup_ctx.append(_lifetime(proxy.running))
-    app.cleanup_ctx.append(_lifetime(limiter.running))
-    app.cleanup_ctx.append(_lifetime(redemptions.running))
-    app.cleanup_ctx.append(_lifetime(authserver.running))
+        lifetimes.append(child.running)
+    lifetimes += [idp.running, proxy.running, limiter.running, redemptions.running,
+                  authserver.running]
     if credential is not None:
-        app.cleanup_ctx.append(_lifetime(credential.running))
+        lifetimes.append(credential.running)
     if config.policy.files:
         app[ALLOW_FILES] = AllowListFiles(config.policy.files, policy)
-        app.cleanup_ctx.append(_lifetime(app[ALLOW_FILES].running))
+        lifetimes.append(app[ALLOW_FILES].running)
+    app.cleanup_ctx.extend(_lifetime(running) for running in lifetimes)
     app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(cors.decorate)
     app.on_response_prepare.append(add_request_id)

@@ -153,7 +153,7 @@ def healthcheck_argv(stage: list[Instruction]) -> list[str]:
     return [str(arg) for arg in parsed]
 
 
-def dockerfile_problems(text: str) -> list[str]:
+def dockerfile_problems(text: str) -> list[str]:  # noqa: PLR0912 (one check per Dockerfile rule)
     problems: list[str] = []
     stages = parse_dockerfile(text)
     if len(stages) < 3:
@@ -588,7 +588,7 @@ def _redis_problems(docs: list[Doc], uri: str) -> list[str]:
     return problems
 
 
-def kubernetes_problems(docs: list[Doc]) -> list[str]:
+def kubernetes_problems(docs: list[Doc]) -> list[str]:  # noqa: PLR0912 (one check per manifest rule)
     """What the schemas cannot know about a sidecar deployment."""
     deployment = _sidecar_deployment(docs)
     pod = deployment["spec"]["template"]["spec"]
@@ -988,7 +988,7 @@ def compose_allow_files(service: Doc, env: dict[str, str]) -> tuple[dict[str, st
     return env, problems
 
 
-def compose_problems(doc: Doc) -> list[str]:
+def compose_problems(doc: Doc) -> list[str]:  # noqa: PLR0912 (one check per compose rule)
     problems: list[str] = []
     services: dict[str, Doc] = doc["services"]
     sidecar = services[SIDECAR]

@@ -148,7 +148,7 @@ def assert_mcp_tail(exchanges: list[Exchange], sidecar: Sidecar) -> None:
         pytest.param("auto", "none", id="auto-public-client"),
     ],
 )
-async def test_sdk_signs_in_at_the_idp_and_calls_echo(
+async def test_sdk_signs_in_at_the_idp_and_calls_echo(  # noqa: PLR0915 (one sign-in, step by step)
     tmp_path: Path, issuer_path: str, mode: Mode, auth_method: TokenEndpointAuthMethod | None
 ) -> None:
     async with direct_stack(tmp_path, issuer_path) as stack:

@@ -314,7 +314,7 @@ def pkce_pair() -> tuple[str, str]:
 
 @pytest.mark.parametrize("issuer_path", ISSUER_PATHS)
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_sdk_signs_in_through_the_facade_and_calls_echo(
+async def test_sdk_signs_in_through_the_facade_and_calls_echo(  # noqa: PLR0915 (one sign-in, step by step)
     tmp_path: Path, issuer_path: str, mode: Mode
 ) -> None:
     async with facade_stack(tmp_path, issuer_path) as stack:

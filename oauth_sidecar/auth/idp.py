@@ -69,6 +69,36 @@ class KeySet:
     skipped: int = 0
 
 
+def _public_key(jwk: Mapping[str, Any]) -> tuple[PublicKey, frozenset[str]]:
+    """The JWK's public key and the algorithms its type can verify, or ValueError."""
+    kty = jwk.get("kty")
+    raw = json.dumps({k: v for k, v in jwk.items() if k != "d"})  # never load private parts
+    try:
+        if kty == "RSA":
+            loaded = RSAAlgorithm.from_jwk(raw)
+            if not isinstance(loaded, rsa.RSAPublicKey):
+                raise ValueError("not an RSA public key")
+            if loaded.key_size < MIN_RSA_BITS:
+                raise ValueError(f"RSA key of {loaded.key_size} bits is too short")
+            return loaded, frozenset(RSA_ALGORITHMS)
+        if kty == "EC":
+            loaded_ec = ECAlgorithm.from_jwk(raw)
+            if not isinstance(loaded_ec, ec.EllipticCurvePublicKey):
+                raise ValueError("not an EC public key")
+            curve_alg = EC_CURVE_ALGORITHM.get(str(jwk.get("crv")))
+            if curve_alg is None:
+                raise ValueError("unsupported curve")
+            return loaded_ec, frozenset({curve_alg})
+        if kty == "OKP":
+            loaded_okp = OKPAlgorithm.from_jwk(raw)
+            if not isinstance(loaded_okp, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+                raise ValueError("OKP key is not an Ed25519/Ed448 signing key")
+            return loaded_okp, frozenset({"EdDSA"})
+    except (InvalidKeyError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed {kty} key: {exc}") from None
+    raise ValueError(f"unsupported kty {kty!r}")
+
+
 def parse_jwk(jwk: Mapping[str, Any], allowed: frozenset[str]) -> VerificationKey:
     """One JWK -> VerificationKey, or ValueError saying why it is unusable for us."""
     kty, alg, kid = jwk.get("kty"), jwk.get("alg"), jwk.get("kid")
@@ -81,33 +111,7 @@ def parse_jwk(jwk: Mapping[str, Any], allowed: frozenset[str]) -> VerificationKe
         raise ValueError("key_ops excludes verify")
     if alg is not None and not isinstance(alg, str):
         raise ValueError("alg is not a string")
-    raw = json.dumps({k: v for k, v in jwk.items() if k != "d"})  # never load private parts
-    key: PublicKey
-    try:
-        if kty == "RSA":
-            loaded = RSAAlgorithm.from_jwk(raw)
-            if not isinstance(loaded, rsa.RSAPublicKey):
-                raise ValueError("not an RSA public key")
-            if loaded.key_size < MIN_RSA_BITS:
-                raise ValueError(f"RSA key of {loaded.key_size} bits is too short")
-            key, family = loaded, frozenset(RSA_ALGORITHMS)
-        elif kty == "EC":
-            loaded_ec = ECAlgorithm.from_jwk(raw)
-            if not isinstance(loaded_ec, ec.EllipticCurvePublicKey):
-                raise ValueError("not an EC public key")
-            curve_alg = EC_CURVE_ALGORITHM.get(str(jwk.get("crv")))
-            if curve_alg is None:
-                raise ValueError("unsupported curve")
-            key, family = loaded_ec, frozenset({curve_alg})
-        elif kty == "OKP":
-            loaded_okp = OKPAlgorithm.from_jwk(raw)
-            if not isinstance(loaded_okp, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-                raise ValueError("OKP key is not an Ed25519/Ed448 signing key")
-            key, family = loaded_okp, frozenset({"EdDSA"})
-        else:
-            raise ValueError(f"unsupported kty {kty!r}")
-    except (InvalidKeyError, KeyError, TypeError) as exc:
-        raise ValueError(f"malformed {kty} key: {exc}") from None
+    key, family = _public_key(jwk)
     # A JWK's `alg` narrows what it verifies; without one, pyjwt would assume RS256 and reject
     # PS256 tokens, so we derive the family from kty/crv instead.
     algorithms = family & allowed if alg is None else family & allowed & {alg}

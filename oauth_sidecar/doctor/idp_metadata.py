@@ -134,7 +134,7 @@ class IdpChecks(Checker):
 
     # -- the IdP's metadata: the pitfalls -------------------------------------------------------
 
-    def metadata_checks(self, metadata: Mapping[str, Any]) -> None:
+    def metadata_checks(self, metadata: Mapping[str, Any]) -> None:  # noqa: PLR0912 (independent checks, one finding each)  # noqa: PLR0912 (independent checks, one finding each)
         config = self.config
         facade = config.auth_server.facade
         configured, named = config.idp.issuer, metadata.get("issuer")

@@ -56,7 +56,7 @@ def resource_findings(config: Config) -> list[Finding]:
     return findings
 
 
-def audience_findings(config: Config) -> list[Finding]:
+def audience_findings(config: Config) -> list[Finding]:  # noqa: PLR0912, PLR0915 (one rule per IdP)  # noqa: PLR0912, PLR0915 (one rule per IdP family)
     """Audiences the IdP, recognised from its issuer, is unlikely to put in access tokens."""
     issuer = config.idp.issuer
     parts = urlsplit(issuer)

@@ -31,6 +31,7 @@ import base64
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -239,6 +240,12 @@ class AuthorizationServer:
                 return _bad_state()
         except RedemptionUnavailable:
             return _unavailable("The sign-in cannot be completed right now; try again")
+        params = self._client_answer(query, sealed)
+        params["iss"] = self.issuer
+        return _redirect(with_query(sealed["r"], params))
+
+    def _client_answer(self, query: Mapping[str, str], sealed: Mapping[str, Any]) -> dict[str, str]:
+        """The client's redirect parameters: our sealed code or the IdP's error, and its state."""
         params: dict[str, str] = {}
         if "code" in query:
             # The client gets the IdP's code sealed with its redirect_uri, client and PKCE
@@ -256,8 +263,7 @@ class AuthorizationServer:
                     params[name] = query[name]
         if isinstance(sealed.get("s"), str):
             params["state"] = sealed["s"]
-        params["iss"] = self.issuer
-        return _redirect(with_query(sealed["r"], params))
+        return params
 
     def _authenticate_static_client(self, fields: dict[str, str], headers: dict[str, str]) -> None:
         """Add the static client's secret the way the IdP accepts it (RFC 6749 §2.3.1)."""
