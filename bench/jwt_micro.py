@@ -36,9 +36,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from jwt.algorithms import RSAAlgorithm
 
+from oauth_sidecar.auth.bearer import TokenError, parse_strict
 from oauth_sidecar.auth.idp import VerificationKey, parse_jwk
 from oauth_sidecar.auth.policy import AccessPolicy
-from oauth_sidecar.auth.tokens import TokenError, TokenVerifier, parse_strict
+from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import PolicyConfig, TokenConfig
 
 T = TypeVar("T")

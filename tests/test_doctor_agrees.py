@@ -11,8 +11,9 @@ import pytest
 from conftest import FakeIdp, FakeUpstream, SidecarFactory, sidecar_env, wait_until
 from test_doctor import TOKEN_MATRIX, Build
 
+from oauth_sidecar.auth.bearer import TokenError, bearer_token
 from oauth_sidecar.auth.idp import IdentityProvider
-from oauth_sidecar.auth.tokens import TokenError, TokenVerifier, bearer_token
+from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import Config, load
 from oauth_sidecar.doctor import diagnose
 from oauth_sidecar.doctor.explainer import explain_token

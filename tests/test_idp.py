@@ -34,6 +34,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP
+from oauth_sidecar.auth.bearer import TokenError
 from oauth_sidecar.auth.idp import (
     MAX_KEYS,
     IdentityProvider,
@@ -43,7 +44,7 @@ from oauth_sidecar.auth.idp import (
     parse_jwks,
     same_issuer,
 )
-from oauth_sidecar.auth.tokens import TokenError, TokenVerifier
+from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import DEFAULT_ALGORITHMS, IdpConfig, TokenConfig
 
 Client = TestClient[web.Request, web.Application]

@@ -54,15 +54,10 @@ from hypothesis import strategies as st
 from jwt.algorithms import RSAAlgorithm
 from structlog.testing import capture_logs
 
+from oauth_sidecar.auth.bearer import B64TOKEN, TokenError, bearer_token, parse_strict
 from oauth_sidecar.auth.idp import VerificationKey
 from oauth_sidecar.auth.policy import AccessPolicy, Denied
-from oauth_sidecar.auth.tokens import (
-    B64TOKEN,
-    TokenError,
-    TokenVerifier,
-    bearer_token,
-    parse_strict,
-)
+from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import DEFAULT_ALGORITHMS, PolicyConfig, TokenConfig
 from oauth_sidecar.log import redact
 from oauth_sidecar.request_keys import Principal

@@ -46,13 +46,8 @@ from structlog.testing import capture_logs
 
 from oauth_sidecar.app import IDP, VERIFIER
 from oauth_sidecar.auth import tokens
-from oauth_sidecar.auth.tokens import (
-    NON_ACCESS_TYPES,
-    TokenError,
-    bearer_token,
-    expired,
-    parse_strict,
-)
+from oauth_sidecar.auth.bearer import TokenError, bearer_token, parse_strict
+from oauth_sidecar.auth.tokens import NON_ACCESS_TYPES, expired
 
 Client = TestClient[web.Request, web.Application]
 Start = Callable[..., Awaitable[Client]]

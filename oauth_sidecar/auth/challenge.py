@@ -8,9 +8,9 @@ start-up, so the hot path only picks a string (only a token error's code and sen
 
 from __future__ import annotations
 
+from oauth_sidecar.auth.bearer import TokenError
 from oauth_sidecar.auth.policy import Denied
 from oauth_sidecar.auth.resource_metadata import metadata_url
-from oauth_sidecar.auth.tokens import TokenError
 from oauth_sidecar.config import Config
 
 # The 403 sentences name the class of refusal, never the allow-lists.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from oauth_sidecar.auth.bearer import TokenError, bearer_token
 from oauth_sidecar.auth.challenge import (
     ACCESS_DENIED_DESCRIPTION,
     INSUFFICIENT_SCOPE_DESCRIPTION,
@@ -31,7 +32,7 @@ from oauth_sidecar.auth.ratelimit import (
     refusal_reason,
 )
 from oauth_sidecar.auth.sessions import SessionBindings, SessionRefused
-from oauth_sidecar.auth.tokens import TokenError, TokenVerifier, bearer_token
+from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error

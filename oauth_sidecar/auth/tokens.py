@@ -3,11 +3,11 @@
 Why: this is the one place that decides whether a caller is who the token says. The invariants are
 fixed at construction: algorithms come from configuration, never from the token; `iss`, `aud`,
 `exp` and `sub` are always required; the key is chosen only from the IdP's published set (never
-`jku`, `x5u`, `x5c` or an embedded `jwk`), and its type must fit the header's `alg`. The token is
-parsed strictly here, because pyjwt tolerates duplicate JSON keys, padding and string-typed
-times; pyjwt's algorithms check the signature; the claims are checked with pyjwt's semantics
-(tests/test_properties.py uses jwt.decode as the oracle). Verified tokens are cached by hash
-until they expire, keeping only the claims a later request reads (token_cache.py).
+`jku`, `x5u`, `x5c` or an embedded `jwk`), and its type must fit the header's `alg`. The token
+is parsed strictly first (bearer.py), because pyjwt tolerates duplicate JSON keys and padding;
+times must be numbers; pyjwt's algorithms check the signature; the claims are checked with
+pyjwt's semantics (tests/test_properties.py uses jwt.decode as the oracle). Verified tokens are
+cached by hash until they expire, keeping only the claims a later request reads (token_cache.py).
 """
 
 from __future__ import annotations
@@ -15,24 +15,20 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import math
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jwt.algorithms import get_default_algorithms
 
+from oauth_sidecar.auth.bearer import TokenError, invalid, parse_strict
 from oauth_sidecar.auth.idp import VerificationKey, same_issuer
 from oauth_sidecar.auth.token_cache import ENTRY_OVERHEAD, TokenCache, footprint
 from oauth_sidecar.config import TokenConfig
 from oauth_sidecar.request_keys import Principal
 
-# RFC 6750 §2.1 b64token; a JWT uses only base64url characters and dots (RFC 7515 §7.1).
-B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 MAX_KID_LENGTH = 256  # real kids are short ids or thumbprints; longer ones are probes
 # Header `typ` values that mark a JWT as something other than an access token (a DPoP proof,
 # RFC 9449; a logout token, OpenID Back-Channel Logout; a security event, RFC 8417; an ID token).
@@ -48,30 +44,6 @@ ID_TOKEN_HASHES = ("at_hash", "c_hash", "s_hash")
 # Where an access token names its client: client_id (RFC 9068 §2.2; Cognito, node oidc-provider),
 # azp (Keycloak, Auth0, authentik, Entra v2), cid (Okta), appid (Entra v1).
 CLIENT_CLAIMS = ("client_id", "azp", "cid", "appid")
-
-
-class TokenError(Exception):
-    """Why a request's credentials were refused.
-
-    `reason` is a stable code for logs; `description` is a fixed, safe sentence for the client;
-    `error` is the RFC 6750 error code (None for "no credentials", RFC 6750 §3.1).
-    """
-
-    def __init__(
-        self, reason: str, description: str, *, error: str | None = "invalid_token",
-        status: int = 401,
-    ) -> None:
-        super().__init__(description)
-        self.reason = reason
-        self.description = description
-        self.error = error
-        self.status = status
-
-
-def _invalid(reason: str, description: str) -> TokenError:
-    return TokenError(reason, description)
-
-
 
 
 KeptClaims = Callable[[str, Mapping[str, Any]], tuple[Mapping[str, Any], bool]]
@@ -114,66 +86,11 @@ class KeySource(Protocol):
     async def refresh_for_unknown_kid(self) -> None: ...
 
 
-def bearer_token(authorization: Sequence[str], query_keys: Sequence[str], max_bytes: int) -> str:
-    """The token from exactly one `Authorization: Bearer` header (RFC 6750 §2.1 only)."""
-    if "access_token" in query_keys:
-        raise TokenError(
-            "token_in_query", "Tokens in the query string are not accepted",
-            error="invalid_request", status=400,
-        )
-    if not authorization:
-        raise TokenError("missing", "No bearer token", error=None)
-    if len(authorization) > 1:
-        raise TokenError(
-            "duplicate_authorization", "More than one Authorization header",
-            error="invalid_request", status=400,
-        )
-    scheme, _, token = authorization[0].strip().partition(" ")
-    if scheme.lower() != "bearer":
-        raise TokenError("not_bearer", "Only Bearer credentials are accepted", error=None)
-    token = token.strip(" ")
-    if not token:
-        raise _invalid("empty_token", "The bearer token is empty")
-    if len(token) > max_bytes:
-        raise _invalid("token_too_large", "The bearer token is too large")
-    if not B64TOKEN.fullmatch(token):
-        raise _invalid("malformed", "The bearer token is malformed")
-    return token
-
-
 def media_type(typ: str) -> str:
     """A `typ` as the media type it names (RFC 7515 §4.1.9): compared case-insensitively, and a
     value without "/" stands for `application/` + value; parameters (`; x=y`) do not count."""
     name = typ.partition(";")[0].strip().lower()
     return name if "/" in name else MEDIA_TYPE_PREFIX + name
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate member name")
-    return result
-
-
-def _json_segment(segment: str, what: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
-        raise _invalid("malformed", f"The token {what} is not base64url JSON") from None
-    if not isinstance(value, dict):
-        raise _invalid("malformed", f"The token {what} is not a JSON object")
-    return value
-
-
-def parse_strict(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and payload of a compact JWS, refusing anything pyjwt would let slide."""
-    segments = token.split(".")
-    if len(segments) == 5:
-        raise _invalid("encrypted", "Encrypted tokens (JWE) are not accepted")
-    if len(segments) != 3 or not all(SEGMENT.fullmatch(s) for s in segments):
-        raise _invalid("malformed", "The bearer token is not a signed JWT")
-    return _json_segment(segments[0], "header"), _json_segment(segments[1], "payload")
 
 
 Check = Callable[[dict[str, Any], dict[str, Any], float], None]
@@ -357,28 +274,28 @@ class TokenVerifier:
     def _alg(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._config.algorithms:
-            raise _invalid("alg_not_allowed", "The token's signing algorithm is not accepted")
+            raise invalid("alg_not_allowed", "The token's signing algorithm is not accepted")
 
     def _crit(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         if "crit" in header:  # RFC 7515 §4.1.11: we understand no extensions
-            raise _invalid("crit_not_supported", "The token has critical header extensions")
+            raise invalid("crit_not_supported", "The token has critical header extensions")
 
     def _cty(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         cty = header.get("cty")
         if isinstance(cty, str) and cty.upper() == "JWT":
-            raise _invalid("nested_jwt", "Nested tokens are not accepted")
+            raise invalid("nested_jwt", "Nested tokens are not accepted")
 
     def _typ(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         typ = header.get("typ")
         if typ is not None and (
             not isinstance(typ, str) or media_type(typ) in NON_ACCESS_MEDIA_TYPES
         ):
-            raise _invalid("wrong_type", "The token is not an access token")
+            raise invalid("wrong_type", "The token is not an access token")
 
     def _kid(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH):
-            raise _invalid("kid_invalid", "The token's key id is invalid")
+            raise invalid("kid_invalid", "The token's key id is invalid")
 
     @staticmethod
     def _number(name: str) -> Check:
@@ -387,14 +304,14 @@ class TokenVerifier:
         def check(header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
             value = payload.get(name)
             if value is not None and not _is_number(value):
-                raise _invalid("claim_invalid", f"The {name} claim is not a number")
+                raise invalid("claim_invalid", f"The {name} claim is not a number")
 
         return check
 
     def _sub_type(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         sub = payload.get("sub")
         if "sub" in payload and (not isinstance(sub, str) or not sub.strip()):
-            raise _invalid("claim_invalid", "The sub claim is not a non-empty string")
+            raise invalid("claim_invalid", "The sub claim is not a non-empty string")
 
     # -- the key and the signature ---------------------------------------------------------------
 
@@ -412,9 +329,9 @@ class TokenVerifier:
                     "keys_unavailable", "The identity provider's keys are not available yet",
                     error="temporarily_unavailable", status=503,
                 )
-            raise _invalid("unknown_kid", "The token was not signed by a known key")
+            raise invalid("unknown_kid", "The token was not signed by a known key")
         if alg not in key.algorithms:
-            raise _invalid("alg_key_mismatch", "The token's algorithm does not fit its key")
+            raise invalid("alg_key_mismatch", "The token's algorithm does not fit its key")
         return key
 
     def _check_signature(self, token: str, key: Any, alg: str) -> None:
@@ -425,9 +342,9 @@ class TokenVerifier:
             raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
             valid = self._signers[alg].verify(signing_input.encode("ascii"), key, raw)
         except (binascii.Error, ValueError, TypeError):
-            raise _invalid("invalid", "The token is invalid") from None
+            raise invalid("invalid", "The token is invalid") from None
         if not valid:
-            raise _invalid("bad_signature", "The token signature is invalid")
+            raise invalid("bad_signature", "The token signature is invalid")
 
     # -- the claims (after the signature): RFC 7519 §4.1 with pyjwt's semantics ------------------
 
@@ -440,13 +357,13 @@ class TokenVerifier:
         if _says_id(payload.get("token_use")) or _says_id(payload.get("typ")) or (
             not payload.keys().isdisjoint(ID_TOKEN_HASHES)
         ):
-            raise _invalid("id_token", "An ID token is not an access token")
+            raise invalid("id_token", "An ID token is not an access token")
 
     def _names_client(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         """JWT_ID_TOKEN_CHECK=client: an access token names the client it was issued to; an ID
         token whose aud is that client (authentik) names none."""
         if not any(isinstance(payload.get(name), str) and payload[name] for name in CLIENT_CLAIMS):
-            raise _invalid("id_token_no_client", "An ID token is not an access token")
+            raise invalid("id_token_no_client", "An ID token is not an access token")
 
     def _not_sender_constrained(
         self, header: dict[str, Any], payload: dict[str, Any], now: float
@@ -455,14 +372,14 @@ class TokenVerifier:
         (DPoP, RFC 9449 §6; mutual TLS, RFC 8705 §3). Accepted as a bearer token, the binding
         would silently fall away and a stolen copy would work: refused (RFC 9449 §7.2)."""
         if "cnf" in payload:
-            raise _invalid("sender_constrained", "The token is bound to a key (DPoP or mutual "
+            raise invalid("sender_constrained", "The token is bound to a key (DPoP or mutual "
                            "TLS); this server accepts bearer tokens only")
 
     @staticmethod
     def _present(name: str) -> Check:
         def check(header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
             if payload.get(name) is None:
-                raise _invalid("claim_missing", f"The token has no {name} claim")
+                raise invalid("claim_missing", f"The token has no {name} claim")
 
         return check
 
@@ -473,25 +390,25 @@ class TokenVerifier:
             if name not in payload:
                 return
             if payload[name] is None:  # present but null: pyjwt's int(None) refuses it
-                raise _invalid("invalid", "The token is invalid")
+                raise invalid("invalid", "The token is invalid")
             if int(payload[name]) > now + self._config.leeway:
-                raise _invalid("not_yet_valid", "The token is not valid yet")
+                raise invalid("not_yet_valid", "The token is not valid yet")
 
         return check
 
     def _not_expired(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         if expired(payload["exp"], now, self._config.leeway):
-            raise _invalid("expired", "The token has expired")
+            raise invalid("expired", "The token has expired")
 
     def _issuer(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         iss = payload["iss"]
         if not isinstance(iss, str) or not same_issuer(iss, self._trusted_issuer):
-            raise _invalid("wrong_issuer", "The token is not from the trusted issuer")
+            raise invalid("wrong_issuer", "The token is not from the trusted issuer")
 
     def _audience(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         audiences = payload[self.audience_claim]
         if not audiences:  # "" or []: pyjwt's MissingRequiredClaimError
-            raise _invalid("claim_missing", f"The token has no {self.audience_claim} claim")
+            raise invalid("claim_missing", f"The token has no {self.audience_claim} claim")
         if isinstance(audiences, str):
             if audiences in self._audiences:
                 return
@@ -499,8 +416,8 @@ class TokenVerifier:
             not self._audiences.isdisjoint(audiences)
         ):
             return
-        raise _invalid("wrong_audience", "The token was not issued for this resource")
+        raise invalid("wrong_audience", "The token was not issued for this resource")
 
     def _jti(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
         if "jti" in payload and not isinstance(payload["jti"], str):
-            raise _invalid("invalid", "The token is invalid")
+            raise invalid("invalid", "The token is invalid")

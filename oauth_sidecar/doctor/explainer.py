@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from oauth_sidecar.auth.bearer import TokenError, bearer_token
 from oauth_sidecar.auth.challenge import (
     ACCESS_DENIED_DESCRIPTION,
     INSUFFICIENT_SCOPE_DESCRIPTION,
@@ -19,7 +20,7 @@ from oauth_sidecar.auth.challenge import (
 )
 from oauth_sidecar.auth.idp import IdentityProvider
 from oauth_sidecar.auth.policy import AccessPolicy
-from oauth_sidecar.auth.tokens import Explanation, TokenError, TokenVerifier, bearer_token
+from oauth_sidecar.auth.tokens import Explanation, TokenVerifier
 from oauth_sidecar.config import Config
 from oauth_sidecar.doctor.report import ClaimCheck, TokenReport
 from oauth_sidecar.doctor.words import ClaimWords, describe_key

@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from oauth_sidecar.auth.bearer import TokenError
 from oauth_sidecar.auth.idp import VerificationKey, same_issuer
 from oauth_sidecar.auth.policy import AccessPolicy, Admission
 from oauth_sidecar.auth.tokens import (
@@ -22,7 +23,6 @@ from oauth_sidecar.auth.tokens import (
     ID_TOKEN_HASHES,
     MAX_KID_LENGTH,
     RFC9068_MEDIA_TYPE,
-    TokenError,
     TokenVerifier,
     media_type,
 )
