@@ -35,7 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # PID 1 (a spawned MCP server's grandchildren that left it) would stay a zombie; tini reaps them
 # and passes SIGTERM/SIGINT on to the sidecar. No `-g`: the sidecar orders shutdown itself (stop
 # accepting, drain requests, then SIGTERM the spawned child's process group, SIGKILL after
-# MCP_SPAWN_STOP_TIMEOUT_SECONDS; see oauth_sidecar/child.py), and that child runs in its own
+# MCP_SPAWN_STOP_TIMEOUT_SECONDS; see oauth_sidecar/upstream/child.py), and that child runs in its own
 # session, which `-g` would not reach anyway.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \

@@ -1,5 +1,5 @@
 """Spawn mode with real child processes: configuration, environment, readiness, supervision, logs
-and shutdown of the MCP server the sidecar runs itself (oauth_sidecar.child).
+and shutdown of the MCP server the sidecar runs itself (oauth_sidecar.upstream.child).
 
 Children are tests/children/fake_mcp_server.py (a scriptable stand-in) and the official-SDK
 tests/mcp_echo_server.py (the `mcp` package from PyPI). In-process sidecars run the production

@@ -64,3 +64,31 @@ def test_relative_links_in_the_documents_resolve() -> None:
                 broken.append(f"{document.relative_to(REPO)} -> {target}")
     assert checked > 10  # README alone links SECURITY.md, bench/ and every examples/ guide
     assert broken == []
+
+
+def _architecture_section() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Architecture")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_readme_architecture_names_every_module() -> None:
+    """The map a newcomer reads must not fall behind the tree: each module is named in it."""
+    section = _architecture_section()
+    package = REPO / "oauth_sidecar"
+    unnamed = [
+        str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+        if path.name != "__init__.py"
+        and not re.search(rf"(?<![\w/]){re.escape(path.name)}\b", section)
+    ]
+    assert unnamed == []
+
+
+def test_readme_architecture_names_no_module_that_is_gone() -> None:
+    section = _architecture_section()
+    package = REPO / "oauth_sidecar"
+    named = [name for name in re.findall(r"\b([a-z_]+\.py)\b", section)
+             if not name.startswith("test_")]
+    assert named, "the tree lists modules as name.py"
+    existing = {path.name for path in package.rglob("*.py")}
+    assert sorted(set(named) - existing) == []

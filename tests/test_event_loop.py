@@ -352,7 +352,7 @@ async def test_upstream_credential_rotation_is_read_off_the_loop(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """MCP_UPSTREAM_BEARER_FILE is re-read when it changes: the stat and the read must run in a
-    worker thread (upstream_credential.py uses asyncio.to_thread), never on the loop. The first
+    worker thread (upstream/credential.py uses asyncio.to_thread), never on the loop. The first
     read happens in create_app, before the server runs (in __main__, before the loop starts)."""
     from oauth_sidecar import app as app_module
     from oauth_sidecar.upstream.credential import UpstreamCredential

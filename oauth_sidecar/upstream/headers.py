@@ -66,7 +66,7 @@ RESPONSE_DROP = HOP_BY_HOP | {
     "www-authenticate",
 }
 RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
-# URLs the upstream names itself by: given back under the public origin (upstream_paths.py).
+# URLs the upstream names itself by: given back under the public origin (paths.py).
 RESPONSE_REWRITTEN = frozenset({"location", "content-location"})
 # Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
 # is percent-encoded so a claim can never split or inject a header.
