@@ -24,6 +24,7 @@ from conftest import (
     new_rsa,
     sidecar_env,
 )
+from limits.aio.storage import MemoryStorage
 from multidict import CIMultiDictProxy
 from processes import PROCESS_TIMEOUT, free_port, sidecar_process, wait_ready
 from redis_server import RedisServer
@@ -32,6 +33,8 @@ from test_metrics import scrape
 
 from oauth_sidecar.app import VERIFIER
 from oauth_sidecar.auth import ratelimit
+from oauth_sidecar.config import RateLimitConfig
+from oauth_sidecar.config.rate_limits import parse_storage_uri
 from oauth_sidecar.request_keys import Principal
 
 Client = TestClient[web.Request, web.Application]
@@ -705,3 +708,41 @@ async def test_two_sidecar_processes_sharing_one_redis_hold_a_subject_to_one_bud
     assert statuses.count(200) == budget, statuses
     assert statuses.count(429) == 20 - budget
     assert statuses[:budget] == [200] * budget  # the budget is spent first, across both
+
+
+async def _keys_and_sizes(limiter: ratelimit.RateLimiter, uri: str) -> dict[str, int]:
+    """Each stored key and how many values it holds (1 for a counter, n for a list of n)."""
+    if uri.startswith("async+memory"):
+        storage = limiter._storage  # the product's own storage object, read, not changed
+        assert isinstance(storage, MemoryStorage)
+        return {**dict.fromkeys(storage.storage, 1),
+                **{key: len(entries) for key, entries in storage.events.items()}}
+    import redis.asyncio as redis_client
+
+    client = redis_client.Redis.from_url(uri.removeprefix("async+"))
+    try:
+        sizes: dict[str, int] = {}
+        for key in await client.keys("*"):
+            kind = (await client.type(key)).decode()
+            sizes[key.decode()] = int(await client.llen(key)) if kind == "list" else 1  # type: ignore[misc]
+        return sizes
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+async def test_a_subjects_budget_is_two_counters_however_fast_it_spends(
+    storage: str, redis_server: RedisServer,
+) -> None:
+    """O(1) per request: a sliding-window counter keeps this window's and the last one's count
+    per key, where a moving window kept one entry per hit (its cost grew with the rate)."""
+    uri = parse_storage_uri("memory://" if storage == "memory" else redis_server.uri).limits_form
+    limiter = ratelimit.RateLimiter(RateLimitConfig(
+        per_subject_rpm=1_000_000, unauthenticated_rpm=0, storage_uri=uri, fail_open=False))
+    async with limiter.running():
+        for _ in range(3000):
+            await limiter.admit(ratelimit.PER_SUBJECT, "https://idp.example.test", "alice")
+        sizes = await _keys_and_sizes(limiter, uri)
+    assert 1 <= len(sizes) <= 2, sizes
+    assert max(sizes.values()) == 1, sizes  # counters, not one stored entry per request

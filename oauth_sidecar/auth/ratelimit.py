@@ -1,9 +1,15 @@
 """The one rate-limit service: named budgets (per subject, per client IP) over `limits`.
 
 Why: one user (or one stolen token) must not be able to monopolise the MCP server, and a flood
-of garbage tokens must not burn CPU without bound. Budgets are moving windows: RATE_LIMIT_RPM
-requests in any 60 seconds, so a client may spend its whole minute at once (MCP clients open a
-session with a burst of initialize / tools/list calls) but never more. The storage is in-memory
+of garbage tokens must not burn CPU without bound. Budgets are sliding-window counters:
+RATE_LIMIT_RPM requests a minute, counted as this minute's requests plus the last minute's,
+weighted by how much of it still overlaps the last 60 seconds. A client may spend its whole
+minute at once (MCP clients open a session with a burst of initialize / tools/list calls); what
+it spent comes back gradually. Two counters per key make a request cost the same whatever the
+limit and the subject's rate (a moving window kept one entry per request: a subject at a high
+limit slowed everyone down). The price is an estimate: a burst at the very end of one minute
+counts less than fully in the next, so a client timing its bursts can pass up to twice the limit
+in one 60-second span, never more. The storage is in-memory
 by default, or Redis so several replicas share one budget. When the storage fails, the operator
 chose fail-open or fail-closed; either way it is logged once per incident and never a 500.
 
@@ -32,7 +38,7 @@ import structlog
 from aiohttp import web
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
@@ -50,6 +56,9 @@ STORAGE_TIMEOUT = 1.0  # seconds: a slow Redis must not hold every request hosta
 RETRY_STORAGE_AFTER = 5.0
 UNAVAILABLE_RETRY_AFTER = "5"  # seconds, when failing closed: the storage is retried sooner
 NAMESPACE = "oauth_sidecar"
+# O(1) per request whatever the limit and the subject's rate, in memory and in Redis: two
+# counters per key (this window, the last one), where a moving window keeps one entry per hit.
+Strategy = SlidingWindowCounterRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +107,7 @@ class RateLimiter:
             if rpm > 0
         }
         self._storage: Storage | None = None
-        self._strategy: MovingWindowRateLimiter | None = None
+        self._strategy: Strategy | None = None
         self._failing = False
         self._skip_storage_until = 0.0
         self._in_memory = config.storage_uri.startswith("async+memory")
@@ -116,7 +125,7 @@ class RateLimiter:
         storage = storage_from_string(self._config.storage_uri, wrap_exceptions=True, **options)
         if not isinstance(storage, Storage):
             raise TypeError(f"{self._config.storage_uri} is not an async storage")
-        self._storage, self._strategy = storage, MovingWindowRateLimiter(storage)
+        self._storage, self._strategy = storage, Strategy(storage)
         try:
             yield self
         finally:
@@ -167,7 +176,7 @@ class RateLimiter:
         self._metrics.rate_limited(scope)  # every RateLimited becomes a 429 (refusal)
         window: list[float] = []
 
-        async def stats(strategy: MovingWindowRateLimiter) -> bool:
+        async def stats(strategy: Strategy) -> bool:
             window.append((await strategy.get_window_stats(item, NAMESPACE, scope, key)).reset_time)
             return True
 
@@ -177,7 +186,7 @@ class RateLimiter:
         reset_at = window[0] if window else time.time() + 60
         return RateLimited(scope, item.amount, max(1, math.ceil(reset_at - time.time())), reset_at)
 
-    async def _call(self, operation: Callable[[MovingWindowRateLimiter], Awaitable[bool]]) -> bool:
+    async def _call(self, operation: Callable[[Strategy], Awaitable[bool]]) -> bool:
         """Run one storage operation with a timeout and the configured failure policy."""
         strategy = self._strategy
         if strategy is None:
