@@ -64,6 +64,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -114,9 +115,13 @@ IDLE_CPU_LIMIT = 0.05  # "no spin": CPU time over the idle window, as a fraction
 TARGETS = {"cached": 0.8, "distinct": 0.5, "added_p99_ms": 2.0, "kb_per_stream": 100.0}
 
 MEASURES = ("throughput", "latency", "sse", "idle", "jwt", "jwks")
-CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "sidecar-distinct",
-         "sidecar-ratelimit", "sidecar-accesslog", "sidecar-metrics", "minimal-proxy-uvloop",
-         "sidecar-uvloop", "baseline", "baseline-distinct")
+CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
+         "sidecar-defaults", "sidecar-distinct", "sidecar-ratelimit", "sidecar-subjects",
+         "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "minimal-proxy-uvloop",
+         "minimal-whole-uvloop", "sidecar-uvloop", "baseline", "baseline-defaults",
+         "baseline-distinct")
+FLOOR = "minimal-whole"  # the floor the targets are quoted against: small bodies read whole
+HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cost, no refusals
 LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar")
 IDLE_CASES = ("minimal-proxy", "sidecar")
 
@@ -637,6 +642,11 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         starters.append(minimal("minimal-proxy"))
     if "minimal-proxy-uvloop" in want:
         starters.append(minimal("minimal-proxy-uvloop", "--uvloop"))
+    if "minimal-whole" in want:
+        starters.append(minimal("minimal-whole", "--whole-body"))
+    if "minimal-whole-uvloop" in want:
+        starters.append(minimal("minimal-whole-uvloop", "--whole-body", "--uvloop"))
+    redis_uri = await redis_server(system) if "sidecar-redis" in want else ""
 
     async def sidecar(name: str, cwd: Path = REPO, **extra: str) -> Target:
         port = free_port()  # `-m` finds the package in cwd first: another checkout's, if asked
@@ -650,8 +660,17 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         starters.append(sidecar("sidecar-distinct",
                                 TOKEN_CACHE_SIZE=str(max(1, s.distinct_tokens // 2))))
     if "sidecar-ratelimit" in want:
-        starters.append(sidecar("sidecar-ratelimit", RATE_LIMIT_RPM="1000000",
+        starters.append(sidecar("sidecar-ratelimit", RATE_LIMIT_RPM=HIGH_RPM,
                                 RATE_LIMIT_STORAGE_URI="memory://"))
+    if "sidecar-defaults" in want:
+        starters.append(sidecar("sidecar-defaults", REPO, **DEFAULTS))
+    if "sidecar-subjects" in want:
+        starters.append(sidecar("sidecar-subjects", RATE_LIMIT_RPM=HIGH_RPM,
+                                RATE_LIMIT_UNAUTHENTICATED_RPM="0",  # the warm-up verifies all
+                                TOKEN_CACHE_SIZE=str(2 * s.distinct_tokens)))
+    if "sidecar-redis" in want:
+        starters.append(sidecar("sidecar-redis", RATE_LIMIT_RPM=HIGH_RPM,
+                                RATE_LIMIT_STORAGE_URI=redis_uri))
     if "sidecar-accesslog" in want:
         starters.append(sidecar("sidecar-accesslog", LOG_LEVEL="info"))
     if "sidecar-metrics" in want:
@@ -660,6 +679,8 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         starters.append(sidecar("sidecar-uvloop", EVENT_LOOP="uvloop"))
     if s.baseline and "baseline" in want:
         starters.append(sidecar("baseline", Path(s.baseline)))
+    if s.baseline and "baseline-defaults" in want:
+        starters.append(sidecar("baseline-defaults", Path(s.baseline), **DEFAULTS))
     if s.baseline and "baseline-distinct" in want:
         starters.append(sidecar("baseline-distinct", Path(s.baseline),
                                 TOKEN_CACHE_SIZE=str(max(1, s.distinct_tokens // 2))))
@@ -671,8 +692,8 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
             system.flood_target = target
         else:
             system.targets[target.name] = target
-    rotating = [system.targets[c] for c in ("sidecar-distinct", "baseline-distinct")
-                if c in system.targets]
+    rotating = [system.targets[c] for c in ("sidecar-distinct", "baseline-distinct",
+                                            "sidecar-subjects") if c in system.targets]
     for target in rotating:
         target.rotating = True
     if rotating:
@@ -697,6 +718,44 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         else:
             checks.append(wait_ready(session, started.proc, "POST", started.url, **post))
     await asyncio.gather(*checks)
+    if "sidecar-subjects" in system.targets and system.token_file is not None:
+        # Its cache holds every token: the measured runs see hits only, for every subject.
+        tokens = system.token_file.read_text().split()
+        await warm(session, system.targets["sidecar-subjects"], tokens)
+
+
+DEFAULTS = {"LOG_LEVEL": "info", "RATE_LIMIT_RPM": HIGH_RPM}  # as shipped, at a limit never hit
+
+
+async def redis_server(system: System) -> str:
+    """A local redis-server on the load CPU for the replica-shared limiter case."""
+    binary = find_tool("redis-server")
+    if binary is None:
+        raise SetupError("sidecar-redis needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    workdir = system.directory / "redis"
+    workdir.mkdir()
+    await system.procs.start("redis", [
+        *system.pinning.prefix("load"), binary, "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir)])
+    for _ in range(100):  # bounded: 5 s
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+            return f"redis://127.0.0.1:{port}"
+        await asyncio.sleep(0.05)
+    raise SetupError("redis-server did not listen within 5 s")
+
+
+async def warm(session: aiohttp.ClientSession, target: Target, tokens: list[str]) -> None:
+    """Send each token once, so the measured runs see cache hits for every subject."""
+    gate = asyncio.Semaphore(32)
+
+    async def one(token: str) -> None:
+        async with gate, session.post(target.url, data=BODY, headers={
+            "Content-Type": "application/json", "Accept": ACCEPT,
+            "Authorization": f"Bearer {token}"}) as answer:
+            await answer.read()
+
+    await asyncio.gather(*(one(token) for token in tokens))
 
 
 # -- load generators -----------------------------------------------------------------------------
@@ -722,7 +781,8 @@ def wrk_script(system: System, target: Target) -> Path:
     headers = {"Content-Type": "application/json", "Accept": ACCEPT}
     if target.rotating:
         # Every token once, in order, from where the previous run of this case stopped: with
-        # TOKEN_CACHE_SIZE below their number, each request misses the FIFO cache.
+        # TOKEN_CACHE_SIZE below their number, each request misses the FIFO cache (for
+        # sidecar-subjects the cache holds them all: every request a hit, 10,000 subjects).
         lines = [
             'wrk.method = "POST"',
             f"wrk.body = {lua_string(BODY)}",
@@ -1179,20 +1239,31 @@ def summarise(results: Results) -> None:
 
     ratios = {c: paired_ratio(t, c, "minimal-proxy", "rps") for c in t}
     summary["throughput_ratio_to_minimal"] = ratios
-    if "sidecar" in t:
-        verdict("sidecar / minimal proxy req/s, cached token", ratios["sidecar"],
-                TARGETS["cached"], True, "x")
-    if "sidecar-distinct" in t:
-        verdict("sidecar / minimal proxy req/s, distinct tokens (cache misses)",
-                ratios["sidecar-distinct"], TARGETS["distinct"], True, "x")
-    if "sidecar-uvloop" in t and "minimal-proxy-uvloop" in t:
-        on_uvloop = paired_ratio(t, "sidecar-uvloop", "minimal-proxy-uvloop", "rps")
+    floor = FLOOR if FLOOR in t else "minimal-proxy"
+    to_floor = {c: paired_ratio(t, c, floor, "rps") for c in t}
+    summary["throughput_ratio_to_floor"] = to_floor
+    summary["floor"] = floor
+    for case, what, target in (
+        ("sidecar-defaults", "defaults (access log, per-subject limit), one subject", "cached"),
+        ("sidecar", "cached token, no access log, no limit", "cached"),
+        ("sidecar-distinct", "distinct tokens (cache misses)", "distinct"),
+    ):
+        if case in t:
+            verdict(f"{case} / {floor} req/s, {what}", to_floor[case], TARGETS[target], True, "x")
+    for case in ("sidecar-subjects", "sidecar-redis", "sidecar-ratelimit"):
+        if case in t:  # stated, not a target of their own
+            summary[f"{case}_ratio_to_floor"] = to_floor[case]
+    whole_uvloop = ("minimal-whole-uvloop" if "minimal-whole-uvloop" in t
+                    else "minimal-proxy-uvloop")
+    if "sidecar-uvloop" in t and whole_uvloop in t:
+        on_uvloop = paired_ratio(t, "sidecar-uvloop", whole_uvloop, "rps")
         summary["uvloop_ratio"] = on_uvloop
-        verdict("same, both on uvloop (sidecar-uvloop / minimal-proxy-uvloop)", on_uvloop,
+        verdict(f"same, both on uvloop (sidecar-uvloop / {whole_uvloop})", on_uvloop,
                 TARGETS["cached"], True, "x")
     if "sidecar-metrics" in t and "sidecar" in t:
         summary["metrics_ratio"] = paired_ratio(t, "sidecar-metrics", "sidecar", "rps")
-    for case, base in (("sidecar", "baseline"), ("sidecar-distinct", "baseline-distinct")):
+    for case, base in (("sidecar", "baseline"), ("sidecar-defaults", "baseline-defaults"),
+                       ("sidecar-distinct", "baseline-distinct")):
         if case in t and base in t:
             gain = paired_ratio(t, case, base, "rps")
             summary[f"{case}_vs_{base}"] = gain
@@ -1243,7 +1314,8 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
                 continue
             runs = r.throughput[case]
             errors = sum(x["errors"] for x in runs)
-            rows.append([case, fmt(rps[case], 0), fmt(sm["throughput_ratio_to_minimal"][case]),
+            rows.append([case, fmt(rps[case], 0), fmt(sm["throughput_ratio_to_floor"][case]),
+                         fmt(sm["throughput_ratio_to_minimal"][case]),
                          fmt(cost[case], 0), fmt(100 * sm["cpu_share"][case], 0),
                          fmt(med(r.throughput, case, "p99_us") / 1000, 1), str(errors),
                          " ".join(fmt(x["rps"], 0) for x in runs)])
@@ -1251,11 +1323,16 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
                 f"-c{s['connections']} -d{s['duration']:g}s (closed loop). x minimal: the "
                 "median of each round's ratio; CPU: the system under test's CPU time per "
                 "request, and its share of its core (below 100 %: it waited, or others ran)",
-                table(["case", "req/s", "x minimal", "CPU µs/req", "CPU %", "p99 ms", "errors",
-                       "req/s by round"], rows),
+                table(["case", "req/s", f"x {sm['floor']}", "x minimal", "CPU µs/req", "CPU %",
+                       "p99 ms", "errors", "req/s by round"], rows),
                 "   sidecar-distinct: every request a cache miss (rotating "
                 f"{s['distinct_tokens']} tokens, TOKEN_CACHE_SIZE={s['distinct_tokens'] // 2}); "
                 "sidecar-ratelimit: RATE_LIMIT_RPM=1000000, memory://, one subject; "
+                "sidecar-defaults: LOG_LEVEL=info and RATE_LIMIT_RPM=1000000, one subject; "
+                f"sidecar-subjects: RATE_LIMIT_RPM=1000000, {s['distinct_tokens']} subjects in "
+                "turn, every token cached; sidecar-redis: RATE_LIMIT_RPM=1000000 in a local "
+                "redis-server; minimal-whole: minimal_proxy.py --whole-body (small bodies "
+                "read whole, as the sidecar does: the floor the targets use); "
                 "sidecar-accesslog: LOG_LEVEL=info, access log to a file; "
                 "sidecar-metrics: METRICS_PORT set (Prometheus counters on every request); "
                 "-uvloop: the same on uvloop (EVENT_LOOP=uvloop, minimal_proxy.py --uvloop); "
