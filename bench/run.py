@@ -122,7 +122,7 @@ CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
          "baseline-distinct")
 FLOOR = "minimal-whole"  # the floor the targets are quoted against: small bodies read whole
 HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cost, no refusals
-LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar")
+LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
 IDLE_CASES = ("minimal-proxy", "sidecar")
 
 Json = dict[str, Any]
