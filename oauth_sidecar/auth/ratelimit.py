@@ -9,11 +9,12 @@ it spent comes back gradually. Two counters per key make a request cost the same
 limit and the subject's rate (a moving window kept one entry per request: a subject at a high
 limit slowed everyone down). The price is an estimate: a burst at the very end of one minute
 counts less than fully in the next, so a client timing its bursts can pass up to twice the limit
-in one 60-second span, never more. The storage is in-memory
-by default, or Redis so several replicas share one budget. When the storage fails, the operator
-chose fail-open or fail-closed; either way it is logged once per incident and never a 500.
+in one 60-second span, never more. The counters are in memory by default
+(window_counters.py), or in Redis through `limits` so several replicas share one budget. When
+the storage fails, the operator chose fail-open or fail-closed; either way it is logged once per
+incident and never a 500.
 
-Every budget is spent with limits' `hit`, which counts and decides in one atomic step (a lock in
+Every budget is spent with `hit`, which counts and decides in one atomic step (no await in
 memory, one Lua script in Redis), before the work it pays for. Checking first and counting after
 the work let every request in flight pass the check: 500 concurrent connections ran 1,098 token
 verifications against a per-IP budget of 600.
@@ -32,16 +33,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from aiohttp import web
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
+from oauth_sidecar.auth.window_counters import MemoryWindowCounters
 from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import RateLimitConfig
 from oauth_sidecar.http_errors import json_error
@@ -56,9 +57,10 @@ STORAGE_TIMEOUT = 1.0  # seconds: a slow Redis must not hold every request hosta
 RETRY_STORAGE_AFTER = 5.0
 UNAVAILABLE_RETRY_AFTER = "5"  # seconds, when failing closed: the storage is retried sooner
 NAMESPACE = "oauth_sidecar"
-# O(1) per request whatever the limit and the subject's rate, in memory and in Redis: two
-# counters per key (this window, the last one), where a moving window keeps one entry per hit.
-Strategy = SlidingWindowCounterRateLimiter
+# O(1) per request whatever the limit and the subject's rate: two counters per key (this
+# window, the last one), where a moving window keeps one entry per hit. Redis: limits' strategy;
+# memory: the same rule in window_counters.py.
+Strategy = SlidingWindowCounterRateLimiter | MemoryWindowCounters
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +120,19 @@ class RateLimiter:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RateLimiter]:
-        options: dict[str, Any] = {}
-        if not self._in_memory:
-            options = {"implementation": "redispy", "socket_timeout": STORAGE_TIMEOUT,
-                       "socket_connect_timeout": STORAGE_TIMEOUT}
-        storage = storage_from_string(self._config.storage_uri, wrap_exceptions=True, **options)
+        if self._in_memory:  # our counters: limits' memory storage scans every key per request
+            self._strategy = MemoryWindowCounters()
+            try:
+                yield self
+            finally:
+                self._strategy = None
+            return
+        storage = storage_from_string(
+            self._config.storage_uri, wrap_exceptions=True, implementation="redispy",
+            socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT)
         if not isinstance(storage, Storage):
             raise TypeError(f"{self._config.storage_uri} is not an async storage")
-        self._storage, self._strategy = storage, Strategy(storage)
+        self._storage, self._strategy = storage, SlidingWindowCounterRateLimiter(storage)
         try:
             yield self
         finally:
@@ -218,12 +225,7 @@ class RateLimiter:
 
 
 async def _close(storage: Storage) -> None:
-    """Release what the storage holds: Redis connections, or the memory storage's timer task."""
-    if isinstance(storage, MemoryStorage):
-        timer = storage.timer
-        if timer is not None and not timer.done():
-            timer.cancel()
-        return
+    """Release the Redis connections the storage holds."""
     client = getattr(getattr(storage, "bridge", None), "storage", None)
     close = getattr(client, "aclose", None)
     if close is not None:
