@@ -7,12 +7,14 @@ header, and a last-resort processor masks anything shaped like a JWT or a bearer
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import os
 import re
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, TextIO
 
 import structlog
@@ -46,7 +48,17 @@ SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as Python writes them
 MULTILINE_KEYS = frozenset({"exception", "stack"})
 # Added by structlog's stdlib bridge for its own use, never rendered.
 META_KEYS = frozenset({"_record", "_from_structlog"})
+# The access event as access_log hands it to the chain, in its order: the shape that gets the
+# prebuilt line (AccessLineFirst). Any other event, or this one with an unusual value, takes the
+# full chain.
+ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "sub", "auth_error", "request_id",
+                 "remote", "event")
+# Words every SECRET_SHAPES match contains (the first two in any case): a text without them
+# is left alone by redaction.
+SHAPE_WORDS = ("bearer", "basic", "access_token")
+JWT_START = "eyJ"
 
+Processor = Callable[[Any, str, Any], Any]
 access = structlog.get_logger("oauth_sidecar.access")
 _access_enabled = True  # configure_logging turns it off for LOG_LEVEL warning and above
 
@@ -125,6 +137,71 @@ def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+def plain(text: str) -> bool:
+    """Would the full chain leave text exactly as it is, and json.dumps write it between quotes
+    as it is? Printable ASCII without a quote or a backslash (no control character to escape,
+    no non-ASCII character to write as \\uXXXX) and no word a secret shape needs. Measured
+    several times faster than one regular expression with the same answer."""
+    if not (text.isascii() and text.isprintable()) or '"' in text or "\\" in text:
+        return False
+    lowered = text.lower()
+    return JWT_START not in text and not any(word in lowered for word in SHAPE_WORDS)
+
+
+def utc_now_iso() -> str:
+    """The timestamp as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+TEXT_TYPES = frozenset({str, type(None)})
+
+
+def access_line(event: MutableMapping[str, Any]) -> str | None:
+    """The access event (ACCESS_FIELDS, in order) as the full JSON chain would write it, or None
+    when a value is not plain (plain(), or not a str, None, int or finite float where one is
+    expected): then only the full chain knows what to write."""
+    method, path, status, duration, sub, auth_error, request_id, remote, name = event.values()
+    texts = (method, path, sub, auth_error, request_id, remote, name)
+    if not (TEXT_TYPES.issuperset(map(type, texts)) and type(status) is int
+            and (type(duration) is int or (type(duration) is float and math.isfinite(duration)))):
+        return None
+    if not plain(" ".join([text for text in texts if text is not None])):
+        return None  # joined by a space: no word plain() looks for can span two values
+    q = ["null" if text is None else f'"{text}"' for text in texts]
+    return (f'{{"method": {q[0]}, "path": {q[1]}, "status": {status}, "duration_ms": '
+            f'{duration!r}, "sub": {q[2]}, "auth_error": {q[3]}, "request_id": {q[4]}, '
+            f'"remote": {q[5]}, "event": {q[6]}, "level": "info", "timestamp": '
+            f'"{utc_now_iso()}"}}')
+
+
+class AccessLineFirst:
+    """The structlog chain for JSON lines, with the access event's line prebuilt.
+
+    Why: that event is logged on every request, and the full chain (redaction's regular
+    expressions on every value, the control-character checks, json.dumps and its keyword
+    handling) costs tens of µs for a line whose values are almost always plain. One search
+    over its text values tells: when none holds anything the chain would change or json.dumps
+    would escape, access_line writes the very line the chain would have written; otherwise,
+    and for every other event, the full chain runs. The SecretMask applies to either line."""
+
+    def __init__(self, chain: Sequence[Processor], mask: SecretMask | None) -> None:
+        self._chain = chain  # everything after merge_contextvars, the renderer last
+        self._mask = mask or None
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+                 ) -> Any:
+        # Context variables first, as in the full chain: bound ones make it another shape.
+        event_dict = structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
+        if method_name == "info" and tuple(event_dict) == ACCESS_FIELDS:
+            line = access_line(event_dict)
+            if line is not None:
+                return self._mask(line) if self._mask else line
+        result: Any = event_dict
+        for processor in self._chain:
+            result = processor(logger, method_name, result)
+        return result
+
+
 def configure_logging(
     level: str, fmt: str, stream: TextIO | None = None, mask: SecretMask | None = None
 ) -> None:
@@ -143,14 +220,15 @@ def configure_logging(
     )
     if mask:
         renderer = mask.wrap(renderer)
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,  # first: AccessLineFirst runs it itself
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    chain: list[Processor] = [*shared[1:], structlog.processors.format_exc_info, redact,
+                              escape_controls, renderer]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, redact, escape_controls,
-                    renderer],
+        processors=[shared[0], *chain] if console else [AccessLineFirst(chain, mask)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(stream),
