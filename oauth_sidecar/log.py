@@ -53,10 +53,8 @@ META_KEYS = frozenset({"_record", "_from_structlog"})
 # full chain.
 ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "sub", "auth_error", "request_id",
                  "remote", "event")
-# Words every SECRET_SHAPES match contains (the first two in any case): a text without them
-# is left alone by redaction.
-SHAPE_WORDS = ("bearer", "basic", "access_token")
-JWT_START = "eyJ"
+# Every SECRET_SHAPES match contains "bearer", "basic" or "access_token" in some case, or
+# "eyJ": a text without them is left alone by redaction (plain() spells them out).
 
 Processor = Callable[[Any, str, Any], Any]
 access = structlog.get_logger("oauth_sidecar.access")
@@ -145,33 +143,49 @@ def plain(text: str) -> bool:
     if not (text.isascii() and text.isprintable()) or '"' in text or "\\" in text:
         return False
     lowered = text.lower()
-    return JWT_START not in text and not any(word in lowered for word in SHAPE_WORDS)
+    return not ("bearer" in lowered or "basic" in lowered or "access_token" in lowered
+                or "eyJ" in text)
 
 
-def utc_now_iso() -> str:
-    """The timestamp as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
-    return datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+class UtcClock:
+    """Now, as structlog's TimeStamper(fmt="iso", utc=True) writes it ("...T02:16:30.991105Z",
+    no fraction at a whole second), the date and time of day formatted once a second: the
+    access line's timestamp was its costliest part. Floored to the microsecond, as
+    datetime.now is."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")  # one attribute: replaced whole, thread-safe
+
+    def __call__(self) -> str:
+        second, micro = divmod(time.time_ns() // 1000, 1_000_000)
+        last, prefix = self._second
+        if second != last:
+            prefix = datetime.datetime.fromtimestamp(second, tz=datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S")
+            self._second = (second, prefix)
+        return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
 
 
 TEXT_TYPES = frozenset({str, type(None)})
 
 
-def access_line(event: MutableMapping[str, Any]) -> str | None:
-    """The access event (ACCESS_FIELDS, in order) as the full JSON chain would write it, or None
-    when a value is not plain (plain(), or not a str, None, int or finite float where one is
-    expected): then only the full chain knows what to write."""
-    method, path, status, duration, sub, auth_error, request_id, remote, name = event.values()
-    texts = (method, path, sub, auth_error, request_id, remote, name)
+def access_line(fields: Sequence[Any], timestamp: str) -> str | None:
+    """The access event (its values, in ACCESS_FIELDS order) with this timestamp, as the full
+    JSON chain would write it, or None when a value is not
+    plain (plain(), or not a str, None, int or finite float where one is expected): then only
+    the full chain knows what to write."""
+    method, path, status, duration_ms, sub, auth_error, request_id, remote, event = fields
+    texts = (method, path, sub, auth_error, request_id, remote, event)
     if not (TEXT_TYPES.issuperset(map(type, texts)) and type(status) is int
-            and (type(duration) is int or (type(duration) is float and math.isfinite(duration)))):
+            and (type(duration_ms) is int
+                 or (type(duration_ms) is float and math.isfinite(duration_ms)))):
         return None
     if not plain(" ".join([text for text in texts if text is not None])):
         return None  # joined by a space: no word plain() looks for can span two values
     q = ["null" if text is None else f'"{text}"' for text in texts]
     return (f'{{"method": {q[0]}, "path": {q[1]}, "status": {status}, "duration_ms": '
-            f'{duration!r}, "sub": {q[2]}, "auth_error": {q[3]}, "request_id": {q[4]}, '
-            f'"remote": {q[5]}, "event": {q[6]}, "level": "info", "timestamp": '
-            f'"{utc_now_iso()}"}}')
+            f'{duration_ms!r}, "sub": {q[2]}, "auth_error": {q[3]}, "request_id": {q[4]}, '
+            f'"remote": {q[5]}, "event": {q[6]}, "level": "info", "timestamp": "{timestamp}"}}')
 
 
 class AccessLineFirst:
@@ -179,27 +193,57 @@ class AccessLineFirst:
 
     Why: that event is logged on every request, and the full chain (redaction's regular
     expressions on every value, the control-character checks, json.dumps and its keyword
-    handling) costs tens of µs for a line whose values are almost always plain. One search
+    handling) costs tens of µs for a line whose values are almost always plain. One check
     over its text values tells: when none holds anything the chain would change or json.dumps
     would escape, access_line writes the very line the chain would have written; otherwise,
-    and for every other event, the full chain runs. The SecretMask applies to either line."""
+    and for every other event, the full chain runs. The SecretMask applies to either line.
+    `write` goes further and skips structlog's event dict for the access line (see
+    write_access_line)."""
 
-    def __init__(self, chain: Sequence[Processor], mask: SecretMask | None) -> None:
+    def __init__(self, chain: Sequence[Processor], mask: SecretMask | None, stream: TextIO
+                 ) -> None:
         self._chain = chain  # everything after merge_contextvars, the renderer last
         self._mask = mask or None
+        # Where the PrintLogger writes (sys.stdout looked up at each line, as print does).
+        self._stream = stream
+        self._clock = UtcClock()
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
                  ) -> Any:
         # Context variables first, as in the full chain: bound ones make it another shape.
         event_dict = structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
         if method_name == "info" and tuple(event_dict) == ACCESS_FIELDS:
-            line = access_line(event_dict)
+            line = access_line(tuple(event_dict.values()), self._clock())
             if line is not None:
                 return self._mask(line) if self._mask else line
         result: Any = event_dict
         for processor in self._chain:
             result = processor(logger, method_name, result)
         return result
+
+    def write(self, *fields: Any) -> bool:
+        """The access line (fields as ACCESS_FIELDS but the event) written and flushed, as the
+        PrintLogger would write what __call__ returns; False, nothing written, when it is not
+        plain or a context variable is bound (it would be one more field)."""
+        if structlog.contextvars.get_contextvars():
+            return False
+        line = access_line((*fields, "request"), self._clock())
+        if line is None:
+            return False
+        stream = sys.stdout if self._stream is sys.__stdout__ else self._stream
+        stream.write((self._mask(line) if self._mask else line) + "\n")  # one write: one line
+        stream.flush()
+        return True
+
+
+def write_access_line(*fields: Any) -> bool:
+    """The access line written straight to the log, when configure_logging's JSON chain is the
+    one in force (structlog.testing.capture_logs and the like replace it; their loggers then
+    get the event). Skips the bound logger's work: keyword arguments passed on three times, the
+    context copied, the processors list walked. False: log the event through structlog."""
+    processors = structlog.get_config()["processors"]
+    first = processors[0] if len(processors) == 1 else None
+    return isinstance(first, AccessLineFirst) and first.write(*fields)
 
 
 def configure_logging(
@@ -228,7 +272,7 @@ def configure_logging(
     chain: list[Processor] = [*shared[1:], structlog.processors.format_exc_info, redact,
                               escape_controls, renderer]
     structlog.configure(
-        processors=[shared[0], *chain] if console else [AccessLineFirst(chain, mask)],
+        processors=[shared[0], *chain] if console else [AccessLineFirst(chain, mask, stream)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(stream),
@@ -261,12 +305,15 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
 
     def record(status: int) -> None:
         principal = request.get(PRINCIPAL)
-        access.info(
-            "request", method=request.method, path=request.path, status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            sub=principal.subject if principal else None, auth_error=request.get(AUTH_FAILURE),
-            request_id=request[REQUEST_ID], remote=request.remote,
-        )
+        method, path, remote = request.method, request.path, request.remote
+        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        sub = principal.subject if principal else None
+        auth_error, request_id = request.get(AUTH_FAILURE), request[REQUEST_ID]
+        if not write_access_line(method, path, status, duration_ms, sub, auth_error, request_id,
+                                 remote):
+            access.info("request", method=method, path=path, status=status,
+                        duration_ms=duration_ms, sub=sub, auth_error=auth_error,
+                        request_id=request_id, remote=remote)
 
     return await handle_and_record(request, handler, record)
 
