@@ -157,7 +157,11 @@ class UtcClock:
         self._second: tuple[int, str] = (-1, "")  # one attribute: replaced whole, thread-safe
 
     def __call__(self) -> str:
-        second, micro = divmod(time.time_ns() // 1000, 1_000_000)
+        return self.at(time.time_ns())
+
+    def at(self, ns: int) -> str:
+        """The instant `ns` nanoseconds after the epoch."""
+        second, micro = divmod(ns // 1000, 1_000_000)
         last, prefix = self._second
         if second != last:
             prefix = datetime.datetime.fromtimestamp(second, tz=datetime.UTC).strftime(
