@@ -208,8 +208,7 @@ class AccessLineFirst:
                  ) -> None:
         self._chain = chain  # everything after merge_contextvars, the renderer last
         self._mask = mask or None
-        # Where the PrintLogger writes (sys.stdout looked up at each line, as print does).
-        self._stream = stream
+        self._stream = stream  # where the WriteLogger writes, the one write a line as it does
         self._clock = UtcClock()
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
@@ -227,16 +226,17 @@ class AccessLineFirst:
 
     def write(self, *fields: Any) -> bool:
         """The access line (fields as ACCESS_FIELDS but the event) written and flushed, as the
-        PrintLogger would write what __call__ returns; False, nothing written, when it is not
+        WriteLogger would write what __call__ returns; False, nothing written, when it is not
         plain or a context variable is bound (it would be one more field)."""
         if structlog.contextvars.get_contextvars():
             return False
         line = access_line((*fields, "request"), self._clock())
         if line is None:
             return False
-        stream = sys.stdout if self._stream is sys.__stdout__ else self._stream
-        stream.write((self._mask(line) if self._mask else line) + "\n")  # one write: one line
-        stream.flush()
+        # One write call a line, as the WriteLogger's and the stdlib handler's: a line written
+        # from another thread (a file reload's) goes before or after this one, never inside it.
+        self._stream.write((self._mask(line) if self._mask else line) + "\n")
+        self._stream.flush()
         return True
 
 
@@ -279,7 +279,9 @@ def configure_logging(
         processors=[shared[0], *chain] if console else [AccessLineFirst(chain, mask, stream)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[
             level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write call a line (print makes two: the text, then the line break), so a line
+        # written straight by AccessLineFirst.write can never land between them.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     # aiohttp and asyncio log through the stdlib: render them the same way.
