@@ -30,9 +30,11 @@ from structlog.testing import capture_logs
 
 from oauth_sidecar.log import (
     ACCESS_FIELDS,
+    SECRET_SHAPES,
     UtcClock,
     configure_logging,
     escape_controls,
+    plain,
     redact,
     write_access_line,
 )
@@ -267,3 +269,17 @@ async def test_a_running_sidecars_access_lines_have_their_fields_and_nothing_sec
         assert {k: v for k, v in line.items() if k not in ("duration_ms", "timestamp")} == want
     for needle in (SECRET, CREDENTIAL, FAKE_JWT.rsplit(".", 1)[-1], "\x1b"):
         assert needle not in text, needle
+
+
+# The texts plain() could pass: any other one it refuses for its characters alone.
+PRINTABLE_ASCII = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_no_text_a_secret_shape_matches_is_plain(data: st.DataObject) -> None:
+    """plain() lets a text skip redaction: every shape's matches must contain a word it checks
+    (a new shape without one fails here)."""
+    for shape in SECRET_SHAPES:
+        text = data.draw(st.from_regex(shape, fullmatch=True, alphabet=PRINTABLE_ASCII))
+        assert not plain(text), (shape.pattern, text)
