@@ -339,11 +339,12 @@ class UpstreamProxy:
         """A small answer of known length (most JSON-RPC replies) is read whole and sent in one
         write: one timer instead of one per chunk, and an upstream failing mid-body is still
         an honest 502/504 because nothing has been sent yet."""
-        # Usually the body came with the headers: then no timer is needed at all.
-        idle = None if upstream.content.is_eof() else self._config.idle_timeout
         try:
-            async with asyncio.timeout(idle):
+            if upstream.content.is_eof():  # it came with the headers, as usual: nothing to wait for
                 body = await upstream.read()
+            else:
+                async with asyncio.timeout(self._config.idle_timeout):
+                    body = await upstream.read()
         except TimeoutError:
             log.warning("upstream_timeout", phase="body")
             self._metrics.upstream_failed("timeout")
