@@ -654,23 +654,27 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_stream_cl
         await wait_until(lambda: sidecar.app[PROXY].open_streams() == 0)
 
 
+@pytest.mark.parametrize("size", [60_000, 16_000])
 async def test_a_client_that_pipelines_and_never_reads_whole_answers_is_dropped(
-    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream
+    make_sidecar: SidecarFactory, idp: FakeIdp, start_upstream: StartUpstream, size: int,
 ) -> None:
     """Whole answers (at most 64 KiB, read whole from the upstream) are written by aiohttp after
     the handler returned. A client pipelining requests it never reads the answers of held that
     write, its connection and a handler task forever; now the connection is aborted within
-    CLIENT_WRITE_TIMEOUT_SECONDS."""
-    answer = b"x" * 60_000
+    CLIENT_WRITE_TIMEOUT_SECONDS. Small answers (16,000 bytes) are written without a timer
+    while nothing is buffered; once the client's window has filled the buffer, the timer is
+    armed again."""
+    answer = b"x" * size
 
     async def large(request: web.Request) -> web.StreamResponse:
         return web.Response(body=answer, content_type="application/octet-stream")
 
     scripted = await start_upstream(large)
-    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, CLIENT_WRITE_TIMEOUT_SECONDS="1")
-    # 3.6 MB of answers, far beyond the socket buffers on the way; the 60 heads (46 KB) stay
-    # under MAX_REQUEST_HEAD_BYTES, which caps heads waiting behind a blocked answer.
-    requests = 60
+    # 3.6 or 4 MB of answers, far beyond the socket buffers on the way. The heads all arrive at
+    # once (46 or 192 KB): the head cap is raised above them, so only the write can end this.
+    requests = max(60, 4_000_000 // size)
+    sidecar = await make_sidecar(MCP_UPSTREAM_URL=scripted.url, CLIENT_WRITE_TIMEOUT_SECONDS="1",
+                                 MAX_REQUEST_HEAD_BYTES=str(1 << 20))
     request = (f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {idp.mint()}"
                "\r\n\r\n").encode()
     loop = asyncio.get_running_loop()
