@@ -162,7 +162,7 @@ def create_app(
     mcp = app.router.add_resource("/{path:.*}")
     mcp.add_route("*", proxy.handle)  # everything else: authenticated
     route_classes[mcp] = "mcp"
-    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter, addresses=addresses,
+    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter,
                 is_public=routes.is_public, sessions=sessions)
     cors = Cors(config, routes.is_public, routes.is_navigation)
     app.middlewares.extend([access_log, *metrics.middlewares(), json_errors, cors.middleware,

@@ -18,6 +18,7 @@ from multidict import CIMultiDictProxy
 from oauth_sidecar.config import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPV6_BUDGET_PREFIX = 64  # bits of an IPv6 client address that name one budget
 # The longest address text: an IPv6 address with an embedded IPv4 one (45 characters) in
 # brackets, with a port; anything longer is not an address and is not parsed at all.
 MAX_HOP_LENGTH = len("[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535")
@@ -55,6 +56,19 @@ def canonical(address: IPAddress) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+def budget_key(client: str) -> str:
+    """What a per-address budget counts under: an IPv4 address, or the /64 an IPv6 address is
+    in. One host or site is given a whole /64 (RFC 6177, RFC 7421), so counting single IPv6
+    addresses would hand a client 2^64 budgets, and each new address a key in memory."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:  # no address (a Unix socket's peer): its own key
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, IPV6_BUDGET_PREFIX), strict=False))
+    return client
 
 
 class ClientAddress:

@@ -33,6 +33,7 @@ from test_metrics import scrape
 from oauth_sidecar.app import VERIFIER
 from oauth_sidecar.auth import ratelimit
 from oauth_sidecar.auth.window_counters import MemoryWindowCounters
+from oauth_sidecar.client_ip import budget_key
 from oauth_sidecar.config import RateLimitConfig
 from oauth_sidecar.config.rate_limits import parse_storage_uri
 from oauth_sidecar.request_keys import Principal
@@ -646,6 +647,32 @@ async def test_trusted_proxy_forwarded_for_gives_each_client_its_own_failure_bud
     neighbour = {"X-Forwarded-For": OTHER_TEST_NET_CLIENT}
     assert (await send(sidecar, idp.mint(claims={"sub": "y"}), neighbour)).status == 200
     assert (await send(sidecar, idp.mint(claims={"sub": "z"}))).status == 200  # the proxy itself
+
+
+async def test_an_ipv6_client_has_one_budget_for_its_whole_slash_64(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    """A host is given a whole /64: counting single IPv6 addresses would give a flooder 2^64
+    budgets for verifications (and each address its own counter in memory). Documentation
+    addresses (RFC 3849), reported by a trusted proxy; no traffic leaves loopback."""
+    sidecar = await make_sidecar(RATE_LIMIT_UNAUTHENTICATED_RPM="3", TRUSTED_PROXIES="127.0.0.1")
+    for i, token in enumerate(failing_tokens(idp)):  # each from another address of one /64
+        assert (await send(sidecar, token, {"X-Forwarded-For": f"2001:db8:0:1::{i + 1:x}"})
+                ).status == 401
+    same_64 = {"X-Forwarded-For": "2001:db8:0:1:ffff:ffff:ffff:ffff"}
+    assert_too_many(await send(sidecar, idp.mint(claims={"sub": "x"}), same_64), limit=3)
+    next_64 = {"X-Forwarded-For": "2001:db8:0:2::1"}
+    assert (await send(sidecar, idp.mint(claims={"sub": "y"}), next_64)).status == 200
+
+
+@pytest.mark.parametrize(("client", "key"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:0:1::5", "2001:db8:0:1::/64"),
+    ("2001:db8:0:1:abcd:ef01:2345:6789", "2001:db8:0:1::/64"),
+    ("unix-socket-peer", "unix-socket-peer"),
+])
+def test_budget_keys_name_an_ipv4_address_or_an_ipv6_slash_64(client: str, key: str) -> None:
+    assert budget_key(client) == key
 
 
 async def test_trusted_proxy_line_wins_over_a_caller_written_forwarded_for_line(

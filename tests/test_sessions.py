@@ -27,7 +27,6 @@ from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.ratelimit import RateLimiter
 from oauth_sidecar.auth.sessions import SessionBindings, SessionRefused
 from oauth_sidecar.auth.tokens import TokenVerifier
-from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import load
 from oauth_sidecar.request_keys import SESSION, PresentedSession
 
@@ -491,7 +490,7 @@ async def gated(idp: FakeIdp, upstream: FakeUpstream) -> AsyncIterator[GatedApp]
     limiter = RateLimiter(config.rate_limits)
     gate = Gate(config, verifier=TokenVerifier(config.tokens, provider),
                 policy=AccessPolicy(config.policy), limiter=limiter,
-                addresses=ClientAddress(()), is_public=lambda _: False, sessions=bindings)
+                is_public=lambda _: False, sessions=bindings)
     reached: list[PresentedSession | None] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:

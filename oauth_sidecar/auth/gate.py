@@ -33,7 +33,6 @@ from oauth_sidecar.auth.ratelimit import (
 )
 from oauth_sidecar.auth.sessions import SessionBindings, SessionRefused
 from oauth_sidecar.auth.tokens import TokenVerifier
-from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.outcome import Handler
@@ -51,7 +50,7 @@ class Gate:
 
     def __init__(
         self, config: Config, *, verifier: TokenVerifier, policy: AccessPolicy,
-        limiter: RateLimiter, addresses: ClientAddress, is_public: IsPublic,
+        limiter: RateLimiter, is_public: IsPublic,
         sessions: SessionBindings | None = None,
     ) -> None:
         """sessions: the bindings the proxy records; a gate of its own (the doctor's, which
@@ -59,7 +58,6 @@ class Gate:
         self._verifier = verifier
         self._policy = policy
         self._limiter = limiter
-        self._addresses = addresses
         self._is_public = is_public
         self._sessions = sessions if sessions is not None else SessionBindings(config.session_ttl)
         self._max_token = config.tokens.max_token_bytes
@@ -99,20 +97,17 @@ class Gate:
                                  self._max_token)
         except TokenError as exc:
             if exc.reason not in UNCOUNTED_FAILURES:
-                await self._limiter.spend(PER_CLIENT_IP, self._client_ip(request))
+                await self._limiter.spend(PER_CLIENT_IP, self._limiter.client_ip(request))
             raise
         principal = self._verifier.cached(token)
         if principal is None:
             # A verification costs CPU (and an unknown kid a key fetch): it is paid for before
             # it runs, atomically, so a flood of concurrent requests gets no more of them than
             # the IP's budget. A valid token pays once: afterwards it is a cache hit.
-            await self._limiter.admit(PER_CLIENT_IP, self._client_ip(request))
+            await self._limiter.admit(PER_CLIENT_IP, self._limiter.client_ip(request))
             principal = await self._verifier.verify(token)
         return principal
 
-    def _client_ip(self, request: web.Request) -> str:
-        """Only needed off the hot path (a cache miss or a failure)."""
-        return self._addresses.client(request.remote, forwarded_chain(request.headers))
 
     def refuse(self, error: TokenError) -> web.Response:
         if error.status == 503:

@@ -43,7 +43,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from oauth_sidecar.auth.window_counters import MemoryWindowCounters
-from oauth_sidecar.client_ip import ClientAddress, forwarded_chain
+from oauth_sidecar.client_ip import ClientAddress, budget_key, forwarded_chain
 from oauth_sidecar.config import RateLimitConfig
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.metrics import Metrics
@@ -140,8 +140,9 @@ class RateLimiter:
             self._storage = self._strategy = None
 
     def client_ip(self, request: web.Request) -> str:
-        """The PER_CLIENT_IP key of a request: its client as the trusted proxies tell it."""
-        return self._addresses.client(request.remote, forwarded_chain(request.headers))
+        """The PER_CLIENT_IP key of a request: its client as the trusted proxies tell it, an
+        IPv6 client by its /64 (client_ip.budget_key)."""
+        return budget_key(self._addresses.client(request.remote, forwarded_chain(request.headers)))
 
     async def admit(self, budget: Budget, *key: str) -> None:
         """Spend one unit of this budget before the work it pays for; raise RateLimited when
