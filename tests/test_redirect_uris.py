@@ -5,18 +5,12 @@ the same URIs, and what start-up refuses it says clearly, naming the variable.""
 from __future__ import annotations
 
 import pytest
+from test_registration import BASE_ENV  # the same deployment the registration tests use
 
 from oauth_sidecar.config import AuthServerConfig, ConfigError, load
 from oauth_sidecar.config.redirect_uris import MAX_REDIRECT_URI
 from oauth_sidecar.signin.registration import RedirectAllowList
 
-BASE_ENV = {
-    "OIDC_ISSUER_URL": "https://idp.example.test/realms/demo",
-    "OIDC_AUDIENCE": "https://mcp.example.test/mcp",
-    "RESOURCE_URL": "https://mcp.example.test/mcp",
-    "MCP_UPSTREAM_URL": "http://127.0.0.1:9000",
-    "ALLOW_SUBS": "user-1",
-}
 LONGEST = "https://app.example/" + "a" * (MAX_REDIRECT_URI - len("https://app.example/"))
 TOO_LONG = LONGEST + "a"
 
