@@ -108,15 +108,10 @@ class RateLimiter:
                                 (PER_CLIENT_IP, config.unauthenticated_rpm))
             if rpm > 0
         }
-        self._storage: Storage | None = None
         self._strategy: Strategy | None = None
         self._failing = False
         self._skip_storage_until = 0.0
         self._in_memory = config.storage_uri.startswith("async+memory")
-
-    def limits(self, budget: Budget) -> bool:
-        """Whether this budget is enforced at all (an RPM of 0 turns it off)."""
-        return budget in self._items
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RateLimiter]:
@@ -132,12 +127,12 @@ class RateLimiter:
             socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT)
         if not isinstance(storage, Storage):
             raise TypeError(f"{self._config.storage_uri} is not an async storage")
-        self._storage, self._strategy = storage, SlidingWindowCounterRateLimiter(storage)
+        self._strategy = SlidingWindowCounterRateLimiter(storage)
         try:
             yield self
         finally:
             await _close(storage)
-            self._storage = self._strategy = None
+            self._strategy = None
 
     def client_ip(self, request: web.Request) -> str:
         """The PER_CLIENT_IP key of a request: its client as the trusted proxies tell it, an

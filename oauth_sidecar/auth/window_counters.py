@@ -39,9 +39,8 @@ class MemoryWindowCounters:
         self._current: dict[tuple[str, ...], int] = {}
         self._previous: dict[tuple[str, ...], int] = {}
 
-    def _roll(self) -> float:
+    def _roll(self, now: float) -> float:
         """Advance to the window `now` falls in; the seconds elapsed in it."""
-        now = self._clock()
         window = int(now // WINDOW)
         if window != self._window:
             self._previous = self._current if window == self._window + 1 else {}
@@ -54,7 +53,7 @@ class MemoryWindowCounters:
 
     async def hit(self, item: Any, *identifiers: str) -> bool:
         """Count one request if it fits in `item.amount` a minute; False when it does not."""
-        elapsed = self._roll()
+        elapsed = self._roll(self._clock())
         if math.floor(self._weighted(identifiers, elapsed)) + 1 > item.amount:
             return False
         self._current[identifiers] = self._current.get(identifiers, 0) + 1
@@ -63,8 +62,8 @@ class MemoryWindowCounters:
     async def get_window_stats(self, item: Any, *identifiers: str) -> WindowStats:
         """When the next request fits: the previous window's weight decays continuously, and a
         full current window waits for its own count to become the previous one."""
-        elapsed = self._roll()
         now = self._clock()
+        elapsed = self._roll(now)
         limit = item.amount
         previous = self._previous.get(identifiers, 0)
         current = self._current.get(identifiers, 0)
