@@ -21,6 +21,7 @@ from conftest import (
     SidecarFactory,
     as_json,
     bearer,
+    clear_of_a_minute_edge,
     new_rsa,
     sidecar_env,
 )
@@ -727,6 +728,7 @@ async def test_two_sidecar_processes_sharing_one_redis_hold_a_subject_to_one_bud
     ):
         await wait_ready(session, bases[0], first)
         await wait_ready(session, bases[1], second)
+        await clear_of_a_minute_edge()
         statuses: list[int] = []
         for i in range(20):  # alternate between the replicas
             async with session.post(bases[i % 2] + "/mcp", data=b"{}",
