@@ -41,8 +41,9 @@ Measures (NAME for --only, with case names above; default: all):
 - jwt: bench/jwt_micro.py, the product's TokenVerifier in process, µs per token, best of N;
 - jwks: 10,000 requests with random unknown kids through the flood sidecar; the JWKS fetches the
   fake IdP counted against the cooldown windows the flood spanned;
-- with --profile (needs `.venv/bin/pip install py-spy`): py-spy samples the minimal proxy, the
-  sidecar and sidecar-distinct during one more throughput run each; top functions printed.
+- with --profile (needs `.venv/bin/pip install py-spy`): py-spy samples the minimal proxies, the
+  sidecar, sidecar-defaults and sidecar-distinct during one more throughput run each; top
+  functions printed.
 
 Cases are interleaved: each round runs every case once (in a rotated order) and the tables show
 the median of the rounds, so drift on a shared machine hits every case alike. Ratios are what to
@@ -1477,8 +1478,8 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
             print(f"  sse        {case:<18} p50 {result['p50_ms']:.3f} ms, "
                   f"p99 {result['p99_ms']:.3f} ms", flush=True)
     if s.profile:
-        for case in ("minimal-proxy", "sidecar", "sidecar-distinct", "minimal-proxy-uvloop",
-                     "sidecar-uvloop"):
+        for case in ("minimal-proxy", "minimal-whole", "sidecar", "sidecar-defaults",
+                     "sidecar-distinct", "minimal-proxy-uvloop", "sidecar-uvloop"):
             if case in throughput:
                 print(f"bench: profiling {case} with py-spy", flush=True)
                 results.profiles[case] = await profile(system, targets[case], rotation)

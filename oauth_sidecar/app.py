@@ -23,13 +23,12 @@ from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.cors import Cors
+from oauth_sidecar.front_door import FrontDoor
 from oauth_sidecar.health import Health
-from oauth_sidecar.http_errors import json_errors, method_not_allowed
-from oauth_sidecar.log import access_log, add_request_id
+from oauth_sidecar.http_errors import method_not_allowed
 from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.request_keys import AUTH_FAILURE
-from oauth_sidecar.server_header import name_server
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, AuthorizationServer
 from oauth_sidecar.signin.metadata import REGISTRATION_PATH, FacadeMetadata
 from oauth_sidecar.signin.redemptions import RedemptionStore, redemption_store
@@ -164,9 +163,9 @@ def create_app(
     route_classes[mcp] = "mcp"
     gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter,
                 is_public=routes.is_public, sessions=sessions)
-    cors = Cors(config, routes.is_public, routes.is_navigation)
-    app.middlewares.extend([access_log, *metrics.middlewares(), json_errors, cors.middleware,
-                            gate.middleware])
+    front_door = FrontDoor(cors=Cors(config, routes.is_public, routes.is_navigation), gate=gate,
+                           metrics=metrics)
+    app.middlewares.append(front_door.middleware)
     _watch(metrics, idp, proxy, child)
 
     # First in, last out: a taken METRICS_PORT fails start-up before the child is spawned, and
@@ -185,7 +184,5 @@ def create_app(
         lifetimes.append(app[ALLOW_FILES].running)
     app.cleanup_ctx.extend(_lifetime(running) for running in lifetimes)
     app.on_shutdown.append(proxy.stop)
-    app.on_response_prepare.append(cors.decorate)
-    app.on_response_prepare.append(add_request_id)
-    app.on_response_prepare.append(name_server)
+    app.on_response_prepare.append(front_door.before_headers)
     return app

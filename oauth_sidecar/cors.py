@@ -19,7 +19,6 @@ from aiohttp import web
 
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
-from oauth_sidecar.outcome import Handler
 from oauth_sidecar.request_keys import IsPublic
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
@@ -51,11 +50,12 @@ class Cors:
     def allows(self, origin: str) -> bool:
         return self._any or origin.lower() in self._origins
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """Before authentication: a preflight's answer, 403 for a present, disallowed Origin
+        (DNS rebinding), or None to go on."""
         origin = request.headers.get("Origin")
         if origin is None:
-            return await handler(request)
+            return None
         public = self._is_public(request)
         allowed = self.allows(origin)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
@@ -70,10 +70,10 @@ class Cors:
             })
         if not (allowed or public):
             return json_error(403, "origin_not_allowed", "This origin may not call this server")
-        return await handler(request)
+        return None
 
-    async def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
-        """on_response_prepare: runs just before headers go out, streamed responses included."""
+    def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Just before the headers go out, streamed responses included."""
         origin = request.headers.get("Origin")
         if origin is None:
             return

@@ -44,25 +44,31 @@ def method_not_allowed(allow: str) -> Handler:
     return handle
 
 
+def error_answer(request: web.Request, error: Exception) -> web.Response:
+    """The JSON answer for an exception a handler raised: aiohttp's HTTP errors in our shape, a
+    body that broke its own framing as 400, any bug as a logged 500. An HTTPException that is no
+    error (a redirect, a 2xx) is raised again: aiohttp answers it."""
+    if isinstance(error, web.HTTPException):
+        if error.status < 400:
+            raise error
+        return json_error(error.status, error.reason.lower().replace(" ", "_"), error.reason)
+    if isinstance(error, web.RequestPayloadError | HttpProcessingError):
+        return json_error(400, "invalid_request", "The request body is malformed")
+    if isinstance(error, ConnectionResetError) and (
+            request.transport is None or request.transport.is_closing()):
+        # The client left while we answered (e.g. before the response headers went out):
+        # nothing to send and nothing wrong here; the access log says 499.
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
+    return _server_error(request)
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's HTTP exceptions and any bug into JSON, logged once."""
+    """error_answer as a middleware of its own (the app runs it inside its front door)."""
     try:
         return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-    except (web.RequestPayloadError, HttpProcessingError):  # the body broke its own framing
-        return json_error(400, "invalid_request", "The request body is malformed")
-    except ConnectionResetError:
-        if request.transport is None or request.transport.is_closing():
-            # The client left while we answered (e.g. before the response headers went out):
-            # nothing to send and nothing wrong here; the access log says 499.
-            return web.Response(status=CLIENT_CLOSED_REQUEST)
-        return _server_error(request)
-    except Exception:
-        return _server_error(request)
+    except Exception as error:  # every bug becomes a logged JSON 500
+        return error_answer(request, error)
 
 
 def _server_error(request: web.Request) -> web.Response:

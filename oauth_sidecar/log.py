@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import structlog
 from aiohttp import web
 
-from oauth_sidecar.outcome import Handler, handle_and_record
+from oauth_sidecar.outcome import Handler, Record, handle_and_record
 from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL
 from oauth_sidecar.secret_mask import SecretMask
 
@@ -300,13 +300,15 @@ def configure_logging(
     _access_enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
 
 
-@web.middleware
-async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one canonical line per request: who, what, outcome, how long. Never the query string."""
+def start_access(request: web.Request) -> Record | None:
+    """Give the request its id (the client's X-Request-Id when safe) and start its access line:
+    the returned record(status) writes it; None when LOG_LEVEL is above info (no timing, no
+    fields). The one canonical line per request: who, what, outcome, how long; never the
+    query string."""
     supplied = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = supplied if SAFE_REQUEST_ID.fullmatch(supplied) else os.urandom(16).hex()
-    if not _access_enabled:  # LOG_LEVEL above info: skip the timing and the event's fields
-        return await handler(request)
+    if not _access_enabled:
+        return None
     started = time.perf_counter()
 
     def record(status: int) -> None:
@@ -321,11 +323,20 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                         duration_ms=duration_ms, sub=sub, auth_error=auth_error,
                         request_id=request_id, remote=remote)
 
+    return record
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """start_access as a middleware of its own (the app runs it inside its front door)."""
+    record = start_access(request)
+    if record is None:
+        return await handler(request)
     return await handle_and_record(request, handler, record)
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: echo the request id so clients can quote it in bug reports."""
+def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Before the headers go out: echo the request id so clients can quote it in bug reports."""
     request_id = request.get(REQUEST_ID)
     if request_id:
         response.headers["X-Request-Id"] = request_id

@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,7 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from oauth_sidecar.config import MetricsConfig
-from oauth_sidecar.outcome import handle_and_record
+from oauth_sidecar.outcome import Record
 from oauth_sidecar.server_header import name_server
 
 PREFIX = "oauth_sidecar_"
@@ -53,9 +52,9 @@ class MetricsListenError(Exception):
 class Metrics:
     """Metrics off (METRICS_PORT unset): every hook is a no-op, nothing is served."""
 
-    def middlewares(self) -> list[Middleware]:
-        """Middlewares to install in front of json_errors (none: requests are not counted)."""
-        return []
+    def recorder(self, request: web.Request) -> Record | None:
+        """What counts this request's status when it ends (None: requests are not counted)."""
+        return None
 
     def rate_limited(self, scope: str) -> None:
         """A request was refused with 429; scope is "subject", "client_ip" or "streams"."""
@@ -155,12 +154,8 @@ class PrometheusMetrics(Metrics):
         # looked up in a plain dict on the hot path instead (at most classes x statuses).
         self._request_children: dict[tuple[str, int], Counter] = {}
 
-    def middlewares(self) -> list[Middleware]:
-        return [self._count]
-
-    @web.middleware
-    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await handle_and_record(request, handler, partial(self._counted, request))
+    def recorder(self, request: web.Request) -> Record | None:
+        return partial(self._counted, request)
 
     def _counted(self, request: web.Request, status: int) -> None:
         resource = request.match_info.route.resource  # None: aiohttp's own 404/405

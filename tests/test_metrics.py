@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from conftest import (
     FakeIdp,
     FakeUpstream,
@@ -359,10 +359,11 @@ def test_metrics_are_off_unless_metrics_port_is_set(
     assert config.metrics is None
     app = create_app(config)
     assert type(app[METRICS]) is Metrics  # the null object: hooks do nothing
-    assert len(app.middlewares) == 4  # no counting middleware on the hot path
+    request = make_mocked_request("POST", "/mcp")
+    assert app[METRICS].recorder(request) is None  # nothing counted on the hot path
     on = create_app(load(sidecar_env(idp, upstream, METRICS_PORT="9464")))
     assert isinstance(on[METRICS], PrometheusMetrics)
-    assert len(on.middlewares) == 5
+    assert on[METRICS].recorder(request) is not None
 
 
 def test_metrics_listener_defaults_to_loopback(idp: FakeIdp, upstream: FakeUpstream) -> None:

@@ -63,10 +63,11 @@ class Gate:
         self._max_token = config.tokens.max_token_bytes
         self._challenges = Challenges(config)
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def admit(self, request: web.Request) -> web.Response | None:
+        """None: the request may go on (a public route, or an admitted caller, left on the
+        request as PRINCIPAL, with its SESSION); otherwise the refusal to send."""
         if self._is_public(request):
-            return await handler(request)
+            return None
         try:
             principal = await self._authenticate(request)
             request[PRINCIPAL] = principal  # before the checks below, so refusals are attributed
@@ -88,7 +89,13 @@ class Gate:
             return json_error(exc.status, exc.error, exc.description)
         if session is not None:
             request[SESSION] = session
-        return await handler(request)
+        return None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """admit as a middleware of its own (the app runs it inside its front door)."""
+        refused = await self.admit(request)  # (a response's truth is its state dict's)
+        return await handler(request) if refused is None else refused
 
     async def _authenticate(self, request: web.Request) -> Principal:
         query_keys = list(request.query) if request.query_string else []
