@@ -38,6 +38,7 @@ from oauth_sidecar.config import Config, ListenerConfig
 from oauth_sidecar.http_errors import error_body, json_error
 from oauth_sidecar.metrics import METRICS, Metrics
 from oauth_sidecar.server_header import SERVER
+from oauth_sidecar.write_room import cannot_wait
 
 HEAD_SLICE = 8192  # bytes parsed at a time while a head (or a chunked body) arrives
 LINGER_SECONDS = 2.0  # a refused client still sending gets this long to read our answer
@@ -45,9 +46,6 @@ REFUSALS_LOG_INTERVAL = 10.0  # seconds between log lines about refused connecti
 BACKLOG = 128  # connections the kernel queues before we accept them (run_app's default)
 REFUSED_RETRY_AFTER = 1  # seconds: connections end all the time, so room comes back soon
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# A whole answer with a body and headers this small fits under asyncio's 64 KiB write high-water
-# mark (uvloop's is the same): written into an empty buffer, it cannot wait for the client.
-SMALL_ANSWER_BYTES = 16 * 1024
 
 log = structlog.get_logger("oauth_sidecar.listener")
 
@@ -332,17 +330,12 @@ class GuardedRequestHandler(RequestHandler):
         return answered
 
     def _cannot_wait(self, resp: web.StreamResponse) -> bool:
-        """Whether writing this answer can never wait for the client: a whole answer of at
-        most SMALL_ANSWER_BYTES into a transport holding nothing unsent stays below the
-        transport's high-water mark, so the write never pauses for the client's window and
-        needs no timer (most JSON-RPC replies and refusals: a timer costs ~5 µs each)."""
-        transport = self.transport
+        """Whether writing this answer can never wait for the client (write_room): a whole
+        answer, small with its headers (most JSON-RPC replies and refusals), needs no timer."""
         length = resp.content_length
         return (isinstance(resp, web.Response) and length is not None
-                and length <= SMALL_ANSWER_BYTES and transport is not None
-                and transport.get_write_buffer_size() == 0
-                and sum(len(name) + len(value) for name, value in resp.headers.items())
-                <= SMALL_ANSWER_BYTES)
+                and cannot_wait(self.transport, length + sum(
+                    len(name) + len(value) + 4 for name, value in resp.headers.items())))
 
     def _close_unread(self) -> None:
         """After the answer: half-close, so a client still sending reads the answer and the

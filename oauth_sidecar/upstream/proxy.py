@@ -51,6 +51,7 @@ from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.headers import HeaderFilter
 from oauth_sidecar.upstream.paths import LocationRewriter, PathMap
 from oauth_sidecar.upstream.stream_slots import RETRY_AFTER, Slot, StreamSlots, TooManyStreams
+from oauth_sidecar.write_room import cannot_wait
 
 # The process (EMFILE) or the system (ENFILE) has no descriptor left for the upstream connection:
 # the sidecar is overloaded, the upstream is not at fault (503, not 502).
@@ -63,6 +64,8 @@ log = structlog.get_logger("oauth_sidecar.proxy")
 AMBIGUOUS_PATH = re.compile(r"%(?:2f|5c|2e|00)|\\", re.IGNORECASE)
 # TRACE echoes the request, MCP_UPSTREAM_BEARER_FILE's credential included; CONNECT tunnels.
 NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
+# A chunk's size line and line ends in chunked transfer coding (and the last chunk's "0\r\n\r\n").
+CHUNK_FRAMING_BYTES = 32
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 
 
@@ -363,10 +366,13 @@ class UpstreamProxy:
         self, request: web.Request, upstream: aiohttp.ClientResponse,
         response: web.StreamResponse, idle: float | None, body: StreamedBody | None,
     ) -> None:
+        content = upstream.content
         while True:
             try:
-                async with asyncio.timeout(idle):
-                    chunk = await upstream.content.readany()
+                chunk = content.read_nowait()  # what has arrived already needs no timer
+                if not chunk and not content.is_eof():
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if self._stopping and upstream.content_type == "text/event-stream":
                     break  # we closed it for shutdown: end the stream cleanly
@@ -382,18 +388,22 @@ class UpstreamProxy:
                 return
             if not chunk:
                 break
-            if not await self._write(request, response.write(chunk)):
+            if not await self._write(request, response.write(chunk), len(chunk)):
                 return
-        await self._write(request, response.write_eof())
+        await self._write(request, response.write_eof(), 0)
 
-    async def _write(self, request: web.Request, write: Awaitable[None]) -> bool:
-        """Whether the client took it in time. One that stopped reading (its TCP window closed)
-        would hold this write, its connection and the upstream's stream forever: after the
-        timeout its connection is aborted (close() would wait to flush to a client that never
-        reads) and the caller's cleanup closes the upstream request."""
+    async def _write(self, request: web.Request, write: Awaitable[None], size: int) -> bool:
+        """Whether the client took the write of `size` bytes in time. One that stopped reading
+        (its TCP window closed) would hold this write, its connection and the upstream's stream
+        forever: after the timeout its connection is aborted (close() would wait to flush to a
+        client that never reads) and the caller's cleanup closes the upstream request. A write
+        that cannot wait (write_room: most events of a stream) needs no timer."""
         try:
-            async with asyncio.timeout(self._config.client_write_timeout):
+            if cannot_wait(request.transport, size + CHUNK_FRAMING_BYTES):
                 await write
+            else:
+                async with asyncio.timeout(self._config.client_write_timeout):
+                    await write
         except ConnectionError:  # the client left (ClientConnectionResetError included)
             return False
         except TimeoutError:
