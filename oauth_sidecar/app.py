@@ -9,6 +9,7 @@ from aiohttp import web
 
 from oauth_sidecar import __version__
 from oauth_sidecar.auth.allow_files import AllowListFiles
+from oauth_sidecar.auth.challenge import Challenges
 from oauth_sidecar.auth.gate import Gate
 from oauth_sidecar.auth.idp import IdentityProvider
 from oauth_sidecar.auth.policy import AccessPolicy
@@ -26,6 +27,10 @@ from oauth_sidecar.cors import Cors
 from oauth_sidecar.front_door import FrontDoor
 from oauth_sidecar.health import Health
 from oauth_sidecar.http_errors import method_not_allowed
+from oauth_sidecar.mcp.audit import Audit
+from oauth_sidecar.mcp.calls import CallRules
+from oauth_sidecar.mcp.rule_files import ToolRuleFile
+from oauth_sidecar.mcp.tool_policy import ToolPolicy
 from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.request_keys import AUTH_FAILURE
@@ -43,6 +48,7 @@ PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
 ALLOW_FILES = web.AppKey("allow_files", AllowListFiles)
+TOOL_RULE_FILE = web.AppKey("tool_rule_file", ToolRuleFile)
 
 
 def _lifetime(
@@ -134,7 +140,8 @@ def create_app(
         config.metrics, __version__, route_classes=route_classes, auth_failure=AUTH_FAILURE
     ) if config.metrics else Metrics()
     idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
-    policy = AccessPolicy(config.policy, forwarded=config.forward_identity)
+    policy = AccessPolicy(config.policy, forwarded=config.forward_identity,
+                          groups_read_elsewhere=bool(config.tool_rules.file))
     verifier = TokenVerifier(config.tokens, idp, policy.kept_claims)
     addresses = ClientAddress(config.trusted_proxies)
     limiter = RateLimiter(config.rate_limits, metrics, addresses)
@@ -144,8 +151,11 @@ def create_app(
         if config.upstream_bearer_file else None
     )
     child = ChildProcess(config.spawn, on_child_give_up) if config.spawn else None
+    tools = ToolPolicy(config.tool_rules, policy) if config.tool_rules.configured else None
+    calls = CallRules(tools, policy, Challenges(config), limiter, Audit(
+        metrics, config.tool_rules.audit_arguments)) if tools is not None else None
     proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,
-                          credential=credential, child=child, metrics=metrics)
+                          credential=credential, child=child, metrics=metrics, calls=calls)
     # client_max_size: only public handlers read bodies; the proxy streams.
     app = web.Application(client_max_size=64 * 1024)
     app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
@@ -182,6 +192,9 @@ def create_app(
     if config.policy.files:
         app[ALLOW_FILES] = AllowListFiles(config.policy.files, policy)
         lifetimes.append(app[ALLOW_FILES].running)
+    if tools is not None and config.tool_rules.file:
+        app[TOOL_RULE_FILE] = ToolRuleFile(config.tool_rules.file, tools)
+        lifetimes.append(app[TOOL_RULE_FILE].running)
     app.cleanup_ctx.extend(_lifetime(running) for running in lifetimes)
     app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(front_door.before_headers)

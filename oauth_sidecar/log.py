@@ -74,6 +74,15 @@ def _mask(value: Any) -> Any:
     return value
 
 
+def redacted(value: Any) -> Any:
+    """value with secret-named keys and secret-shaped strings masked, nested ones included
+    (what redact() does to every log value), for a value rendered before it is logged."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if str(k).lower() in SECRET_KEYS else redacted(v)
+                for k, v in value.items()}
+    return _mask(value)
+
+
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Mask secret-shaped values, nested ones and rendered tracebacks included.
 

@@ -77,6 +77,10 @@ class Metrics:
     def head_refused(self, reason: str) -> None:
         """A request head was refused: too_large (431) or timeout (408)."""
 
+    def mcp_call(self, method: str, name: str, outcome: str) -> None:
+        """A tools/call, prompts/get or resources/read was judged or answered; `name` is a
+        bounded label (mcp/audit.py folds unknown names into one), outcome one of a few words."""
+
     def watch(self, name: str, documentation: str, read: Callable[[], float], *,
               counter: bool = False) -> None:
         """Expose `read()` as a gauge (or a counter) evaluated at each scrape."""
@@ -146,6 +150,11 @@ class PrometheusMetrics(Metrics):
         self._connections_refused = Counter(
             PREFIX + "connections_refused", "New connections answered 503 and closed at once: "
             "MAX_CONNECTIONS were open, or descriptors ran short", registry=registry)
+        self._mcp_calls = Counter(
+            PREFIX + "mcp_calls", "tools/call, prompts/get and resources/read calls by method, "
+            "name (names the upstream listed; any other is \"other\") and outcome (ok, error: "
+            "a JSON-RPC error, failed: no answer, denied, scope_missing, rate_limited)",
+            ["method", "name", "outcome"], registry=registry)
         self._heads_refused = Counter(
             PREFIX + "request_heads_refused", "Request heads refused, by reason (too_large: 431 "
             "over MAX_REQUEST_HEAD_BYTES; timeout: 408 after REQUEST_HEAD_TIMEOUT_SECONDS)",
@@ -171,6 +180,9 @@ class PrometheusMetrics(Metrics):
 
     def rate_limited(self, scope: str) -> None:
         self._rate_limited.labels(scope).inc()
+
+    def mcp_call(self, method: str, name: str, outcome: str) -> None:
+        self._mcp_calls.labels(method, name, outcome).inc()
 
     def jwks_fetched(self, reason: str, ok: bool) -> None:
         self._jwks.labels(reason, "success" if ok else "failure").inc()

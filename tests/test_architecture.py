@@ -27,10 +27,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     SHARED: {"config"},
     "auth": {"config", SHARED},
     "signin": {"config", SHARED, "auth"},
-    "upstream": {"config", SHARED, "auth"},
-    APP: {"config", SHARED, "auth", "signin", "upstream"},
-    "doctor": {"config", SHARED, "auth", "signin", "upstream", APP},
-    "devtools": {"config", SHARED, "auth", "signin", "upstream", APP},
+    "mcp": {"config", SHARED, "auth"},
+    "upstream": {"config", SHARED, "auth", "mcp"},
+    APP: {"config", SHARED, "auth", "signin", "mcp", "upstream"},
+    "doctor": {"config", SHARED, "auth", "signin", "mcp", "upstream", APP},
+    "devtools": {"config", SHARED, "auth", "signin", "mcp", "upstream", APP},
 }
 APP_MODULES = {"app", "__main__", "front_door", "health", "listener"}  # top-level, above the wings
 

@@ -22,7 +22,8 @@ class Challenges:
     """The challenges for one configuration."""
 
     def __init__(self, config: Config) -> None:
-        url = metadata_url(config)
+        url = self._url = metadata_url(config)
+        self._required = config.policy.required_scopes
         self._tail = f'resource_metadata="{url}"'
         if config.advertised_scopes:
             self._tail += f', scope="{" ".join(config.advertised_scopes)}"'
@@ -32,6 +33,13 @@ class Challenges:
         self.insufficient_scope = (
             f'Bearer error="insufficient_scope", scope="{required}", resource_metadata="{url}"'
         )
+
+    def scopes_needed(self, scopes: tuple[str, ...]) -> str:
+        """insufficient_scope for a call that needs these scopes besides REQUIRED_SCOPES (a
+        tool's TOOL_SCOPES): every scope the call needs, never offline_access (MCP 2026-07-28)."""
+        needed = [s for s in dict.fromkeys((*self._required, *scopes)) if s != "offline_access"]
+        return (f'Bearer error="insufficient_scope", scope="{" ".join(needed)}", '
+                f'resource_metadata="{self._url}"')
 
     def for_error(self, error: TokenError) -> str:
         """The challenge of a refused credential; "" for a 503, which is the sidecar's trouble

@@ -63,11 +63,13 @@ READ_CLAIMS = frozenset({"email", "email_verified", "scope", "scp"})
 
 
 class AccessPolicy:
-    def __init__(self, config: PolicyConfig, *, forwarded: bool = True) -> None:
-        """forwarded: the caller's email and groups are also sent upstream (FORWARD_IDENTITY)."""
+    def __init__(self, config: PolicyConfig, *, forwarded: bool = True,
+                 groups_read_elsewhere: bool = False) -> None:
+        """forwarded: the caller's email and groups are also sent upstream (FORWARD_IDENTITY);
+        groups_read_elsewhere: something else reads the groups (TOOL_POLICY_FILE's rules)."""
         self._config = config
         self._required = frozenset(config.required_scopes)
-        reads_groups = forwarded or bool(config.groups) or any(
+        reads_groups = forwarded or groups_read_elsewhere or bool(config.groups) or any(
             allow_file.kind == "groups" for allow_file in config.files)
         self._read_claims = READ_CLAIMS | (
             {config.groups_claim[0]} if reads_groups else frozenset())

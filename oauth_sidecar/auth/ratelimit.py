@@ -76,6 +76,7 @@ PER_SUBJECT = Budget("subject", hashed=True)  # RATE_LIMIT_RPM: requests of one 
 # RATE_LIMIT_UNAUTHENTICATED_RPM: work done for a caller not known yet (token verifications,
 # refused credentials, sign-in and registration calls), by client address.
 PER_CLIENT_IP = Budget("client_ip")
+PER_TOOL = Budget("tool", hashed=True)  # TOOL_RATE_LIMITS: one subject's calls of a tool glob
 
 
 class RateLimited(Exception):
@@ -108,6 +109,7 @@ class RateLimiter:
                                 (PER_CLIENT_IP, config.unauthenticated_rpm))
             if rpm > 0
         }
+        self._extra_items: dict[int, RateLimitItemPerMinute] = {}  # by limit (few: config's)
         self._strategy: Strategy | None = None
         self._failing = False
         self._skip_storage_until = 0.0
@@ -147,6 +149,16 @@ class RateLimiter:
             name = _key(budget, key)
             if not await self._call(lambda s: s.hit(item, NAMESPACE, budget.scope, name)):
                 raise await self._limited(item, budget.scope, name)
+
+    async def admit_at(self, budget: Budget, per_minute: int, *key: str) -> None:
+        """admit() for a budget whose limit is given with it (TOOL_RATE_LIMITS: one per glob),
+        on the same storage and with the same failure policy."""
+        item = self._extra_items.get(per_minute)
+        if item is None:
+            item = self._extra_items[per_minute] = RateLimitItemPerMinute(per_minute)
+        name = _key(budget, key)
+        if not await self._call(lambda s: s.hit(item, NAMESPACE, budget.scope, name)):
+            raise await self._limited(item, budget.scope, name)
 
     async def spend(self, budget: Budget, *key: str) -> None:
         """Count one unit for a refusal already decided (a malformed or oversized credential,

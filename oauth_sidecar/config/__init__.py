@@ -36,9 +36,12 @@ from oauth_sidecar.config.model import (
     RateLimitConfig,
     SpawnConfig,
     TokenConfig,
+    ToolRule,
+    ToolRulesConfig,
 )
 from oauth_sidecar.config.reader import split_list
 from oauth_sidecar.config.spawn import CHILD_ENV_FORBIDDEN
+from oauth_sidecar.config.tool_rules import MAX_RULE_FILE_BYTES, parse_rule_file
 from oauth_sidecar.config.urls import canonical_resource, is_loopback_host
 from oauth_sidecar.config.variables import (
     ASYMMETRIC_ALGORITHMS,
@@ -53,6 +56,7 @@ __all__ = [
     "CHILD_ENV_FORBIDDEN",
     "DEFAULT_ALGORITHMS",
     "LOG_LEVELS",
+    "MAX_RULE_FILE_BYTES",
     "UNSHARED_SEALING_WARNING",
     "VARIABLES",
     "AllowFile",
@@ -67,11 +71,14 @@ __all__ = [
     "RateLimitConfig",
     "SpawnConfig",
     "TokenConfig",
+    "ToolRule",
+    "ToolRulesConfig",
     "allow_entries",
     "ascii_lower",
     "canonical_resource",
     "is_loopback_host",
     "load",
+    "parse_rule_file",
     "read_allow_file",
     "split_list",
 ]

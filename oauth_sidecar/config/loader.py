@@ -11,7 +11,15 @@ import importlib.util
 from collections.abc import Mapping
 from dataclasses import replace
 
-from oauth_sidecar.config import allow_lists, auth_server, endpoints, rate_limits, serving, spawn
+from oauth_sidecar.config import (
+    allow_lists,
+    auth_server,
+    endpoints,
+    rate_limits,
+    serving,
+    spawn,
+    tool_rules,
+)
 from oauth_sidecar.config.model import (
     Config,
     ConfigError,
@@ -134,6 +142,7 @@ def load(env: Mapping[str, str]) -> Config:
         upstream_bearer_file=bearer_file,
         session_ttl=r.number("SESSION_BINDING_TTL_SECONDS", float, 1.0, 30 * 86400.0),
         auth_server=auth_server.auth_server(r),
+        tool_rules=tool_rules.tool_rules(r),
         spawn=child,
         metrics=serving.metrics(r, port, child),
         warnings=tuple(unknown_variable_warnings(env)),

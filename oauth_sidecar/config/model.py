@@ -7,9 +7,10 @@ nothing can change a setting after start-up. ConfigError carries every problem f
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+KINDS = ("tools", "prompts", "resources")  # what a tool rule can name: tool and prompt names, URIs
 
 
 class ConfigError(Exception):
@@ -151,6 +152,51 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolRule:
+    """One `[[rule]]` of TOOL_POLICY_FILE."""
+
+    line: int
+    """Where its `[[rule]]` header is: every message about it names this line."""
+    name: str
+    everyone: bool
+    subs: frozenset[str] = frozenset()
+    emails: frozenset[str] = frozenset()
+    email_domains: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    allow: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """kind (tools, prompts, resources) -> globs this rule grants."""
+    deny: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """kind -> globs this rule refuses (deny wins over any allow)."""
+
+    @property
+    def label(self) -> str:
+        return (f"rule {self.name!r} (line {self.line})" if self.name
+                else f"rule at line {self.line}")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRulesConfig:
+    allow: tuple[str, ...] = ()
+    """TOOLS_ALLOW: tool globs every admitted caller may call."""
+    deny: tuple[str, ...] = ()
+    """TOOLS_DENY: tool globs nobody may call."""
+    scopes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """TOOL_SCOPES: (tool glob, scopes a call needs)."""
+    rate_limits: tuple[tuple[str, int], ...] = ()
+    """TOOL_RATE_LIMITS: (tool glob, calls per subject per minute)."""
+    file: str = ""
+    """TOOL_POLICY_FILE ("" unset), re-read when it changes."""
+    file_rules: tuple[ToolRule, ...] = ()
+    audit_arguments: bool = False
+
+    @property
+    def configured(self) -> bool:
+        """Whether any rule applies: only then are MCP request bodies parsed."""
+        return bool(self.allow or self.deny or self.scopes or self.rate_limits or self.file)
+
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str
     port: int
@@ -180,6 +226,7 @@ class Config:
     upstream_bearer_file: str
     session_ttl: float
     auth_server: AuthServerConfig
+    tool_rules: ToolRulesConfig = ToolRulesConfig()
     spawn: SpawnConfig | None = None
     metrics: MetricsConfig | None = None
     """None: no metrics listener (METRICS_PORT unset)."""

@@ -86,6 +86,13 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "RATE_LIMIT_STORAGE_URI_FILE": ("", "File holding RATE_LIMIT_STORAGE_URI (its password)."),
     "RATE_LIMIT_ON_STORAGE_ERROR": ("allow", "allow or deny requests while the storage fails."),
     "TRUSTED_PROXIES": ("", "Proxy addresses/CIDRs whose X-Forwarded-For is believed."),
+    "TOOLS_ALLOW": ("", "Tool globs every admitted caller may call (restricts tools)."),
+    "TOOLS_DENY": ("", "Tool globs nobody may call."),
+    "TOOL_SCOPES": ("", "Scopes a tool needs: glob=scope[ scope], comma-separated."),
+    "TOOL_RATE_LIMITS": ("", "Calls per subject per minute by tool: glob=N, comma-separated."),
+    "TOOL_POLICY_FILE": ("", "TOML file of tool, prompt and resource rules by caller; "
+                         "re-read when it changes."),
+    "AUDIT_LOG_ARGUMENTS": ("false", "Log tool call arguments in the audit line (redacted)."),
     "FORWARD_IDENTITY": ("false", "Send X-Forwarded-User/Email/Groups/Issuer upstream."),
     "STRIP_REQUEST_HEADERS": ("", "More request headers never sent upstream: names, prefix*."),
     "MCP_UPSTREAM_BEARER_FILE": ("", "File with a static token sent upstream as Bearer."),

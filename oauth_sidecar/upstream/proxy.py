@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,6 +36,9 @@ from oauth_sidecar.auth.sessions import SessionBindings, valid_session_id
 from oauth_sidecar.client_ip import ClientAddress
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.log import REQUEST_ID
+from oauth_sidecar.mcp.calls import MAX_ANSWER_BYTES, CallRules, Judged
+from oauth_sidecar.mcp.list_filter import EventRewriter
 from oauth_sidecar.metrics import Metrics
 from oauth_sidecar.request_body import (
     WHOLE_BODY_BYTES,
@@ -45,7 +49,14 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
-from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, SESSION, PresentedSession
+from oauth_sidecar.request_keys import (
+    AUTH_FAILURE,
+    PRINCIPAL,
+    SESSION,
+    PresentedSession,
+    Principal,
+)
+from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.headers import HeaderFilter
@@ -69,6 +80,18 @@ CHUNK_FRAMING_BYTES = 32
 READY_CACHE_SECONDS = 2.0  # /readyz is public: never one upstream probe per request
 
 
+@dataclass(frozen=True, slots=True)
+class JudgedBody:
+    """A POST body the tool rules admitted, read whole, and what its answer needs."""
+
+    data: bytes | None
+    verdict: Judged
+
+    @property
+    def watches_answer(self) -> bool:
+        return self.verdict.watches_answer
+
+
 class UpstreamProxy:
     """Forwards authenticated requests to the upstream and streams the answer back."""
 
@@ -76,7 +99,10 @@ class UpstreamProxy:
         self, config: Config, *, policy: AccessPolicy, addresses: ClientAddress,
         sessions: SessionBindings, credential: UpstreamCredential | None = None,
         child: ChildProcess | None = None, metrics: Metrics | None = None,
+        calls: CallRules | None = None,
     ) -> None:
+        """calls: the tool rules (None: none configured, bodies are never parsed)."""
+        self._calls = calls
         self._child = child
         self._metrics = metrics or Metrics()
         self._config = config.upstream
@@ -185,7 +211,7 @@ class UpstreamProxy:
         finally:
             self._in_flight.discard(task)
 
-    async def _forward(
+    async def _forward(  # noqa: PLR0912 - a request's steps in order, each refusal an early answer
         self, request: web.Request, session: aiohttp.ClientSession
     ) -> web.StreamResponse:
         if request.method in NEVER_FORWARDED:
@@ -216,21 +242,23 @@ class UpstreamProxy:
         try:
             try:
                 data = await self._bodies.read(request)
+                judged = await self._judge(request, principal, data)
             except (BodyTooLarge, BodyStalled, BodyBroken) as failure:
                 return body_refused(failure)
+            if isinstance(judged, web.StreamResponse):
+                return judged
+            if judged is not None:
+                data = judged.data
             body = data if isinstance(data, StreamedBody) else None
-            try:
-                # A streamed body is still being sent while this runs: its silences have their
-                # own bound, and end this wait with its failure.
-                async with asyncio.timeout(self._config.response_timeout):
-                    sent = time.perf_counter()
-                    upstream = await session.request(
-                        request.method, url, headers=self.headers.request(request, principal),
-                        data=data, allow_redirects=False,
-                    )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                return self._not_answered(exc, body)
-            self._metrics.upstream_answered(time.perf_counter() - sent)
+            headers = self.headers.request(request, principal)
+            if judged is not None and judged.watches_answer:
+                headers.pop("accept-encoding", None)  # its answer is read: never compressed
+            upstream = await self._send(session, request.method, url, headers=headers, data=data,
+                                        body=body)
+            if isinstance(upstream, web.Response):
+                if judged is not None:
+                    self._calls_finish(judged, None)
+                return upstream
             if upstream.status == 401:
                 upstream.close()
                 return self._credential_refused()
@@ -240,12 +268,92 @@ class UpstreamProxy:
                 return self._session_id_refused(issued)
             self._track_session(request.method, presented, upstream, identity)
             try:
+                if judged is not None and judged.watches_answer:
+                    return await self._relay_judged(request, upstream, judged)
                 return await self._relay(request, upstream, body, slot, identity)
             finally:
                 upstream.close()  # no-op after a full read; aborts the upstream if we stopped early
+                if judged is not None:
+                    self._calls_finish(judged, upstream.status)
         finally:
             if slot is not None:
                 slot.release()
+
+    async def _send(
+        self, session: aiohttp.ClientSession, method: str, url: URL, *,
+        headers: dict[str, str], data: bytes | StreamedBody | None, body: StreamedBody | None,
+    ) -> aiohttp.ClientResponse | web.Response:
+        """The upstream's response (headers arrived), or the answer for its failure."""
+        try:
+            # A streamed body is still being sent while this runs: its silences have their
+            # own bound, and end this wait with its failure.
+            async with asyncio.timeout(self._config.response_timeout):
+                sent = time.perf_counter()
+                upstream = await session.request(
+                    method, url, headers=headers, data=data, allow_redirects=False,
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._not_answered(exc, body)
+        self._metrics.upstream_answered(time.perf_counter() - sent)
+        return upstream
+
+    async def _judge(self, request: web.Request, principal: Principal,
+                     data: bytes | StreamedBody | None) -> JudgedBody | web.Response | None:
+        """With tool rules (mcp/calls.py), a POST body is read whole and judged: the refusal to
+        send, or the body to forward with what its answer needs; None without rules."""
+        if self._calls is None or request.method != "POST":
+            return None
+        if isinstance(data, StreamedBody):
+            data = b"".join([piece async for piece in data])  # bounded: MAX_REQUEST_BODY_BYTES
+        verdict = await self._calls.judge(request, principal, data or b"", request[REQUEST_ID])
+        if isinstance(verdict, web.StreamResponse):
+            return verdict
+        return JudgedBody(data, verdict)
+
+    def _calls_finish(self, judged: JudgedBody, status: int | None) -> None:
+        if self._calls is not None and judged.verdict.calls:
+            self._calls.finish(judged.verdict, status)
+
+    async def _relay_judged(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                            judged: JudgedBody) -> web.StreamResponse:
+        """An answer the tool rules read: list results filtered, each call audited. JSON is
+        read whole (at most MAX_ANSWER_BYTES), an event stream rewritten event by event."""
+        calls = self._calls
+        if calls is None:
+            raise RuntimeError("an answer judged without tool rules")
+        encoded = upstream.headers.get("Content-Encoding", "identity").lower() != "identity"
+        if encoded and judged.verdict.lists:  # it cannot be filtered: never show it unfiltered
+            log.warning("upstream_answer_encoded", encoding=upstream.headers["Content-Encoding"])
+            self._metrics.upstream_failed("encoded")
+            return json_error(502, "upstream_encoded", "The MCP server's answer is encoded "
+                              "(Content-Encoding) and cannot be filtered")
+        if upstream.content_type == "text/event-stream" and not encoded:
+            rewriter = calls.event_rewriter(judged.verdict, upstream.status)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            self.headers.response(upstream, response)
+            response.headers["X-Accel-Buffering"] = "no"
+            await response.prepare(request)
+            await self._copy_body(request, upstream, response, self._config.sse_idle_timeout,
+                                  None, rewriter=rewriter)
+            return response
+        try:
+            async with asyncio.timeout(self._config.idle_timeout):
+                data = await read_capped(upstream, MAX_ANSWER_BYTES)
+        except TimeoutError:
+            log.warning("upstream_timeout", phase="body")
+            self._metrics.upstream_failed("timeout")
+            return json_error(504, "upstream_timeout", "The MCP server did not answer in time")
+        except (aiohttp.ClientError, ResponseTooLarge) as exc:
+            log.warning("upstream_stream_failed", error=type(exc).__name__)
+            self._metrics.upstream_failed("broken")
+            return json_error(502, "upstream_unavailable", "The MCP server's answer broke off "
+                              "or is too large to filter")
+        if not encoded:
+            data = calls.whole_answer(judged.verdict, upstream.status, data)
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=data)
+        self.headers.response(upstream, response)
+        response.headers.popall("Content-Length", None)  # the filtered body's own
+        return response
 
     def _not_answered(
         self, exc: aiohttp.ClientError | TimeoutError, body: StreamedBody | None
@@ -362,9 +470,10 @@ class UpstreamProxy:
         self.headers.response(upstream, response)
         return response
 
-    async def _copy_body(
+    async def _copy_body(  # noqa: PLR0912 - each way a relayed stream can end, in one loop
         self, request: web.Request, upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse, idle: float | None, body: StreamedBody | None,
+        response: web.StreamResponse, idle: float | None, body: StreamedBody | None, *,
+        rewriter: EventRewriter | None = None,
     ) -> None:
         content = upstream.content
         while True:
@@ -388,7 +497,16 @@ class UpstreamProxy:
                 return
             if not chunk:
                 break
-            if not await self._write(request, response.write(chunk), len(chunk)):
+            if rewriter is not None:
+                rewritten = _rewritten(request, rewriter, chunk)
+                if rewritten is None:
+                    return
+                chunk = rewritten
+            if chunk and not await self._write(request, response.write(chunk), len(chunk)):
+                return
+        if rewriter is not None:
+            rest = rewriter.close()
+            if rest and not await self._write(request, response.write(rest), len(rest)):
                 return
         await self._write(request, response.write_eof(), 0)
 
@@ -413,3 +531,14 @@ class UpstreamProxy:
             return False
         return True
 
+
+def _rewritten(request: web.Request, rewriter: EventRewriter, chunk: bytes) -> bytes | None:
+    """The complete events of what arrived, as the tool rules rewrite them; None (the client's
+    connection dropped) for an event too large to judge: it is never relayed unjudged."""
+    try:
+        return rewriter.feed(chunk)
+    except ValueError:
+        log.warning("upstream_event_too_large", limit=MAX_ANSWER_BYTES)
+        if request.transport is not None:
+            request.transport.close()
+        return None

@@ -1,0 +1,240 @@
+"""CallRules: the tool rules applied to one MCP POST, and what its answer may show.
+
+Why in the proxy's path: a rule must hold for what the MCP server will execute, so it is applied
+to the body the server receives (mcp/messages.py reads it), after the gate admitted the caller.
+For each request, in order: the body must be JSON-RPC (400 otherwise), the 2026-07-28 headers must
+agree with it (400/-32020), every named thing must be allowed (a JSON-RPC error naming it, per
+message, and the whole body refused: the upstream never sees any part of a refused batch), then
+every tool's TOOL_SCOPES must be held (403 insufficient_scope naming every scope the call needs:
+MCP step-up), then the tool's TOOL_RATE_LIMITS are spent (429). An admitted request goes on as it
+came; its answer's list results are filtered and each call gets one audit line (mcp/audit.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from oauth_sidecar.auth.challenge import INSUFFICIENT_SCOPE_DESCRIPTION, Challenges
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.ratelimit import (
+    PER_TOOL,
+    RateLimited,
+    RateLimiter,
+    RateLimitUnavailable,
+    refusal,
+    refusal_reason,
+)
+from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.mcp.audit import Audit
+from oauth_sidecar.mcp.list_filter import EventRewriter, filter_json, filter_message, lists_by_id
+from oauth_sidecar.mcp.messages import (
+    INVALID_PARAMS,
+    Body,
+    BodyRefused,
+    Message,
+    check_headers,
+    error_object,
+    parse,
+)
+from oauth_sidecar.mcp.tool_policy import CallerRules, ToolPolicy
+from oauth_sidecar.request_keys import AUTH_FAILURE, Principal
+
+KIND_WORD = {"tools": "Tool", "prompts": "Prompt", "resources": "Resource"}
+# A list answer is read whole to be filtered: at most this much (a 200-tool list with schemas
+# is well under a megabyte), and so is one SSE event of such an answer.
+MAX_ANSWER_BYTES = 16 << 20
+
+
+@dataclass
+class Judged:
+    """An admitted body: what its answer needs (filtered lists, audit lines)."""
+
+    caller: CallerRules
+    principal: Principal
+    request_id: str
+    lists: dict[Any, str]
+    """id -> list method, of the list requests in the body."""
+    calls: tuple[Message, ...]
+    """The named calls, each audited when its answer comes (or the request ends)."""
+    started: float = field(default_factory=time.perf_counter)
+    answered: set[Any] = field(default_factory=set)
+
+    @property
+    def watches_answer(self) -> bool:
+        return bool(self.lists or self.calls)
+
+
+class CallRules:
+    def __init__(
+        self, tools: ToolPolicy, policy: AccessPolicy, challenges: Challenges,
+        limiter: RateLimiter, audit: Audit,
+    ) -> None:
+        self._tools = tools
+        self._policy = policy
+        self._challenges = challenges
+        self._limiter = limiter
+        self._audit = audit
+        self._rate_limits = tuple((glob, per_minute, re.compile(fnmatch.translate(glob)))
+                                  for glob, per_minute in tools.config.rate_limits)
+
+    async def judge(self, request: web.Request, principal: Principal, data: bytes,
+                    request_id: str) -> Judged | web.Response:
+        """The refusal to send, or what the admitted body's answer needs."""
+        try:
+            body = parse(data)
+            check_headers(request.headers, body)
+        except BodyRefused as refused:
+            request[AUTH_FAILURE] = "mcp_invalid_body"
+            return _jsonrpc_answer(refused.status, error_object(
+                refused.request_id, refused.code, refused.message))
+        caller = self._tools.for_caller(principal.subject, principal.claims)
+        denied = [(m, v) for m in body.named if not (v := caller.verdict(m.kind or "", m.name or
+                                                                          "")).allowed]
+        if denied:
+            request[AUTH_FAILURE] = "mcp_denied"
+            for message, verdict in denied:
+                self._audit.refused(principal, message, "denied", verdict.because, request_id)
+            return self._denial(body, {id(m) for m, _ in denied})
+        stopped = self._missing_scopes(request, principal, body, request_id)
+        if stopped is None:
+            stopped = await self._spend_tool_budgets(request, principal, body, request_id)
+        if stopped is not None:
+            return stopped
+        return Judged(caller, principal, request_id, lists_by_id(body.lists), body.named)
+
+    def _missing_scopes(self, request: web.Request, principal: Principal, body: Body,
+                        request_id: str) -> web.Response | None:
+        needed: dict[str, None] = {}
+        for message in body.named:
+            if message.kind == "tools":
+                needed.update(dict.fromkeys(self._tools.needed_scopes(message.name or "")))
+        if not needed:
+            return None
+        held = self._policy.scopes(principal.claims)
+        if all(scope in held for scope in needed):
+            return None
+        request[AUTH_FAILURE] = "mcp_insufficient_scope"
+        for message in body.named:
+            self._audit.refused(principal, message, "scope_missing", "TOOL_SCOPES", request_id)
+        return json_error(403, "insufficient_scope", INSUFFICIENT_SCOPE_DESCRIPTION,
+                          {"WWW-Authenticate": self._challenges.scopes_needed(tuple(needed))})
+
+    async def _spend_tool_budgets(self, request: web.Request, principal: Principal, body: Body,
+                                  request_id: str) -> web.Response | None:
+        for message in body.named:
+            if message.kind != "tools":
+                continue
+            for glob, per_minute, pattern in self._rate_limits:
+                if pattern.match(message.name or "") is None:
+                    continue
+                try:
+                    await self._limiter.admit_at(PER_TOOL, per_minute, principal.issuer,
+                                                 principal.subject, glob)
+                except (RateLimited, RateLimitUnavailable) as exc:
+                    request[AUTH_FAILURE] = refusal_reason(exc)
+                    self._audit.refused(principal, message, "rate_limited", glob, request_id)
+                    return refusal(exc)
+        return None
+
+    def _denial(self, body: Body, denied: set[int]) -> web.Response:
+        """One JSON-RPC error per request of the body: the denied ones name what they may not
+        use; the others were refused with them (a batch is admitted whole or not at all)."""
+        answers = []
+        for message in body.messages:
+            if not message.has_id or message.method is None:
+                continue
+            if id(message) in denied:
+                word = KIND_WORD[message.kind or "tools"]
+                text = f"{word} {message.name!r} is not allowed for this caller"
+                answers.append(error_object(message.id, INVALID_PARAMS, text,
+                                            {"reason": "forbidden_by_policy"}))
+            else:
+                answers.append(error_object(
+                    message.id, INVALID_PARAMS, "Not sent: another call in this batch is not "
+                    "allowed for this caller", {"reason": "batch_refused"}))
+        if not answers:  # only notifications: there is nobody to answer, but nothing went on
+            answers.append(error_object(None, INVALID_PARAMS, "Not allowed for this caller"))
+        return _jsonrpc_answer(200, answers if body.batch else answers[0])
+
+    # -- the answer ------------------------------------------------------------------------
+
+    def whole_answer(self, judged: Judged, status: int, data: bytes) -> bytes:
+        """A JSON answer: filtered, and its calls audited."""
+        filtered, message = filter_json(data, judged.lists, judged.caller.allows)
+        self._learn(message, judged)
+        self._record(judged, message, status)
+        return filtered
+
+    def event_rewriter(self, judged: Judged, status: int) -> EventRewriter:
+        """An SSE answer: each event carrying a response is filtered and audited."""
+
+        def rewrite(payload: str) -> str:
+            try:
+                message = json.loads(payload)
+            except (ValueError, RecursionError):
+                return payload
+            self._learn(message, judged)
+            self._record(judged, message, status)
+            filtered, removed = filter_message(message, judged.lists, judged.caller.allows)
+            if not removed:
+                return payload
+            return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False)
+
+        return EventRewriter(rewrite, MAX_ANSWER_BYTES)
+
+    def finish(self, judged: Judged, status: int | None) -> None:
+        """The request ended: every call not answered yet gets its audit line now (the answer
+        was not JSON-RPC, was cut off, or the upstream failed)."""
+        for message in judged.calls:
+            if message.id not in judged.answered or not message.has_id:
+                judged.answered.add(message.id)
+                self._audit.answered(judged.principal, message, status=status, error_code=None,
+                                     seconds=time.perf_counter() - judged.started,
+                                     request_id=judged.request_id,
+                                     outcome="failed" if status is None or status >= 400
+                                     else "ok")
+
+    def _learn(self, message: Any, judged: Judged) -> None:
+        """Names the upstream lists become metric labels (bounded: audit.py)."""
+        if not judged.lists:
+            return
+        for item in message if isinstance(message, list) else [message]:
+            if isinstance(item, dict) and isinstance(item.get("result"), dict):
+                method = judged.lists.get(item.get("id"))
+                if method is not None:
+                    self._audit.learn(method, item["result"])
+
+    def _record(self, judged: Judged, message: Any, status: int) -> None:
+        if not judged.calls:
+            return
+        by_id = {m.id: m for m in judged.calls if m.has_id}
+        for item in message if isinstance(message, list) else [message]:
+            if not isinstance(item, Mapping) or "method" in item:
+                continue
+            call = by_id.get(item.get("id"))
+            if call is None or call.id in judged.answered:
+                continue
+            judged.answered.add(call.id)
+            error = item.get("error")
+            code = error.get("code") if isinstance(error, Mapping) else None
+            is_error = isinstance(item.get("result"), Mapping) and item["result"].get("isError")
+            self._audit.answered(
+                judged.principal, call, status=status,
+                error_code=code if isinstance(code, int) else None,
+                seconds=time.perf_counter() - judged.started, request_id=judged.request_id,
+                outcome="error" if error is not None or is_error is True else "ok")
+
+
+def _jsonrpc_answer(status: int, payload: Any) -> web.Response:
+    response = web.Response(status=status, body=json.dumps(payload).encode(),
+                            content_type="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response
