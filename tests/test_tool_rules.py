@@ -93,8 +93,10 @@ class McpLike:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
         self.bodies.append(body)
-        answer = ([self._result(m) for m in body] if isinstance(body, list)
-                  else self._result(body))
+        answer: Any = ([self._result(m) for m in body] if isinstance(body, list)
+                       else self._result(body))
+        if request.query.get("weird") == "1":  # a broken upstream: ids that are objects
+            answer = {**answer, "id": {"not": "an id"}}
         if request.query.get("sse") != "1":
             return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -107,6 +109,8 @@ class McpLike:
             await response.write(f"id: 7\nevent: message\ndata: {text[:half]}".encode())
             await asyncio.sleep(0.01)
             await response.write(f"{text[half:]}\n\n".encode())
+        if request.query.get("hold") == "1":  # a long call: the stream stays open
+            await asyncio.sleep(3600)
         await response.write_eof()
         return response
 
@@ -408,6 +412,8 @@ async def test_headers_must_agree_with_the_body(
     b'"name":"delete_repository"}}',
     b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}',
     b"[]",
+    b'{"jsonrpc":"2.0","id":[1],"method":"tools/list"}',
+    b'{"jsonrpc":"2.0","id":true,"method":"tools/call","params":{"name":"search"}}',
 ])
 async def test_a_body_that_cannot_be_judged_is_refused(
     start: Any, idp: FakeIdp, mcp_like: McpLike, body: bytes
@@ -516,3 +522,65 @@ async def test_the_app_has_no_rule_machinery_without_rules(idp: FakeIdp) -> None
     from oauth_sidecar.app import PROXY
 
     assert create_app(config)[PROXY]._calls is None
+
+
+async def test_judged_event_streams_count_against_the_subjects_streams(
+    start: Any, idp: FakeIdp, mcp_like: McpLike
+) -> None:
+    client = await start(TOOLS_DENY="delete_*", MAX_STREAMS_PER_SUBJECT="1")
+    caller = token(idp)
+    headers = {**bearer(caller), "Accept": "application/json, text/event-stream"}
+    async with client.post("/mcp?sse=1&hold=1", json=call("search", 1),
+                           headers=headers) as held:
+        assert held.status == 200
+        first = await asyncio.wait_for(held.content.readuntil(b"\n\n"), 5)
+        assert b"list_changed" in first  # the stream is being relayed
+        status, _, _ = await post(client, caller, call("search", 2), "/mcp?sse=1")
+        assert status == 429
+    await wait_until(lambda: len(mcp_like.bodies) == 1)
+    status, _, _ = await post(client, caller, call("search", 3), "/mcp?sse=1")
+    for _ in range(50):  # bounded: the slot comes back when the held stream's handler ends
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+        status, _, _ = await post(client, caller, call("search", 3), "/mcp?sse=1")
+    assert status == 200
+
+
+@pytest.mark.slow
+async def test_replicas_share_per_tool_budgets_through_redis(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, tmp_path: Path
+) -> None:
+    from conftest import clear_of_a_minute_edge
+    from processes import free_port
+    from redis_server import RedisServer
+
+    redis = RedisServer(free_port(), tmp_path)
+    await redis.start()
+    try:
+        replicas = [await start(TOOL_RATE_LIMITS="search=3", RATE_LIMIT_STORAGE_URI=redis.uri)
+                    for _ in range(2)]
+        await clear_of_a_minute_edge()
+        caller = token(idp)
+        statuses = [(await post(replicas[i % 2], caller, call("search", i)))[0]
+                    for i in range(6)]
+        assert statuses == [200, 200, 200, 429, 429, 429]  # one budget for both replicas
+        assert len(mcp_like.bodies) == 3
+    finally:
+        await redis.stop()
+
+
+async def test_an_upstream_answering_with_odd_ids_is_relayed_not_crashed_on(
+    start: Any, idp: FakeIdp, mcp_like: McpLike
+) -> None:
+    client = await start(TOOLS_DENY="delete_*")
+    with capture_logs() as logs:
+        status, text, _ = await post(client, token(idp), call("search", 1), "/mcp?weird=1")
+        listed, listing, _ = await post(client, token(idp), request("tools/list", 2),
+                                        "/mcp?weird=1")
+    assert status == 200
+    assert json.loads(text)["id"] == {"not": "an id"}
+    assert listed == 200
+    assert len(json.loads(listing)["result"]["tools"]) == len(TOOLS)  # not ours: untouched
+    audit = [e for e in logs if e["event"] == "mcp_call"]
+    assert [(e["name"], e["outcome"]) for e in audit] == [("search", "failed")]  # unanswered

@@ -43,6 +43,7 @@ from oauth_sidecar.mcp.messages import (
     check_headers,
     error_object,
     parse,
+    valid_id,
 )
 from oauth_sidecar.mcp.tool_policy import CallerRules, ToolPolicy
 from oauth_sidecar.request_keys import AUTH_FAILURE, Principal
@@ -191,23 +192,23 @@ class CallRules:
         return EventRewriter(rewrite, MAX_ANSWER_BYTES)
 
     def finish(self, judged: Judged, status: int | None) -> None:
-        """The request ended: every call not answered yet gets its audit line now (the answer
-        was not JSON-RPC, was cut off, or the upstream failed)."""
+        """The request ended: every call not answered yet gets its audit line now, as failed
+        (no answer named it: the upstream failed, its answer was cut off or was not JSON-RPC,
+        or the client left first)."""
         for message in judged.calls:
             if message.id not in judged.answered or not message.has_id:
                 judged.answered.add(message.id)
                 self._audit.answered(judged.principal, message, status=status, error_code=None,
                                      seconds=time.perf_counter() - judged.started,
-                                     request_id=judged.request_id,
-                                     outcome="failed" if status is None or status >= 400
-                                     else "ok")
+                                     request_id=judged.request_id, outcome="failed")
 
     def _learn(self, message: Any, judged: Judged) -> None:
         """Names the upstream lists become metric labels (bounded: audit.py)."""
         if not judged.lists:
             return
         for item in message if isinstance(message, list) else [message]:
-            if isinstance(item, dict) and isinstance(item.get("result"), dict):
+            if (isinstance(item, dict) and isinstance(item.get("result"), dict)
+                    and valid_id(item.get("id"))):  # an upstream's id may be anything
                 method = judged.lists.get(item.get("id"))
                 if method is not None:
                     self._audit.learn(method, item["result"])
@@ -217,7 +218,7 @@ class CallRules:
             return
         by_id = {m.id: m for m in judged.calls if m.has_id}
         for item in message if isinstance(message, list) else [message]:
-            if not isinstance(item, Mapping) or "method" in item:
+            if not isinstance(item, Mapping) or "method" in item or not valid_id(item.get("id")):
                 continue
             call = by_id.get(item.get("id"))
             if call is None or call.id in judged.answered:

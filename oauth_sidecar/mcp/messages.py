@@ -115,6 +115,9 @@ def _message(item: Any) -> Message:
         raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: a message is not an object")
     has_id = "id" in item
     request_id = item.get("id")
+    if not valid_id(request_id):
+        raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: an id must be a string, a "
+                          "number or null")
     method = item.get("method")
     if not isinstance(method, str):
         if "method" in item:
@@ -132,6 +135,11 @@ def _message(item: Any) -> Message:
                           "as a string", request_id)
     arguments = params.get("arguments") if isinstance(params, dict) else None
     return Message(method, request_id, has_id, kind, name, arguments)
+
+
+def valid_id(value: Any) -> bool:
+    """A JSON-RPC id: a string, a number or null (never a boolean, a list or an object)."""
+    return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
 
 
 def header_value(value: str) -> str | None:

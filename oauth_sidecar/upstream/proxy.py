@@ -268,9 +268,7 @@ class UpstreamProxy:
                 return self._session_id_refused(issued)
             self._track_session(request.method, presented, upstream, identity)
             try:
-                if judged is not None and judged.watches_answer:
-                    return await self._relay_judged(request, upstream, judged)
-                return await self._relay(request, upstream, body, slot, identity)
+                return await self._relay(request, upstream, body, slot, identity, judged)
             finally:
                 upstream.close()  # no-op after a full read; aborts the upstream if we stopped early
                 if judged is not None:
@@ -314,28 +312,21 @@ class UpstreamProxy:
         if self._calls is not None and judged.verdict.calls:
             self._calls.finish(judged.verdict, status)
 
-    async def _relay_judged(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                            judged: JudgedBody) -> web.StreamResponse:
-        """An answer the tool rules read: list results filtered, each call audited. JSON is
-        read whole (at most MAX_ANSWER_BYTES), an event stream rewritten event by event."""
-        calls = self._calls
-        if calls is None:
-            raise RuntimeError("an answer judged without tool rules")
-        encoded = upstream.headers.get("Content-Encoding", "identity").lower() != "identity"
-        if encoded and judged.verdict.lists:  # it cannot be filtered: never show it unfiltered
-            log.warning("upstream_answer_encoded", encoding=upstream.headers["Content-Encoding"])
-            self._metrics.upstream_failed("encoded")
-            return json_error(502, "upstream_encoded", "The MCP server's answer is encoded "
-                              "(Content-Encoding) and cannot be filtered")
-        if upstream.content_type == "text/event-stream" and not encoded:
-            rewriter = calls.event_rewriter(judged.verdict, upstream.status)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            self.headers.response(upstream, response)
-            response.headers["X-Accel-Buffering"] = "no"
-            await response.prepare(request)
-            await self._copy_body(request, upstream, response, self._config.sse_idle_timeout,
-                                  None, rewriter=rewriter)
-            return response
+    def _unfilterable(self, upstream: aiohttp.ClientResponse, judged: JudgedBody | None
+                      ) -> web.Response | None:
+        """An answer whose lists must be filtered but is encoded (Content-Encoding, despite the
+        request asking for none) is refused: never shown unfiltered."""
+        if judged is None or not judged.verdict.lists or not _encoded(upstream):
+            return None
+        log.warning("upstream_answer_encoded", encoding=upstream.headers["Content-Encoding"])
+        self._metrics.upstream_failed("encoded")
+        return json_error(502, "upstream_encoded", "The MCP server's answer is encoded "
+                          "(Content-Encoding) and cannot be filtered")
+
+    async def _relay_read(self, upstream: aiohttp.ClientResponse, judged: JudgedBody
+                          ) -> web.StreamResponse:
+        """A JSON answer the tool rules read (list results filtered, calls audited): read
+        whole, at most MAX_ANSWER_BYTES, within the idle timeout."""
         try:
             async with asyncio.timeout(self._config.idle_timeout):
                 data = await read_capped(upstream, MAX_ANSWER_BYTES)
@@ -348,8 +339,8 @@ class UpstreamProxy:
             self._metrics.upstream_failed("broken")
             return json_error(502, "upstream_unavailable", "The MCP server's answer broke off "
                               "or is too large to filter")
-        if not encoded:
-            data = calls.whole_answer(judged.verdict, upstream.status, data)
+        if self._calls is not None and not _encoded(upstream):
+            data = self._calls.whole_answer(judged.verdict, upstream.status, data)
         response = web.Response(status=upstream.status, reason=upstream.reason, body=data)
         self.headers.response(upstream, response)
         response.headers.popall("Content-Length", None)  # the filtered body's own
@@ -413,10 +404,17 @@ class UpstreamProxy:
         elif presented is not None and not presented.bound:  # from before a restart or another
             self._sessions.bind(presented.id, identity)  # replica: the upstream accepted it
 
-    async def _relay(
+    async def _relay(  # noqa: PLR0917 - one answer's every input, passed on from _forward
         self, request: web.Request, upstream: aiohttp.ClientResponse, body: StreamedBody | None,
-        slot: Slot | None, identity: tuple[str, str],
+        slot: Slot | None, identity: tuple[str, str], judged: JudgedBody | None,
     ) -> web.StreamResponse:
+        """The upstream's answer to the caller: small ones whole, the rest streamed; one the
+        tool rules read (judged) filtered and audited, a JSON one read whole, an event stream
+        event by event. Event streams count against the subject's MAX_STREAMS_PER_SUBJECT."""
+        unfilterable = self._unfilterable(upstream, judged)
+        if unfilterable is not None:
+            return unfilterable
+        watched = judged if judged is not None and judged.watches_answer else None
         event_stream = upstream.content_type == "text/event-stream"
         claimed = None
         if not event_stream:
@@ -425,9 +423,15 @@ class UpstreamProxy:
         elif slot is None:  # it ran already, so it is relayed; it counts from now on
             claimed = self._slots.claim(identity)
         length = upstream.content_length
-        if (not event_stream and length is not None and length <= WHOLE_BODY_BYTES
-                and request.method != "HEAD"):
-            return await self._relay_whole(upstream, body)
+        if not event_stream and request.method != "HEAD":
+            if watched is not None:
+                return await self._relay_read(upstream, watched)
+            if length is not None and length <= WHOLE_BODY_BYTES:
+                return await self._relay_whole(upstream, body)
+        rewriter = None
+        if watched is not None and event_stream and self._calls is not None and not _encoded(
+                upstream):
+            rewriter = self._calls.event_rewriter(watched.verdict, upstream.status)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         self.headers.response(upstream, response)
         if event_stream:
@@ -437,7 +441,7 @@ class UpstreamProxy:
             await response.prepare(request)
             if event_stream:
                 self._event_streams.add(upstream)
-            await self._copy_body(request, upstream, response, idle, body)
+            await self._copy_body(request, upstream, response, idle, body, rewriter=rewriter)
         finally:
             self._event_streams.discard(upstream)
             if claimed is not None:
@@ -542,3 +546,7 @@ def _rewritten(request: web.Request, rewriter: EventRewriter, chunk: bytes) -> b
         if request.transport is not None:
             request.transport.close()
         return None
+
+
+def _encoded(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
