@@ -584,3 +584,15 @@ async def test_an_upstream_answering_with_odd_ids_is_relayed_not_crashed_on(
     assert len(json.loads(listing)["result"]["tools"]) == len(TOOLS)  # not ours: untouched
     audit = [e for e in logs if e["event"] == "mcp_call"]
     assert [(e["name"], e["outcome"]) for e in audit] == [("search", "failed")]  # unanswered
+
+
+def test_tool_scopes_missing_from_scopes_supported_are_warned_about(idp: FakeIdp) -> None:
+    env = {"OIDC_ISSUER_URL": idp.issuer, "OIDC_AUDIENCE": "a",
+           "RESOURCE_URL": "https://mcp.example.test/mcp", "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+           "ALLOW_ALL_AUTHENTICATED": "true", "SCOPES_SUPPORTED": "mcp:use mcp:write",
+           "TOOL_SCOPES": "write_*=mcp:write, admin_*=mcp:admin"}
+    warnings = [w for w in load(env).warnings if w.startswith("TOOL_SCOPES")]
+    assert len(warnings) == 1
+    assert "names mcp:admin," in warnings[0]
+    env["SCOPES_SUPPORTED"] = "mcp:use mcp:write mcp:admin"
+    assert not [w for w in load(env).warnings if w.startswith("TOOL_SCOPES")]

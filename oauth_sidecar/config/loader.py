@@ -189,6 +189,14 @@ def _warnings(config: Config) -> list[str]:
             "JWT_ID_TOKEN_CHECK=client to refuse tokens that name no client (azp, client_id, "
             "cid or appid), as such ID tokens do"
         )
+    tool_scopes = dict.fromkeys(s for _, scopes in config.tool_rules.scopes for s in scopes)
+    unadvertised = [scope for scope in tool_scopes if scope not in config.advertised_scopes]
+    if unadvertised and config.advertised_scopes:
+        warnings.append(
+            f"TOOL_SCOPES names {', '.join(unadvertised)}, which the metadata's scopes_supported "
+            "(SCOPES_SUPPORTED) does not list: clients learn them only from the 403 challenge, "
+            "and the IdP must know them"
+        )
     if config.cors_any_origin:
         warnings.append(
             "CORS_ALLOW_ORIGINS=* lets any web page call the MCP endpoint with a user's token "
