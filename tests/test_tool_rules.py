@@ -596,3 +596,41 @@ def test_tool_scopes_missing_from_scopes_supported_are_warned_about(idp: FakeIdp
     assert "names mcp:admin," in warnings[0]
     env["SCOPES_SUPPORTED"] = "mcp:use mcp:write mcp:admin"
     assert not [w for w in load(env).warnings if w.startswith("TOOL_SCOPES")]
+
+
+async def test_with_rules_other_methods_bodies_are_judged_and_streams_never_resume(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, upstream: Any
+) -> None:
+    client = await start(TOOLS_DENY="delete_*")
+    headers = {**bearer(token(idp)), "Content-Type": "application/json"}
+    async with client.put("/mcp", data=json.dumps(call("delete_repository")),
+                          headers=headers) as response:
+        assert response.status == 200  # the JSON-RPC refusal
+        assert "delete_repository" in (await response.json())["error"]["message"]
+    async with client.patch("/mcp", data=b"not json", headers=headers) as response:
+        assert response.status == 400
+    assert mcp_like.bodies == []
+
+
+async def test_with_rules_last_event_id_is_not_forwarded(
+    idp: FakeIdp, upstream: Any
+) -> None:
+    from conftest import SidecarServer
+
+    from oauth_sidecar.app import IDP
+
+    for rules, forwarded in (({"TOOLS_DENY": "x"}, False), ({}, True)):
+        config = load(sidecar_env(idp, upstream, **rules))
+        app = create_app(config)
+        server = SidecarServer(app, config)
+        await server.start_server()
+        client: Client = TestClient(server)
+        await client.start_server()
+        try:
+            await wait_until(lambda app=app: app[IDP].ready)  # type: ignore[misc]
+            async with client.get("/mcp", headers={**bearer(token(idp)),
+                                                   "Last-Event-ID": "7"}) as response:
+                assert response.status == 200
+            assert ("Last-Event-ID" in upstream.requests[-1].headers) is forwarded
+        finally:
+            await client.close()

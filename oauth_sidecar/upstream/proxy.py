@@ -253,6 +253,11 @@ class UpstreamProxy:
             headers = self.headers.request(request, principal)
             if judged is not None and judged.watches_answer:
                 headers.pop("accept-encoding", None)  # its answer is read: never compressed
+            if self._calls is not None:
+                # A resumed stream replays answers to earlier requests, whose lists the rules
+                # could no longer filter: with tool rules, streams start afresh (MCP 2026-07-28
+                # has no resumption at all).
+                headers.pop("last-event-id", None)
             upstream = await self._send(session, request.method, url, headers=headers, data=data,
                                         body=body)
             if isinstance(upstream, web.Response):
@@ -297,9 +302,10 @@ class UpstreamProxy:
 
     async def _judge(self, request: web.Request, principal: Principal,
                      data: bytes | StreamedBody | None) -> JudgedBody | web.Response | None:
-        """With tool rules (mcp/calls.py), a POST body is read whole and judged: the refusal to
-        send, or the body to forward with what its answer needs; None without rules."""
-        if self._calls is None or request.method != "POST":
+        """With tool rules (mcp/calls.py), a POST body (or any other request's, should a client
+        send one: a server may read it) is read whole and judged: the refusal to send, or the
+        body to forward with what its answer needs; None without rules or body."""
+        if self._calls is None or (request.method != "POST" and data is None):
             return None
         if isinstance(data, StreamedBody):
             data = b"".join([piece async for piece in data])  # bounded: MAX_REQUEST_BODY_BYTES
