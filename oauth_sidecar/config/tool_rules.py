@@ -136,7 +136,8 @@ def parse_rule_file(text: str, source: str) -> tuple[tuple[ToolRule, ...], list[
 
 def _top_line(lines: list[str], key: str) -> int:
     """The first line assigning `key` or opening a table of that name (1 if none is found)."""
-    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}\s*=|\[+\s*["']?{re.escape(key)}["']?\s*[].])""")
+    name = re.escape(key)
+    pattern = re.compile(rf"""^\s*(?:{name}\s*=|\[+\s*["']?{name}["']?\s*[].])""")
     return next((number for number, line in enumerate(lines, 1) if pattern.match(line)), 1)
 
 
