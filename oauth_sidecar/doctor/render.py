@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from oauth_sidecar import __version__
-from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, CallerTools, Report
+from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, CallerTools, Report, TokenReport
 from oauth_sidecar.log import shown
 
 NAME_WIDTH = 32  # a longer tool name or URI shifts its own line only
@@ -24,6 +24,23 @@ def _value(value: object) -> str:
     if isinstance(value, list):
         return ", ".join(map(_value, value))
     return "" if value is None else str(value)
+
+
+def _token_lines(token: TokenReport) -> list[str]:
+    lines = ["Token (claim by claim; the token itself is never printed)"]
+    for check in token.checks:
+        mark = {True: "ok", False: "FAIL", None: "--"}[check.ok]
+        lines.append(f"  {mark:<5} {check.name:<10} {check.detail}")
+    if token.accepted:
+        lines.append("  verdict: ACCEPTED: the sidecar forwards requests with this token")
+    else:
+        lines.append(f"  verdict: REFUSED: HTTP {token.status} ({token.reason}): "
+                     f"{token.description}")
+        if token.challenge:
+            lines.append(f"  WWW-Authenticate: {token.challenge}")
+    if token.tools is not None:
+        lines += ["", *_tool_lines(token.tools)]
+    return lines
 
 
 def _tool_lines(tools: CallerTools) -> list[str]:
@@ -70,19 +87,7 @@ def render(report: Report, *, strict: bool = False) -> str:
         lines += [f"    {row}" for row in text.splitlines()]
     token = report.token
     if token is not None:
-        lines += ["", "Token (claim by claim; the token itself is never printed)"]
-        for check in token.checks:
-            mark = {True: "ok", False: "FAIL", None: "--"}[check.ok]
-            lines.append(f"  {mark:<5} {check.name:<10} {check.detail}")
-        if token.accepted:
-            lines.append("  verdict: ACCEPTED: the sidecar forwards requests with this token")
-        else:
-            lines.append(f"  verdict: REFUSED: HTTP {token.status} ({token.reason}): "
-                         f"{token.description}")
-            if token.challenge:
-                lines.append(f"  WWW-Authenticate: {token.challenge}")
-        if token.tools is not None:
-            lines += ["", *_tool_lines(token.tools)]
+        lines += ["", *_token_lines(token)]
     order = {ERROR: 0, WARNING: 1, NOTE: 2}
     lines += ["", "Findings"]
     for finding in sorted(report.findings, key=lambda f: order[f.severity]):
