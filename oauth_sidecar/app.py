@@ -140,8 +140,7 @@ def create_app(
         config.metrics, __version__, route_classes=route_classes, auth_failure=AUTH_FAILURE
     ) if config.metrics else Metrics()
     idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
-    policy = AccessPolicy(config.policy, forwarded=config.forward_identity,
-                          groups_read_elsewhere=bool(config.tool_rules.file))
+    policy = AccessPolicy.serving(config)
     verifier = TokenVerifier(config.tokens, idp, policy.kept_claims)
     addresses = ClientAddress(config.trusted_proxies)
     limiter = RateLimiter(config.rate_limits, metrics, addresses)

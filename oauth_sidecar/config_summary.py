@@ -94,4 +94,11 @@ def summary(config: Config) -> dict[str, object]:
     }
     if config.spawn is not None:
         shown["spawn"] = {"command": shown_command(config.spawn.argv), "port": config.spawn.port}
+    tools = config.tool_rules
+    if tools.configured:  # counts and labels: a rule's subs, emails and groups are personal
+        shown["tool_rules"] = {
+            "allow_globs": len(tools.allow), "deny_globs": len(tools.deny),
+            "scope_pairs": len(tools.scopes), "rate_limit_pairs": len(tools.rate_limits),
+            "file": tools.file or None, "rules": [rule.label for rule in tools.file_rules],
+        }
     return shown

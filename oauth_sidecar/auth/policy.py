@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from oauth_sidecar.config import ALLOW_LISTS, PolicyConfig, ascii_lower
+from oauth_sidecar.config import ALLOW_LISTS, Config, PolicyConfig, ascii_lower
 
 
 class Denied(Exception):
@@ -73,6 +73,13 @@ class AccessPolicy:
             allow_file.kind == "groups" for allow_file in config.files)
         self._read_claims = READ_CLAIMS | (
             {config.groups_claim[0]} if reads_groups else frozenset())
+
+    @classmethod
+    def serving(cls, config: Config) -> AccessPolicy:
+        """The policy as the sidecar serves with it (create_app, and `check --token`, which
+        must judge the same claims the verifier keeps)."""
+        return cls(config.policy, forwarded=config.forward_identity,
+                   groups_read_elsewhere=bool(config.tool_rules.file))
 
     def allow_list(self, kind: str) -> frozenset[str]:
         """One allow-list: subs, emails, email_domains or groups (config.ALLOW_LISTS)."""

@@ -29,7 +29,7 @@ RULE_KEYS = frozenset({*WHO_KEYS, "everyone", "name",
                        *(f"{verb}_{kind}" for verb in ("allow", "deny") for kind in KINDS)})
 # Printable, no control characters: a glob is shown in logs and `check` output.
 GLOB_TEXT = re.compile(r"[^\x00-\x1f\x7f]+")
-RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
+RULE_HEADER = re.compile(r"""^\s*\[\[\s*(?:rule|"rule"|'rule')\s*\]\]""")
 T = TypeVar("T", tuple[str, ...], int)
 
 
@@ -116,20 +116,29 @@ def parse_rule_file(text: str, source: str) -> tuple[tuple[ToolRule, ...], list[
         return (), [f"TOOL_POLICY_FILE {source}: not valid TOML: {exc}"]
     lines = text.splitlines()
     headers = [number for number, line in enumerate(lines, 1) if RULE_HEADER.match(line)]
-    problems = [f"TOOL_POLICY_FILE {source}: unknown top-level key {key!r} (expected [[rule]] "
-                "tables)" for key in document if key != "rule"]
+    problems = [f"TOOL_POLICY_FILE {source}: line {_top_line(lines, key)}: unknown top-level "
+                f"key {key!r} (expected [[rule]] tables)" for key in document if key != "rule"]
     tables = document.get("rule", [])
-    if not isinstance(tables, list):
-        return (), [*problems, f"TOOL_POLICY_FILE {source}: `rule` must be [[rule]] tables"]
+    if not isinstance(tables, list) or len(headers) != len(tables):
+        # An inline `rule = [...]` has no line per rule, and every message names one.
+        return (), [*problems, f"TOOL_POLICY_FILE {source}: line {_top_line(lines, 'rule')}: "
+                               "write each rule as a [[rule]] table"]
     rules = []
     for index, table in enumerate(tables):
-        line = headers[index] if index < len(headers) else 0
+        line = headers[index]
         end = headers[index + 1] if index + 1 < len(headers) else len(lines) + 1
-        rule, found = _rule(table, line, lines[line:end - 1] if line else [], line)
+        rule, found = _rule(table, line, lines[line:end - 1], line)
         problems += [f"TOOL_POLICY_FILE {source}: {problem}" for problem in found]
         if rule is not None:
             rules.append(rule)
     return tuple(rules), problems
+
+
+def _top_line(lines: list[str], key: str) -> int:
+    """The first line assigning `key` or opening a table of that name (1 if none is found)."""
+    name = re.escape(key)
+    pattern = re.compile(rf"""^\s*(?:{name}\s*=|\[+\s*["']?{name}["']?\s*[].])""")
+    return next((number for number, line in enumerate(lines, 1) if pattern.match(line)), 1)
 
 
 def _key_line(body: list[str], first: int, key: str) -> int:

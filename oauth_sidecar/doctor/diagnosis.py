@@ -22,7 +22,7 @@ from oauth_sidecar.auth.resource_metadata import (
 )
 from oauth_sidecar.config import UNSHARED_SEALING_WARNING, Config
 from oauth_sidecar.config_summary import summary
-from oauth_sidecar.doctor.explainer import explain_token
+from oauth_sidecar.doctor.explainer import explain_caller
 from oauth_sidecar.doctor.idp_metadata import IdpChecks
 from oauth_sidecar.doctor.lint import (
     UNLIKELY_AUDIENCE,
@@ -32,6 +32,7 @@ from oauth_sidecar.doctor.lint import (
 )
 from oauth_sidecar.doctor.probes import Probes
 from oauth_sidecar.doctor.report import NOTE, SECTIONS, WARNING, Checker, Report
+from oauth_sidecar.doctor.tool_access import caller_tools
 from oauth_sidecar.signin.metadata import facade_metadata
 
 
@@ -66,10 +67,16 @@ class Diagnosis(Checker):
                     if config.auth_server.facade:
                         await probes.probe_relay(metadata)
                 self._documents(idp)
+                caller = None
                 if token is not None:
-                    self.report.token = await explain_token(config, idp, token)
-            await probes.upstream()
+                    self.report.token, caller = await explain_caller(config, idp, token)
+            if not config.tool_rules.configured:
+                caller = None
+            await probes.upstream(caller)
         token_report = self.report.token
+        if caller is not None and token_report is not None:
+            token_report.tools = caller_tools(config, caller, probes.lists, probes.lists_source,
+                                              probes.unlisted)
         aud_ok = token_report is not None and any(
             c.name == config.tokens.audience_claim and c.ok for c in token_report.checks)
         for guess in audience:  # a real token with a matching aud settles the guess

@@ -24,12 +24,21 @@ from oauth_sidecar.auth.tokens import Explanation, TokenVerifier
 from oauth_sidecar.config import Config
 from oauth_sidecar.doctor.report import ClaimCheck, TokenReport
 from oauth_sidecar.doctor.words import ClaimWords, describe_key
+from oauth_sidecar.request_keys import Principal
 
 FORWARDED = "forwarded to the upstream"
 
 
 async def explain_token(config: Config, idp: IdentityProvider, token: str) -> TokenReport:
     """What the gate would answer for this token, with one line per check."""
+    report, _ = await explain_caller(config, idp, token)
+    return report
+
+
+async def explain_caller(config: Config, idp: IdentityProvider, token: str
+                         ) -> tuple[TokenReport, Principal | None]:
+    """explain_token's report, and the Principal the gate would admit (None: it refuses):
+    the claims the verifier keeps, which the tool rules read (tool_access.py)."""
     verifier, policy = TokenVerifier(config.tokens, idp), AccessPolicy(config.policy)
     try:
         bearer_token([f"Bearer {token}"], [], config.tokens.max_token_bytes)
@@ -49,15 +58,21 @@ async def explain_token(config: Config, idp: IdentityProvider, token: str) -> To
     if error is not None:
         return TokenReport(checks=checks, accepted=False, status=error.status,
                            reason=error.reason, description=error.description,
-                           challenge=challenges.for_error(error))
+                           challenge=challenges.for_error(error)), None
     if admission is not None and admission.denied is not None:
         denied = admission.denied
         return TokenReport(checks=checks, accepted=False, status=403, reason=denied.reason,
                            description=INSUFFICIENT_SCOPE_DESCRIPTION if denied.scope_missing
                            else ACCESS_DENIED_DESCRIPTION,
-                           challenge=challenges.for_denial(denied))
+                           challenge=challenges.for_denial(denied)), None
+    caller = None
+    if payload is not None and isinstance(subject, str):  # always: it verified
+        claims, _ = AccessPolicy.serving(config).kept_claims(subject, payload)
+        kid = explanation.key.kid if explanation.key is not None else None
+        caller = Principal(issuer=payload["iss"], subject=subject, claims=claims,
+                           expires_at=float(payload["exp"]), kid=kid)
     return TokenReport(checks=checks, accepted=True, status=200, reason="",
-                       description=FORWARDED)
+                       description=FORWARDED), caller
 
 
 def _line(name: str, error: TokenError | None, ok_detail: str, fail_detail: str = "") -> ClaimCheck:

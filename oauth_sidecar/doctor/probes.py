@@ -28,8 +28,11 @@ from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.resource_metadata import public_origin
 from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.client_ip import ClientAddress
+from oauth_sidecar.config import Config
 from oauth_sidecar.config_summary import shown_command
-from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker
+from oauth_sidecar.doctor.mcp_lists import McpExchange, Unlisted, UpstreamLists
+from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker, Report
+from oauth_sidecar.request_keys import Principal
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, with_query
 from oauth_sidecar.upstream.child import ChildProcess, ChildStartError
@@ -39,6 +42,7 @@ from oauth_sidecar.upstream.proxy import UpstreamProxy
 PROBE_SECONDS = 10.0  # an upstream or authorization-endpoint probe: the answer's status line only
 PROBE_BODY_BYTES = 64 * 1024  # enough of an IdP's error page to find its error code
 CHILD_SLACK = 5.0  # seconds beyond MCP_SPAWN_READY_TIMEOUT_SECONDS before we stop waiting
+LIST_SECONDS = 30.0  # the whole MCP exchange that reads the upstream's lists (check --token)
 
 
 async def until(predicate: Callable[[], bool], within: float) -> bool:
@@ -90,6 +94,17 @@ def _mentions_redirect_error(body: bytes) -> bool:
 
 class Probes(Checker):
     """The relay's sign-in request and the upstream, written into the report."""
+
+    def __init__(self, config: Config, report: Report,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        super().__init__(config, report, session)
+        self.lists: UpstreamLists | None = None
+        """The upstream's MCP lists as the token's caller would get them (check --token)."""
+        self.lists_source = ""
+        self.unlisted = "the upstream was not reached"
+        """Why `lists` is None."""
+        self._credential: UpstreamCredential | None = None
+        self._own_headers: dict[str, str] | None = None
 
     async def probe_relay(self, metadata: Mapping[str, Any]) -> None:
         """Ask the IdP's authorization endpoint what it says to the relay's sign-in request:
@@ -150,11 +165,19 @@ class Probes(Checker):
 
     # -- upstream -------------------------------------------------------------------------------
 
-    async def upstream(self) -> None:
+    async def upstream(self, caller: Principal | None = None) -> None:
+        """Probe the upstream; with a caller, also read its MCP lists (into self.lists, or why
+        not into self.unlisted) while it runs, as that caller's requests would reach it."""
         config = self.config
-        proxy = UpstreamProxy(config, policy=AccessPolicy(config.policy),
+        credential = None
+        if config.upstream_bearer_file:
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+                credential = UpstreamCredential(config.upstream_bearer_file)
+        self._credential = credential
+        proxy = UpstreamProxy(config, policy=AccessPolicy.serving(config),
                               addresses=ClientAddress(config.trusted_proxies),
-                              sessions=SessionBindings(config.session_ttl))
+                              sessions=SessionBindings(config.session_ttl), credential=credential)
+        self._own_headers = proxy.headers.own(caller) if caller is not None else None
         url = str(proxy.upstream_url(config.resource_path or "/", ""))  # the proxy's mapping
         spawn = config.spawn
         if spawn is None:
@@ -173,6 +196,7 @@ class Probes(Checker):
                                           "connections")
                     await self._probe_upstream(url)
                 else:
+                    self.unlisted = "the spawned MCP child did not become ready"
                     self.add(ERROR, "child_not_ready",
                              f"the MCP child did not become ready: {child.last_exit or 'timeout'}",
                              "run MCP_SPAWN_CMD by hand (check -v shows its output); check "
@@ -195,10 +219,7 @@ class Probes(Checker):
         if session is None:
             return
         headers = {"Accept": "application/json, text/event-stream"}
-        credential = None
-        if config.upstream_bearer_file:
-            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
-                credential = UpstreamCredential(config.upstream_bearer_file).authorization
+        credential = self._credential.authorization if self._credential is not None else None
         if credential:
             headers["Authorization"] = credential
         timeout = aiohttp.ClientTimeout(total=config.upstream.connect_timeout + PROBE_SECONDS,
@@ -209,12 +230,15 @@ class Probes(Checker):
                 status = response.status  # only the status line: an SSE body never ends
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.line("upstream", f"GET {url}: unreachable ({type(exc).__name__})")
+            self.unlisted = f"the upstream is unreachable ({type(exc).__name__})"
             self.add(ERROR, "upstream_unreachable",
                      f"GET {url} failed: {type(exc).__name__}: {exc}".rstrip(": "),
                      "check MCP_UPSTREAM_URL (or the spawned child); while the upstream is "
                      "unreachable every authenticated request gets 502 and /readyz 503")
             return
         self.line("upstream", f"GET {url} -> HTTP {status}: reachable")
+        if self._own_headers is not None:
+            await self._read_lists(url, self._own_headers, timeout)
         if status in (401, 403):
             self.add(WARNING, "upstream_refuses",
                      f"the upstream answered {status} to the sidecar's own request: it wants "
@@ -231,3 +255,25 @@ class Probes(Checker):
         elif status >= 500:
             self.add(WARNING, "upstream_error", f"the upstream answered {status} at {url}")
 
+
+    async def _read_lists(self, url: str, headers: dict[str, str],
+                          each: aiohttp.ClientTimeout) -> None:
+        """The upstream's MCP lists, as the given caller's requests reach it (mcp_lists.py)."""
+        if self.session is None:
+            return
+        exchange = McpExchange(self.session, url, headers, each)
+        try:
+            async with asyncio.timeout(LIST_SECONDS):
+                lists = await exchange.lists()
+        except Unlisted as exc:
+            self.unlisted = str(exc)
+        except TimeoutError:
+            self.unlisted = f"the MCP exchange took longer than {LIST_SECONDS:g} s"
+        else:
+            self.lists = lists
+            self.lists_source = (f"the upstream's lists at {url}"
+                                 + (f" (server {lists.server})" if lists.server else ""))
+            counts = ", ".join(f"{len(names)} {kind}" for kind, names in lists.names.items())
+            self.line("upstream", f"MCP lists as the token's caller: {counts}")
+            return
+        self.line("upstream", f"MCP lists as the token's caller: unavailable: {self.unlisted}")

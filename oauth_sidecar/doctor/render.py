@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 
 from oauth_sidecar import __version__
-from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Report
+from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, CallerTools, Report, TokenReport
 from oauth_sidecar.log import shown
 
+NAME_WIDTH = 32  # a longer tool name or URI shifts its own line only
 TITLES = {"identity provider": "Identity provider", "keys": "Keys (JWKS)", "upstream": "Upstream"}
 
 
@@ -23,6 +24,53 @@ def _value(value: object) -> str:
     if isinstance(value, list):
         return ", ".join(map(_value, value))
     return "" if value is None else str(value)
+
+
+def _token_lines(token: TokenReport) -> list[str]:
+    lines = ["Token (claim by claim; the token itself is never printed)"]
+    for check in token.checks:
+        mark = {True: "ok", False: "FAIL", None: "--"}[check.ok]
+        lines.append(f"  {mark:<5} {check.name:<10} {check.detail}")
+    if token.accepted:
+        lines.append("  verdict: ACCEPTED: the sidecar forwards requests with this token")
+    else:
+        lines.append(f"  verdict: REFUSED: HTTP {token.status} ({token.reason}): "
+                     f"{token.description}")
+        if token.challenge:
+            lines.append(f"  WWW-Authenticate: {token.challenge}")
+    if token.tools is not None:
+        lines += ["", *_tool_lines(token.tools)]
+    return lines
+
+
+def _tool_lines(tools: CallerTools) -> list[str]:
+    """Each listed name with ToolPolicy's verdict; the rules that apply to the caller."""
+    if tools.unlisted:
+        lines = ["What this token may call (tool rules)",
+                 f"  the upstream's lists could not be read: {tools.unlisted}",
+                 "  the rules that apply to this caller instead:"]
+        return lines + [f"    {rule}" for rule in tools.rules]
+    lines = [f"What this token may call (tool rules, judged on {tools.source})"]
+    width = min(max((len(item.name) for item in tools.items), default=0), NAME_WIDTH)
+    kind = ""
+    for item in tools.items:
+        if item.kind != kind:
+            kind = item.kind
+            lines.append(f"  {kind}")
+        if not item.allowed:
+            mark, detail = "refused", f"{item.because}: a JSON-RPC error, never sent upstream"
+        elif item.missing_scopes:
+            mark, detail = "403", (f"{item.because}, but TOOL_SCOPES needs "
+                                   f"{' '.join(item.missing_scopes)}, which the token lacks: "
+                                   "403 insufficient_scope (the client may step up)")
+        else:
+            mark, detail = "allowed", item.because
+        lines.append(f"    {mark:<8} {item.name:<{width}}  {detail}")
+    if not tools.items:
+        lines.append("  the upstream lists nothing")
+    lines += [f"  note: {note}" for note in tools.notes]
+    lines += ["  the rules that apply to this caller:", *(f"    {rule}" for rule in tools.rules)]
+    return lines
 
 
 def render(report: Report, *, strict: bool = False) -> str:
@@ -39,17 +87,7 @@ def render(report: Report, *, strict: bool = False) -> str:
         lines += [f"    {row}" for row in text.splitlines()]
     token = report.token
     if token is not None:
-        lines += ["", "Token (claim by claim; the token itself is never printed)"]
-        for check in token.checks:
-            mark = {True: "ok", False: "FAIL", None: "--"}[check.ok]
-            lines.append(f"  {mark:<5} {check.name:<10} {check.detail}")
-        if token.accepted:
-            lines.append("  verdict: ACCEPTED: the sidecar forwards requests with this token")
-        else:
-            lines.append(f"  verdict: REFUSED: HTTP {token.status} ({token.reason}): "
-                         f"{token.description}")
-            if token.challenge:
-                lines.append(f"  WWW-Authenticate: {token.challenge}")
+        lines += ["", *_token_lines(token)]
     order = {ERROR: 0, WARNING: 1, NOTE: 2}
     lines += ["", "Findings"]
     for finding in sorted(report.findings, key=lambda f: order[f.severity]):

@@ -41,6 +41,34 @@ class ClaimCheck:
     """The verifier's or the policy's reason code when the check failed."""
 
 
+@dataclass(frozen=True, slots=True)
+class ToolAccess:
+    """One tool, prompt or resource the upstream listed, and ToolPolicy's verdict for the caller."""
+
+    kind: str
+    """tools, prompts or resources (a resource template is judged by its URI template)."""
+    name: str
+    allowed: bool
+    because: str
+    """The rule that decided (Verdict.because)."""
+    missing_scopes: tuple[str, ...] = ()
+    """TOOL_SCOPES the token lacks: an allowed call still gets 403 insufficient_scope."""
+
+
+@dataclass(slots=True)
+class CallerTools:
+    """What an admitted token may call under the tool rules."""
+
+    source: str
+    """Where the names came from (the upstream's lists, at which URL); "" when unlisted."""
+    unlisted: str
+    """Why the upstream's lists could not be read ("" when they were)."""
+    items: list[ToolAccess] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    """The rules that apply to this caller, one line each."""
+    notes: list[str] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class TokenReport:
     checks: list[ClaimCheck]
@@ -52,6 +80,8 @@ class TokenReport:
     description: str
     challenge: str = ""
     """The WWW-Authenticate header the client would get, if any."""
+    tools: CallerTools | None = None
+    """With tool rules configured and the token admitted: what it may call."""
 
     def failed_checks(self) -> list[str]:
         return [check.name for check in self.checks if check.ok is False]

@@ -113,15 +113,15 @@ class CallRules:
 
     def _missing_scopes(self, request: web.Request, principal: Principal, body: Body,
                         request_id: str) -> web.Response | None:
-        needed: dict[str, None] = {}
-        for message in body.named:
-            if message.kind == "tools":
-                needed.update(dict.fromkeys(self._tools.needed_scopes(message.name or "")))
-        if not needed:
+        tools = [message.name or "" for message in body.named if message.kind == "tools"]
+        if not tools:
             return None
         held = self._policy.scopes(principal.claims)
-        if all(scope in held for scope in needed):
+        if not any(self._tools.missing_scopes(tool, held) for tool in tools):
             return None
+        needed: dict[str, None] = {}  # the challenge names every scope the call needs
+        for tool in tools:
+            needed.update(dict.fromkeys(self._tools.needed_scopes(tool)))
         request[AUTH_FAILURE] = "mcp_insufficient_scope"
         for message in body.named:
             self._audit.refused(principal, message, "scope_missing", "TOOL_SCOPES", request_id)

@@ -132,3 +132,8 @@ class ToolPolicy:
             if _matches(pattern, tool):
                 needed.update(dict.fromkeys(scopes))
         return tuple(needed)
+
+    def missing_scopes(self, tool: str, held: frozenset[str]) -> tuple[str, ...]:
+        """The tool's TOOL_SCOPES not among `held` (AccessPolicy.scopes of the caller's claims):
+        a call of it is refused with 403 insufficient_scope unless this is empty."""
+        return tuple(scope for scope in self.needed_scopes(tool) if scope not in held)

@@ -126,13 +126,23 @@ class HeaderFilter:
         headers["x-forwarded-for"] = self._addresses.forwarded_for(
             request.remote, forwarded_chain(request.headers)
         )
+        self._add_own(headers, principal)
+        return headers
+
+    def own(self, principal: Principal) -> dict[str, str]:
+        """The headers the sidecar itself sends with a request of this caller, less
+        X-Forwarded-For (it needs the request): `check --token` asks the upstream with these."""
+        headers: dict[str, str] = {}
+        self._add_own(headers, principal)
+        return headers
+
+    def _add_own(self, headers: dict[str, str], principal: Principal) -> None:
         headers["x-forwarded-proto"] = self._forwarded_proto
         headers["x-forwarded-host"] = self._forwarded_host
         if self._credential is not None and self._credential.authorization:
             headers["authorization"] = self._credential.authorization
         if self._forward_identity:
             self._add_identity(headers, principal)
-        return headers
 
     def _verdict(self, name: str) -> str | None:
         """The lowercase name a caller's header goes upstream under; None: it never does."""
