@@ -2,8 +2,9 @@
 
 The upstream (McpLike) answers like an MCP server: tools/list, prompts/list, resources/list and
 resources/templates/list with fixed lists (a cursor included), tools/call with a text result,
-anything else with an empty result; as JSON, or as SSE when the request's query has `sse=1`. It
-records every body it receives, so each refusal is proved to have never reached it.
+anything else with an empty result; as JSON, or as SSE when the request's query has `sse=1`
+(`sse=cut`: an event stream that ends before the answer). It records every body it receives, so
+each refusal is proved to have never reached it.
 """
 
 from __future__ import annotations
@@ -95,12 +96,15 @@ class McpLike:
         self.bodies.append(body)
         answer = ([self._result(m) for m in body] if isinstance(body, list)
                   else self._result(body))
-        if request.query.get("sse") != "1":
+        if request.query.get("sse") not in ("1", "cut"):
             return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         note = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
         await response.write(f"event: message\ndata: {json.dumps(note)}\n\n".encode())
+        if request.query.get("sse") == "cut":  # the stream ends before the answer
+            await response.write_eof()
+            return response
         for message in answer if isinstance(answer, list) else [answer]:
             text = json.dumps(message)
             half = len(text) // 2  # one event split over two writes
@@ -468,6 +472,19 @@ async def test_each_call_gets_one_audit_line_without_arguments_by_default(
     assert all("arguments" not in e for e in audit)
     assert audit[2]["rule"] == "TOOLS_DENY"
     assert audit[2]["upstream_status"] is None
+
+
+async def test_a_call_whose_event_stream_ends_without_its_answer_is_audited_failed(
+    start: Any, idp: FakeIdp, mcp_like: McpLike
+) -> None:
+    """HTTP 200 and an event stream, but no JSON-RPC answer: the call failed, not ok."""
+    client = await start(TOOLS_DENY="delete_*")
+    with capture_logs() as logs:
+        status, _, _ = await post(client, token(idp), call("search", 2), "/mcp?sse=cut")
+    assert status == 200
+    audit = [e for e in logs if e["event"] == "mcp_call"]
+    assert [(e["name"], e["outcome"], e["upstream_status"]) for e in audit] == [
+        ("search", "failed", 200)]
 
 
 async def test_arguments_are_logged_redacted_when_asked(
