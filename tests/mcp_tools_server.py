@@ -10,7 +10,8 @@ Serves Streamable HTTP at ``/mcp`` (answers as SSE, or as JSON with ``--json-res
 
 Every tool call, prompt get and resource read appends one JSON line to ``--calls-file``
 (``{"method": ..., "name": ...}``), written before it answers, so a test proves from outside the
-process what the server ran, and what it never saw. tests/mcp_echo_server.py stays as it is:
+process what the server ran, and what it never saw. ``get_doc("crash-the-server")`` records its
+call and then ends the process at once, without an answer. tests/mcp_echo_server.py stays as it is:
 other tests count its tools.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -30,6 +32,7 @@ TOOLS = ["search", "get_doc", "write_note", "delete_everything"]
 PROMPTS = ["summary", "secret_plan"]
 RESOURCES = ["file:///public/readme.txt", "file:///private/keys.txt"]
 TEMPLATES = ["file:///public/{name}", "file:///private/{name}"]
+CRASH = "crash-the-server"
 
 
 def build_server(calls_file: Path) -> MCPServer:
@@ -49,6 +52,8 @@ def build_server(calls_file: Path) -> MCPServer:
     def get_doc(doc_id: str) -> str:
         """Read one document."""
         ran("tools/call", "get_doc")
+        if doc_id == CRASH:  # the server dies mid-call: its answer never comes
+            os._exit(3)
         return f"doc {doc_id}"
 
     @server.tool()

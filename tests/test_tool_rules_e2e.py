@@ -31,11 +31,13 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull
 from mcp.shared.exceptions import MCPError
 from mcp_client_probe import Mode, find_mcp_error
+from mcp_tools_server import CRASH
 from mcp_types import CallToolResult, TextContent
 from oauth_flow import SdkOAuthClient, run_sidecar
 from processes import free_port, stop_process
 from pydantic import AnyUrl
 from real_idp import run_oidc_provider
+from structlog.testing import capture_logs
 
 # Every test here runs real processes (see the marker in pyproject.toml).
 pytestmark = pytest.mark.slow
@@ -127,7 +129,9 @@ async def run_tools_server(directory: Path, *, json_response: bool) -> AsyncIter
 
 
 @pytest.fixture(params=ANSWERS)
-async def tools_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ToolsServer]:
+async def tools_server(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ToolsServer]:
     """The official-SDK tools server, answering as SSE or as JSON."""
     async with run_tools_server(tmp_path, json_response=request.param == "json") as server:
         yield server
@@ -172,7 +176,7 @@ async def connect(url: str, token: str, mode: Mode, seen: Seen | None = None
         asyncio.timeout(CLIENT_TIMEOUT),
         httpx2.AsyncClient(
             headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(HTTP_TIMEOUT),
-            trust_env=False, event_hooks=hooks,  # type: ignore[arg-type]
+            trust_env=False, event_hooks=hooks,
         ) as http_client,
         Client(streamable_http_client(url, http_client=http_client), mode=mode, cache=None,
                read_timeout_seconds=HTTP_TIMEOUT) as client,
@@ -191,7 +195,7 @@ async def refused(call: Awaitable[Any]) -> MCPError:
     """The MCPError a refused SDK call raises (plain, or inside an exception group)."""
     try:
         await call
-    except Exception as exc:  # noqa: BLE001 - unwrapped below, re-raised if not an MCPError
+    except Exception as exc:  # unwrapped below, re-raised if not an MCPError
         found = find_mcp_error(exc)
         if found is None:
             raise
@@ -401,14 +405,16 @@ async def test_the_sdk_steps_up_at_a_real_idp_and_the_retried_call_succeeds(
         client = SdkOAuthClient(sidecar.mcp_url, redirect_uri=redirect_uri, client_info=(
             OAuthClientInformationFull(
                 client_id="mcp-static", client_secret="static-secret",
-                redirect_uris=[AnyUrl(redirect_uri)], token_endpoint_auth_method="client_secret_basic",
+                redirect_uris=[AnyUrl(redirect_uri)],
+                token_endpoint_auth_method="client_secret_basic",
                 grant_types=["authorization_code", "refresh_token"], response_types=["code"])))
         result = await client.session(CALLS, mode=mode, allow_failure=True)
         assert result.error is None, result.describe()
     assert result.results == ["found: q", "noted: stepped up"]
     assert len(result.authorization_urls) == 2, result.describe()
     first, second = (set(_query(url).get("scope", "").split()) for url in result.authorization_urls)
-    assert "mcp:write" not in first and "mcp:read" in first, first
+    assert "mcp:read" in first, first
+    assert "mcp:write" not in first, first
     assert {"mcp:read", "mcp:write"} <= second, second  # SEP-2350: the union
     challenged = [e for e in result.exchanges if e.status == 403]
     assert len(challenged) == 1, result.describe()
@@ -417,7 +423,7 @@ async def test_the_sdk_steps_up_at_a_real_idp_and_the_retried_call_succeeds(
         f'resource_metadata="{sidecar.origin}/.well-known/oauth-protected-resource/mcp"')
     # The retried call carried the new token, which holds both scopes.
     i = result.exchanges.index(challenged[0])
-    retried = [e for e in result.exchanges[i + 1:] if e.url == sidecar.mcp_url][0]
+    retried = next(e for e in result.exchanges[i + 1:] if e.url == sidecar.mcp_url)
     assert (retried.method, retried.status, retried.authorization) == ("POST", 200, "Bearer")
     assert retried.json()["params"]["name"] == "write_note"
     claims = result.claims
@@ -457,3 +463,64 @@ async def test_a_dynamically_registered_client_is_refused_the_step_up_by_the_idp
 
 def _query(url: str) -> dict[str, str]:
     return dict(parse_qsl(urlsplit(url).query))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_uri_the_sdk_sends_base64_encoded_in_mcp_name_is_judged_as_meant(
+    make_sidecar: SidecarFactory, idp: FakeIdp, sse_tools_server: ToolsServer, mode: Mode,
+    tmp_path: Path,
+) -> None:
+    """Non-ASCII and spaces: the 2026-07-28 SDK sends Mcp-Name as `=?base64?...?=`, which the
+    sidecar decodes to compare with the body; the rule judges the URI itself."""
+    rules = tmp_path / "tools.toml"
+    rules.write_text(RULES)
+    url = await sidecar_url(make_sidecar, sse_tools_server, TOOL_POLICY_FILE=str(rules))
+    seen = Seen()
+    public, private = "file:///public/café notes.txt", "file:///private/café notes.txt"
+    async with connect(url, idp.mint(claims={"groups": ["readers"]}), mode, seen) as client:
+        read = await client.read_resource(public)
+        error = await refused(client.read_resource(private))
+    assert [getattr(c, "text", None) for c in read.contents] == ["public café notes.txt"]
+    assert repr(private) in error.message, error
+    assert sse_tools_server.ran() == [("resources/read", public)]
+    if mode == "auto":
+        names = [request.headers.get("mcp-name") for request, _ in seen.posts("resources/read")]
+        assert all(name and name.startswith("=?base64?") for name in names), names
+
+
+# --- the audit line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_each_sdk_call_gets_one_audit_line_with_its_outcome(
+    make_sidecar: SidecarFactory, idp: FakeIdp, tools_server: ToolsServer, mode: Mode
+) -> None:
+    url = await sidecar_url(make_sidecar, tools_server, TOOLS_DENY="delete_*")
+    with capture_logs() as logs:
+        async with connect(url, idp.mint(), mode) as client:
+            await client.call_tool("search", {"query": "q"})
+            failed = await client.call_tool("search", {})  # invalid arguments: isError
+            await refused(client.call_tool("delete_everything", {}))
+    audit = [e for e in logs if e["event"] == "mcp_call"]
+    assert failed.is_error
+    assert [(e["name"], e["decision"], e.get("outcome"), e["upstream_status"]) for e in audit] == [
+        ("search", "allowed", "ok", 200), ("search", "allowed", "error", 200),
+        ("delete_everything", "denied", None, None)]
+    access = {e["request_id"] for e in logs if e["event"] == "request"}
+    assert all(e["request_id"] in access for e in audit)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_call_whose_server_dies_before_answering_is_audited_failed(
+    make_sidecar: SidecarFactory, idp: FakeIdp, tools_server: ToolsServer, mode: Mode
+) -> None:
+    """The server records the call and exits at once: no JSON-RPC answer ever comes, whether
+    or not it had begun an event stream (HTTP 200), so the audit line says `failed`."""
+    url = await sidecar_url(make_sidecar, tools_server, TOOLS_DENY="delete_*")
+    with capture_logs() as logs, contextlib.suppress(Exception):
+        async with connect(url, idp.mint(), mode) as client:
+            await client.call_tool("get_doc", {"doc_id": CRASH}, read_timeout_seconds=5)
+    assert tools_server.ran() == [("tools/call", "get_doc")]
+    audit = [e for e in logs if e["event"] == "mcp_call"]
+    assert [(e["name"], e["decision"], e.get("outcome")) for e in audit] == [
+        ("get_doc", "allowed", "failed")], audit
