@@ -474,6 +474,22 @@ async def test_each_call_gets_one_audit_line_without_arguments_by_default(
     assert audit[2]["upstream_status"] is None
 
 
+@pytest.mark.parametrize("request_id", [{"a": 1}, [1], True])
+@pytest.mark.parametrize("sse", ["0", "1"])
+async def test_an_id_that_is_not_a_string_or_number_is_refused(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, request_id: Any, sse: str
+) -> None:
+    """An object or array id cannot be matched to its answer: it was a 500 (after the call
+    had reached the upstream), and in an event stream a broken response."""
+    client = await start(TOOLS_DENY="delete_*")
+    for body in (request("tools/list"), call("search")):
+        body["id"] = request_id
+        status, text, _ = await post(client, token(idp), body, f"/mcp?sse={sse}")
+        assert status == 400, text
+        assert json.loads(text)["error"]["code"] == -32600
+    assert mcp_like.bodies == []
+
+
 async def test_a_call_whose_event_stream_ends_without_its_answer_is_audited_failed(
     start: Any, idp: FakeIdp, mcp_like: McpLike
 ) -> None:

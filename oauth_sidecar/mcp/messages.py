@@ -115,6 +115,9 @@ def _message(item: Any) -> Message:
         raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: a message is not an object")
     has_id = "id" in item
     request_id = item.get("id")
+    if not _valid_id(request_id):  # it could not be matched to its answer (nor hashed)
+        raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: id must be a string, a "
+                          "number or null")
     method = item.get("method")
     if not isinstance(method, str):
         if "method" in item:
@@ -132,6 +135,11 @@ def _message(item: Any) -> Message:
                           "as a string", request_id)
     arguments = params.get("arguments") if isinstance(params, dict) else None
     return Message(method, request_id, has_id, kind, name, arguments)
+
+
+def _valid_id(value: Any) -> bool:
+    """JSON-RPC 2.0: an id is a string, a number or null (a boolean is none of them)."""
+    return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
 
 
 def header_value(value: str) -> str | None:
