@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import FakeIdp, bearer, sidecar_env, wait_until
+from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import create_app
@@ -404,6 +405,27 @@ async def test_headers_must_agree_with_the_body(
                               **{"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?!!?="})
     assert status == 400
     assert [b["params"]["name"] for b in mcp_like.bodies] == [name]
+
+
+@pytest.mark.parametrize("repeated", [
+    [("Mcp-Method", "tools/call"), ("Mcp-Name", "get_doc"), ("Mcp-Name", "search")],
+    [("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "get_doc")],
+])
+async def test_a_repeated_mcp_header_is_refused(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, repeated: list[tuple[str, str]]
+) -> None:
+    """The first agrees with the body; a reader of the last (or of both joined) sees another
+    call: refused, as a repeated key is."""
+    client = await start(TOOLS_DENY="delete_*")
+    headers = CIMultiDict([*bearer(token(idp)).items(), ("Content-Type", "application/json"),
+                           *repeated])
+    async with client.post("/mcp", data=json.dumps(call("get_doc", 4)).encode(),
+                           headers=headers) as response:
+        assert response.status == 400
+        answer = await response.json()
+    assert answer["error"]["code"] == -32020
+    assert answer["id"] == 4
+    assert mcp_like.bodies == []
 
 
 @pytest.mark.parametrize("body", [

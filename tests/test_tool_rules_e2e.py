@@ -349,6 +349,27 @@ async def test_a_header_naming_another_tool_than_the_body_is_refused(
     assert tools_server.ran() == [("tools/call", "search")]
 
 
+async def test_a_repeated_mcp_name_is_refused_before_the_server_reads_either(
+    make_sidecar: SidecarFactory, idp: FakeIdp, sse_tools_server: ToolsServer
+) -> None:
+    """The first Mcp-Name agrees with the body, the second names another tool: readers disagree
+    on which counts (the official server refuses what it reads; an intermediary in front of the
+    sidecar may show `search`), so the sidecar refuses it: the server never sees it."""
+    url = await sidecar_url(make_sidecar, sse_tools_server, TOOLS_DENY="delete_*")
+    headers = [*modern_headers(idp.mint(), "tools/call", "get_doc").items(),
+               ("Mcp-Name", "search")]
+    async with (
+        asyncio.timeout(CLIENT_TIMEOUT),
+        httpx2.AsyncClient(timeout=httpx2.Timeout(HTTP_TIMEOUT), trust_env=False) as http,
+    ):
+        answer = await http.post(url, headers=headers,
+                                 content=json.dumps(tools_call("get_doc", {"doc_id": "1"})))
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == {
+        "code": -32020, "message": "Header mismatch: Mcp-Method or Mcp-Name is repeated"}
+    assert sse_tools_server.ran() == []
+
+
 # --- TOOL_SCOPES: step-up ----------------------------------------------------------------------
 
 
