@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx2
 import pytest
-from conftest import FakeIdp, SidecarFactory
+from conftest import FakeIdp, SidecarFactory, clear_of_a_minute_edge
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull
@@ -507,6 +507,26 @@ async def test_a_uri_the_sdk_sends_base64_encoded_in_mcp_name_is_judged_as_meant
     if mode == "auto":
         names = [request.headers.get("mcp-name") for request, _ in seen.posts("resources/read")]
         assert all(name and name.startswith("=?base64?") for name in names), names
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_tool_over_its_budget_gets_429_and_never_runs(
+    make_sidecar: SidecarFactory, idp: FakeIdp, sse_tools_server: ToolsServer, mode: Mode
+) -> None:
+    url = await sidecar_url(make_sidecar, sse_tools_server, TOOL_RATE_LIMITS="search=2")
+    await clear_of_a_minute_edge()  # an exact count of a small budget follows
+    seen = Seen()
+    async with connect(url, idp.mint(), mode, seen) as client:
+        for query in ("a", "b"):
+            await client.call_tool("search", {"query": query})
+        error = await refused(client.call_tool("search", {"query": "c"}))
+        assert text_of(await client.call_tool("get_doc", {"doc_id": "1"})) == "doc 1"
+    assert error is not None
+    statuses = [response.status_code for _, response in seen.posts("tools/call")]
+    assert statuses == [200, 200, 429, 200]
+    over = seen.posts("tools/call")[2][1]
+    assert int(over.headers["retry-after"]) >= 1
+    assert sse_tools_server.ran() == [("tools/call", "search")] * 2 + [("tools/call", "get_doc")]
 
 
 # --- the audit line -------------------------------------------------------------------------
