@@ -2,8 +2,9 @@
 
 The upstream (McpLike) answers like an MCP server: tools/list, prompts/list, resources/list and
 resources/templates/list with fixed lists (a cursor included), tools/call with a text result,
-anything else with an empty result; as JSON, or as SSE when the request's query has `sse=1`. It
-records every body it receives, so each refusal is proved to have never reached it.
+anything else with an empty result; as JSON, or as SSE when the request's query has `sse=1`
+(`sse=cut`: an event stream that ends before the answer). It records every body it receives, so
+each refusal is proved to have never reached it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import FakeIdp, bearer, sidecar_env, wait_until
+from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import create_app
@@ -97,12 +99,15 @@ class McpLike:
                        else self._result(body))
         if request.query.get("weird") == "1":  # a broken upstream: ids that are objects
             answer = {**answer, "id": {"not": "an id"}}
-        if request.query.get("sse") != "1":
+        if request.query.get("sse") not in ("1", "cut"):
             return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         note = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
         await response.write(f"event: message\ndata: {json.dumps(note)}\n\n".encode())
+        if request.query.get("sse") == "cut":  # the stream ends before the answer
+            await response.write_eof()
+            return response
         for message in answer if isinstance(answer, list) else [answer]:
             text = json.dumps(message)
             half = len(text) // 2  # one event split over two writes
@@ -406,6 +411,27 @@ async def test_headers_must_agree_with_the_body(
     assert [b["params"]["name"] for b in mcp_like.bodies] == [name]
 
 
+@pytest.mark.parametrize("repeated", [
+    [("Mcp-Method", "tools/call"), ("Mcp-Name", "get_doc"), ("Mcp-Name", "search")],
+    [("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "get_doc")],
+])
+async def test_a_repeated_mcp_header_is_refused(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, repeated: list[tuple[str, str]]
+) -> None:
+    """The first agrees with the body; a reader of the last (or of both joined) sees another
+    call: refused, as a repeated key is."""
+    client = await start(TOOLS_DENY="delete_*")
+    headers = CIMultiDict([*bearer(token(idp)).items(), ("Content-Type", "application/json"),
+                           *repeated])
+    async with client.post("/mcp", data=json.dumps(call("get_doc", 4)).encode(),
+                           headers=headers) as response:
+        assert response.status == 400
+        answer = await response.json()
+    assert answer["error"]["code"] == -32020
+    assert answer["id"] == 4
+    assert mcp_like.bodies == []
+
+
 @pytest.mark.parametrize("body", [
     b"not json", b"\xff\xfe{}", b"",
     b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search",'
@@ -474,6 +500,35 @@ async def test_each_call_gets_one_audit_line_without_arguments_by_default(
     assert all("arguments" not in e for e in audit)
     assert audit[2]["rule"] == "TOOLS_DENY"
     assert audit[2]["upstream_status"] is None
+
+
+@pytest.mark.parametrize("request_id", [{"a": 1}, [1], True])
+@pytest.mark.parametrize("sse", ["0", "1"])
+async def test_an_id_that_is_not_a_string_or_number_is_refused(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, request_id: Any, sse: str
+) -> None:
+    """An object or array id cannot be matched to its answer: it was a 500 (after the call
+    had reached the upstream), and in an event stream a broken response."""
+    client = await start(TOOLS_DENY="delete_*")
+    for body in (request("tools/list"), call("search")):
+        body["id"] = request_id
+        status, text, _ = await post(client, token(idp), body, f"/mcp?sse={sse}")
+        assert status == 400, text
+        assert json.loads(text)["error"]["code"] == -32600
+    assert mcp_like.bodies == []
+
+
+async def test_a_call_whose_event_stream_ends_without_its_answer_is_audited_failed(
+    start: Any, idp: FakeIdp, mcp_like: McpLike
+) -> None:
+    """HTTP 200 and an event stream, but no JSON-RPC answer: the call failed, not ok."""
+    client = await start(TOOLS_DENY="delete_*")
+    with capture_logs() as logs:
+        status, _, _ = await post(client, token(idp), call("search", 2), "/mcp?sse=cut")
+    assert status == 200
+    audit = [e for e in logs if e["event"] == "mcp_call"]
+    assert [(e["name"], e["outcome"], e["upstream_status"]) for e in audit] == [
+        ("search", "failed", 200)]
 
 
 async def test_arguments_are_logged_redacted_when_asked(

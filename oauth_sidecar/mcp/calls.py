@@ -192,15 +192,19 @@ class CallRules:
         return EventRewriter(rewrite, MAX_ANSWER_BYTES)
 
     def finish(self, judged: Judged, status: int | None) -> None:
-        """The request ended: every call not answered yet gets its audit line now, as failed
-        (no answer named it: the upstream failed, its answer was cut off or was not JSON-RPC,
-        or the client left first)."""
+        """The request ended: every call not answered yet gets its audit line now (the answer
+        was not JSON-RPC, was cut off, or the upstream failed). A request left without its
+        JSON-RPC answer failed, whatever the HTTP status: an event stream begins with 200 and
+        can end (the server died, the client left) before the answer; only a notification,
+        which no answer follows, is ok on a success status."""
         for message in judged.calls:
             if message.id not in judged.answered or not message.has_id:
                 judged.answered.add(message.id)
+                failed = message.has_id or status is None or status >= 400
                 self._audit.answered(judged.principal, message, status=status, error_code=None,
                                      seconds=time.perf_counter() - judged.started,
-                                     request_id=judged.request_id, outcome="failed")
+                                     request_id=judged.request_id,
+                                     outcome="failed" if failed else "ok")
 
     def _learn(self, message: Any, judged: Judged) -> None:
         """Names the upstream lists become metric labels (bounded: audit.py)."""

@@ -15,9 +15,10 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from multidict import MultiMapping
 
 # Methods that name one thing: (kind of thing, the param naming it).
 NAMED_METHODS = {
@@ -154,15 +155,20 @@ def header_value(value: str) -> str | None:
         return None
 
 
-def check_headers(headers: Mapping[str, str], body: Body) -> None:
+def check_headers(headers: MultiMapping[str], body: Body) -> None:
     """SEP-2243: a present Mcp-Method names the body's one message's method; a present
     Mcp-Name its tool, prompt or URI (and a 2026-07-28 request, one with Mcp-Method, that names
-    a thing must send it). BodyRefused 400/-32020 otherwise."""
+    a thing must send it). Each at most once: readers disagree on which of two counts (the first
+    here, the last or both joined elsewhere), as with a repeated key. BodyRefused 400/-32020
+    otherwise."""
     method = headers.get("Mcp-Method")
     name = headers.get("Mcp-Name")
     if method is None and name is None:
         return
     first = body.messages[0]
+    if len(headers.getall("Mcp-Method", ())) > 1 or len(headers.getall("Mcp-Name", ())) > 1:
+        raise BodyRefused(400, HEADER_MISMATCH, "Header mismatch: Mcp-Method or Mcp-Name is "
+                          "repeated", None if body.batch else first.id)
     if body.batch:
         raise BodyRefused(400, HEADER_MISMATCH, "Header mismatch: Mcp-Method or Mcp-Name with "
                           "a batch", None)
