@@ -279,6 +279,29 @@ def test_rules_match_verified_emails_and_domains_only() -> None:
     assert not suffix.allows("tools", "b")
 
 
+def test_remembered_verdicts_are_per_rule_set_bounded_and_dropped_on_reload() -> None:
+    from oauth_sidecar.mcp.tool_policy import CACHED_NAME_CHARS, VERDICT_CACHE_ENTRIES
+
+    tools = policy_of(RULES)
+    reader = tools.for_caller("u", {"groups": ["readers"]})
+    admin = tools.for_caller("u", {"groups": ["admins"]})
+    assert not reader.allows("tools", "write_file")
+    assert admin.allows("tools", "write_file")  # not the reader's remembered verdict
+    assert not reader.allows("tools", "write_file")
+    names = [f"get_{i}" for i in range(VERDICT_CACHE_ENTRIES + 10)]
+    assert all(reader.allows("tools", name) for name in names)
+    assert len(tools.version.verdicts) <= VERDICT_CACHE_ENTRIES
+    long_name = "get_" + "x" * CACHED_NAME_CHARS
+    assert reader.allows("tools", long_name)
+    assert all(key[2] != long_name for key in tools.version.verdicts)  # judged, not kept
+    rules, _ = parse_rule_file('[[rule]]\ngroups = ["readers"]\nallow_tools = ["write_*"]\n', "t")
+    tools.replace_file_rules(rules)
+    assert tools.version.verdicts == {}
+    reader = tools.for_caller("u", {"groups": ["readers"]})
+    assert reader.allows("tools", "write_file")
+    assert not reader.allows("tools", "get_1")
+
+
 # -- enforcement ---------------------------------------------------------------------------------
 
 

@@ -96,24 +96,25 @@ class CallRules:
             return _jsonrpc_answer(refused.status, error_object(
                 refused.request_id, refused.code, refused.message))
         caller = self._tools.for_caller(principal.subject, principal.claims)
-        denied = [(m, v) for m in body.named if not (v := caller.verdict(m.kind or "", m.name or
-                                                                          "")).allowed]
+        named = body.named
+        denied = [(m, v) for m in named if not (v := caller.verdict(m.kind or "", m.name or
+                                                                     "")).allowed]
         if denied:
             request[AUTH_FAILURE] = "mcp_denied"
             for message, verdict in denied:
                 self._audit.refused(principal, message, "denied", verdict.because, request_id)
             return self._denial(body, {id(m) for m, _ in denied})
-        stopped = self._missing_scopes(request, principal, body, request_id)
-        if stopped is None:
-            stopped = await self._spend_tool_budgets(request, principal, body, request_id)
+        stopped = self._missing_scopes(request, principal, named, request_id)
+        if stopped is None and self._rate_limits:
+            stopped = await self._spend_tool_budgets(request, principal, named, request_id)
         if stopped is not None:
             return stopped
-        return Judged(caller, principal, request_id, lists_by_id(body.lists), body.named)
+        return Judged(caller, principal, request_id, lists_by_id(body.lists), named)
 
-    def _missing_scopes(self, request: web.Request, principal: Principal, body: Body,
-                        request_id: str) -> web.Response | None:
+    def _missing_scopes(self, request: web.Request, principal: Principal,
+                        named: tuple[Message, ...], request_id: str) -> web.Response | None:
         needed: dict[str, None] = {}
-        for message in body.named:
+        for message in named:
             if message.kind == "tools":
                 needed.update(dict.fromkeys(self._tools.needed_scopes(message.name or "")))
         if not needed:
@@ -122,14 +123,15 @@ class CallRules:
         if all(scope in held for scope in needed):
             return None
         request[AUTH_FAILURE] = "mcp_insufficient_scope"
-        for message in body.named:
+        for message in named:
             self._audit.refused(principal, message, "scope_missing", "TOOL_SCOPES", request_id)
         return json_error(403, "insufficient_scope", INSUFFICIENT_SCOPE_DESCRIPTION,
                           {"WWW-Authenticate": self._challenges.scopes_needed(tuple(needed))})
 
-    async def _spend_tool_budgets(self, request: web.Request, principal: Principal, body: Body,
-                                  request_id: str) -> web.Response | None:
-        for message in body.named:
+    async def _spend_tool_budgets(self, request: web.Request, principal: Principal,
+                                  named: tuple[Message, ...], request_id: str
+                                  ) -> web.Response | None:
+        for message in named:
             if message.kind != "tools":
                 continue
             for glob, per_minute, pattern in self._rate_limits:

@@ -84,7 +84,7 @@ def parse(data: bytes) -> Body:
     """The messages of a JSON-RPC body; BodyRefused when it is not one, or names a thing in
     a way that cannot be judged (a name that is not a string)."""
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+        value = _DECODER.decode(data.decode("utf-8"))
     except DuplicateKey:
         raise BodyRefused(400, INVALID_REQUEST,
                           "Invalid Request: an object repeats a key") from None
@@ -108,6 +108,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(value) != len(pairs):
         raise DuplicateKey
     return value
+
+
+# Built once: json.loads(..., object_pairs_hook=) builds a decoder (and its scanner) per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def _message(item: Any) -> Message:

@@ -337,8 +337,11 @@ class UpstreamProxy:
                                   None, rewriter=rewriter)
             return response
         try:
-            async with asyncio.timeout(self._config.idle_timeout):
+            if upstream.content.is_eof():  # it came with the headers: nothing to wait for
                 data = await read_capped(upstream, MAX_ANSWER_BYTES)
+            else:
+                async with asyncio.timeout(self._config.idle_timeout):
+                    data = await read_capped(upstream, MAX_ANSWER_BYTES)
         except TimeoutError:
             log.warning("upstream_timeout", phase="body")
             self._metrics.upstream_failed("timeout")
