@@ -102,6 +102,9 @@ OPEN_CONCURRENCY = 50  # idle streams being opened at once (the servers' backlog
 FLOOD_CONCURRENCY = 32
 PROFILE_RATE = 250  # py-spy samples per second
 PROFILE_TOP = 15
+# A thread-pool worker waiting for work (asyncio.to_thread's, e.g. a watched file's poll): py-spy
+# counts its blocking queue.get as busy; a worker with work has the work's frames below it.
+IDLE_POOL_FRAME = "_worker (concurrent/futures/thread.py)"
 # Inclusive time is shown for the product's own code and the libraries it calls per request.
 PROFILE_INCLUSIVE = tuple(f"{p}.py)" for p in (
     "oauth_sidecar/auth/gate", "oauth_sidecar/auth/tokens", "oauth_sidecar/upstream/proxy",
@@ -1137,7 +1140,7 @@ def collapse(raw: str, top: int = PROFILE_TOP) -> Json:
             continue
         count = int(count_text)
         frames = [f.strip() for f in stack.split(";") if f.strip()]
-        if not frames:
+        if not frames or frames[-1] == IDLE_POOL_FRAME:
             continue
         total += count
         own[frames[-1]] += count

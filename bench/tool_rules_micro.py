@@ -12,7 +12,10 @@ figure is the best of --repeats passes (the minimum is the cost, the rest is noi
   strict parse, the headers check, the caller's rules, the verdict, scopes, budgets), with its
   parts: messages.parse alone, json.loads of the same bytes without the duplicate-key hook (what
   the hook costs), ToolPolicy.for_caller, CallerRules.verdict;
-- call answer: CallRules.whole_answer of the tools/call's JSON answer (parse, audit record);
+- call answer: CallRules.whole_answer of the tools/call's JSON answer (parse, audit record),
+  which the proxy pays only when the audit line or its count reaches anyone (LOG_LEVEL=info or
+  METRICS_PORT; the line itself is not written here); at LOG_LEVEL=warning without metrics the
+  answer is relayed as without rules;
 - list200 JSON: CallRules.whole_answer of a 200-tool, ~110 KB tools/list answer, 100 tools
   removed (parse, learn the names, filter, serialise), with json.loads and json.dumps alone;
 - list200 SSE: the same answer as one SSE event through CallRules.event_rewriter().feed.
@@ -21,6 +24,7 @@ figure is the best of --repeats passes (the minimum is the cost, the rest is noi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -121,7 +125,8 @@ def measure(calls_per_pass: int, repeats: int) -> dict[str, float]:
         return verdict
 
     # Correctness first: what is measured is what the sidecar does.
-    judged_call = judge(call_data)
+    # As with LOG_LEVEL=info or METRICS_PORT: the call's answer is read for its outcome.
+    judged_call = dataclasses.replace(judge(call_data), calls=parse(call_data).named)
     judged_list = judge(list_data)
     filtered = json.loads(calls.whole_answer(judged_list, 200, answer))
     names = tuple(t["name"] for t in filtered["result"]["tools"])

@@ -279,6 +279,28 @@ def test_rules_match_verified_emails_and_domains_only() -> None:
     assert not suffix.allows("tools", "b")
 
 
+def test_answers_are_read_for_the_audit_only_when_someone_sees_it() -> None:
+    import logging
+
+    import structlog
+
+    from oauth_sidecar.mcp.audit import Audit
+    from oauth_sidecar.metrics import Metrics
+
+    class Counting(Metrics):
+        counting = True
+
+    saved = structlog.get_config()
+    try:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+        assert Audit(Metrics(), log_arguments=False).observed()
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        assert not Audit(Metrics(), log_arguments=False).observed()  # no line, no count
+        assert Audit(Counting(), log_arguments=False).observed()
+    finally:
+        structlog.configure(**saved)
+
+
 def test_remembered_verdicts_are_per_rule_set_bounded_and_dropped_on_reload() -> None:
     from oauth_sidecar.mcp.tool_policy import CACHED_NAME_CHARS, VERDICT_CACHE_ENTRIES
 

@@ -90,11 +90,11 @@ def parse(data: bytes) -> Body:
                           "Invalid Request: an object repeats a key") from None
     except (ValueError, RecursionError):  # UnicodeDecodeError included: JSON is UTF-8 here
         raise BodyRefused(400, PARSE_ERROR, "Parse error: the body is not JSON") from None
-    batch = isinstance(value, list)
-    items = value if batch else [value]
-    if batch and not items:
+    if not isinstance(value, list):
+        return Body((_message(value),), False)
+    if not value:
         raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: an empty batch")
-    return Body(tuple(_message(item) for item in items), batch)
+    return Body(tuple([_message(item) for item in value]), True)
 
 
 class DuplicateKey(ValueError):

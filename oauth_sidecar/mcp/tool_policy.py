@@ -146,16 +146,24 @@ class ToolPolicy:
 
     def for_caller(self, subject: str, claims: Mapping[str, Any]) -> CallerRules:
         version = self.version
-        email = self._policy.verified_email(claims)
-        domain = email.partition("@")[2] if email else None
+        email: str | None = None
+        domain: str | None = None
+        email_read = False  # the email and the groups are read once, and only if a rule asks
         groups: frozenset[str] | None = None
         applying = []
         for compiled in version.rules:
             rule = compiled.rule
-            if rule.everyone or subject in rule.subs or (
-                    email is not None and (email in rule.emails or domain in rule.email_domains)):
+            if rule.everyone or subject in rule.subs:
                 applying.append(compiled)
                 continue
+            if rule.emails or rule.email_domains:
+                if not email_read:
+                    email_read = True
+                    email = self._policy.verified_email(claims)
+                    domain = email.partition("@")[2] if email else None
+                if email is not None and (email in rule.emails or domain in rule.email_domains):
+                    applying.append(compiled)
+                    continue
             if rule.groups:
                 if groups is None:
                     groups = frozenset(self._policy.groups(claims))

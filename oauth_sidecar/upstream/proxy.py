@@ -337,8 +337,10 @@ class UpstreamProxy:
                                   None, rewriter=rewriter)
             return response
         try:
-            if upstream.content.is_eof():  # it came with the headers: nothing to wait for
-                data = await read_capped(upstream, MAX_ANSWER_BYTES)
+            if upstream.content.is_eof():  # it came with the headers: nothing to wait for,
+                data = await upstream.read()  # and nothing more to hold than is held already
+                if len(data) > MAX_ANSWER_BYTES:
+                    raise ResponseTooLarge(MAX_ANSWER_BYTES, b"")
             else:
                 async with asyncio.timeout(self._config.idle_timeout):
                     data = await read_capped(upstream, MAX_ANSWER_BYTES)
