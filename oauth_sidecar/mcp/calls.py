@@ -105,7 +105,8 @@ class CallRules:
             for message, verdict in denied:
                 self._audit.refused(principal, message, "denied", verdict.because, request_id)
             return self._denial(body, {id(m) for m, _ in denied})
-        stopped = self._missing_scopes(request, principal, named, request_id)
+        stopped = (self._missing_scopes(request, principal, named, request_id)
+                   if self._tools.scoped else None)
         if stopped is None and self._rate_limits:
             stopped = await self._spend_tool_budgets(request, principal, named, request_id)
         if stopped is not None:
@@ -113,7 +114,8 @@ class CallRules:
         # Refusals are audited above whatever the level; an answer is read for its calls'
         # outcomes only when their audit line or count reaches anyone (mcp/audit.py).
         audited = named if self._audit.observed() else ()
-        return Judged(caller, principal, request_id, lists_by_id(body.lists), audited)
+        lists = body.lists
+        return Judged(caller, principal, request_id, lists_by_id(lists) if lists else {}, audited)
 
     def _missing_scopes(self, request: web.Request, principal: Principal,
                         named: tuple[Message, ...], request_id: str) -> web.Response | None:

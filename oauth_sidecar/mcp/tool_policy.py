@@ -124,6 +124,8 @@ class ToolPolicy:
         self.allowed_tools = matcher(config.allow)
         self.denied_tools = matcher(config.deny)
         self._scopes = tuple((matcher([glob]), scopes) for glob, scopes in config.scopes)
+        self.scoped = bool(self._scopes)
+        """Whether any TOOL_SCOPES is configured (without, no call needs a scope)."""
         self.version = RuleSet((), frozenset())
         self.replace_file_rules(config.file_rules)
 
