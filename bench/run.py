@@ -124,16 +124,16 @@ TARGETS = {"cached": 0.8, "distinct": 0.5, "added_p99_ms": 2.0, "kb_per_stream":
            "rules50": 0.9}  # issue 16: 50 globs cost at most 10 % of tools/call throughput
 LIST_PATH = "/list200"  # the upstream's POST path answering the 200-tool list (a static file)
 # Issue 16's pairs: (with tool rules, the same without), compared within each round.
-RULE_PAIRS = (("sidecar-rules50", "sidecar-toolcall"),
+RULE_PAIRS = (("sidecar-rules50", "sidecar-toolcall"), ("sidecar-rules50", "sidecar-rules1"),
               ("sidecar-list200", "sidecar-list200-norules"))
 
 MEASURES = ("throughput", "latency", "sse", "idle", "jwt", "jwks")
 CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
          "sidecar-defaults", "sidecar-distinct", "sidecar-ratelimit", "sidecar-subjects",
          "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "sidecar-toolcall",
-         "sidecar-rules50", "sidecar-list200-norules", "sidecar-list200", "minimal-proxy-uvloop",
-         "minimal-whole-uvloop", "sidecar-uvloop", "baseline", "baseline-defaults",
-         "baseline-distinct")
+         "sidecar-rules1", "sidecar-rules50", "sidecar-list200-norules", "sidecar-list200",
+         "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "baseline",
+         "baseline-defaults", "baseline-distinct")
 FLOOR = "minimal-whole"  # the floor the targets are quoted against: small bodies read whole
 HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cost, no refusals
 LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
@@ -723,6 +723,8 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
                                     TOOL_POLICY_FILE=str(rules), MCP_UPSTREAM_PATH=LIST_PATH))
     if "sidecar-toolcall" in want:
         starters.append(sidecar("sidecar-toolcall", body=CALL_BODY))
+    if "sidecar-rules1" in want:  # any rule at all: the body read as JSON-RPC and judged
+        starters.append(sidecar("sidecar-rules1", body=CALL_BODY, TOOLS_DENY="*_purge*"))
     if "sidecar-list200-norules" in want:
         starters.append(sidecar("sidecar-list200-norules", body=LIST_BODY,
                                 MCP_UPSTREAM_PATH=LIST_PATH))
@@ -782,7 +784,7 @@ EXPECTED_TOOLS = {"sidecar-list200": 100, "sidecar-list200-norules": 200}
 async def check_tool_rules(system: System, session: aiohttp.ClientSession) -> None:
     """The issue-16 cases measure what they claim: the call is allowed (a refusal is a JSON-RPC
     error with HTTP 200, which wrk would count as a success) and each list has its tools."""
-    for name in ("sidecar-toolcall", "sidecar-rules50", *EXPECTED_TOOLS):
+    for name in ("sidecar-toolcall", "sidecar-rules1", "sidecar-rules50", *EXPECTED_TOOLS):
         target = system.targets.get(name)
         if target is None:
             continue
@@ -1340,6 +1342,7 @@ def summarise(results: Results) -> None:  # noqa: PLR0912 - one branch per optio
         summary["metrics_ratio"] = paired_ratio(t, "sidecar-metrics", "sidecar", "rps")
     for (case, base), (what, limit) in zip(RULE_PAIRS, (
             (f"{GLOBS} tool-rule globs on tools/call: cost <= 10 %", TARGETS["rules50"]),
+            (f"{GLOBS} globs in 3 rules against 1 glob in TOOLS_DENY", None),
             ("filtering a 200-tool tools/list (~110 KB) to half", None)), strict=True):
         if case in t and base in t:
             ratio = paired_ratio(t, case, base, "rps")
@@ -1420,6 +1423,8 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
                 "sidecar-accesslog: LOG_LEVEL=info, access log to a file; "
                 "sidecar-metrics: METRICS_PORT set (Prometheus counters on every request); "
                 f"sidecar-toolcall: a {len(CALL_BODY)}-byte tools/call, no tool rules; "
+                "sidecar-rules1: the same with one glob (TOOLS_DENY=*_purge*): what any rule "
+                "set costs (the body parsed and judged); "
                 f"sidecar-rules50: the same call with TOOL_POLICY_FILE of {GLOBS} globs "
                 "(bench/tool_workload.py), the caller's tool matching the last one; "
                 "sidecar-list200-norules and sidecar-list200: tools/list answered with "

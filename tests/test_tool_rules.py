@@ -301,8 +301,12 @@ def test_answers_are_read_for_the_audit_only_when_someone_sees_it() -> None:
         structlog.configure(**saved)
 
 
-def test_remembered_verdicts_are_per_rule_set_bounded_and_dropped_on_reload() -> None:
-    from oauth_sidecar.mcp.tool_policy import CACHED_NAME_CHARS, VERDICT_CACHE_ENTRIES
+def test_remembered_verdicts_and_callers_are_per_rule_set_bounded_and_dropped_on_reload() -> None:
+    from oauth_sidecar.mcp.tool_policy import (
+        CACHED_NAME_CHARS,
+        CALLER_CACHE_ENTRIES,
+        VERDICT_CACHE_ENTRIES,
+    )
 
     tools = policy_of(RULES)
     reader = tools.for_caller("u", {"groups": ["readers"]})
@@ -316,9 +320,18 @@ def test_remembered_verdicts_are_per_rule_set_bounded_and_dropped_on_reload() ->
     long_name = "get_" + "x" * CACHED_NAME_CHARS
     assert reader.allows("tools", long_name)
     assert all(key[2] != long_name for key in tools.version.verdicts)  # judged, not kept
+    claims = {"groups": ["readers"]}
+    assert not tools.for_caller("u", claims).allows("tools", "write_file")
+    assert tools.for_caller("v", {"groups": ["admins"]}).allows("tools", "write_file")
+    assert not tools.for_caller("u", claims).allows("tools", "write_file")  # remembered
+    assert tools.for_caller("u", {"groups": ["admins"]}).allows("tools", "write_file")
+    for i in range(CALLER_CACHE_ENTRIES + 10):
+        assert tools.for_caller(f"u{i}", {"groups": ["admins"]}).allows("tools", "write_file")
+    assert len(tools.version.callers) <= CALLER_CACHE_ENTRIES
     rules, _ = parse_rule_file('[[rule]]\ngroups = ["readers"]\nallow_tools = ["write_*"]\n', "t")
     tools.replace_file_rules(rules)
     assert tools.version.verdicts == {}
+    assert tools.for_caller("u", claims).allows("tools", "write_file")  # the new version's
     reader = tools.for_caller("u", {"groups": ["readers"]})
     assert reader.allows("tools", "write_file")
     assert not reader.allows("tools", "get_1")

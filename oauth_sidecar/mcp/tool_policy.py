@@ -30,6 +30,10 @@ from oauth_sidecar.config import ToolRule, ToolRulesConfig
 from oauth_sidecar.config.model import KINDS
 
 VERDICT_CACHE_ENTRIES = 8192  # all callers together; cleared whole when full
+# Callers whose applying rules are remembered, by their verified claims (the token cache hands
+# out the same claims object on every hit); cleared whole when full. Each entry holds its claims
+# (kept small by the token cache: ~1 KB, ~20 KB with 200 groups).
+CALLER_CACHE_ENTRIES = 256
 CACHED_NAME_CHARS = 256  # MCP names are at most 128 characters; longer ones are judged each time
 
 
@@ -68,6 +72,9 @@ class RuleSet:
     restricted: frozenset[str]
     verdicts: dict[tuple[tuple[CompiledRule, ...], str, str], Verdict] = field(
         default_factory=dict)
+    callers: dict[int, tuple[Mapping[str, Any], str, tuple[CompiledRule, ...]]] = field(
+        default_factory=dict)
+    """id(claims) -> (those claims, the subject, the rules that apply to that caller)."""
 
 
 class CallerRules:
@@ -148,6 +155,18 @@ class ToolPolicy:
 
     def for_caller(self, subject: str, claims: Mapping[str, Any]) -> CallerRules:
         version = self.version
+        known = version.callers.get(id(claims))
+        # The entry holds its claims: while it exists, no other object can have their id.
+        if known is not None and known[0] is claims and known[1] == subject:
+            return CallerRules(self, known[2], version)
+        applying = self._applying(version, subject, claims)
+        if len(version.callers) >= CALLER_CACHE_ENTRIES:
+            version.callers.clear()
+        version.callers[id(claims)] = (claims, subject, applying)
+        return CallerRules(self, applying, version)
+
+    def _applying(self, version: RuleSet, subject: str, claims: Mapping[str, Any]
+                  ) -> tuple[CompiledRule, ...]:
         email: str | None = None
         domain: str | None = None
         email_read = False  # the email and the groups are read once, and only if a rule asks
@@ -171,7 +190,7 @@ class ToolPolicy:
                     groups = frozenset(self._policy.groups(claims))
                 if not rule.groups.isdisjoint(groups):
                     applying.append(compiled)
-        return CallerRules(self, tuple(applying), version)
+        return tuple(applying)
 
     def needed_scopes(self, tool: str) -> tuple[str, ...]:
         """TOOL_SCOPES of every glob matching the tool, in order, once each."""
