@@ -22,13 +22,18 @@ the second, each process pinned with `taskset -c`; with one CPU or no taskset, u
   misses the verified-token cache), sidecar-ratelimit (the default per-subject limiter on,
   memory storage, RATE_LIMIT_RPM=1000000 so it never refuses), sidecar-accesslog (LOG_LEVEL=info:
   one JSON access line per request, to a file), sidecar-metrics (METRICS_PORT set: every request
-  counted for Prometheus), and a sidecar for the unknown-kid flood
+  counted for Prometheus), issue 16's tool rules (bench/tool_workload.py: sidecar-toolcall, a
+  510-byte tools/call without rules; sidecar-rules1, the same with one TOOLS_DENY glob;
+  sidecar-rules50, with a TOOL_POLICY_FILE of 50 globs; sidecar-list200-norules and
+  sidecar-list200, a 200-tool tools/list the upstream nginx serves from a static file, without
+  and with those rules), and a sidecar for the unknown-kid flood
   (RATE_LIMIT_UNAUTHENTICATED_RPM=0 so every request reaches the key lookup,
   JWKS_COOLDOWN_SECONDS=2 so the flood spans several cooldown windows).
 
 Measures (NAME for --only, with case names above; default: all):
 
-- throughput: wrk -t1 -cN POSTs of a 107-byte JSON-RPC body, req/s, every case;
+- throughput: wrk -t1 -cN POSTs of a 107-byte JSON-RPC body (the tool-rule cases: their own),
+  req/s, every case;
 - latency: p50/p99 at a moderate rate R for upstream, the two proxies and the sidecar: wrk -c10
   with an exponential think time per connection (mean 10/R s), so requests arrive spread out
   like independent clients' (µs resolution); "added" is a case's figure minus the upstream's.
