@@ -64,11 +64,11 @@ class BenchKey:
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.jwk()]}
 
-    def mint(self, sub: str, lifetime: float = 7200.0) -> str:
+    def mint(self, sub: str, lifetime: float = 7200.0, **extra: Any) -> str:
         now = int(time.time())
         payload = {"iss": self.issuer, "aud": AUDIENCE, "sub": sub, "iat": now, "nbf": now,
                    "exp": now + int(lifetime), "jti": uuid.uuid4().hex, "scope": "mcp",
-                   "email": f"{sub}@bench.test", "email_verified": True}
+                   "email": f"{sub}@bench.test", "email_verified": True, **extra}
         return jwt.encode(payload, self.private, algorithm="RS256", headers={"kid": KEY_ID})
 
 

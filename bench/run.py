@@ -22,13 +22,18 @@ the second, each process pinned with `taskset -c`; with one CPU or no taskset, u
   misses the verified-token cache), sidecar-ratelimit (the default per-subject limiter on,
   memory storage, RATE_LIMIT_RPM=1000000 so it never refuses), sidecar-accesslog (LOG_LEVEL=info:
   one JSON access line per request, to a file), sidecar-metrics (METRICS_PORT set: every request
-  counted for Prometheus), and a sidecar for the unknown-kid flood
+  counted for Prometheus), issue 16's tool rules (bench/tool_workload.py: sidecar-toolcall, a
+  510-byte tools/call without rules; sidecar-rules1, the same with one TOOLS_DENY glob;
+  sidecar-rules50, with a TOOL_POLICY_FILE of 50 globs; sidecar-list200-norules and
+  sidecar-list200, a 200-tool tools/list the upstream nginx serves from a static file, without
+  and with those rules), and a sidecar for the unknown-kid flood
   (RATE_LIMIT_UNAUTHENTICATED_RPM=0 so every request reaches the key lookup,
   JWKS_COOLDOWN_SECONDS=2 so the flood spans several cooldown windows).
 
 Measures (NAME for --only, with case names above; default: all):
 
-- throughput: wrk -t1 -cN POSTs of a 107-byte JSON-RPC body, req/s, every case;
+- throughput: wrk -t1 -cN POSTs of a 107-byte JSON-RPC body (the tool-rule cases: their own),
+  req/s, every case;
 - latency: p50/p99 at a moderate rate R for upstream, the two proxies and the sidecar: wrk -c10
   with an exponential think time per connection (mean 10/R s), so requests arrive spread out
   like independent clients' (µs resolution); "added" is a case's figure minus the upstream's.
@@ -61,6 +66,7 @@ import json
 import math
 import os
 import platform
+import pwd
 import re
 import resource
 import shutil
@@ -80,6 +86,7 @@ from typing import Any, ClassVar
 import aiohttp
 from jwt_micro import BenchKey, unknown_kid_token
 from loopback import free_port
+from tool_workload import CALL_BODY, GLOBS, GROUPS_CLAIM_VALUE, LIST_BODY, RULES, tools_list
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -100,12 +107,17 @@ OPEN_CONCURRENCY = 50  # idle streams being opened at once (the servers' backlog
 FLOOD_CONCURRENCY = 32
 PROFILE_RATE = 250  # py-spy samples per second
 PROFILE_TOP = 15
+# A thread-pool worker waiting for work (asyncio.to_thread's, e.g. a watched file's poll): py-spy
+# counts its blocking queue.get as busy; a worker with work has the work's frames below it.
+IDLE_POOL_FRAME = "_worker (concurrent/futures/thread.py)"
 # Inclusive time is shown for the product's own code and the libraries it calls per request.
 PROFILE_INCLUSIVE = tuple(f"{p}.py)" for p in (
     "oauth_sidecar/auth/gate", "oauth_sidecar/auth/tokens", "oauth_sidecar/upstream/proxy",
     "oauth_sidecar/log", "oauth_sidecar/cors", "oauth_sidecar/http_errors",
     "oauth_sidecar/auth/ratelimit",
     "oauth_sidecar/auth/policy", "oauth_sidecar/client_ip", "oauth_sidecar/upstream/sessions",
+    "oauth_sidecar/mcp/calls", "oauth_sidecar/mcp/messages", "oauth_sidecar/mcp/tool_policy",
+    "oauth_sidecar/mcp/list_filter", "oauth_sidecar/mcp/audit",
     "jwt/api_jwt", "jwt/api_jws", "jwt/algorithms", "aiohttp/client", "aiohttp/web_response",
     "structlog/_native", "limits/aio/strategies"))
 LATENCY_CONNECTIONS = 10  # the latency runs' connections (wrk) and workers (hey)
@@ -113,14 +125,20 @@ FLOOD_COOLDOWN = 2.0  # JWKS_COOLDOWN_SECONDS of the flood sidecar
 SSE_SKIP = 3  # first events of each stream, sent while the stream was being set up
 SHUTDOWN_TIMEOUT = "2"  # the sidecars' SHUTDOWN_TIMEOUT_SECONDS: idle streams end at teardown
 IDLE_CPU_LIMIT = 0.05  # "no spin": CPU time over the idle window, as a fraction of one core
-TARGETS = {"cached": 0.8, "distinct": 0.5, "added_p99_ms": 2.0, "kb_per_stream": 100.0}
+TARGETS = {"cached": 0.8, "distinct": 0.5, "added_p99_ms": 2.0, "kb_per_stream": 100.0,
+           "rules50": 0.9}  # issue 16: 50 globs cost at most 10 % of tools/call throughput
+LIST_PATH = "/list200"  # the upstream's POST path answering the 200-tool list (a static file)
+# Issue 16's pairs: (with tool rules, the same without), compared within each round.
+RULE_PAIRS = (("sidecar-rules50", "sidecar-toolcall"), ("sidecar-rules50", "sidecar-rules1"),
+              ("sidecar-list200", "sidecar-list200-norules"))
 
 MEASURES = ("throughput", "latency", "sse", "idle", "jwt", "jwks")
 CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
          "sidecar-defaults", "sidecar-distinct", "sidecar-ratelimit", "sidecar-subjects",
-         "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "minimal-proxy-uvloop",
-         "minimal-whole-uvloop", "sidecar-uvloop", "baseline", "baseline-defaults",
-         "baseline-distinct")
+         "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "sidecar-toolcall",
+         "sidecar-rules1", "sidecar-rules50", "sidecar-list200-norules", "sidecar-list200",
+         "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "baseline",
+         "baseline-defaults", "baseline-distinct")
 FLOOR = "minimal-whole"  # the floor the targets are quoted against: small bodies read whole
 HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cost, no refusals
 LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
@@ -471,9 +489,13 @@ def proc_stats(pid: int) -> dict[str, float]:
 
 def nginx_conf(directory: Path, body: str) -> str:
     tmp = directory / "tmp"
+    # Run as root, nginx's worker would be `nobody`, which cannot enter this run's private
+    # directory (the upstream serves a file from it): the worker stays the invoking user, as
+    # it does in a run that is not root.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
     return f"""\
 daemon off;
-worker_processes 1;
+{user}worker_processes 1;
 worker_rlimit_nofile 16384;
 pid {directory}/nginx.pid;
 error_log {directory}/error.log warn;
@@ -492,11 +514,19 @@ http {{
 """
 
 
-def upstream_body(port: int, sse_port: int) -> str:
+def upstream_body(port: int, sse_port: int, static: Path) -> str:
     return f"""\
     upstream events {{ server 127.0.0.1:{sse_port}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port} backlog=1024;
+        location = {LIST_PATH} {{
+            # A POST of tools/list: the static module refuses POST (405), so that is turned
+            # into a GET of the same file (tool_workload.py's 200 tools, written at start).
+            root {static};
+            default_type application/json;
+            error_page 405 =200 $uri;
+            etag off;
+        }}
         location /mcp {{
             error_page 418 = @events;  # GET (an SSE stream): on to bench/perf_services.py
             if ($request_method = GET) {{ return 418; }}
@@ -541,6 +571,7 @@ class Target:
     proc: Proc | None = None
     token: str | None = None
     rotating: bool = False
+    body: str = BODY
 
     @property
     def url(self) -> str:
@@ -626,7 +657,11 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
                                         "-e", str(prefix / "error.log")])
         return Target(name, port, proc)
 
-    upstream = await nginx("upstream", "load", lambda p: upstream_body(p, system.sse_port))
+    static = d / "static"
+    static.mkdir()
+    (static / LIST_PATH.lstrip("/")).write_text(tools_list())
+    upstream = await nginx("upstream", "load",
+                           lambda p: upstream_body(p, system.sse_port, static))
     system.targets["upstream"] = upstream
     starters: list[Awaitable[Target]] = []
     if "nginx-proxy" in want:
@@ -649,11 +684,12 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         starters.append(minimal("minimal-whole-uvloop", "--whole-body", "--uvloop"))
     redis_uri = await redis_server(system) if "sidecar-redis" in want else ""
 
-    async def sidecar(name: str, cwd: Path = REPO, **extra: str) -> Target:
+    async def sidecar(name: str, cwd: Path = REPO, body: str = BODY, token: str = "",
+                      **extra: str) -> Target:
         port = free_port()  # `-m` finds the package in cwd first: another checkout's, if asked
         proc = await procs.start(name, [*pin.prefix("sut"), PYTHON, "-m", "oauth_sidecar"],
                                  system.sidecar_env(port, **extra), cwd=cwd)
-        return Target(name, port, proc, token=system.token)
+        return Target(name, port, proc, token=token or system.token, body=body)
 
     if "sidecar" in want:
         starters.append(sidecar("sidecar"))
@@ -680,6 +716,23 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         starters.append(sidecar("sidecar-metrics", METRICS_PORT=str(free_port())))
     if "sidecar-uvloop" in want:
         starters.append(sidecar("sidecar-uvloop", EVENT_LOOP="uvloop"))
+    if want & {"sidecar-rules50", "sidecar-list200"}:  # issue 16: one rule file, 50 globs
+        rules = d / "tools.toml"
+        rules.write_text(RULES)
+        member = system.key.mint("bench-user-0", groups=GROUPS_CLAIM_VALUE)
+        if "sidecar-rules50" in want:
+            starters.append(sidecar("sidecar-rules50", body=CALL_BODY, token=member,
+                                    TOOL_POLICY_FILE=str(rules)))
+        if "sidecar-list200" in want:
+            starters.append(sidecar("sidecar-list200", body=LIST_BODY, token=member,
+                                    TOOL_POLICY_FILE=str(rules), MCP_UPSTREAM_PATH=LIST_PATH))
+    if "sidecar-toolcall" in want:
+        starters.append(sidecar("sidecar-toolcall", body=CALL_BODY))
+    if "sidecar-rules1" in want:  # any rule at all: the body read as JSON-RPC and judged
+        starters.append(sidecar("sidecar-rules1", body=CALL_BODY, TOOLS_DENY="*_purge*"))
+    if "sidecar-list200-norules" in want:
+        starters.append(sidecar("sidecar-list200-norules", body=LIST_BODY,
+                                MCP_UPSTREAM_PATH=LIST_PATH))
     if s.baseline and "baseline" in want:
         starters.append(sidecar("baseline", Path(s.baseline)))
     if s.baseline and "baseline-defaults" in want:
@@ -722,6 +775,7 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         else:
             checks.append(wait_ready(session, started.proc, "POST", started.url, **post))
     await asyncio.gather(*checks)
+    await check_tool_rules(system, session)
     if "sidecar-subjects" in system.targets and system.token_file is not None:
         # Its cache holds every token: the measured runs see hits only, for every subject.
         tokens = system.token_file.read_text().split()
@@ -729,6 +783,29 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
 
 
 DEFAULTS = {"LOG_LEVEL": "info", "RATE_LIMIT_RPM": HIGH_RPM}  # as shipped, at a limit never hit
+EXPECTED_TOOLS = {"sidecar-list200": 100, "sidecar-list200-norules": 200}
+
+
+async def check_tool_rules(system: System, session: aiohttp.ClientSession) -> None:
+    """The issue-16 cases measure what they claim: the call is allowed (a refusal is a JSON-RPC
+    error with HTTP 200, which wrk would count as a success) and each list has its tools."""
+    for name in ("sidecar-toolcall", "sidecar-rules1", "sidecar-rules50", *EXPECTED_TOOLS):
+        target = system.targets.get(name)
+        if target is None:
+            continue
+        async with session.post(target.url, data=target.body, headers={
+                "Content-Type": "application/json", **auth_headers(target.token)}) as answer:
+            text = await answer.text()
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        result = message.get("result") if isinstance(message, dict) else None
+        tools = result.get("tools") if isinstance(result, dict) else None
+        expected = EXPECTED_TOOLS.get(name)
+        if answer.status != 200 or not isinstance(result, dict) or (
+                expected is not None and (not isinstance(tools, list) or len(tools) != expected)):
+            raise SetupError(f"{name}: unexpected answer {answer.status}: {text[:300]}")
 
 
 async def redis_server(system: System) -> str:
@@ -808,7 +885,7 @@ def wrk_script(system: System, target: Target) -> Path:
     else:
         if target.token:
             headers["Authorization"] = f"Bearer {target.token}"
-        lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(BODY)}",
+        lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(target.body)}",
                  *(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items())]
     path.write_text("\n".join(lines) + "\n" + WRK_DONE)
     return path
@@ -1070,7 +1147,7 @@ def collapse(raw: str, top: int = PROFILE_TOP) -> Json:
             continue
         count = int(count_text)
         frames = [f.strip() for f in stack.split(";") if f.strip()]
-        if not frames:
+        if not frames or frames[-1] == IDLE_POOL_FRAME:
             continue
         total += count
         own[frames[-1]] += count
@@ -1219,7 +1296,7 @@ def paired_ratio(runs: dict[str, list[Json]], case: str, floor: str, key: str) -
     return median(a[key] / b[key] for a, b in pairs if b[key])
 
 
-def summarise(results: Results) -> None:
+def summarise(results: Results) -> None:  # noqa: PLR0912 - one branch per optional figure
     """Medians, ratios and the verdicts against the performance targets."""
     t, lat, sse = results.throughput, results.latency, results.sse
     summary: Json = {"throughput_rps": {c: med(t, c, "rps") for c in t},
@@ -1234,10 +1311,12 @@ def summarise(results: Results) -> None:
     results.summary = summary
     targets: list[Json] = []
 
-    def verdict(name: str, value: float, limit: float, at_least: bool, unit: str = "") -> None:
+    def verdict(name: str, value: float, limit: float | None, at_least: bool,
+                unit: str = "") -> None:
+        """limit None: a figure stated in the table, with no target of its own."""
         if math.isnan(value):
             return
-        meets = value >= limit if at_least else value <= limit
+        meets = None if limit is None else value >= limit if at_least else value <= limit
         targets.append({"target": name, "value": value, "limit": limit,
                         "at_least": at_least, "unit": unit, "meets": meets})
 
@@ -1266,6 +1345,14 @@ def summarise(results: Results) -> None:
                 TARGETS["cached"], True, "x")
     if "sidecar-metrics" in t and "sidecar" in t:
         summary["metrics_ratio"] = paired_ratio(t, "sidecar-metrics", "sidecar", "rps")
+    for (case, base), (what, limit) in zip(RULE_PAIRS, (
+            (f"{GLOBS} tool-rule globs on tools/call: cost <= 10 %", TARGETS["rules50"]),
+            (f"{GLOBS} globs in 3 rules against 1 glob in TOOLS_DENY", None),
+            ("filtering a 200-tool tools/list (~110 KB) to half", None)), strict=True):
+        if case in t and base in t:
+            ratio = paired_ratio(t, case, base, "rps")
+            summary[f"{case}_vs_{base}"] = ratio
+            verdict(f"{case} / {base} req/s ({what})", ratio, limit, True, "x")
     for case, base in (("sidecar", "baseline"), ("sidecar-defaults", "baseline-defaults"),
                        ("sidecar-distinct", "baseline-distinct")):
         if case in t and base in t:
@@ -1340,6 +1427,14 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
                 "read whole, as the sidecar does: the floor the targets use); "
                 "sidecar-accesslog: LOG_LEVEL=info, access log to a file; "
                 "sidecar-metrics: METRICS_PORT set (Prometheus counters on every request); "
+                f"sidecar-toolcall: a {len(CALL_BODY)}-byte tools/call, no tool rules; "
+                "sidecar-rules1: the same with one glob (TOOLS_DENY=*_purge*): what any rule "
+                "set costs (the body parsed and judged); "
+                f"sidecar-rules50: the same call with TOOL_POLICY_FILE of {GLOBS} globs "
+                "(bench/tool_workload.py), the caller's tool matching the last one; "
+                "sidecar-list200-norules and sidecar-list200: tools/list answered with "
+                f"{len(tools_list()):,} bytes of 200 tools, without rules and with them (100 "
+                "tools kept); "
                 "-uvloop: the same on uvloop (EVENT_LOOP=uvloop, minimal_proxy.py --uvloop); "
                 "the others run on asyncio's loop"]
         if "metrics_ratio" in sm:
@@ -1432,6 +1527,10 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
         for x in r.targets:
             sign = ">=" if x["at_least"] else "<="
             unit = x["unit"]
+            if x["limit"] is None:
+                rows.append([x["target"], f"{fmt(x['value'], 3)} {unit}".strip(), "-",
+                             "stated"])
+                continue
             rows.append([x["target"], f"{fmt(x['value'], 3)} {unit}".strip(),
                          f"{sign} {x['limit']:g} {unit}".strip(),
                          "meets" if x["meets"] else "MISSES"])
@@ -1479,7 +1578,8 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
                   f"p99 {result['p99_ms']:.3f} ms", flush=True)
     if s.profile:
         for case in ("minimal-proxy", "minimal-whole", "sidecar", "sidecar-defaults",
-                     "sidecar-distinct", "minimal-proxy-uvloop", "sidecar-uvloop"):
+                     "sidecar-distinct", "minimal-proxy-uvloop", "sidecar-uvloop",
+                     "sidecar-toolcall", "sidecar-rules50", "sidecar-list200"):
             if case in throughput:
                 print(f"bench: profiling {case} with py-spy", flush=True)
                 results.profiles[case] = await profile(system, targets[case], rotation)

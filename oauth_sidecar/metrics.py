@@ -52,6 +52,9 @@ class MetricsListenError(Exception):
 class Metrics:
     """Metrics off (METRICS_PORT unset): every hook is a no-op, nothing is served."""
 
+    counting = False
+    """Whether the hooks count anything (work done only to feed them can be skipped)."""
+
     def recorder(self, request: web.Request) -> Record | None:
         """What counts this request's status when it ends (None: requests are not counted)."""
         return None
@@ -111,6 +114,7 @@ class _Watched(Collector):
 
 
 class PrometheusMetrics(Metrics):
+    counting = True
     """Metrics on: counted in one registry of this app's, served at /metrics on its listener."""
 
     def __init__(

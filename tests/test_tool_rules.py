@@ -288,6 +288,64 @@ def test_rules_match_verified_emails_and_domains_only() -> None:
     assert not suffix.allows("tools", "b")
 
 
+def test_answers_are_read_for_the_audit_only_when_someone_sees_it() -> None:
+    import logging
+
+    import structlog
+
+    from oauth_sidecar.mcp.audit import Audit
+    from oauth_sidecar.metrics import Metrics
+
+    class Counting(Metrics):
+        counting = True
+
+    saved = structlog.get_config()
+    try:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+        assert Audit(Metrics(), log_arguments=False).observed()
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        assert not Audit(Metrics(), log_arguments=False).observed()  # no line, no count
+        assert Audit(Counting(), log_arguments=False).observed()
+    finally:
+        structlog.configure(**saved)
+
+
+def test_remembered_verdicts_and_callers_are_per_rule_set_bounded_and_dropped_on_reload() -> None:
+    from oauth_sidecar.mcp.tool_policy import (
+        CACHED_NAME_CHARS,
+        CALLER_CACHE_ENTRIES,
+        VERDICT_CACHE_ENTRIES,
+    )
+
+    tools = policy_of(RULES)
+    reader = tools.for_caller("u", {"groups": ["readers"]})
+    admin = tools.for_caller("u", {"groups": ["admins"]})
+    assert not reader.allows("tools", "write_file")
+    assert admin.allows("tools", "write_file")  # not the reader's remembered verdict
+    assert not reader.allows("tools", "write_file")
+    names = [f"get_{i}" for i in range(VERDICT_CACHE_ENTRIES + 10)]
+    assert all(reader.allows("tools", name) for name in names)
+    assert len(tools.version.verdicts) <= VERDICT_CACHE_ENTRIES
+    long_name = "get_" + "x" * CACHED_NAME_CHARS
+    assert reader.allows("tools", long_name)
+    assert all(key[2] != long_name for key in tools.version.verdicts)  # judged, not kept
+    claims = {"groups": ["readers"]}
+    assert not tools.for_caller("u", claims).allows("tools", "write_file")
+    assert tools.for_caller("v", {"groups": ["admins"]}).allows("tools", "write_file")
+    assert not tools.for_caller("u", claims).allows("tools", "write_file")  # remembered
+    assert tools.for_caller("u", {"groups": ["admins"]}).allows("tools", "write_file")
+    for i in range(CALLER_CACHE_ENTRIES + 10):
+        assert tools.for_caller(f"u{i}", {"groups": ["admins"]}).allows("tools", "write_file")
+    assert len(tools.version.callers) <= CALLER_CACHE_ENTRIES
+    rules, _ = parse_rule_file('[[rule]]\ngroups = ["readers"]\nallow_tools = ["write_*"]\n', "t")
+    tools.replace_file_rules(rules)
+    assert tools.version.verdicts == {}
+    assert tools.for_caller("u", claims).allows("tools", "write_file")  # the new version's
+    reader = tools.for_caller("u", {"groups": ["readers"]})
+    assert reader.allows("tools", "write_file")
+    assert not reader.allows("tools", "get_1")
+
+
 # -- enforcement ---------------------------------------------------------------------------------
 
 

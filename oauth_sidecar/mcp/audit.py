@@ -12,6 +12,7 @@ capped. Metric labels stay bounded: a name is its own label only if the upstream
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import structlog
@@ -31,8 +32,17 @@ log = structlog.get_logger("oauth_sidecar.audit")
 class Audit:
     def __init__(self, metrics: Metrics, log_arguments: bool) -> None:
         self._metrics = metrics
+        self._counting = metrics.counting
+        self._observed: bool | None = None
         self._log_arguments = log_arguments
         self._known: dict[str, set[str]] = {"tools": set(), "prompts": set(), "resources": set()}
+
+    def observed(self) -> bool:
+        """Whether an answered call's line or count reaches anyone: with LOG_LEVEL above info
+        and no metrics, nothing would, and the answer need not be read to find its outcome."""
+        if self._observed is None:  # the level is set once, before the first request
+            self._observed = self._counting or bool(log.is_enabled_for(logging.INFO))
+        return self._observed
 
     def learn(self, method: str, result: dict[str, Any]) -> None:
         """Remember the names a list answer carried (before filtering), as metric labels."""

@@ -7,7 +7,8 @@ agree with it (400/-32020), every named thing must be allowed (a JSON-RPC error 
 message, and the whole body refused: the upstream never sees any part of a refused batch), then
 every tool's TOOL_SCOPES must be held (403 insufficient_scope naming every scope the call needs:
 MCP step-up), then the tool's TOOL_RATE_LIMITS are spent (429). An admitted request goes on as it
-came; its answer's list results are filtered and each call gets one audit line (mcp/audit.py).
+came; its answer's list results are filtered and each call gets one audit line (mcp/audit.py),
+read from the answer only when that line or its count reaches anyone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import fnmatch
 import json
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,8 @@ class Judged:
     lists: dict[Any, str]
     """id -> list method, of the list requests in the body."""
     calls: tuple[Message, ...]
-    """The named calls, each audited when its answer comes (or the request ends)."""
+    """The named calls, each audited when its answer comes (or the request ends); none when
+    no audit line or count would reach anyone (Audit.observed)."""
     started: float = field(default_factory=time.perf_counter)
     answered: set[Any] = field(default_factory=set)
 
@@ -97,23 +98,29 @@ class CallRules:
             return _jsonrpc_answer(refused.status, error_object(
                 refused.request_id, refused.code, refused.message))
         caller = self._tools.for_caller(principal.subject, principal.claims)
-        denied = [(m, v) for m in body.named if not (v := caller.verdict(m.kind or "", m.name or
-                                                                          "")).allowed]
+        named = body.named
+        denied = [(m, v) for m in named if not (v := caller.verdict(m.kind or "", m.name or
+                                                                     "")).allowed]
         if denied:
             request[AUTH_FAILURE] = "mcp_denied"
             for message, verdict in denied:
                 self._audit.refused(principal, message, "denied", verdict.because, request_id)
             return self._denial(body, {id(m) for m, _ in denied})
-        stopped = self._missing_scopes(request, principal, body, request_id)
-        if stopped is None:
-            stopped = await self._spend_tool_budgets(request, principal, body, request_id)
+        stopped = (self._missing_scopes(request, principal, named, request_id)
+                   if self._tools.scoped else None)
+        if stopped is None and self._rate_limits:
+            stopped = await self._spend_tool_budgets(request, principal, named, request_id)
         if stopped is not None:
             return stopped
-        return Judged(caller, principal, request_id, lists_by_id(body.lists), body.named)
+        # Refusals are audited above whatever the level; an answer is read for its calls'
+        # outcomes only when their audit line or count reaches anyone (mcp/audit.py).
+        audited = named if self._audit.observed() else ()
+        lists = body.lists
+        return Judged(caller, principal, request_id, lists_by_id(lists) if lists else {}, audited)
 
-    def _missing_scopes(self, request: web.Request, principal: Principal, body: Body,
-                        request_id: str) -> web.Response | None:
-        tools = [message.name or "" for message in body.named if message.kind == "tools"]
+    def _missing_scopes(self, request: web.Request, principal: Principal,
+                        named: tuple[Message, ...], request_id: str) -> web.Response | None:
+        tools = [message.name or "" for message in named if message.kind == "tools"]
         if not tools:
             return None
         held = self._policy.scopes(principal.claims)
@@ -123,14 +130,15 @@ class CallRules:
         for tool in tools:
             needed.update(dict.fromkeys(self._tools.needed_scopes(tool)))
         request[AUTH_FAILURE] = "mcp_insufficient_scope"
-        for message in body.named:
+        for message in named:
             self._audit.refused(principal, message, "scope_missing", "TOOL_SCOPES", request_id)
         return json_error(403, "insufficient_scope", INSUFFICIENT_SCOPE_DESCRIPTION,
                           {"WWW-Authenticate": self._challenges.scopes_needed(tuple(needed))})
 
-    async def _spend_tool_budgets(self, request: web.Request, principal: Principal, body: Body,
-                                  request_id: str) -> web.Response | None:
-        for message in body.named:
+    async def _spend_tool_budgets(self, request: web.Request, principal: Principal,
+                                  named: tuple[Message, ...], request_id: str
+                                  ) -> web.Response | None:
+        for message in named:
             if message.kind != "tools":
                 continue
             for glob, per_minute, pattern in self._rate_limits:
@@ -222,15 +230,16 @@ class CallRules:
             return
         by_id = {m.id: m for m in judged.calls if m.has_id}
         for item in message if isinstance(message, list) else [message]:
-            if not isinstance(item, Mapping) or "method" in item or not valid_id(item.get("id")):
+            # dict, not Mapping: json.loads makes dicts, and an ABC check costs microseconds
+            if not isinstance(item, dict) or "method" in item or not valid_id(item.get("id")):
                 continue
             call = by_id.get(item.get("id"))
             if call is None or call.id in judged.answered:
                 continue
             judged.answered.add(call.id)
             error = item.get("error")
-            code = error.get("code") if isinstance(error, Mapping) else None
-            is_error = isinstance(item.get("result"), Mapping) and item["result"].get("isError")
+            code = error.get("code") if isinstance(error, dict) else None
+            is_error = isinstance(item.get("result"), dict) and item["result"].get("isError")
             self._audit.answered(
                 judged.principal, call, status=status,
                 error_code=code if isinstance(code, int) else None,

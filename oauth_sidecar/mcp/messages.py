@@ -85,17 +85,17 @@ def parse(data: bytes) -> Body:
     """The messages of a JSON-RPC body; BodyRefused when it is not one, or names a thing in
     a way that cannot be judged (a name that is not a string)."""
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+        value = _DECODER.decode(data.decode("utf-8"))
     except DuplicateKey:
         raise BodyRefused(400, INVALID_REQUEST,
                           "Invalid Request: an object repeats a key") from None
     except (ValueError, RecursionError):  # UnicodeDecodeError included: JSON is UTF-8 here
         raise BodyRefused(400, PARSE_ERROR, "Parse error: the body is not JSON") from None
-    batch = isinstance(value, list)
-    items = value if batch else [value]
-    if batch and not items:
+    if not isinstance(value, list):
+        return Body((_message(value),), False)
+    if not value:
         raise BodyRefused(400, INVALID_REQUEST, "Invalid Request: an empty batch")
-    return Body(tuple(_message(item) for item in items), batch)
+    return Body(tuple([_message(item) for item in value]), True)
 
 
 class DuplicateKey(ValueError):
@@ -109,6 +109,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(value) != len(pairs):
         raise DuplicateKey
     return value
+
+
+# Built once: json.loads(..., object_pairs_hook=) builds a decoder (and its scanner) per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def _message(item: Any) -> Message:

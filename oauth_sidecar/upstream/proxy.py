@@ -334,8 +334,13 @@ class UpstreamProxy:
         """A JSON answer the tool rules read (list results filtered, calls audited): read
         whole, at most MAX_ANSWER_BYTES, within the idle timeout."""
         try:
-            async with asyncio.timeout(self._config.idle_timeout):
-                data = await read_capped(upstream, MAX_ANSWER_BYTES)
+            if upstream.content.is_eof():  # it came with the headers: nothing to wait for,
+                data = await upstream.read()  # and nothing more to hold than is held already
+                if len(data) > MAX_ANSWER_BYTES:
+                    raise ResponseTooLarge(MAX_ANSWER_BYTES, b"")
+            else:
+                async with asyncio.timeout(self._config.idle_timeout):
+                    data = await read_capped(upstream, MAX_ANSWER_BYTES)
         except TimeoutError:
             log.warning("upstream_timeout", phase="body")
             self._metrics.upstream_failed("timeout")
