@@ -8,13 +8,16 @@ that could never be used must stop the start, not fail a sign-in later.
 
 from __future__ import annotations
 
-from oauth_sidecar.config.model import AuthServerConfig
+import ssl
+
+from oauth_sidecar.config.model import AuthServerConfig, ClientDocumentsConfig
 from oauth_sidecar.config.reader import Reader, split_list
 from oauth_sidecar.config.redirect_uris import (
     RedirectUriRefused,
     parse_redirect_uri,
     shown_redirect_uri,
 )
+from oauth_sidecar.config.urls import is_dns_name
 
 MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
 
@@ -38,6 +41,65 @@ def redirect_uris(r: Reader) -> frozenset[str]:
         else:
             uris.append(uri)
     return frozenset(uris)
+
+
+MAX_CA_FILE_BYTES = 1 << 20  # a bundle of a few hundred certificates at most
+ON_WORDS, OFF_WORDS = ("on", "true", "1", "yes"), ("off", "false", "0", "no")
+
+
+def cimd_hosts(r: Reader, name: str) -> frozenset[str]:
+    """A comma list of bare lowercase DNS names: compared exactly with a client id URL's host,
+    so anything else (a URL, a port, a wildcard, an upper-case letter) could never match."""
+    hosts = []
+    for host in split_list(r.raw(name)):
+        if "/" in host or ":" in host:
+            r.problems.append(f"{name} entry {host!r} is not a bare host name: give only the "
+                              "host, e.g. claude.ai (no scheme, port or path)")
+        elif host != host.lower():
+            r.problems.append(f"{name} entry {host!r} must be lowercase ({host.lower()})")
+        elif not is_dns_name(host):
+            r.problems.append(f"{name} entry {host!r} is not a DNS host name (no wildcards, "
+                              "IP addresses or trailing dot; each entry matches one host exactly)")
+        else:
+            hosts.append(host)
+    return frozenset(hosts)
+
+
+def cimd_ca_file(r: Reader) -> str:
+    """CIMD_CA_FILE, checked now: a file that cannot be read or holds no certificate would
+    otherwise fail every sign-in of a client whose document it was meant to let through."""
+    path = r.raw("CIMD_CA_FILE")
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as file:
+            pem = file.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as exc:
+        r.problems.append(f"CIMD_CA_FILE {path} cannot be read: {exc.strerror or exc}")
+        return ""
+    if len(pem) > MAX_CA_FILE_BYTES:
+        r.problems.append(f"CIMD_CA_FILE {path} is larger than {MAX_CA_FILE_BYTES} bytes")
+        return ""
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError):
+        r.problems.append(f"CIMD_CA_FILE {path} holds no PEM certificate")
+        return ""
+    return path
+
+
+def client_documents(r: Reader) -> ClientDocumentsConfig:
+    """The CIMD_* variables: Client ID Metadata Documents in facade mode."""
+    switch = r.raw("CIMD").lower()
+    if switch not in ON_WORDS + OFF_WORDS:
+        r.problems.append(f"CIMD={switch!r} is not on or off")
+    return ClientDocumentsConfig(
+        enabled=switch in ON_WORDS,
+        allowed_hosts=cimd_hosts(r, "CIMD_ALLOWED_HOSTS"),
+        trusted_hosts=cimd_hosts(r, "CIMD_TRUSTED_HOSTS"),
+        allow_private_addresses=r.flag("CIMD_ALLOW_PRIVATE_ADDRESSES"),
+        ca_file=cimd_ca_file(r),
+    )
 
 
 def auth_server(r: Reader) -> AuthServerConfig:
@@ -66,4 +128,5 @@ def auth_server(r: Reader) -> AuthServerConfig:
         facade=mode == "facade", client_id=client_id, client_secret=secret,
         publish_secret=publish, redirect_uris=uris,
         allow_loopback_redirects=r.flag("ALLOW_LOOPBACK_REDIRECTS"), state_secret=state_secret,
+        client_documents=client_documents(r),
     )

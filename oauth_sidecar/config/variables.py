@@ -15,6 +15,9 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"
 DEFAULT_CORS_ORIGINS = "https://claude.ai,https://claude.com"
+# The clients known to publish Client ID Metadata Documents: Claude (web, Desktop, Code), VS Code,
+# ChatGPT and Codex. Their sign-ins skip the consent page; anyone else's show it.
+DEFAULT_CIMD_TRUSTED_HOSTS = "claude.ai,claude.com,vscode.dev,chatgpt.com"
 DEFAULT_REDIRECT_URIS = (
     "https://claude.ai/api/mcp/auth_callback,https://claude.com/api/mcp/auth_callback"
 )
@@ -104,6 +107,13 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "STATIC_CLIENT_CONFIDENTIAL": ("false", "Publish the secret in /oauth/register answers."),
     "ALLOWED_REDIRECT_URIS": (DEFAULT_REDIRECT_URIS, "Client redirect URIs accepted, exactly."),
     "ALLOW_LOOPBACK_REDIRECTS": ("true", "Also accept http://127.0.0.1|localhost|[::1]:any/..."),
+    "CIMD": ("on", "Accept Client ID Metadata Documents (https URL client ids) in facade mode."),
+    "CIMD_ALLOWED_HOSTS": ("", "Hosts whose client documents are accepted (empty = any public)."),
+    "CIMD_TRUSTED_HOSTS": (DEFAULT_CIMD_TRUSTED_HOSTS, "Client document hosts that skip the "
+                           "consent page."),
+    "CIMD_ALLOW_PRIVATE_ADDRESSES": ("false", "Fetch client documents from private and loopback "
+                                     "addresses (development only)."),
+    "CIMD_CA_FILE": ("", "Extra CA certificates (PEM) trusted for client document fetches."),
     "STATE_SECRET": ("", "Key sealing the relay's state and codes (share it across replicas)."),
     "STATE_SECRET_FILE": ("", "File holding STATE_SECRET (a mounted secret)."),
     "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
@@ -123,7 +133,7 @@ OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
     "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
-    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_",
+    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_", "CIMD",
 )  # fmt: skip
 
 
