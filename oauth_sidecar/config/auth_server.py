@@ -51,7 +51,10 @@ def cimd_hosts(r: Reader, name: str) -> frozenset[str]:
     """A comma list of bare lowercase DNS names: compared exactly with a client id URL's host,
     so anything else (a URL, a port, a wildcard, an upper-case letter) could never match."""
     hosts = []
-    for host in split_list(r.raw(name)):
+    entries = split_list(r.raw(name))
+    if name == "CIMD_TRUSTED_HOSTS" and entries == ("none",):  # blank means the default list
+        return frozenset()
+    for host in entries:
         if "/" in host or ":" in host:
             r.problems.append(f"{name} entry {host!r} is not a bare host name: give only the "
                               "host, e.g. claude.ai (no scheme, port or path)")

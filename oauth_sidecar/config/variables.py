@@ -110,7 +110,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "CIMD": ("on", "Accept Client ID Metadata Documents (https URL client ids) in facade mode."),
     "CIMD_ALLOWED_HOSTS": ("", "Hosts whose client documents are accepted (empty = any public)."),
     "CIMD_TRUSTED_HOSTS": (DEFAULT_CIMD_TRUSTED_HOSTS, "Client document hosts that skip the "
-                           "consent page."),
+                           "consent page (none: every client sees it)."),
     "CIMD_ALLOW_PRIVATE_ADDRESSES": ("false", "Fetch client documents from private and loopback "
                                      "addresses (development only)."),
     "CIMD_CA_FILE": ("", "Extra CA certificates (PEM) trusted for client document fetches."),
