@@ -32,6 +32,7 @@ from oauth_sidecar.config import ClientDocumentsConfig, ConfigError, load
 from oauth_sidecar.signin.client_documents import (
     ADDRESS_NOT_ALLOWED,
     BAD_RESPONSE,
+    DISABLED,
     HOST_NOT_ALLOWED,
     INVALID_CLIENT_ID,
     INVALID_DOCUMENT,
@@ -440,7 +441,8 @@ def test_which_client_ids_are_meant_as_urls() -> None:
 
 NON_PUBLIC = [
     "10.0.0.1", "172.16.0.1", "192.168.1.1", "127.0.0.1", "127.255.0.9", "169.254.169.254",
-    "100.64.0.1", "0.0.0.0", "0.1.2.3",  # noqa: S104 - an address refused, not bound "224.0.0.1", "239.255.255.250", "240.0.0.1",
+    "100.64.0.1", "0.0.0.0", "0.1.2.3",  # noqa: S104 - an address refused, not bound
+    "224.0.0.1", "239.255.255.250", "240.0.0.1",
     "255.255.255.255", "192.0.0.8", "192.0.2.1", "198.18.0.1", "198.51.100.1", "203.0.113.1",
     "::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "::ffff:10.0.0.1",
     "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "64:ff9b::7f00:1",
@@ -798,6 +800,17 @@ async def test_the_cache_is_bounded_in_entries_and_bytes(
         for _ in range(2):
             await asyncio.wait_for(documents.resolve(urls[0]), WAIT)
     assert server.hits["/c0.json"] == 4
+
+
+async def test_with_cimd_off_nothing_is_fetched(
+    server: DocumentServer, rig_factory: Callable[..., Rig]
+) -> None:
+    url = server.serve_client("/c.json")
+    rig = rig_factory(config={"enabled": False})
+    async with rig.documents.running() as documents:
+        assert (await refused(documents, url)).reason == DISABLED
+    assert rig.resolver.lookups == []
+    assert server.total == 0
 
 
 async def test_resolve_outside_running_is_a_programming_error(

@@ -72,6 +72,8 @@ GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
 NAT64_V6 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: a public IPv4 address inside
 
 # ClientDocumentRefused.reason values.
+DISABLED = "disabled"
+"""CIMD=off: client id URLs are not accepted at all."""
 INVALID_CLIENT_ID = "invalid_client_id"
 """The client id is not a valid client identifier URL (draft §3)."""
 HOST_NOT_ALLOWED = "host_not_allowed"
@@ -441,6 +443,9 @@ class ClientDocuments:
         """The validated document client_id names; ClientDocumentRefused for every failure."""
         if self._session is None:
             raise RuntimeError("ClientDocuments.resolve() outside running()")
+        if not self._config.enabled:
+            raise ClientDocumentRefused(
+                DISABLED, "This server does not accept client ID metadata documents")
         parts = parse_client_id_url(client_id)
         host = parts.hostname or ""
         allowed = self._config.allowed_hosts
