@@ -120,6 +120,10 @@ class AuthServerConfig:
     allow_loopback_redirects: bool
     state_secret: str
     """"" means: a random key per process (a single replica)."""
+    send_resource: bool = True
+    """IDP_RESOURCE_PARAMETER=pass: the relay passes the clients' RFC 8707 `resource` on."""
+    scope_prefix: str = ""
+    """IDP_SCOPE_PREFIX: put before each client scope the relay sends the IdP ("" = none)."""
 
 
 @dataclass(frozen=True, slots=True)
