@@ -1,5 +1,6 @@
-"""The authorization-server section: direct or facade, the static client, the redirect allow-list
-and the key that seals the relay's state.
+"""The authorization-server section: direct or facade, the static client, the redirect allow-list,
+the key that seals the relay's state, and what the relay changes toward the IdP (`resource`,
+scope prefix).
 
 Why checked together: these settings only make sense as a set (a facade needs a client, a
 published secret needs a secret, a shared deployment needs a shared key), and a redirect entry
@@ -9,6 +10,7 @@ that could never be used must stop the start, not fail a sign-in later.
 from __future__ import annotations
 
 import ssl
+from urllib.parse import urlsplit
 
 from oauth_sidecar.config.model import AuthServerConfig, ClientDocumentsConfig
 from oauth_sidecar.config.reader import Reader, split_list
@@ -18,6 +20,7 @@ from oauth_sidecar.config.redirect_uris import (
     shown_redirect_uri,
 )
 from oauth_sidecar.config.urls import is_dns_name
+from oauth_sidecar.config.variables import RESOURCE_PARAMETER_CHOICES
 
 MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64 key
 
@@ -105,6 +108,42 @@ def client_documents(r: Reader) -> ClientDocumentsConfig:
     )
 
 
+def scope_prefix(r: Reader) -> str:
+    """IDP_SCOPE_PREFIX: the API's identifier at the IdP, which scopes are appended to, so it
+    must be an identifier (api://... or https://...) and end with the separator `/`."""
+    prefix = r.raw("IDP_SCOPE_PREFIX")
+    if not prefix:
+        return ""
+    parts = urlsplit(prefix)
+    if (
+        parts.scheme.lower() not in ("api", "https") or not prefix.lower().startswith(
+            ("api://", "https://")) or not parts.netloc or not prefix.endswith("/")
+        or parts.query or parts.fragment or any(c.isspace() for c in prefix)
+    ):
+        r.problems.append(
+            f"IDP_SCOPE_PREFIX={prefix!r} must be an api:// or https:// identifier ending with "
+            "/, e.g. api://<API app id>/ (the API's Application ID URI and a slash)")
+        return ""
+    return prefix
+
+
+def idp_request(r: Reader, facade: bool) -> tuple[bool, str]:
+    """IDP_RESOURCE_PARAMETER and IDP_SCOPE_PREFIX: what the facade's relay changes in the
+    requests it sends the IdP. In direct mode clients talk to the IdP themselves, so nothing
+    the sidecar could change: a setting that would silently do nothing stops the start."""
+    choice = r.choice("IDP_RESOURCE_PARAMETER", RESOURCE_PARAMETER_CHOICES)
+    prefix = scope_prefix(r)
+    if not facade:
+        for name, value in (("IDP_RESOURCE_PARAMETER", "omit" if choice == "omit" else ""),
+                            ("IDP_SCOPE_PREFIX", prefix)):
+            if value:
+                r.problems.append(
+                    f"{name}={value} applies to the facade's relay only: in direct mode "
+                    "clients send their requests to the IdP themselves; set "
+                    "AUTH_SERVER_MODE=facade (with STATIC_CLIENT_ID) or unset it")
+    return choice != "omit", prefix
+
+
 def auth_server(r: Reader) -> AuthServerConfig:
     client_id, secret = r.raw("STATIC_CLIENT_ID"), r.secret("STATIC_CLIENT_SECRET")
     mode = r.raw("AUTH_SERVER_MODE").lower() or ("facade" if client_id else "direct")
@@ -127,9 +166,11 @@ def auth_server(r: Reader) -> AuthServerConfig:
             f"STATE_SECRET is shorter than {MIN_STATE_SECRET} characters "
             "(use e.g. `openssl rand -hex 32`)"
         )
+    send_resource, prefix = idp_request(r, mode == "facade")
     return AuthServerConfig(
         facade=mode == "facade", client_id=client_id, client_secret=secret,
         publish_secret=publish, redirect_uris=uris,
         allow_loopback_redirects=r.flag("ALLOW_LOOPBACK_REDIRECTS"), state_secret=state_secret,
         client_documents=client_documents(r),
+        send_resource=send_resource, scope_prefix=prefix,
     )

@@ -136,6 +136,10 @@ class AuthServerConfig:
     state_secret: str
     """"" means: a random key per process (a single replica)."""
     client_documents: ClientDocumentsConfig = ClientDocumentsConfig()
+    send_resource: bool = True
+    """IDP_RESOURCE_PARAMETER=pass: the relay passes the clients' RFC 8707 `resource` on."""
+    scope_prefix: str = ""
+    """IDP_SCOPE_PREFIX: put before each client scope the relay sends the IdP ("" = none)."""
 
 
 @dataclass(frozen=True, slots=True)

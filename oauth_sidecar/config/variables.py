@@ -24,6 +24,8 @@ DEFAULT_REDIRECT_URIS = (
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+# What the facade's relay does with the RFC 8707 `resource` clients send (Entra refuses it).
+RESOURCE_PARAMETER_CHOICES = ("pass", "omit")
 # Cognito access tokens carry no `aud`, only the app client's id in `client_id`.
 AUDIENCE_CLAIMS = ("aud", "client_id")
 # How ID tokens presented as access tokens are told apart (tokens.py): by what they say they are,
@@ -116,6 +118,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "CIMD_CA_FILE": ("", "Extra CA certificates (PEM) trusted for client document fetches."),
     "STATE_SECRET": ("", "Key sealing the relay's state and codes (share it across replicas)."),
     "STATE_SECRET_FILE": ("", "File holding STATE_SECRET (a mounted secret)."),
+    "IDP_RESOURCE_PARAMETER": ("pass", "Facade: pass or omit the clients' `resource` toward "
+                               "the IdP (Entra: omit)."),
+    "IDP_SCOPE_PREFIX": ("", "Facade: prefix for client scopes toward the IdP, e.g. "
+                         "api://<app id>/ (Entra)."),
     "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
     "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1."),
     "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),

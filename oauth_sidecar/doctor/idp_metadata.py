@@ -30,6 +30,7 @@ from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker
 from oauth_sidecar.doctor.words import describe_key, span
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH
+from oauth_sidecar.signin.idp_request import idp_scope
 
 CLOCK_SLACK = 2.0  # seconds: the Date header is truncated to seconds and the request took time
 # IdPs known to put RFC 9207 `iss` in authorization responses even where metadata is silent.
@@ -202,8 +203,12 @@ class IdpChecks(Checker):
                          f"the IdP's metadata has no {name}: no client can sign in",
                          "check that OIDC_ISSUER_URL names an OAuth authorization server")
         offered = metadata.get("scopes_supported")
+        prefix = config.auth_server.scope_prefix if facade else ""
         if isinstance(offered, list):
-            missing = [s for s in config.advertised_scopes if s not in offered]
+            # A scope the relay prefixes is the API's (Entra: api://<app id>/mcp:read), which
+            # the IdP's own document does not list.
+            missing = [s for s in config.advertised_scopes
+                       if s not in offered and idp_scope(s, prefix) == s]
             if missing:
                 self.add(WARNING, "scope_not_offered",
                          f"scope(s) {', '.join(missing)} advertised to clients (SCOPES_SUPPORTED"

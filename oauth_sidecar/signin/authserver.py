@@ -12,7 +12,8 @@ issuer. So `/authorize` sends the browser to the IdP with our own callback and a
 `/oauth/callback` checks the IdP's `iss`, then redirects (302 only: Claude.ai broke on 307/308)
 to the client with the code, its state and our `iss`; `/token` forwards to the IdP, putting our
 callback back as redirect_uri. Tokens are still minted only by the IdP and we store none: the
-sidecar stays a resource server.
+sidecar stays a resource server. Both relayed requests name `resource` and scopes the IdP's way
+(idp_request.py: Entra refuses `resource` and wants `api://<app id>/` before each scope).
 
 The relay holds the static client's secret, so it must never lend it: `/token` relays only the
 grants the metadata advertises, and adds the secret only to a refresh token (whose holder the
@@ -44,6 +45,7 @@ from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.request_body import BodyBroken, BodyReader, BodyStalled, body_refused
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
+from oauth_sidecar.signin.idp_request import toward_idp
 from oauth_sidecar.signin.redemptions import RedemptionStore, RedemptionUnavailable
 from oauth_sidecar.signin.registration import RedirectAllowList
 from oauth_sidecar.signin.state import (
@@ -171,7 +173,8 @@ class AuthorizationServer:
                 raise AuthorizationRefused("invalid_request", "The request is too long")
         except AuthorizationRefused as exc:
             return self._tell_client(redirect_uri, query.get("state"), exc.error, exc.description)
-        params = {**query, "redirect_uri": self._callback, "state": state}
+        params = toward_idp({**query, "redirect_uri": self._callback, "state": state},
+                            self._config)
         return _redirect(with_query(target, params))
 
     def _check_authorization_request(self, query: Mapping[str, str]) -> None:
@@ -333,6 +336,8 @@ class AuthorizationServer:
             issued_here = self.facade and grant == "authorization_code"
             if issued_here:
                 await self._redeem_code(fields, headers.get("Authorization"))
+            if self.facade:  # `resource` and scopes as the IdP wants them (idp_request.py)
+                fields = toward_idp(fields, self._config)
         except TokenRefused as exc:
             return json_error(exc.status, exc.error, exc.description)
         except RedemptionUnavailable:
