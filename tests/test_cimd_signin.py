@@ -318,7 +318,7 @@ async def test_code_and_refresh_token_are_bound_to_the_document_client(
     assert tokens["access_token"] == TOKEN_RESPONSE["access_token"]
     sealed = tokens["refresh_token"]
     assert sealed != TOKEN_RESPONSE["refresh_token"]
-    assert TOKEN_RESPONSE["refresh_token"] not in reply.text
+    assert str(TOKEN_RESPONSE["refresh_token"]) not in reply.text
     token_endpoint.calls.clear()
 
     for thief in (other, CLIENT_ID):
