@@ -383,6 +383,22 @@ async def test_client_id_metadata_documents_are_a_way_to_register(
     assert "Client ID Metadata Documents" in finding(report, "registration")[1]
 
 
+async def test_facade_mode_names_every_way_a_client_can_register(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.document_changes["registration_endpoint"] = None  # the IdP's own offers do not matter
+    env = clean_env(idp, upstream, STATIC_CLIENT_ID=STATIC_ID, STATE_SECRET=STATE_SECRET)
+    message = finding(await check(env), "registration")[1]
+    assert "Client ID Metadata Documents" in message
+    assert "from any public host; without the consent page: chatgpt.com, claude.ai" in message
+    assert f"/oauth/register and /register, handing out STATIC_CLIENT_ID={STATIC_ID}" in message
+    assert "deprecated by MCP 2026-07-28" in message
+    assert f"typed by hand ({STATIC_ID})" in message
+    off = finding(await check({**env, "CIMD": "off"}), "registration")[1]
+    assert "Client ID Metadata Documents" not in off
+    assert "/oauth/register" in off
+
+
 async def test_direct_mode_with_a_static_client_reaches_only_claude(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:

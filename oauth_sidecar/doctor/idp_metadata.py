@@ -135,7 +135,7 @@ class IdpChecks(Checker):
 
     # -- the IdP's metadata: the pitfalls -------------------------------------------------------
 
-    def metadata_checks(self, metadata: Mapping[str, Any]) -> None:  # noqa: PLR0912 (independent checks, one finding each)  # noqa: PLR0912 (independent checks, one finding each)
+    def metadata_checks(self, metadata: Mapping[str, Any]) -> None:  # noqa: PLR0912 (independent checks, one finding each)
         config = self.config
         facade = config.auth_server.facade
         configured, named = config.idp.issuer, metadata.get("issuer")
@@ -195,7 +195,9 @@ class IdpChecks(Checker):
                          f"the IdP sends iss in authorization responses (RFC 9207; {why}); in "
                          "direct mode clients discovered the IdP's own issuer, so it matches")
 
-        if not facade:
+        if facade:
+            self._facade_registration()
+        else:
             self._registration(metadata)
         for name in ("authorization_endpoint", "token_endpoint"):
             if not isinstance(metadata.get(name), str):
@@ -224,6 +226,22 @@ class IdpChecks(Checker):
             if marker in host:
                 return True, name
         return False, ""
+
+    def _facade_registration(self) -> None:
+        """Facade mode: the ways a client can get a client id here, whatever the IdP offers."""
+        auth = self.config.auth_server
+        documents = auth.client_documents
+        paths = []
+        if documents.enabled:
+            allowed = ", ".join(sorted(documents.allowed_hosts)) or "any public host"
+            trusted = ", ".join(sorted(documents.trusted_hosts)) or "none"
+            paths.append(f"Client ID Metadata Documents (CIMD: Claude, VS Code, ChatGPT, Codex) "
+                         f"from {allowed}; without the consent page: {trusted}")
+        paths.append(f"Dynamic Client Registration at /oauth/register and /register, handing "
+                     f"out STATIC_CLIENT_ID={auth.client_id} (older clients: Cursor, the MCP "
+                     "Inspector; deprecated by MCP 2026-07-28)")
+        paths.append(f"the static client id typed by hand ({auth.client_id})")
+        self.add(NOTE, "registration", "clients can register by " + "; ".join(paths))
 
     def _registration(self, metadata: Mapping[str, Any]) -> None:
         """Direct mode: clients register with the IdP itself, or are handed the static client
