@@ -328,3 +328,43 @@ async def test_sdk_signs_in_after_the_consent_page_is_approved_and_not_when_deni
     assert endpoint(denied.hops[-1].location) == denying
     assert token_requests(denied) == []
     assert documents.hits == 1  # both sign-ins used the one cached document
+
+
+# -- a native client's document names its loopback redirect without the port --------------------
+
+
+async def test_a_document_listing_a_portless_loopback_redirect_signs_in_on_any_port(
+    tmp_path: Path, documents: Documents, pki: tuple[Path, Any]
+) -> None:
+    """Claude Code's document lists http://localhost/callback and http://127.0.0.1/callback and
+    it calls back on an ephemeral port: the authorization server must allow any port for a
+    loopback redirect (RFC 8252 §7.3, RFC 9700 §2.1). The SDK, like it, listens on a free port
+    its published document cannot know."""
+    redirect = loopback_redirect()
+    url = document_client(documents, "http://localhost/callback", "http://127.0.0.1/callback")
+    async with facade_stack(tmp_path, env=cimd_env(pki)) as stack:
+        client = SdkOAuthClient(stack.sidecar.mcp_url, redirect_uri=redirect,
+                                client_metadata_url=url)
+        result = await client.session([("echo", {"text": TEXT})])
+        # The latitude is the port's only: another path or another host is still refused.
+        for other in ("http://127.0.0.1:8080/other", "http://[::1]:8080/callback",
+                      "https://127.0.0.1:8080/callback"):
+            refused = await post_authorize(stack, url, other)
+            assert refused == 400, other
+    assert_document_sign_in(result, stack, url, redirect)
+    assert result.text == TEXT
+    assert_static_client_token(result, stack)
+    [relayed] = stack.relay
+    assert_relayed_as_static_client(relayed, stack)
+
+
+async def post_authorize(stack: FacadeStack, client_id: str, redirect_uri: str) -> int:
+    """The status of a GET /authorize for client_id with redirect_uri (redirects not followed)."""
+    query = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
+             "state": "s", "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+             "code_challenge_method": "S256", "resource": stack.sidecar.mcp_url}
+    timeout = aiohttp.ClientTimeout(total=10.0)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, session.get(
+        stack.sidecar.origin + "/authorize", params=query, allow_redirects=False
+    ) as response:
+        return response.status
