@@ -12,7 +12,8 @@ CIMD_TRUSTED_HOSTS=localhost skips the consent page, except in the test that ans
 What is shown: the SDK takes the CIMD path (its client id at /authorize and /token is the URL, it
 never registers), the IdP only ever sees the static client, the SDK calls a tool, refreshes with
 a refresh token sealed for its URL (not the IdP's) and calls again; the same SDK client without
-client_metadata_url registers through the DCR shim as before.
+client_metadata_url registers through the DCR shim as before; and a document that lists its
+loopback redirect without a port, as Claude Code's does, signs in on the SDK's ephemeral port.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ async def test_a_document_listing_a_portless_loopback_redirect_signs_in_on_any_p
         # The latitude is the port's only: another path or another host is still refused.
         for other in ("http://127.0.0.1:8080/other", "http://[::1]:8080/callback",
                       "https://127.0.0.1:8080/callback"):
-            refused = await post_authorize(stack, url, other)
+            refused = await authorize_status(stack, url, other)
             assert refused == 400, other
     assert_document_sign_in(result, stack, url, redirect)
     assert result.text == TEXT
@@ -358,7 +359,7 @@ async def test_a_document_listing_a_portless_loopback_redirect_signs_in_on_any_p
     assert_relayed_as_static_client(relayed, stack)
 
 
-async def post_authorize(stack: FacadeStack, client_id: str, redirect_uri: str) -> int:
+async def authorize_status(stack: FacadeStack, client_id: str, redirect_uri: str) -> int:
     """The status of a GET /authorize for client_id with redirect_uri (redirects not followed)."""
     query = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
              "state": "s", "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
