@@ -266,8 +266,16 @@ async def test_a_valid_document_is_fetched_over_https_and_validated(
     assert document.redirect_uris == ("https://client.example.test/callback",
                                       "http://127.0.0.1/callback")
     assert document.allows_redirect("http://127.0.0.1/callback")
-    assert not document.allows_redirect("http://127.0.0.1:8080/callback")  # exactly, no latitude
     assert not document.allows_redirect("https://client.example.test/callback/")
+    assert not document.allows_redirect("https://client.example.test:8443/callback")
+    # A loopback redirect on any port (RFC 8252 §7.3): the port is all that may differ.
+    assert document.allows_redirect("http://127.0.0.1:8080/callback")
+    for other in ("http://127.0.0.1:8080/callback/", "http://127.0.0.1:8080/other",
+                  "http://127.0.0.1:8080/callback?x=1", "http://localhost:8080/callback",
+                  "http://[::1]:8080/callback", "https://127.0.0.1:8080/callback",
+                  "http://127.0.0.2:8080/callback", "http://user@127.0.0.1:8080/callback",
+                  "http://127.0.0.1:8080/callback#x", None):
+        assert not document.allows_redirect(other), other
     assert document.metadata["grant_types"] == ["authorization_code", "refresh_token"]
     assert rig.connections.attempts == ["127.0.0.1"]
     assert rig.resolver.lookups == [NAME]

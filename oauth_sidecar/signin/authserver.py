@@ -177,7 +177,7 @@ class AuthorizationServer:
         if isinstance(document, web.Response):
             return document
         # Never redirect to a URI we do not allow, not even with an error (RFC 6749 §4.1.2.1):
-        # a document client's are the ones its document lists, exactly.
+        # a document client's are the ones its document lists (a loopback one on any port).
         if not (document.allows_redirect(redirect_uri) if document is not None
                 else self._redirects.allows(redirect_uri)):
             return json_error(400, "invalid_request", "The redirect_uri is not allowed")

@@ -8,8 +8,9 @@ name that answers differently a second time, DNS rebinding, gains nothing), with
 followed, a short timeout and a 5 KiB body (draft §8.6, §8.7). The document then speaks for a
 client the operator never registered, so only a public client's metadata is accepted (no secret,
 no shared-secret method, no private key), and its redirect URIs are the only places a sign-in
-may go (§8.1). Results are cached within bounds (§5.2) and concurrent resolves of one URL share
-one fetch, so a burst of sign-ins costs the client's host one request.
+may go (§8.1; a loopback one on any port, RFC 8252 §7.3). Results are cached within bounds
+(§5.2) and concurrent resolves of one URL share one fetch, so a burst of sign-ins costs the
+client's host one request.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from oauth_sidecar.config import ClientDocumentsConfig
-from oauth_sidecar.config.redirect_uris import RedirectUriRefused, parse_redirect_uri
+from oauth_sidecar.config.redirect_uris import (
+    RedirectUriRefused,
+    is_loopback_redirect,
+    parse_redirect_uri,
+)
 from oauth_sidecar.config.urls import is_dns_name
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 
@@ -123,9 +128,30 @@ class ClientDocument:
     """The whole validated document, read-only at its top level."""
 
     def allows_redirect(self, uri: object) -> bool:
-        """uri is exactly one of the document's redirect URIs (draft §8.1; no loopback port
-        latitude: the document names its own)."""
-        return isinstance(uri, str) and uri in self.redirect_uris
+        """uri is one of the document's redirect URIs: exactly (draft §4.2), or for a loopback
+        one with any port (RFC 8252 §7.3, RFC 9700 §2.1). A native app listens on a port the
+        system gives it at sign-in, which the document it published long before cannot name:
+        Claude Code's lists http://127.0.0.1/callback and calls back on :51763. Only the port
+        varies: scheme, host (as written: localhost is not 127.0.0.1), path and query match."""
+        if not isinstance(uri, str):
+            return False
+        if uri in self.redirect_uris:
+            return True
+        asked = _loopback_without_port(uri)
+        return asked is not None and any(
+            _loopback_without_port(listed) == asked for listed in self.redirect_uris)
+
+
+def _loopback_without_port(uri: str) -> tuple[str, str, str] | None:
+    """(host, path, query) of an http redirect URI on a loopback host, an empty path read as
+    `/` (RFC 9110 §4.2.3); None for any other URI."""
+    try:
+        parts = parse_redirect_uri(uri)
+    except RedirectUriRefused:
+        return None
+    if not is_loopback_redirect(parts):
+        return None
+    return parts.hostname or "", parts.path or "/", parts.query
 
 
 def is_client_id_url(value: object) -> bool:
