@@ -6,8 +6,9 @@ CDP is JSON over one websocket, which aiohttp's client speaks: this file is the 
 the browser tests need and nothing else.
 
 `browser()` starts `chromium --headless=new` with a throwaway profile and its DevTools port on
-127.0.0.1, reads the websocket URL from the DevToolsActivePort file the browser writes, and
-always terminates and reaps the process. Host names are mapped with --host-resolver-rules (the
+127.0.0.1, in a process group of its own, reads the websocket URL from the DevToolsActivePort
+file the browser writes, and always closes it (Browser.close, then SIGTERM, SIGKILL) and waits
+for its helper processes to be gone. Host names are mapped with --host-resolver-rules (the
 caller's map; every other name fails to resolve, so the browser never leaves loopback), and
 certificates are trusted by the SHA-256 of their public key (--ignore-certificate-errors-spki-list:
 only the test's own key, not every certificate). `Tab` opens one page, navigates and waits for
