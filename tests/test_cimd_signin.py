@@ -47,6 +47,8 @@ from test_authserver import (
     token_endpoint,
 )
 
+from oauth_sidecar.signin.consent import form_targets
+
 __all__ = ["start", "token_endpoint"]  # fixtures of test_authserver.py, used here too
 
 REDIRECT = "https://client.example.test/callback"
@@ -57,9 +59,22 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
-    """A throwaway CA, and a server context for `localhost` and 127.0.0.1 signed by it."""
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA (ca_file) and a certificate it signed (cert_file, key_file)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def throwaway_pki(folder: Path, *names: str) -> Pki:
+    """A throwaway CA and a server certificate for `names` (DNS names) and 127.0.0.1."""
     now = datetime.now(UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("cimd test CA"))
@@ -68,23 +83,27 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]
           .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
+    alternatives: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+    alternatives.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
+            .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    folder = tmp_path_factory.mktemp("cimd-pki")
-    ca_file, cert_file, key_file = (folder / n for n in ("ca.pem", "cert.pem", "key.pem"))
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    return ca_file, context
+    pki = Pki(*(folder / n for n in ("ca.pem", "cert.pem", "key.pem")))
+    pki.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA, and a server context for `localhost` and 127.0.0.1 signed by it."""
+    made = throwaway_pki(tmp_path_factory.mktemp("cimd-pki"), "localhost")
+    return made.ca_file, made.server_context()
 
 
 @dataclass
@@ -174,7 +193,7 @@ async def test_a_trusted_document_client_goes_straight_to_the_idp_as_the_static_
 
 
 async def test_an_untrusted_client_gets_the_consent_page(
-    start: Start, documents: Documents, pki: Any
+    start: Start, documents: Documents, pki: Any, idp: FakeIdp
 ) -> None:
     client = await start(**cimd_env(pki))
     url = documents.client()
@@ -184,6 +203,10 @@ async def test_an_untrusted_client_gets_the_consent_page(
     assert page.headers["Content-Type"].startswith("text/html")
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    # The form's answer redirects to the IdP or the client: a browser checks form-action on
+    # each redirect (test_consent_browser.py clicks both buttons in Chromium).
+    assert (f"form-action 'self' {idp.origin} https://client.example.test;"
+            in page.headers["Content-Security-Policy"])
     assert page.headers["X-Frame-Options"] == "DENY"
     assert page.headers["Cache-Control"] == "no-store"
     cookie = page.headers["Set-Cookie"]
@@ -196,6 +219,17 @@ async def test_an_untrusted_client_gets_the_consent_page(
     assert ">client.example.test</span>" in page.text  # where the code would go
     assert "<script" not in page.text
     assert "http" not in page.text.split("<body>")[0].replace("https://mcp.example.test", "")
+
+
+def test_the_pages_form_targets_are_origins_or_schemes_and_never_more_text() -> None:
+    assert form_targets("https://idp.example/authorize?x=1", "https://client.example:8443/cb"
+                        ) == "https://idp.example https://client.example:8443"
+    assert form_targets("http://127.0.0.1:33418/callback", "cursor://anysphere/cb",
+                        "http://[::1]:8080/cb", "http://127.0.0.1:33418/other"
+                        ) == "http://127.0.0.1:33418 cursor: http:"
+    # A document's redirect URI is anyone's text: a host CSP cannot spell is its scheme only.
+    assert form_targets("https://a;script-src *;/cb", "https://a b/cb") == "https:"
+    assert form_targets("https://x:99999/cb", "1http://x/") == ""
 
 
 async def test_approve_continues_to_the_idp_and_deny_tells_the_client(

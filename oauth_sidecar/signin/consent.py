@@ -9,23 +9,29 @@ and what it wants to reach. Approve continues to the IdP; Deny answers the clien
 access_denied.
 
 The page is its own and only its own: no external asset, no script, not frameable
-(frame-ancestors 'none', X-Frame-Options), never cached, no referrer. The answer is a POST that
-must carry the page's sealed request (single-use, expiring: state.py) and a cookie the page set in
-the same browser (SameSite=Strict, HttpOnly), so another site cannot approve on a user's behalf
-by posting the form itself (CSRF): it can obtain a sealed request of its own, but never the
-cookie that goes with it.
+(frame-ancestors 'none', X-Frame-Options), never cached, no referrer. Its form leads only here
+and where the answer redirects, the IdP's authorization endpoint or the client's redirect URI
+(form-action: Chromium checks it on each redirect a form submission follows, so a bare 'self'
+blocks both answers; tests/test_consent_browser.py clicks them in a real browser). The answer
+is a POST that must carry the page's sealed request (single-use, expiring: state.py) and a
+cookie the page set in the same browser (SameSite=Strict, HttpOnly), so another site cannot
+approve on a user's behalf by posting the form itself (CSRF): it can obtain a sealed request of
+its own, but never the cookie that goes with it.
 """
 
 from __future__ import annotations
 
 import hmac
 import html
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from oauth_sidecar.config.urls import SCHEME
 from oauth_sidecar.signin.state import StateCodec, unsealed
 
 COOKIE = "oauth_sidecar_consent"
@@ -33,9 +39,13 @@ SECURE_COOKIE = "__Host-" + COOKIE  # https: bound to this origin, never sent ov
 CONSENT_PATH = "/authorize/consent"
 CONSENT_FIELDS = ("id", "go", "r", "n")
 MAX_FORM_BYTES = 16 * 1024
+# The page's policy; {targets}: where its form's answer may redirect (form_targets).
+POLICY = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'{targets}; "
+          "frame-ancestors 'none'; base-uri 'none'")
+# A host a CSP host-source can name (CSP3 §2.3.1: labels of letters, digits and "-"); anything
+# else (an IPv6 literal, a name urlsplit let through with odd characters) gets its scheme only.
+SOURCE_HOST = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
@@ -83,6 +93,30 @@ class Decision:
     params: dict[str, str]
 
 
+def form_targets(*urls: str) -> str:
+    """CSP sources for the places the page's answer redirects to: scheme://host[:port] for an
+    http(s) URL, the scheme alone for a native app's (cursor:) or a host CSP cannot spell. Only
+    characters the patterns allow reach the header: a redirect URI comes from a document anyone
+    can write, and a ";" would start a directive of theirs."""
+    sources: list[str] = []
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            continue
+        if not SCHEME.fullmatch(parts.scheme):
+            continue
+        host = parts.hostname or ""
+        if parts.scheme in ("http", "https") and SOURCE_HOST.fullmatch(host):
+            source = f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+        else:
+            source = parts.scheme + ":"
+        if source not in sources:
+            sources.append(source)
+    return " ".join(sources)
+
+
 class ConsentRefused(Exception):
     """Not a valid answer to a page of ours (forged, replayed, expired, another browser's)."""
 
@@ -107,8 +141,10 @@ class Consent:
                            resource=html.escape(self._resource, quote=True),
                            redirect_host=html.escape(redirect_host, quote=True),
                            action=CONSENT_PATH, request=html.escape(sealed, quote=True))
-        response = web.Response(status=200, text=body, content_type="text/html",
-                                headers=HEADERS)
+        targets = form_targets(go, redirect_uri)
+        policy = POLICY.format(targets=f" {targets}" if targets else "")
+        response = web.Response(status=200, text=body, content_type="text/html", headers={
+            "Content-Security-Policy": policy, **HEADERS})
         response.set_cookie(self.cookie, nonce, path="/", secure=self._secure, httponly=True,
                             samesite="Strict", max_age=600)
         return response
