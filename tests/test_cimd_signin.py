@@ -372,3 +372,23 @@ async def test_code_and_refresh_token_are_bound_to_the_document_client(
     assert sent["refresh_token"] == TOKEN_RESPONSE["refresh_token"]
     assert sent["client_id"] == CLIENT_ID
     assert json.loads(refreshed.text)["refresh_token"] != TOKEN_RESPONSE["refresh_token"]
+
+
+def test_a_refresh_token_too_long_to_seal_is_never_handed_out_unbound() -> None:
+    from oauth_sidecar.signin.bound_refresh import open_for, seal_answer
+    from oauth_sidecar.signin.state import StateCodec
+    from oauth_sidecar.signin.token_request import TokenRefused
+
+    states = StateCodec(b"k" * 32)
+    url = "https://client.example.test/client.json"
+    short = json.loads(seal_answer(states, json.dumps(TOKEN_RESPONSE).encode(), url))
+    fields = {"refresh_token": short["refresh_token"]}
+    open_for(states, fields, url)
+    assert fields["refresh_token"] == TOKEN_RESPONSE["refresh_token"]
+    with pytest.raises(TokenRefused):
+        open_for(states, {"refresh_token": short["refresh_token"]}, url + "x")
+    huge = {**TOKEN_RESPONSE, "refresh_token": "r" * 9000}
+    answer = json.loads(seal_answer(states, json.dumps(huge).encode(), url))
+    assert "refresh_token" not in answer
+    assert answer["access_token"] == TOKEN_RESPONSE["access_token"]
+    assert seal_answer(states, b"not json", url) == b"not json"

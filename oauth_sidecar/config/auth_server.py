@@ -27,8 +27,9 @@ MIN_STATE_SECRET = 32  # characters: at least 128 bits of a random hex or base64
 # A facade's start-up warning without STATE_SECRET; the doctor words it for shared Redis.
 UNSHARED_SEALING_WARNING = (
     "STATE_SECRET is not set: sign-ins are sealed with a random per-process key, so with "
-    "several replicas a sign-in started on one fails on another; set the same "
-    "STATE_SECRET everywhere"
+    "several replicas a sign-in started on one fails on another, and the refresh tokens of "
+    "Client ID Metadata Document clients (sealed with that key) stop working at every restart; "
+    "set the same STATE_SECRET everywhere"
 )
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from oauth_sidecar.signin.state import StateCodec, unsealed
+import structlog
+
+from oauth_sidecar.signin.state import MAX_SEALED, StateCodec, unsealed
 from oauth_sidecar.signin.token_request import TokenRefused
+
+log = structlog.get_logger("oauth_sidecar.bound_refresh")
 
 REFRESH_KIND = "refresh"
 REFRESH_FIELDS = ("id", "t", "cid")
@@ -23,16 +27,22 @@ REFRESH_TTL = 400 * 86400
 
 
 def seal_answer(states: StateCodec, body: bytes, client_id: str) -> bytes:
-    """A token endpoint's JSON answer with its refresh_token sealed for `client_id`; any other
-    answer (an error, not JSON) as it came."""
+    """A token endpoint's JSON answer with its refresh_token sealed for `client_id` (dropped,
+    and logged, if it is too long to seal: the client signs in again when its access token
+    expires); any other answer (an error, not JSON) as it came."""
     try:
         answer: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return body
     if not isinstance(answer, dict) or not isinstance(answer.get("refresh_token"), str):
         return body
-    answer["refresh_token"] = states.seal(
+    sealed = states.seal(
         {"kind": REFRESH_KIND, "t": answer["refresh_token"], "cid": client_id}, ttl=REFRESH_TTL)
+    if len(sealed) > MAX_SEALED:  # it could never be opened: never hand out one unbound
+        log.warning("refresh_token_too_long", length=len(answer["refresh_token"]))
+        del answer["refresh_token"]
+    else:
+        answer["refresh_token"] = sealed
     return json.dumps(answer).encode()
 
 
