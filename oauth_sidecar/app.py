@@ -35,6 +35,8 @@ from oauth_sidecar.metrics import METRICS, Metrics, PrometheusMetrics
 from oauth_sidecar.outcome import Handler
 from oauth_sidecar.request_keys import AUTH_FAILURE
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, AuthorizationServer
+from oauth_sidecar.signin.client_documents import ClientDocuments
+from oauth_sidecar.signin.consent import CONSENT_PATH
 from oauth_sidecar.signin.metadata import REGISTRATION_PATH, FacadeMetadata
 from oauth_sidecar.signin.redemptions import RedemptionStore, redemption_store
 from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistration
@@ -111,7 +113,11 @@ def _add_sign_in(
     """The sign-in routes (relay or facade, registration), each behind the client IP's budget."""
     redirects = RedirectAllowList(config.auth_server)
     redemptions = redemption_store(config.rate_limits.storage_uri)  # beside the rate limits
-    authserver = AuthorizationServer(config, idp, redirects, redemptions=redemptions)
+    auth = config.auth_server
+    documents = (ClientDocuments(auth.client_documents)
+                 if auth.facade and auth.client_documents.enabled else None)
+    authserver = AuthorizationServer(config, idp, redirects, redemptions=redemptions,
+                                     documents=documents)
     registration = StaticRegistration(config.auth_server, redirects,
                                       config.upstream.body_timeout)
     # Claude.ai calls these on the MCP origin whatever the metadata says: serve them in both modes.
@@ -123,6 +129,8 @@ def _add_sign_in(
         routes.add(path, register, "oauth", ("POST",))
     if authserver.facade:
         routes.add(CALLBACK_PATH, authserver.callback, "oauth", navigation=True)
+        routes.add(CONSENT_PATH, limiter.guard(authserver.consent), "oauth", ("POST",),
+                   navigation=True)
         facade_document = FacadeMetadata(config, idp)
         for path in authorization_server_metadata_paths(config):
             routes.add(path, facade_document.handle, "metadata")

@@ -92,6 +92,9 @@ def summary(config: Config) -> dict[str, object]:
         "cors_origins": sorted(config.cors_origins), "event_loop": config.event_loop,
         "metrics": f"{config.metrics.host}:{config.metrics.port}" if config.metrics else None,
     }
+    if auth.facade:  # what the relay changes toward the IdP (Entra: omit, api://<app id>/)
+        shown["idp_resource_parameter"] = "pass" if auth.send_resource else "omit"
+        shown["idp_scope_prefix"] = auth.scope_prefix or None
     if config.spawn is not None:
         shown["spawn"] = {"command": shown_command(config.spawn.argv), "port": config.spawn.port}
     tools = config.tool_rules

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import jwt
@@ -307,12 +308,13 @@ async def make_sidecar(
     clients: list[TestClient[web.Request, web.Application]] = []
 
     async def start(
-        wait_ready: bool = True, **extra: str
+        wait_ready: bool = True, ssl: SSLContext | None = None, **extra: str
     ) -> TestClient[web.Request, web.Application]:
+        """ssl: serve https with this context (a browser test's sidecar: Secure cookies)."""
         config = load(sidecar_env(idp, upstream, **extra))
         app = create_app(config)
         server = SidecarServer(app, config)
-        await server.start_server()
+        await server.start_server(ssl=ssl)
         client: TestClient[web.Request, web.Application] = TestClient(server)
         await client.start_server()
         clients.append(client)

@@ -66,6 +66,7 @@ SIDECAR_READY_TIMEOUT = 10.0  # the sidecar fetches the IdP's discovery document
 SESSION_TIMEOUT = 30.0  # one whole sign-in plus MCP session
 HTTP_TIMEOUT = 10.0  # each single HTTP request
 MAX_BROWSER_HOPS = 20
+REDIRECTS = (301, 302, 303, 307, 308)
 MAX_RECORDED_BODY = 4096  # bytes of an error response's body kept per exchange
 
 Mode = Literal["legacy", "auto"]
@@ -121,7 +122,8 @@ class HeadlessBrowser:
     """Follows an authorization URL to the client's redirect_uri, as a browser with no user would.
 
     Only GET redirects are followed (302/303/307 of a GET stay GETs); a page that would need a
-    person (the provider without --auto-login answers 501) ends the walk with `BrowserError`.
+    person (the provider without --auto-login answers 501) ends the walk with `BrowserError`, unless
+    a subclass's `answer_page` knows the page (the sidecar's consent page, say).
     """
 
     redirect_uri: str
@@ -144,16 +146,27 @@ class HeadlessBrowser:
                 if _same_endpoint(url, self.redirect_uri):
                     return self._arrived(url)
                 async with session.get(url, allow_redirects=False) as response:
-                    location = response.headers.get("Location")
-                    self.hops.append(Hop("GET", url, response.status, location))
-                    if response.status not in (301, 302, 303, 307, 308) or not location:
-                        body = (await response.text(errors="replace"))[:1000]
-                        raise BrowserError(
-                            f"GET {url} answered {response.status} without a redirect; "
-                            f"expected to end at {self.redirect_uri}: {body}"
-                        )
-                url = urljoin(url, location)  # the interaction redirect is relative
+                    status, location = response.status, response.headers.get("Location")
+                    self.hops.append(Hop("GET", url, status, location))
+                    page = None
+                    if status not in REDIRECTS or not location:
+                        page = await response.text(errors="replace")
+                if page is None and location:
+                    url = urljoin(url, location)  # the interaction redirect is relative
+                else:
+                    url = urljoin(url, await self.answer_page(session, url, status, page or ""))
         raise BrowserError(f"more than {self.max_hops} redirects: {[h.url for h in self.hops]}")
+
+    async def answer_page(
+        self, session: aiohttp.ClientSession, url: str, status: int, body: str
+    ) -> str:
+        """A page that is not a redirect: where a person would go from it (a subclass answers
+        pages it knows, in the same session and so with its cookies, recording its own hops).
+        This browser has no person: it stops."""
+        raise BrowserError(
+            f"GET {url} answered {status} without a redirect; "
+            f"expected to end at {self.redirect_uri}: {body[:1000]}"
+        )
 
     def _arrived(self, url: str) -> AuthorizationCodeResult:
         self.redirect_url = url
@@ -289,7 +302,8 @@ class SdkOAuthResult:
 
     def describe(self) -> str:
         lines = [f"{m} {u} -> {s}" for m, u, s in self.summary()]
-        lines += [f"browser: GET {h.url} -> {h.status} {h.location or ''}" for h in self.hops]
+        lines += [f"browser: {h.method} {h.url} -> {h.status} {h.location or ''}"
+                  for h in self.hops]
         if self.error is not None:
             lines.append(f"error: {self.error!r}")
         return "\n".join(lines)
@@ -336,7 +350,12 @@ class SdkOAuthClient:
     `token_endpoint_auth_method=None` registers as the SDK does by default (the AS then picks,
     oidc-provider: client_secret_basic with a minted secret); "none" registers a public client
     like Claude Code. `client_info` pre-registers the client (no DCR), e.g. a static client.
+    `client_metadata_url` is the SDK's Client ID Metadata Document URL: used as the client id
+    instead of DCR when the authorization server's metadata says it supports CIMD. `browser` is
+    the user agent each authorization runs in (a subclass may answer pages such as a consent).
     """
+
+    browser: type[HeadlessBrowser] = HeadlessBrowser
 
     def __init__(
         self,
@@ -348,6 +367,7 @@ class SdkOAuthClient:
         scope: str | None = None,
         client_info: OAuthClientInformationFull | None = None,
         http_timeout: float = HTTP_TIMEOUT,
+        client_metadata_url: str | None = None,
     ) -> None:
         self.mcp_url = mcp_url
         self.redirect_uri = redirect_uri or f"http://127.0.0.1:{free_port()}/callback"
@@ -369,13 +389,14 @@ class SdkOAuthClient:
             storage=self.storage,
             redirect_handler=self._redirect,
             callback_handler=self._callback,
+            client_metadata_url=client_metadata_url,
         )
 
     async def _redirect(self, authorization_url: str) -> None:
         observed = self._current
         assert observed is not None, "an authorization outside of session()"
         observed.authorization_urls.append(authorization_url)
-        browser = HeadlessBrowser(self.redirect_uri, timeout=self.http_timeout)
+        browser = self.browser(self.redirect_uri, timeout=self.http_timeout)
         try:
             self._pending = await browser.authorize(authorization_url)
         finally:

@@ -328,9 +328,11 @@ async def test_facade_metadata_carries_our_issuer_and_endpoints_at_every_discove
     assert document["userinfo_endpoint"] == idp.origin + "/userinfo"
     assert document["id_token_signing_alg_values_supported"] == ["RS256"]
     for dropped in ("pushed_authorization_request_endpoint",
-                    "require_pushed_authorization_requests",
-                    "client_id_metadata_document_supported", "mtls_endpoint_aliases"):
+                    "require_pushed_authorization_requests", "mtls_endpoint_aliases"):
         assert dropped not in document
+    # The IdP's own CIMD support is not ours to offer; the facade resolves documents itself
+    # (CIMD on by default), and says so whatever the IdP said.
+    assert document["client_id_metadata_document_supported"] is True
     # Nothing that would send a client around the relay.
     assert "/par" not in replies[0].text
     assert idp.origin + "/register" not in replies[0].text

@@ -52,6 +52,7 @@ from oauth_sidecar.doctor import (
     Report,
     audience_findings,
     diagnose,
+    entra_findings,
     read_token,
     render,
     resource_findings,
@@ -382,6 +383,22 @@ async def test_client_id_metadata_documents_are_a_way_to_register(
     assert "Client ID Metadata Documents" in finding(report, "registration")[1]
 
 
+async def test_facade_mode_names_every_way_a_client_can_register(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    idp.document_changes["registration_endpoint"] = None  # the IdP's own offers do not matter
+    env = clean_env(idp, upstream, STATIC_CLIENT_ID=STATIC_ID, STATE_SECRET=STATE_SECRET)
+    message = finding(await check(env), "registration")[1]
+    assert "Client ID Metadata Documents" in message
+    assert "from any public host; without the consent page: chatgpt.com, claude.ai" in message
+    assert f"/oauth/register and /register, handing out STATIC_CLIENT_ID={STATIC_ID}" in message
+    assert "deprecated by MCP 2026-07-28" in message
+    assert f"typed by hand ({STATIC_ID})" in message
+    off = finding(await check({**env, "CIMD": "off"}), "registration")[1]
+    assert "Client ID Metadata Documents" not in off
+    assert "/oauth/register" in off
+
+
 async def test_direct_mode_with_a_static_client_reaches_only_claude(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
@@ -475,6 +492,77 @@ def test_every_audience_hint_says_what_to_configure_at_the_idp() -> None:
     [hint] = audience_findings(config)
     assert f"Identifier {RESOURCE_URL}" in hint.fix
     assert "Default Audience" in hint.fix
+
+
+ENTRA_TENANT = "0b1c2d3e-0000-4000-8000-000000000000"
+ENTRA_V2 = f"https://login.microsoftonline.com/{ENTRA_TENANT}/v2.0"
+ENTRA_API = "8f1d2c3b-1111-4222-8333-944455566677"
+ENTRA_PREFIX = f"api://{ENTRA_API}/"
+ENTRA_FIXED = {"IDP_RESOURCE_PARAMETER": "omit", "IDP_SCOPE_PREFIX": ENTRA_PREFIX}
+
+
+def _entra_codes(issuer: str, audience: str = ENTRA_API, **extra: str) -> dict[str, str]:
+    config = load({"OIDC_ISSUER_URL": issuer, "OIDC_AUDIENCE": audience,
+                   "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+                   "ALLOW_SUBS": "u", **extra})
+    return {f.code: f.severity for f in entra_findings(config)}
+
+
+@pytest.mark.parametrize(("issuer", "extra", "expected"), [
+    (ENTRA_V2, {"STATIC_CLIENT_ID": STATIC_ID},
+     {"entra_resource_parameter": WARNING, "entra_scope_prefix": WARNING}),
+    (ENTRA_V2, {"STATIC_CLIENT_ID": STATIC_ID, **ENTRA_FIXED}, {}),
+    (ENTRA_V2, {"STATIC_CLIENT_ID": STATIC_ID, "IDP_SCOPE_PREFIX": ENTRA_PREFIX},
+     {"entra_resource_parameter": WARNING}),
+    (ENTRA_V2, {"STATIC_CLIENT_ID": STATIC_ID, "IDP_RESOURCE_PARAMETER": "omit"},
+     {"entra_scope_prefix": WARNING}),
+    (ENTRA_V2, {"STATIC_CLIENT_ID": STATIC_ID, "IDP_RESOURCE_PARAMETER": "omit",
+                "IDP_SCOPE_PREFIX": "api://11111111-2222-4333-8444-555555555555/"},
+     {"entra_scope_prefix_app": WARNING}),
+    (ENTRA_V2, {"STATIC_CLIENT_ID": STATIC_ID, "IDP_RESOURCE_PARAMETER": "omit",
+                "IDP_SCOPE_PREFIX": "https://contoso.example/mcp-api/"}, {}),
+    (ENTRA_V2, {}, {"entra_direct": WARNING}),
+    (f"https://contoso.ciamlogin.com/{ENTRA_TENANT}/v2.0", {"STATIC_CLIENT_ID": STATIC_ID},
+     {"entra_resource_parameter": WARNING, "entra_scope_prefix": WARNING}),
+    (f"https://sts.windows.net/{ENTRA_TENANT}/", {"STATIC_CLIENT_ID": STATIC_ID},
+     {"entra_v1_sign_in": NOTE}),
+    (f"https://login.microsoftonline.com/{ENTRA_TENANT}/", {"STATIC_CLIENT_ID": STATIC_ID},
+     {"entra_v1_sign_in": NOTE}),
+    ("https://idp.example.test", {"STATIC_CLIENT_ID": STATIC_ID}, {}),
+], ids=["v2-facade-unset", "v2-facade-set", "v2-prefix-only", "v2-omit-only",
+        "v2-prefix-of-another-app", "v2-custom-app-id-uri", "v2-direct", "external-id",
+        "v1-sts", "v1-login", "not-entra"])
+def test_entra_issuer_gets_the_relay_settings_recommended(
+    issuer: str, extra: dict[str, str], expected: dict[str, str]
+) -> None:
+    assert _entra_codes(issuer, **extra) == expected
+
+
+@pytest.mark.parametrize(("audience", "prefix"), [
+    (ENTRA_API, ENTRA_PREFIX),
+    (f"api://{ENTRA_API}", ENTRA_PREFIX),
+    ("api://contoso-mcp/", "api://contoso-mcp/"),
+    (f"https://mcp.example.test/mcp,{ENTRA_API}", ENTRA_PREFIX),
+])
+def test_entra_hint_names_the_exact_prefix_from_the_audience(audience: str, prefix: str) -> None:
+    config = load({"OIDC_ISSUER_URL": ENTRA_V2, "OIDC_AUDIENCE": audience,
+                   "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+                   "ALLOW_SUBS": "u", "STATIC_CLIENT_ID": STATIC_ID})
+    hints = {f.code: f for f in entra_findings(config)}
+    assert hints["entra_scope_prefix"].fix.startswith(f"set IDP_SCOPE_PREFIX={prefix} ")
+    assert "REQUIRED_SCOPES" in hints["entra_scope_prefix"].fix  # they stay bare
+    assert hints["entra_resource_parameter"].fix.startswith("set IDP_RESOURCE_PARAMETER=omit")
+    assert "AADSTS9010010" in hints["entra_resource_parameter"].message
+
+
+def test_entra_without_an_app_id_in_the_audience_names_the_placeholder() -> None:
+    config = load({"OIDC_ISSUER_URL": ENTRA_V2, "OIDC_AUDIENCE": RESOURCE_URL,
+                   "RESOURCE_URL": RESOURCE_URL, "MCP_UPSTREAM_URL": "http://127.0.0.1:9",
+                   "ALLOW_SUBS": "u"})
+    [direct] = entra_findings(config)
+    assert direct.code == "entra_direct"
+    assert "IDP_SCOPE_PREFIX=api://<API app id>/" in direct.fix
+    assert "IDP_RESOURCE_PARAMETER=omit" in direct.fix
 
 
 # -- keys, IdP and upstream reachability, clock ----------------------------------------------------

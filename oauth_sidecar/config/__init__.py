@@ -26,6 +26,7 @@ from oauth_sidecar.config.loader import load
 from oauth_sidecar.config.model import (
     AllowFile,
     AuthServerConfig,
+    ClientDocumentsConfig,
     Config,
     ConfigError,
     IdpConfig,
@@ -61,6 +62,7 @@ __all__ = [
     "VARIABLES",
     "AllowFile",
     "AuthServerConfig",
+    "ClientDocumentsConfig",
     "Config",
     "ConfigError",
     "IPNetwork",

@@ -168,6 +168,13 @@ def _warnings(config: Config) -> list[str]:
         )
     if auth.facade and not auth.state_secret:
         warnings.append(auth_server.UNSHARED_SEALING_WARNING)
+    documents = auth.client_documents
+    if auth.facade and documents.enabled and documents.allow_private_addresses:
+        warnings.append(
+            "CIMD_ALLOW_PRIVATE_ADDRESSES=true: a client id URL may make the sidecar fetch from "
+            "loopback, private and link-local addresses (cloud metadata included); development "
+            "only"
+        )
     if not auth.facade and auth.client_secret and not auth.publish_secret:
         warnings.append(
             "AUTH_SERVER_MODE=direct with STATIC_CLIENT_SECRET: clients redeem their codes with "

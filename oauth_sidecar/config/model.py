@@ -110,6 +110,21 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientDocumentsConfig:
+    """Client ID Metadata Documents (https URL client ids) in facade mode."""
+
+    enabled: bool = True
+    allowed_hosts: frozenset[str] = frozenset()
+    """Lowercase hosts whose documents are accepted; empty: any host with public addresses."""
+    trusted_hosts: frozenset[str] = frozenset()
+    """Lowercase hosts whose clients skip the consent page."""
+    allow_private_addresses: bool = False
+    """Development only: fetch from loopback, private and other non-public addresses."""
+    ca_file: str = ""
+    """Extra CA certificates (PEM) trusted besides the system store ("" none)."""
+
+
+@dataclass(frozen=True, slots=True)
 class AuthServerConfig:
     facade: bool
     """True: we are the authorization server clients see, relaying to the IdP (RFC 9207-safe)."""
@@ -120,6 +135,11 @@ class AuthServerConfig:
     allow_loopback_redirects: bool
     state_secret: str
     """"" means: a random key per process (a single replica)."""
+    client_documents: ClientDocumentsConfig = ClientDocumentsConfig()
+    send_resource: bool = True
+    """IDP_RESOURCE_PARAMETER=pass: the relay passes the clients' RFC 8707 `resource` on."""
+    scope_prefix: str = ""
+    """IDP_SCOPE_PREFIX: put before each client scope the relay sends the IdP ("" = none)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 # What a URL that cannot be split gets told; the ValueError's own text may quote a piece of a
 # password (it names the "port" it could not read).
+# A host name as DNS writes it, lowercase: LDH labels of 1..63 characters, no trailing dot.
+DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+MAX_DNS_NAME = 253
 UNSPLITTABLE = "is not a valid URL (no port number after a colon, or an unmatched bracket)"
 
 
@@ -27,6 +30,14 @@ def is_loopback_host(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_dns_name(host: str) -> bool:
+    """A lowercase DNS host name (no IP address: its last label is never all digits, RFC 3696
+    §2, so neither 10.0.0.1 nor the number 2130706433 passes for a name)."""
+    labels = host.split(".")
+    return (len(host) <= MAX_DNS_NAME and all(DNS_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())
 
 
 def origin(scheme: str, host: str, port: int | None) -> str:

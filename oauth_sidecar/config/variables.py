@@ -15,12 +15,17 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"
 DEFAULT_CORS_ORIGINS = "https://claude.ai,https://claude.com"
+# The clients known to publish Client ID Metadata Documents: Claude (web, Desktop, Code), VS Code,
+# ChatGPT and Codex. Their sign-ins skip the consent page; anyone else's show it.
+DEFAULT_CIMD_TRUSTED_HOSTS = "claude.ai,claude.com,vscode.dev,chatgpt.com"
 DEFAULT_REDIRECT_URIS = (
     "https://claude.ai/api/mcp/auth_callback,https://claude.com/api/mcp/auth_callback"
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+# What the facade's relay does with the RFC 8707 `resource` clients send (Entra refuses it).
+RESOURCE_PARAMETER_CHOICES = ("pass", "omit")
 # Cognito access tokens carry no `aud`, only the app client's id in `client_id`.
 AUDIENCE_CLAIMS = ("aud", "client_id")
 # How ID tokens presented as access tokens are told apart (tokens.py): by what they say they are,
@@ -104,8 +109,19 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "STATIC_CLIENT_CONFIDENTIAL": ("false", "Publish the secret in /oauth/register answers."),
     "ALLOWED_REDIRECT_URIS": (DEFAULT_REDIRECT_URIS, "Client redirect URIs accepted, exactly."),
     "ALLOW_LOOPBACK_REDIRECTS": ("true", "Also accept http://127.0.0.1|localhost|[::1]:any/..."),
+    "CIMD": ("on", "Accept Client ID Metadata Documents (https URL client ids) in facade mode."),
+    "CIMD_ALLOWED_HOSTS": ("", "Hosts whose client documents are accepted (empty = any public)."),
+    "CIMD_TRUSTED_HOSTS": (DEFAULT_CIMD_TRUSTED_HOSTS, "Client document hosts that skip the "
+                           "consent page (none: every client sees it)."),
+    "CIMD_ALLOW_PRIVATE_ADDRESSES": ("false", "Fetch client documents from private and loopback "
+                                     "addresses (development only)."),
+    "CIMD_CA_FILE": ("", "Extra CA certificates (PEM) trusted for client document fetches."),
     "STATE_SECRET": ("", "Key sealing the relay's state and codes (share it across replicas)."),
     "STATE_SECRET_FILE": ("", "File holding STATE_SECRET (a mounted secret)."),
+    "IDP_RESOURCE_PARAMETER": ("pass", "Facade: pass or omit the clients' `resource` toward "
+                               "the IdP (Entra: omit)."),
+    "IDP_SCOPE_PREFIX": ("", "Facade: prefix for client scopes toward the IdP, e.g. "
+                         "api://<app id>/ (Entra)."),
     "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
     "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1."),
     "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),
@@ -123,7 +139,7 @@ OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
     "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
-    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_",
+    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_", "CIMD",
 )  # fmt: skip
 
 

@@ -24,13 +24,19 @@ from typing import TextIO
 
 from oauth_sidecar.config import Config
 from oauth_sidecar.doctor.diagnosis import diagnose
-from oauth_sidecar.doctor.lint import audience_findings, resource_findings, state_secret_findings
+from oauth_sidecar.doctor.lint import (
+    audience_findings,
+    entra_findings,
+    resource_findings,
+    state_secret_findings,
+)
 from oauth_sidecar.doctor.render import render
 from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Report
 from oauth_sidecar.log import escaped
 
 __all__ = [
-    "ERROR", "NOTE", "WARNING", "Report", "audience_findings", "diagnose", "read_token",
+    "ERROR", "NOTE", "WARNING", "Report", "audience_findings", "diagnose", "entra_findings",
+    "read_token",
     "render", "resource_findings", "run", "state_secret_findings",
 ]
 EXIT_PASS, EXIT_FAIL = 0, 1

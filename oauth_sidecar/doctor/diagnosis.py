@@ -27,6 +27,7 @@ from oauth_sidecar.doctor.idp_metadata import IdpChecks
 from oauth_sidecar.doctor.lint import (
     UNLIKELY_AUDIENCE,
     audience_findings,
+    entra_findings,
     resource_findings,
     state_secret_findings,
 )
@@ -51,6 +52,7 @@ class Diagnosis(Checker):
                 self.add(WARNING, "config_warning", warning)
         self.report.findings += replicas
         self.report.findings += resource_findings(config)
+        self.report.findings += entra_findings(config)
         audience = audience_findings(config)
         timeout = aiohttp.ClientTimeout(total=config.idp.timeout)
         async with aiohttp.ClientSession(timeout=timeout, trust_env=False,

@@ -30,6 +30,7 @@ from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker
 from oauth_sidecar.doctor.words import describe_key, span
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH
+from oauth_sidecar.signin.idp_request import idp_scope
 
 CLOCK_SLACK = 2.0  # seconds: the Date header is truncated to seconds and the request took time
 # IdPs known to put RFC 9207 `iss` in authorization responses even where metadata is silent.
@@ -134,7 +135,7 @@ class IdpChecks(Checker):
 
     # -- the IdP's metadata: the pitfalls -------------------------------------------------------
 
-    def metadata_checks(self, metadata: Mapping[str, Any]) -> None:  # noqa: PLR0912 (independent checks, one finding each)  # noqa: PLR0912 (independent checks, one finding each)
+    def metadata_checks(self, metadata: Mapping[str, Any]) -> None:  # noqa: PLR0912 (independent checks, one finding each)
         config = self.config
         facade = config.auth_server.facade
         configured, named = config.idp.issuer, metadata.get("issuer")
@@ -194,7 +195,9 @@ class IdpChecks(Checker):
                          f"the IdP sends iss in authorization responses (RFC 9207; {why}); in "
                          "direct mode clients discovered the IdP's own issuer, so it matches")
 
-        if not facade:
+        if facade:
+            self._facade_registration()
+        else:
             self._registration(metadata)
         for name in ("authorization_endpoint", "token_endpoint"):
             if not isinstance(metadata.get(name), str):
@@ -202,8 +205,12 @@ class IdpChecks(Checker):
                          f"the IdP's metadata has no {name}: no client can sign in",
                          "check that OIDC_ISSUER_URL names an OAuth authorization server")
         offered = metadata.get("scopes_supported")
+        prefix = config.auth_server.scope_prefix if facade else ""
         if isinstance(offered, list):
-            missing = [s for s in config.advertised_scopes if s not in offered]
+            # A scope the relay prefixes is the API's (Entra: api://<app id>/mcp:read), which
+            # the IdP's own document does not list.
+            missing = [s for s in config.advertised_scopes
+                       if s not in offered and idp_scope(s, prefix) == s]
             if missing:
                 self.add(WARNING, "scope_not_offered",
                          f"scope(s) {', '.join(missing)} advertised to clients (SCOPES_SUPPORTED"
@@ -219,6 +226,22 @@ class IdpChecks(Checker):
             if marker in host:
                 return True, name
         return False, ""
+
+    def _facade_registration(self) -> None:
+        """Facade mode: the ways a client can get a client id here, whatever the IdP offers."""
+        auth = self.config.auth_server
+        documents = auth.client_documents
+        paths = []
+        if documents.enabled:
+            allowed = ", ".join(sorted(documents.allowed_hosts)) or "any public host"
+            trusted = ", ".join(sorted(documents.trusted_hosts)) or "none"
+            paths.append(f"Client ID Metadata Documents (CIMD: Claude, VS Code, ChatGPT, Codex) "
+                         f"from {allowed}; without the consent page: {trusted}")
+        paths.append(f"Dynamic Client Registration at /oauth/register and /register, handing "
+                     f"out STATIC_CLIENT_ID={auth.client_id} (older clients: Cursor, the MCP "
+                     "Inspector; deprecated by MCP 2026-07-28)")
+        paths.append(f"the static client id typed by hand ({auth.client_id})")
+        self.add(NOTE, "registration", "clients can register by " + "; ".join(paths))
 
     def _registration(self, metadata: Mapping[str, Any]) -> None:
         """Direct mode: clients register with the IdP itself, or are handed the static client

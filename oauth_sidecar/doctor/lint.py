@@ -1,6 +1,7 @@
 """The configuration alone, before anything is fetched: pitfalls visible in the settings
 themselves (replicas without a shared STATE_SECRET, a RESOURCE_URL clients cannot reach, audiences
-the IdP recognised from its issuer is unlikely to put in access tokens).
+the IdP recognised from its issuer is unlikely to put in access tokens, an Entra issuer without
+the relay settings Entra's sign-in needs).
 
 Why apart from the live probes: these need no network, so they are plain functions of a Config
 that tests call directly, and the diagnosis only adds their findings.
@@ -19,12 +20,86 @@ GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 COGNITO_HOST = re.compile(r"cognito-idp\.[a-z0-9-]+\.amazonaws\.com")
 OKTA_DOMAINS = (".okta.com", ".oktapreview.com", ".okta-emea.com")
 ENTRA_HOSTS = frozenset({"login.microsoftonline.com", "sts.windows.net"})
+ENTRA_EXTERNAL_ID = ".ciamlogin.com"  # Entra External ID: https://<tenant>.ciamlogin.com/<id>/v2.0
 MICROSOFT_GRAPH = frozenset({"00000003-0000-0000-c000-000000000000", "https://graph.microsoft.com"})
 # Guesses that a token with a matching aud disproves (the others are about what is accepted).
 UNLIKELY_AUDIENCE = frozenset({
     "audience_keycloak_mapper", "audience_auth0_api", "audience_okta_default", "audience_entra_v1",
     "audience_entra_v2", "audience_near_resource", "audience_client_id",
 })  # fmt: skip
+
+
+def is_entra(issuer: str) -> bool:
+    """Microsoft Entra ID (workforce, v1.0 or v2.0 issuer form) or Entra External ID."""
+    host = (urlsplit(issuer).hostname or "").lower()
+    return host in ENTRA_HOSTS or host.endswith(ENTRA_EXTERNAL_ID)
+
+
+def entra_scope_prefix(audiences: tuple[str, ...]) -> str:
+    """The IDP_SCOPE_PREFIX OIDC_AUDIENCE points to: the API's App ID URI (api://...) as given,
+    or the default URI of an application id (api://<GUID>); "" when neither is there."""
+    for audience in audiences:
+        if audience.lower().startswith("api://") and len(audience.rstrip("/")) > len("api://"):
+            return audience.rstrip("/") + "/"
+    for audience in audiences:
+        if GUID.fullmatch(audience):
+            return f"api://{audience}/"
+    return ""
+
+
+def entra_findings(config: Config) -> list[Finding]:
+    """Entra refuses the RFC 8707 `resource` MCP clients send beside v2.0 scopes (AADSTS9010010,
+    AADSTS901002) and wants the API in each scope: the facade's relay can say it Entra's way."""
+    issuer, auth = config.idp.issuer, config.auth_server
+    if not is_entra(issuer):
+        return []
+    v2 = urlsplit(issuer).path.rstrip("/").endswith("/v2.0")
+    if not v2:
+        return [Finding(NOTE, "entra_v1_sign_in", (
+            "this is an Entra v1.0 issuer: its discovery names the v1.0 endpoints, which read "
+            "`resource` (wanting the API's App ID URI) rather than scopes, so "
+            "IDP_RESOURCE_PARAMETER and IDP_SCOPE_PREFIX do not apply to them"),
+            "prefer the v2.0 issuer https://login.microsoftonline.com/<tenant>/v2.0 with "
+            "IDP_RESOURCE_PARAMETER=omit and IDP_SCOPE_PREFIX=api://<API app id>/ (facade mode)")]
+    suggested = entra_scope_prefix(config.tokens.audiences)
+    prefix = suggested or "api://<API app id>/"
+    if not auth.facade:
+        return [Finding(WARNING, "entra_direct", (
+            "with Entra in direct mode, MCP clients send their RFC 8707 `resource` and bare scopes "
+            "to Entra itself, which refuses them (AADSTS9010010 or AADSTS901002; an unknown "
+            "scope): the sidecar cannot change requests it does not relay"),
+            f"use facade mode (STATIC_CLIENT_ID, a client registered with the callback "
+            f"<RESOURCE_URL origin>/oauth/callback) with IDP_RESOURCE_PARAMETER=omit and "
+            f"IDP_SCOPE_PREFIX={prefix}")]
+    findings = []
+    if auth.send_resource:
+        findings.append(Finding(WARNING, "entra_resource_parameter", (
+            "IDP_RESOURCE_PARAMETER=pass: the relay passes on the `resource` MCP clients must "
+            "send (RFC 8707), and Entra's v2.0 endpoints refuse it beside the API's scopes "
+            "(AADSTS9010010: the resource parameter doesn't match the requested scopes; "
+            "AADSTS901002: the resource parameter is not supported)"),
+            "set IDP_RESOURCE_PARAMETER=omit: the API is named by the scope instead"))
+    if not auth.scope_prefix:
+        which = ("(from OIDC_AUDIENCE; if the API's Application ID URI is not the default, use "
+                 "it and a slash)" if suggested else
+                 "(the API app's Application ID URI and a slash)")
+        findings.append(Finding(WARNING, "entra_scope_prefix", (
+            "IDP_SCOPE_PREFIX is not set: Entra names an API's scopes api://<API app id>/<scope>, "
+            "and a bare scope such as the clients' `mcp:read` is not one of them (a sign-in that "
+            "names no API scope gets a Microsoft Graph token, which the sidecar cannot verify)"),
+            f"set IDP_SCOPE_PREFIX={prefix} {which}; keep SCOPES_SUPPORTED, REQUIRED_SCOPES "
+            "and TOOL_SCOPES bare: Entra's scp claim carries the bare names"))
+    else:
+        named = {g.lower() for g in GUID.findall(auth.scope_prefix)}
+        accepted = {a.lower() for a in config.tokens.audiences if GUID.fullmatch(a)}
+        if named and accepted and not named & accepted:
+            findings.append(Finding(WARNING, "entra_scope_prefix_app", (
+                f"IDP_SCOPE_PREFIX={auth.scope_prefix} names another application than "
+                f"OIDC_AUDIENCE ({', '.join(config.tokens.audiences)}): Entra issues the token "
+                "for the API of the scope, with that API's id in aud, so it would be refused "
+                "(wrong_audience)"),
+                f"set IDP_SCOPE_PREFIX={suggested}, or OIDC_AUDIENCE to the API app's id"))
+    return findings
 
 
 def state_secret_findings(config: Config) -> list[Finding]:
@@ -129,7 +204,7 @@ def audience_findings(config: Config) -> list[Finding]:  # noqa: PLR0912, PLR091
                 f"Audience was changed; OIDC_AUDIENCE is {shown}",
                 "set OIDC_AUDIENCE=api://default, or change the server's Audience (Security -> "
                 "API -> Authorization Servers -> default -> Settings) to this value")
-    elif host in ENTRA_HOSTS:
+    elif is_entra(issuer):
         graph = [a for a in audiences if a.lower().rstrip("/") in MICROSOFT_GRAPH]
         v2 = path.rstrip("/").endswith("/v2.0")
         if graph:

@@ -35,6 +35,7 @@ from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker, Report
 from oauth_sidecar.request_keys import Principal
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, with_query
+from oauth_sidecar.signin.idp_request import toward_idp
 from oauth_sidecar.upstream.child import ChildProcess, ChildStartError
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.proxy import UpstreamProxy
@@ -109,7 +110,8 @@ class Probes(Checker):
     async def probe_relay(self, metadata: Mapping[str, Any]) -> None:
         """Ask the IdP's authorization endpoint what it says to the relay's sign-in request:
         STATIC_CLIENT_ID with redirect_uri=<public origin>/oauth/callback, PKCE S256, the
-        advertised scopes and resource, as /authorize sends it. No redirect is followed."""
+        advertised scopes and resource, as /authorize sends them (IDP_RESOURCE_PARAMETER,
+        IDP_SCOPE_PREFIX applied). No redirect is followed."""
         config, session, section = self.config, self.session, "identity provider"
         endpoint = metadata.get("authorization_endpoint")
         if not isinstance(endpoint, str) or session is None:
@@ -125,6 +127,7 @@ class Probes(Checker):
         }
         if config.advertised_scopes:
             params["scope"] = " ".join(config.advertised_scopes)
+        params = toward_idp(params, config.auth_server)  # resource and scopes, as /authorize
         asked = f"client_id={config.auth_server.client_id}, redirect_uri={callback}"
         try:
             async with session.get(with_query(endpoint, params), allow_redirects=False,

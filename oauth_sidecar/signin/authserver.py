@@ -12,7 +12,8 @@ issuer. So `/authorize` sends the browser to the IdP with our own callback and a
 `/oauth/callback` checks the IdP's `iss`, then redirects (302 only: Claude.ai broke on 307/308)
 to the client with the code, its state and our `iss`; `/token` forwards to the IdP, putting our
 callback back as redirect_uri. Tokens are still minted only by the IdP and we store none: the
-sidecar stays a resource server.
+sidecar stays a resource server. Both relayed requests name `resource` and scopes the IdP's way
+(idp_request.py: Entra refuses `resource` and wants `api://<app id>/` before each scope).
 
 The relay holds the static client's secret, so it must never lend it: `/token` relays only the
 grants the metadata advertises, and adds the secret only to a refresh token (whose holder the
@@ -28,6 +29,7 @@ code we did not issue.
 from __future__ import annotations
 
 import base64
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -42,8 +44,23 @@ from oauth_sidecar.auth.idp import IdentityProvider, same_issuer
 from oauth_sidecar.auth.resource_metadata import public_origin
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
-from oauth_sidecar.request_body import BodyBroken, BodyReader, BodyStalled, body_refused
+from oauth_sidecar.request_body import (
+    BodyBroken,
+    BodyReader,
+    BodyStalled,
+    BodyTooLarge,
+    body_refused,
+)
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
+from oauth_sidecar.signin import bound_refresh
+from oauth_sidecar.signin.client_documents import (
+    ClientDocument,
+    ClientDocumentRefused,
+    ClientDocuments,
+    is_client_id_url,
+)
+from oauth_sidecar.signin.consent import Consent, ConsentRefused
+from oauth_sidecar.signin.idp_request import toward_idp
 from oauth_sidecar.signin.redemptions import RedemptionStore, RedemptionUnavailable
 from oauth_sidecar.signin.registration import RedirectAllowList
 from oauth_sidecar.signin.state import (
@@ -106,11 +123,13 @@ def _redirect(location: str) -> web.Response:
 class AuthorizationServer:
     def __init__(
         self, config: Config, idp: IdentityProvider, redirects: RedirectAllowList, *,
-        redemptions: RedemptionStore,
+        redemptions: RedemptionStore, documents: ClientDocuments | None = None,
     ) -> None:
         """Its endpoints are unauthenticated: the app puts each behind the rate limiter's
-        per-client-IP budget (RateLimiter.guard), so no handler here spends a budget."""
+        per-client-IP budget (RateLimiter.guard), so no handler here spends a budget.
+        documents: Client ID Metadata Documents (facade mode with CIMD on; None: refused)."""
         self._config = config.auth_server
+        self._documents = documents
         self._idp = idp
         self._redirects = redirects
         self._redemptions = redemptions
@@ -119,6 +138,8 @@ class AuthorizationServer:
         self._callback = self.issuer + CALLBACK_PATH
         secret = self._config.state_secret.encode() or secrets.token_bytes(32)
         self._states = StateCodec(secret)
+        self._consent = Consent(self._states, config.resource_url,
+                                secure=self.issuer.startswith("https://"))
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -128,9 +149,11 @@ class AuthorizationServer:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[AuthorizationServer]:
         timeout = aiohttp.ClientTimeout(total=TOKEN_TIMEOUT)
-        async with aiohttp.ClientSession(
-            timeout=timeout, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
-        ) as session:
+        async with contextlib.AsyncExitStack() as stack:
+            if self._documents is not None:  # their fetches have a session of their own
+                await stack.enter_async_context(self._documents.running())
+            session = await stack.enter_async_context(aiohttp.ClientSession(
+                timeout=timeout, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()))
             self._session = session
             try:
                 yield self
@@ -149,14 +172,19 @@ class AuthorizationServer:
         if len(query) != len(set(query)):  # RFC 6749 §3.1: no parameter twice
             return json_error(400, "invalid_request", "A parameter is repeated")
         redirect_uri = query.get("redirect_uri")
-        # Never redirect to a URI we do not allow, not even with an error (RFC 6749 §4.1.2.1).
-        if not self._redirects.allows(redirect_uri):
+        client_id = query.get("client_id")
+        document = await self._client_document(client_id)
+        if isinstance(document, web.Response):
+            return document
+        # Never redirect to a URI we do not allow, not even with an error (RFC 6749 §4.1.2.1):
+        # a document client's are the ones its document lists (a loopback one on any port).
+        if not (document.allows_redirect(redirect_uri) if document is not None
+                else self._redirects.allows(redirect_uri)):
             return json_error(400, "invalid_request", "The redirect_uri is not allowed")
         target = self._idp_endpoint("authorization_endpoint")
         if target is None:
             return _unavailable("The identity provider is not available yet")
-        client_id = query.get("client_id")
-        if self.facade and client_id != self._config.client_id:
+        if self.facade and document is None and client_id != self._config.client_id:
             return json_error(400, "invalid_request", "Unknown client_id")
         assert redirect_uri is not None  # noqa: S101 - allows() refused None
         try:
@@ -171,8 +199,59 @@ class AuthorizationServer:
                 raise AuthorizationRefused("invalid_request", "The request is too long")
         except AuthorizationRefused as exc:
             return self._tell_client(redirect_uri, query.get("state"), exc.error, exc.description)
-        params = {**query, "redirect_uri": self._callback, "state": state}
-        return _redirect(with_query(target, params))
+        # The IdP knows one client, ours: a document client signs in as it.
+        params = toward_idp({**query, "client_id": self._config.client_id,
+                             "redirect_uri": self._callback, "state": state}, self._config)
+        go = with_query(target, params)
+        if document is not None and not self._trusted(document):
+            return self._consent.page(
+                client_name=document.client_name, host=document.host,
+                redirect_host=urlsplit(redirect_uri).hostname or redirect_uri, go=go,
+                redirect_uri=redirect_uri, deny_params=self._error_params(
+                    query.get("state"), "access_denied", "The user did not allow this client"))
+        return _redirect(go)
+
+    async def _client_document(self, client_id: str | None) -> ClientDocument | web.Response | None:
+        """A client id that is an https URL, in facade mode: its metadata document, or the
+        refusal (no redirect: its redirect URIs are not known to be its own); None otherwise."""
+        if not (self.facade and self._documents is not None and is_client_id_url(client_id)):
+            return None
+        assert client_id is not None  # noqa: S101 - is_client_id_url refused None
+        try:
+            return await self._documents.resolve(client_id)
+        except ClientDocumentRefused as refused:
+            log.info("client_document_refused", reason=refused.reason,
+                     host=urlsplit(client_id).hostname)
+            return json_error(400, "invalid_client", refused.description)
+
+    def _trusted(self, document: ClientDocument) -> bool:
+        return self._documents is not None and self._documents.is_trusted(document)
+
+    async def consent(self, request: web.Request) -> web.Response:
+        """POST from the consent page: Approve goes on to the IdP, Deny tells the client."""
+        try:
+            body = await self._bodies.read_small(request)
+        except (BodyStalled, BodyBroken, BodyTooLarge) as failure:
+            return body_refused(failure)
+        pairs = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+        form = dict(pairs)
+        try:
+            if len(form) != len(pairs):
+                raise ConsentRefused
+            decision = self._consent.decision(form, dict(request.cookies))
+            if not await self._redemptions.redeem(decision.id, decision.expires):
+                raise ConsentRefused
+        except ConsentRefused:
+            return json_error(400, "invalid_request", "This page expired, was already answered "
+                              "or was not shown in this browser; start the sign-in again")
+        except RedemptionUnavailable:
+            return _unavailable("The sign-in cannot be continued right now; try again")
+        location = decision.go if decision.approved else with_query(decision.redirect_uri,
+                                                                    decision.params)
+        # 303: the browser follows a POST's answer with a GET.
+        response = web.Response(status=303, headers={"Location": location, **NO_STORE})
+        self._consent.forget(response)
+        return response
 
     def _check_authorization_request(self, query: Mapping[str, str]) -> None:
         """What the relay needs before sending anyone to the IdP; raises AuthorizationRefused."""
@@ -206,6 +285,9 @@ class AuthorizationServer:
     def _tell_client(
         self, redirect_uri: str, state: str | None, error: str, description: str
     ) -> web.Response:
+        return _redirect(with_query(redirect_uri, self._error_params(state, error, description)))
+
+    def _error_params(self, state: str | None, error: str, description: str) -> dict[str, str]:
         """RFC 6749 §4.1.2.1 error response, with the `iss` the client discovered (RFC 9207):
         ours in facade mode, the IdP's in direct mode."""
         params = {"error": error, "error_description": description}
@@ -214,14 +296,16 @@ class AuthorizationServer:
         discovered = (self._idp.metadata or {}).get("issuer")
         params["iss"] = self.issuer if self.facade else (
             discovered if isinstance(discovered, str) else self._idp.issuer)
-        return _redirect(with_query(redirect_uri, params))
+        return params
 
     async def callback(self, request: web.Request) -> web.Response:
         query = request.query
         if len(query) != len(set(query)):  # RFC 6749 §3.1: a second iss or code is a trick
             return json_error(400, "invalid_request", "A parameter is repeated")
         sealed = unsealed(self._states, query.get("state"), "state", STATE_FIELDS)
-        if sealed is None or not self._redirects.allows(sealed["r"]):
+        # A document client's redirect_uri was checked against its document when sealed.
+        if sealed is None or not (is_client_id_url(sealed["cid"])
+                                  or self._redirects.allows(sealed["r"])):
             return _bad_state()
         iss = query.get("iss")
         idp_says_iss = bool((self._idp.metadata or {}).get(
@@ -294,9 +378,10 @@ class AuthorizationServer:
             return False
         return grant == "refresh_token" or (grant == "authorization_code" and issued_here)
 
-    async def _redeem_code(self, fields: dict[str, str], authorization: str | None) -> None:
+    async def _redeem_code(self, fields: dict[str, str], authorization: str | None) -> str:
         """Check a sealed code as the authorization server would (RFC 6749 §4.1.3, RFC 7636
-        §4.6), use it up, and put back the IdP's code and the callback it saw."""
+        §4.6), use it up, and put back the IdP's code and the callback it saw; the client it
+        was issued to."""
         code = unsealed(self._states, fields.get("code"), "code", CODE_FIELDS)
         if code is None:
             raise TokenRefused("invalid_grant", "The authorization code is invalid or expired")
@@ -317,6 +402,8 @@ class AuthorizationServer:
             raise TokenRefused("invalid_grant", "The authorization code was already used")
         fields["code"] = code["c"]
         fields["redirect_uri"] = self._callback  # the IdP bound the code to our callback
+        fields["client_id"] = self._config.client_id  # a document client signed in as ours
+        return str(code["cid"])
 
     async def token(self, request: web.Request) -> web.Response:
         headers = {"Accept": "application/json"}
@@ -331,8 +418,17 @@ class AuthorizationServer:
             # Facade codes are ours: checked and used up here (a grant that passes is issued
             # here). Direct mode's codes were issued by the IdP to the client itself.
             issued_here = self.facade and grant == "authorization_code"
+            document_client = None
             if issued_here:
-                await self._redeem_code(fields, headers.get("Authorization"))
+                client = await self._redeem_code(fields, headers.get("Authorization"))
+                document_client = client if is_client_id_url(client) else None
+            elif self.facade and grant == "refresh_token" and is_client_id_url(
+                    fields.get("client_id")):
+                document_client = fields["client_id"]
+                bound_refresh.open_for(self._states, fields, document_client)
+                fields["client_id"] = self._config.client_id
+            if self.facade:  # `resource` and scopes as the IdP wants them (idp_request.py)
+                fields = toward_idp(fields, self._config)
         except TokenRefused as exc:
             return json_error(exc.status, exc.error, exc.description)
         except RedemptionUnavailable:
@@ -355,5 +451,7 @@ class AuthorizationServer:
             log.warning("token_relay_failed", error=type(exc).__name__)
             return json_error(502, "temporarily_unavailable",
                               "The identity provider's token endpoint is not reachable")
+        if document_client is not None and status == 200:
+            body = bound_refresh.seal_answer(self._states, body, document_client)
         return web.Response(status=status, body=body, content_type=content_type,
                             headers=NO_STORE)

@@ -47,6 +47,8 @@ def facade_metadata(config: Config, upstream: Mapping[str, Any]) -> dict[str, An
         ),
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
     })
+    if config.auth_server.client_documents.enabled:  # an https client_id is resolved here
+        document["client_id_metadata_document_supported"] = True
     if config.advertised_scopes:
         offered = upstream.get("scopes_supported")
         offline = isinstance(offered, list) and "offline_access" in offered

@@ -48,8 +48,10 @@ class StateCodec:
     def __init__(self, secret: bytes) -> None:
         self._aead = AESGCM(hashlib.sha256(b"oauth_sidecar relay seal\0" + secret).digest())
 
-    def seal(self, values: Mapping[str, Any]) -> str:
-        sealed = {**values, "id": secrets.token_urlsafe(16), "exp": int(time.time()) + STATE_TTL}
+    def seal(self, values: Mapping[str, Any], ttl: int | None = None) -> str:
+        """values sealed until `ttl` seconds from now (STATE_TTL by default)."""
+        lifetime = STATE_TTL if ttl is None else ttl
+        sealed = {**values, "id": secrets.token_urlsafe(16), "exp": int(time.time()) + lifetime}
         nonce = secrets.token_bytes(NONCE_BYTES)
         return f"{_b64(nonce)}.{_b64(self._aead.encrypt(nonce, json.dumps(sealed).encode(), None))}"
 
