@@ -43,12 +43,15 @@ from oauth_sidecar.signin.registration import RedirectAllowList, StaticRegistrat
 from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.proxy import UpstreamProxy
+from oauth_sidecar.upstream.stdio_bridge import StdioBridge
+from oauth_sidecar.upstream.stdio_pool import StdioPool
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
+STDIO_POOL = web.AppKey("stdio_pool", StdioPool)
 ALLOW_FILES = web.AppKey("allow_files", AllowListFiles)
 TOOL_RULE_FILE = web.AppKey("tool_rule_file", ToolRuleFile)
 
@@ -64,17 +67,41 @@ def _lifetime(
 
 
 def _watch(
-    metrics: Metrics, idp: IdentityProvider, proxy: UpstreamProxy, child: ChildProcess | None
+    metrics: Metrics, idp: IdentityProvider, proxy: UpstreamProxy | None,
+    child: ChildProcess | None, pool: StdioPool | None,
 ) -> None:
     """What the components already keep, read at each scrape (nothing per request)."""
-    metrics.watch("open_streams", "Event streams (SSE) being relayed now", proxy.open_streams)
-    metrics.watch("proxied_in_flight", "Requests being forwarded upstream now", proxy.in_flight)
+    if proxy is not None:
+        metrics.watch("open_streams", "Event streams (SSE) being relayed now", proxy.open_streams)
+        metrics.watch("proxied_in_flight", "Requests being forwarded upstream now",
+                      proxy.in_flight)
     metrics.watch("jwks_keys", "Usable signing keys held", idp.key_count)
+    if pool is not None:
+        metrics.watch("stdio_children", "Stdio MCP server processes running now", pool.children)
+        metrics.watch("stdio_sessions", "MCP sessions served by stdio children now",
+                      pool.sessions)
+        metrics.watch("stdio_lines_dropped", "Stdout lines of stdio children dropped (too long "
+                      "or not JSON)", lambda: pool.counters.dropped, counter=True)
     if child is not None:
         metrics.watch("child_up", "1 while the spawned MCP server is ready, else 0",
                       lambda: float(child.ready))
         metrics.watch("child_restarts", "Restarts of the spawned MCP server",
                       lambda: child.restarts, counter=True)
+
+
+def _mcp_handler(config: Config, app: web.Application, pool: StdioPool | None,
+                 proxy: UpstreamProxy | None) -> Handler:
+    """The protected routes' handler: the stdio bridge (RESOURCE_URL's path only) or the
+    proxy; each ends its streams at shutdown."""
+    if pool is not None:
+        app[STDIO_POOL] = pool
+        app.on_shutdown.append(pool.stop)
+        return StdioBridge(config, pool).handle
+    if proxy is None:
+        raise ValueError("neither a stdio pool nor a proxy")
+    app[PROXY] = proxy
+    app.on_shutdown.append(proxy.stop)
+    return proxy.handle
 
 
 class PublicRoutes:
@@ -157,15 +184,19 @@ def create_app(
         UpstreamCredential(config.upstream_bearer_file, on_token=on_upstream_token)
         if config.upstream_bearer_file else None
     )
-    child = ChildProcess(config.spawn, on_child_give_up) if config.spawn else None
+    spawn = config.spawn
+    pool = StdioPool(spawn, policy=policy, forward_identity=config.forward_identity,
+                     sessions=sessions) if spawn is not None and spawn.stdio else None
+    child = ChildProcess(spawn, on_child_give_up) if spawn and pool is None else None
     tools = ToolPolicy(config.tool_rules, policy) if config.tool_rules.configured else None
     calls = CallRules(tools, policy, Challenges(config), limiter, Audit(
         metrics, config.tool_rules.audit_arguments)) if tools is not None else None
     proxy = UpstreamProxy(config, policy=policy, addresses=addresses, sessions=sessions,
-                          credential=credential, child=child, metrics=metrics, calls=calls)
+                          credential=credential, child=child, metrics=metrics,
+                          calls=calls) if pool is None else None
     # client_max_size: only public handlers read bodies; the proxy streams.
     app = web.Application(client_max_size=64 * 1024)
-    app[IDP], app[VERIFIER], app[PROXY], app[SESSIONS] = idp, verifier, proxy, sessions
+    app[IDP], app[VERIFIER], app[SESSIONS] = idp, verifier, sessions
     app[METRICS] = metrics
     routes = PublicRoutes(app.router, route_classes)
     health = Health(idp, proxy, child)
@@ -176,14 +207,14 @@ def create_app(
         routes.add(path, metadata.handle, "metadata")
     authserver, redemptions = _add_sign_in(routes, config, idp, limiter)
     mcp = app.router.add_resource("/{path:.*}")
-    mcp.add_route("*", proxy.handle)  # everything else: authenticated
+    mcp.add_route("*", _mcp_handler(config, app, pool, proxy))  # everything else: authenticated
     route_classes[mcp] = "mcp"
     gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter,
                 is_public=routes.is_public, sessions=sessions)
     front_door = FrontDoor(cors=Cors(config, routes.is_public, routes.is_navigation), gate=gate,
                            metrics=metrics)
     app.middlewares.append(front_door.middleware)
-    _watch(metrics, idp, proxy, child)
+    _watch(metrics, idp, proxy, child, pool)
 
     # First in, last out: a taken METRICS_PORT fails start-up before the child is spawned, and
     # the numbers stay scrapable until everything else has stopped; the child outlives every
@@ -192,8 +223,8 @@ def create_app(
     if child is not None:
         app[CHILD] = child
         lifetimes.append(child.running)
-    lifetimes += [idp.running, proxy.running, limiter.running, redemptions.running,
-                  authserver.running]
+    lifetimes += [idp.running, app[STDIO_POOL].running if pool is not None else app[PROXY].running,
+                  limiter.running, redemptions.running, authserver.running]
     if credential is not None:
         lifetimes.append(credential.running)
     if config.policy.files:
@@ -203,6 +234,5 @@ def create_app(
         app[TOOL_RULE_FILE] = ToolRuleFile(config.tool_rules.file, tools)
         lifetimes.append(app[TOOL_RULE_FILE].running)
     app.cleanup_ctx.extend(_lifetime(running) for running in lifetimes)
-    app.on_shutdown.append(proxy.stop)
     app.on_response_prepare.append(front_door.before_headers)
     return app

@@ -95,8 +95,14 @@ def summary(config: Config) -> dict[str, object]:
     if auth.facade:  # what the relay changes toward the IdP (Entra: omit, api://<app id>/)
         shown["idp_resource_parameter"] = "pass" if auth.send_resource else "omit"
         shown["idp_scope_prefix"] = auth.scope_prefix or None
-    if config.spawn is not None:
-        shown["spawn"] = {"command": shown_command(config.spawn.argv), "port": config.spawn.port}
+    spawn = config.spawn
+    if spawn is not None and spawn.stdio:
+        shown["spawn"] = {"command": shown_command(spawn.argv), "transport": "stdio",
+                          "scope": spawn.scope, "max_processes": spawn.max_processes,
+                          "max_per_subject": spawn.max_per_subject,
+                          "idle_seconds": spawn.idle_seconds}
+    elif spawn is not None:
+        shown["spawn"] = {"command": shown_command(spawn.argv), "port": spawn.port}
     tools = config.tool_rules
     if tools.configured:  # counts and labels: a rule's subs, emails and groups are personal
         shown["tool_rules"] = {

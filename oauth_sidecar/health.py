@@ -26,7 +26,8 @@ UNREACHABLE = "unreachable"  # the upstream refuses or does not answer connectio
 
 class Health:
     def __init__(
-        self, idp: IdentityProvider, proxy: UpstreamProxy, child: ChildProcess | None = None
+        self, idp: IdentityProvider, proxy: UpstreamProxy | None,
+        child: ChildProcess | None = None
     ) -> None:
         self._idp = idp
         self._proxy = proxy
@@ -38,10 +39,9 @@ class Health:
         return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        checks = {
-            "idp": READY if self._idp.ready else NO_KEYS,
-            "upstream": READY if await self._proxy.reachable() else UNREACHABLE,
-        }
+        checks = {"idp": READY if self._idp.ready else NO_KEYS}
+        if self._proxy is not None:  # stdio children are started per session: nothing to reach
+            checks["upstream"] = READY if await self._proxy.reachable() else UNREACHABLE
         if self._child is not None:
             checks["child"] = READY if self._child.ready else str(self._child.state)
         not_ready = tuple(part for part, word in checks.items() if word != READY)
@@ -60,7 +60,7 @@ class Health:
         details: dict[str, str | None] = {}
         if "idp" in not_ready:
             details["idp"] = self._idp.last_error
-        if "upstream" in not_ready:
+        if "upstream" in not_ready and self._proxy is not None:
             details["upstream"] = self._proxy.unreachable
         if "child" in not_ready and self._child is not None:
             details["child"] = f"{self._child.state}, last exit: {self._child.last_exit}"

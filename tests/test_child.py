@@ -376,7 +376,8 @@ def test_spawn_cmd_as_a_json_array_is_taken_word_for_word() -> None:
 @pytest.mark.parametrize(
     ("env", "problem"),
     [
-        ({"MCP_SPAWN_CMD": fake("serve", "8765")}, "MCP_SPAWN_CMD needs MCP_SPAWN_PORT"),
+        ({"MCP_SPAWN_CMD": fake("serve", "8765"), "MCP_SPAWN_TRANSPORT": "http"},
+         "MCP_SPAWN_TRANSPORT=http needs MCP_SPAWN_PORT"),
         ({"MCP_SPAWN_PORT": "8765"}, "MCP_SPAWN_PORT is set without MCP_SPAWN_CMD"),
         ({"MCP_SPAWN_CMD": fake("serve", "8765"), "MCP_SPAWN_PORT": "8765",
           "MCP_UPSTREAM_URL": "http://127.0.0.1:9000"},
@@ -395,7 +396,7 @@ def test_spawn_cmd_as_a_json_array_is_taken_word_for_word() -> None:
         ({"MCP_SPAWN_CMD": fake("serve", "8765"), "MCP_SPAWN_PORT": "8765",
           "MCP_SPAWN_RESTART": "sometimes"}, "MCP_SPAWN_RESTART"),
     ],
-    ids=["cmd-without-port", "port-without-cmd", "both-upstreams", "truncated-json",
+    ids=["http-without-port", "port-without-cmd", "both-upstreams", "truncated-json",
          "json-non-string", "json-empty", "unbalanced-quote", "port-out-of-range",
          "relative-ready-path", "unknown-restart"],
 )

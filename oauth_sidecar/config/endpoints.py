@@ -50,7 +50,14 @@ class Upstream:
 
 
 def upstream(r: Reader, spawn: SpawnConfig | None) -> Upstream:
-    """Where requests go: MCP_UPSTREAM_URL, or the spawned child on loopback."""
+    """Where requests go: MCP_UPSTREAM_URL, or the spawned child on loopback; none for stdio
+    children (upstream/stdio_bridge.py talks to them through pipes)."""
+    if spawn is not None and spawn.stdio:
+        if r.raw("MCP_UPSTREAM_URL"):
+            r.problems.append(
+                "MCP_UPSTREAM_URL and MCP_SPAWN_CMD are both set: choose one upstream"
+            )
+        return Upstream("", "")
     if spawn is not None:
         raw = f"http://127.0.0.1:{spawn.port}"
         if r.raw("MCP_UPSTREAM_URL"):

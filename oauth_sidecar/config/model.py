@@ -153,6 +153,20 @@ class SpawnConfig:
     restart: bool
     max_restarts: int
     stop_timeout: float
+    transport: str = "http"
+    """http: one child serving HTTP on `port`; stdio: children speaking JSON-RPC lines."""
+    scope: str = "session"
+    """stdio: one child per MCP session (session) or at most one per subject (subject)."""
+    max_processes: int = 32
+    max_per_subject: int = 4
+    idle_seconds: float = 600.0
+    workdir_root: str = ""
+    """stdio: each subject's child runs in <root>/<hash>; empty: in the sidecar's directory."""
+    max_line_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def stdio(self) -> bool:
+        return self.transport == "stdio"
 
 
 @dataclass(frozen=True, slots=True)

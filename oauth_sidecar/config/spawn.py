@@ -1,4 +1,5 @@
-"""The spawned MCP server: its command line, its port, and the environment it inherits.
+"""The spawned MCP server: its command line, its transport (HTTP on a port, or JSON-RPC lines on
+stdin/stdout), the bounds of the stdio children, and the environment it inherits.
 
 Why an allow-list environment: the child is someone else's program, and the sidecar's
 environment holds the IdP client secret, the sealing key and the Redis password; the child gets
@@ -49,14 +50,31 @@ def _spawn_argv(r: Reader, command: str) -> tuple[str, ...]:
     return tuple(words)
 
 
+TRANSPORTS = ("http", "stdio")
+SCOPES = ("session", "subject")
+
+
+def _transport(r: Reader, port_raw: str) -> str:
+    """http with a port, stdio without one, unless MCP_SPAWN_TRANSPORT says; each needs its
+    port (or its absence) to be right."""
+    transport = r.choice("MCP_SPAWN_TRANSPORT", TRANSPORTS) if r.raw("MCP_SPAWN_TRANSPORT") else (
+        "http" if port_raw else "stdio")
+    if transport == "http" and not port_raw:
+        r.problems.append("MCP_SPAWN_TRANSPORT=http needs MCP_SPAWN_PORT: the port the child "
+                          "listens on")
+    if transport == "stdio" and port_raw:
+        r.problems.append("MCP_SPAWN_TRANSPORT=stdio with MCP_SPAWN_PORT: a stdio child listens "
+                          "on no port (unset MCP_SPAWN_PORT)")
+    return transport
+
+
 def spawn(r: Reader, env: Mapping[str, str]) -> SpawnConfig | None:
     command, port_raw = r.raw("MCP_SPAWN_CMD"), r.raw("MCP_SPAWN_PORT")
     if not command:
         if port_raw:
             r.problems.append("MCP_SPAWN_PORT is set without MCP_SPAWN_CMD")
         return None
-    if not port_raw:
-        r.problems.append("MCP_SPAWN_CMD needs MCP_SPAWN_PORT: the port the child listens on")
+    transport = _transport(r, port_raw)
     port = r.number("MCP_SPAWN_PORT", int, 1, 65535) if port_raw else 0
     argv = _spawn_argv(r, command)
     child_env = {name: env[name] for name in CHILD_ENV_BASE if name in env}
@@ -86,4 +104,20 @@ def spawn(r: Reader, env: Mapping[str, str]) -> SpawnConfig | None:
         restart=r.choice("MCP_SPAWN_RESTART", ("always", "never")) == "always",
         max_restarts=r.number("MCP_SPAWN_MAX_RESTARTS", int, 0, 1000),
         stop_timeout=r.number("MCP_SPAWN_STOP_TIMEOUT_SECONDS", float, 0.0, 600.0),
+        transport=transport,
+        scope=r.choice("MCP_SPAWN_SCOPE", SCOPES),
+        max_processes=r.number("MCP_SPAWN_MAX_PROCESSES", int, 1, 100_000),
+        max_per_subject=r.number("MCP_SPAWN_MAX_PER_SUBJECT", int, 1, 100_000),
+        idle_seconds=r.number("MCP_SPAWN_IDLE_SECONDS", float, 0.1, 30 * 86400.0),
+        workdir_root=_workdir_root(r),
+        max_line_bytes=r.number("MCP_SPAWN_MAX_LINE_BYTES", int, 1024, 1 << 30),
     )
+
+
+def _workdir_root(r: Reader) -> str:
+    """MCP_SPAWN_WORKDIR_ROOT, made absolute; it must be a directory already (the subjects'
+    directories inside it are created on first use)."""
+    root = r.raw("MCP_SPAWN_WORKDIR_ROOT")
+    if root and not os.path.isdir(root):
+        r.problems.append(f"MCP_SPAWN_WORKDIR_ROOT {root} is not a directory")
+    return os.path.abspath(root) if root else ""

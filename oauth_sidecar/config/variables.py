@@ -123,7 +123,19 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "IDP_SCOPE_PREFIX": ("", "Facade: prefix for client scopes toward the IdP, e.g. "
                          "api://<app id>/ (Entra)."),
     "MCP_SPAWN_CMD": ("", "Run this MCP server as a child (shell-like words or a JSON array)."),
-    "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1."),
+    "MCP_SPAWN_PORT": ("", "Port the child listens on, on 127.0.0.1 (HTTP transport)."),
+    "MCP_SPAWN_TRANSPORT": ("", "http or stdio; default http with MCP_SPAWN_PORT, else stdio "
+                            "(a command without a port speaks JSON-RPC on stdin/stdout)."),
+    "MCP_SPAWN_SCOPE": ("session", "stdio: one child per MCP session (session) or at most one "
+                        "per subject (subject)."),
+    "MCP_SPAWN_MAX_PROCESSES": ("32", "stdio: most children running at once (then 503)."),
+    "MCP_SPAWN_MAX_PER_SUBJECT": ("4", "stdio: most children of one subject (then 429)."),
+    "MCP_SPAWN_IDLE_SECONDS": ("600", "stdio: a child idle this long is stopped (its session "
+                               "then answers 404)."),
+    "MCP_SPAWN_WORKDIR_ROOT": ("", "stdio: each subject's child runs in <root>/<hash of "
+                               "issuer+sub> (0700); unset: in the sidecar's directory."),
+    "MCP_SPAWN_MAX_LINE_BYTES": ("4194304", "stdio: longest stdout line of a child; longer "
+                                 "ones are dropped."),
     "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),
     "MCP_SPAWN_READY_PATH": ("", "Optional HTTP path probed for readiness (any status < 500)."),
     "MCP_SPAWN_RESTART": ("always", "always: restart with backoff; never: exit when it dies."),

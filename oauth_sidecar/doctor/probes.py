@@ -186,6 +186,11 @@ class Probes(Checker):
         if spawn is None:
             await self._probe_upstream(url)
             return
+        if spawn.stdio:  # started per session, on the caller's first initialize
+            self.line("upstream", f"stdio children of {shown_command(spawn.argv)} start per "
+                                  f"MCP session (scope {spawn.scope}); none is started here")
+            self.unlisted = "stdio children start per session"
+            return
         child, pid = ChildProcess(spawn), None
         self.line("upstream", f"spawning {shown_command(spawn.argv)} (port {spawn.port}, ready "
                               f"within {spawn.ready_timeout:g} s)")

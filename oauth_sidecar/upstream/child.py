@@ -15,8 +15,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +23,16 @@ import aiohttp
 import structlog
 
 from oauth_sidecar.config import SpawnConfig
+from oauth_sidecar.upstream.process_group import (
+    LINE_BURST,
+    LINES_PER_SECOND,
+    MAX_LINE,
+    OutputLog,
+    describe_exit,
+    exited,
+    start_in_group,
+    stop_group,
+)
 
 log = structlog.get_logger("oauth_sidecar.child")
 
@@ -32,8 +40,8 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds between restarts, doubling
 HEALTHY_PERIOD = 60.0  # a child that ran this long starts a fresh backoff and crash count
 CRASH_WINDOW = 300.0  # crashes counted against MCP_SPAWN_MAX_RESTARTS within this window
 READY_POLL = 0.1  # seconds between readiness probes
-MAX_LINE = 4096  # bytes of one output line kept; the rest is cut
-LINES_PER_SECOND, LINE_BURST = 200, 1000  # a chatty child cannot flood the log or memory
+__all__ = ["LINES_PER_SECOND", "LINE_BURST", "MAX_LINE", "ChildProcess", "ChildStartError",
+           "ChildState", "port_accepts"]
 
 
 class ChildState(enum.StrEnum):
@@ -64,54 +72,6 @@ async def port_accepts(port: int, within: float = 0.5) -> bool:
     return True
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-async def _exited(process: asyncio.subprocess.Process) -> int:
-    """The child's exit code. Process.wait() on Python 3.11 also waits for its pipes to close,
-    and a grandchild (npx's node) that inherited them keeps them open after the child died."""
-    while process.returncode is None:  # noqa: ASYNC110 - asyncio offers no exit-only event
-        await asyncio.sleep(READY_POLL)
-    return process.returncode
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a member changed credentials: still alive
-        return True
-    return True
-
-
-class _LineBudget:
-    """Token bucket for output lines; counts what it drops."""
-
-    def __init__(self) -> None:
-        self._tokens = float(LINE_BURST)
-        self._at = time.monotonic()
-        self.dropped = 0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(LINE_BURST, self._tokens + (now - self._at) * LINES_PER_SECOND)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        self.dropped += 1
-        return False
-
-
 class ChildProcess:
     """Supervises one MCP server process for the app's lifetime."""
 
@@ -124,7 +84,7 @@ class ChildProcess:
         self.gave_up = False
         self._process: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._budget = _LineBudget()
+        self._output = OutputLog()
         self._pumps: set[asyncio.Task[None]] = set()
 
     @property
@@ -167,8 +127,8 @@ class ChildProcess:
                 self.state = ChildState.READY
                 log.info("child_ready", pid=process.pid, port=self._config.port,
                          seconds=round(time.monotonic() - started, 2))
-                code = await _exited(process)
-                self.last_exit = _describe_exit(code)
+                code = await exited(process)
+                self.last_exit = describe_exit(code)
                 log.error("child_exited", pid=self.pid, how=self.last_exit,
                           uptime=round(time.monotonic() - started, 1))
             except ChildStartError as exc:
@@ -205,10 +165,8 @@ class ChildProcess:
         if await port_accepts(config.port):
             raise ChildStartError(f"port {config.port} is already in use by another process")
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                *config.argv, env=config.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own process group: stopped as a whole
+            self._process = await start_in_group(
+                config.argv, config.env, stdin=asyncio.subprocess.DEVNULL
             )
         except OSError as exc:
             raise ChildStartError(f"cannot start {config.argv[0]!r}: {exc.strerror}") from None
@@ -216,14 +174,14 @@ class ChildProcess:
         log.info("child_started", pid=process.pid, argv0=config.argv[0])
         for stream, name in ((process.stdout, "stdout"), (process.stderr, "stderr")):
             if stream is not None:
-                pump = asyncio.create_task(self._pump(stream, name), name=f"child-{name}")
+                pump = asyncio.create_task(self._output.pump(stream, name), name=f"child-{name}")
                 self._pumps.add(pump)
                 pump.add_done_callback(self._pumps.discard)
         deadline = time.monotonic() + config.ready_timeout
         while time.monotonic() < deadline:
             if process.returncode is not None:
                 raise ChildStartError(
-                    f"exited before listening ({_describe_exit(process.returncode)})"
+                    f"exited before listening ({describe_exit(process.returncode)})"
                 )
             if await port_accepts(config.port) and await self._probe():
                 return process
@@ -241,55 +199,15 @@ class ChildProcess:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
-        """Child output -> `child_output` events; read continuously so the child never blocks."""
-        pending, cutting = b"", False
-        while chunk := await stream.read(65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if cutting:  # the rest of a line already emitted, cut: drop it
-                if not lines:
-                    pending = b""
-                    continue
-                lines, cutting = lines[1:], False
-            for line in lines:
-                self._emit(name, line)
-            if len(pending) > MAX_LINE:
-                self._emit(name, pending)
-                pending, cutting = b"", True
-        if pending and not cutting:
-            self._emit(name, pending)
-
-    def _emit(self, name: str, line: bytes) -> None:
-        if not self._budget.take():
-            return
-        if self._budget.dropped:
-            log.warning("child_output_dropped", lines=self._budget.dropped)
-            self._budget.dropped = 0
-        text = line[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
-        log.info("child_output", stream=name, line=text)
-
     async def _stop(self) -> None:
         """SIGTERM the whole group, SIGKILL what is left after the grace period, reap."""
         process = self._process
         if process is None:
             return
-        pgid = process.pid  # session leader: its pid is the group id
-        if not _group_alive(pgid) and process.returncode is not None:
-            return  # already gone: no needless wait
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self._config.stop_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                await _exited(process)
-        while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 - no event
-            await asyncio.sleep(0.05)  # to wait on: grandchildren are not our children
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        await _exited(process)
+        await stop_group(process, self._config.stop_timeout)
         if self._pumps:  # every writer is gone, so the pipes are at EOF
             _, late = await asyncio.wait(self._pumps, timeout=1.0)
             for pump in late:
                 pump.cancel()
         if process.returncode is not None and self.last_exit is None:
-            self.last_exit = _describe_exit(process.returncode)
+            self.last_exit = describe_exit(process.returncode)

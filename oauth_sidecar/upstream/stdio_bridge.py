@@ -1,0 +1,261 @@
+"""The MCP endpoint served from stdio children (MCP_SPAWN_TRANSPORT=stdio): Streamable HTTP in,
+JSON-RPC lines out.
+
+Why its own handler: there is no upstream HTTP server to stream to, so this side speaks the
+transport itself. POST carries one message or a batch: `initialize` starts a session (and its
+child) and its answer carries the `Mcp-Session-Id` the sidecar issued; requests are answered as
+JSON when the client accepts only JSON, else as an event stream that carries every message the
+child sends about them and ends with their responses; notifications and responses alone get 202.
+GET opens the session's stream of messages tied to no request; DELETE ends the session and stops
+its child. Requests without a session that are not `initialize` (sessionless clients) go to the
+subject's sessionless child. The gate ran before: the caller is verified and a session id it
+presents is its own (or bound to nobody, which the pool then answers 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from oauth_sidecar.config import Config
+from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.request_body import (
+    BodyBroken,
+    BodyReader,
+    BodyStalled,
+    BodyTooLarge,
+    StreamedBody,
+    body_refused,
+)
+from oauth_sidecar.request_keys import PRINCIPAL, SESSION
+from oauth_sidecar.upstream.stdio_child import ChildGone
+from oauth_sidecar.upstream.stdio_pool import (
+    RETRY_AFTER,
+    ChildRefused,
+    ChildStartFailed,
+    StdioPool,
+)
+from oauth_sidecar.upstream.stdio_session import (
+    Message,
+    MessageQueue,
+    Pending,
+    StdioSession,
+    dumps,
+    is_request,
+    is_response,
+)
+
+log = structlog.get_logger("oauth_sidecar.stdio")
+
+ALLOW = "POST, GET, DELETE"
+PARSE_ERROR, INVALID_REQUEST = -32700, -32600  # JSON-RPC 2.0 error codes
+
+
+class StdioBridge:
+    """The handler of the MCP route in stdio mode."""
+
+    def __init__(self, config: Config, pool: StdioPool) -> None:
+        self._path = config.resource_path or "/"
+        self._pool = pool
+        self._bodies = BodyReader(config.upstream.max_body_bytes, config.upstream.body_timeout)
+        self._write_timeout = config.upstream.client_write_timeout
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path != self._path:
+            return json_error(404, "not_found", "No such endpoint")
+        if request.method == "POST":
+            return await self._post(request)
+        if request.method == "GET":
+            return await self._get(request)
+        if request.method == "DELETE":
+            return await self._delete(request)
+        return json_error(405, "method_not_allowed", f"Use {ALLOW}", {"Allow": ALLOW})
+
+    def _session(self, request: web.Request) -> StdioSession | None:
+        presented = request.get(SESSION)
+        if presented is None:
+            return None
+        principal = request[PRINCIPAL]
+        return self._pool.find(presented.id, (principal.issuer, principal.subject))
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0912 - each refusal an early answer
+        try:
+            parsed = await self._messages(request)
+        except (BodyTooLarge, BodyStalled, BodyBroken) as failure:
+            return body_refused(failure)
+        if isinstance(parsed, web.Response):
+            return parsed
+        messages, batch = parsed
+        requests = [m for m in messages if is_request(m)]
+        starts = any(m.get("method") == "initialize" for m in requests)
+        presented = request.get(SESSION)
+        if starts and (presented is not None or len(messages) > 1):
+            return _rpc_error(400, INVALID_REQUEST, "initialize comes alone and without "
+                              "Mcp-Session-Id")
+        try:
+            if starts:
+                session = await self._pool.open(request[PRINCIPAL])
+            elif presented is not None:
+                found = self._session(request)
+                if found is None:
+                    return _no_session()
+                session = found
+            else:
+                session = await self._pool.sessionless(request[PRINCIPAL])
+        except ChildRefused as refused:
+            return json_error(refused.status, refused.error, refused.description,
+                              {"Retry-After": RETRY_AFTER})
+        except ChildStartFailed:
+            return json_error(502, "upstream_unavailable", "The MCP server could not be started")
+        if not requests:
+            try:
+                await session.submit(messages, None, [])
+            except ChildGone:
+                await self._pool.close(session, "child_gone")
+                return _no_session()
+            return web.Response(status=202)
+        stream = session.new_stream() if _wants_stream(request) else None
+        pendings: list[Pending] = []
+        try:
+            return await self._answer(request, session, messages, stream, pendings, batch=batch)
+        finally:
+            if stream is not None:
+                session.stream_ended(stream)
+            if starts and not all(p.answer.done() and "result" in p.answer.result()
+                                  for p in pendings):
+                # refused, failed or abandoned: no session is left behind
+                await asyncio.shield(self._pool.close(session, "initialize_failed"))
+
+    async def _messages(self, request: web.Request
+                        ) -> tuple[list[Message], bool] | web.Response:
+        """The POST's messages, and whether they came as a batch (answered as one)."""
+        data = await self._bodies.read(request)
+        if isinstance(data, StreamedBody):
+            data = b"".join([piece async for piece in data])  # bounded: MAX_REQUEST_BODY_BYTES
+        try:
+            parsed = json.loads(data or b"")
+        except ValueError:
+            return _rpc_error(400, PARSE_ERROR, "The body is not JSON")
+        batch = parsed if isinstance(parsed, list) else [parsed]
+        if not batch or not all(
+            isinstance(m, dict) and ("method" in m or is_response(m)) for m in batch
+        ):
+            return _rpc_error(400, INVALID_REQUEST, "Not a JSON-RPC message or batch")
+        return batch, isinstance(parsed, list)
+
+    async def _answer(
+        self, request: web.Request, session: StdioSession, messages: list[Message],
+        stream: MessageQueue | None, pendings: list[Pending], *, batch: bool,
+    ) -> web.StreamResponse:
+        """`pendings` is filled with the requests written, for the caller's cleanup."""
+        try:
+            try:
+                await session.submit(messages, stream, pendings)
+            except ChildGone:  # its pending requests are answered with the exit's error
+                await self._pool.close(session, "child_gone")
+            if stream is None:
+                answers = [await p.answer for p in pendings]
+                if not answers:
+                    return _no_session()
+                return web.json_response(answers if batch else answers[0], dumps=_json_text,
+                                         headers=_session_header(session))
+            return await self._stream(request, session, stream, pendings)
+        finally:
+            session.abandon([p for p in pendings if not p.answer.done()])
+
+    async def _stream(self, request: web.Request, session: StdioSession, queue: MessageQueue,
+                      pendings: list[Pending]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no", **_session_header(session)})
+        await response.prepare(request)
+        while not (all(p.answer.done() for p in pendings) and queue.empty()):
+            message = await queue.get()
+            if message is None:
+                break
+            if not await self._write(request, response, message):
+                return response
+        await self._finish(request, response)
+        return response
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        if request.get(SESSION) is None:
+            return json_error(405, "method_not_allowed", "A stream needs an Mcp-Session-Id",
+                              {"Allow": ALLOW})
+        session = self._session(request)
+        if session is None:
+            return _no_session()
+        queue = session.open_listener()
+        try:
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            while (message := await queue.get()) is not None:
+                if not await self._write(request, response, message):
+                    return response
+            await self._finish(request, response)
+            return response
+        finally:
+            session.stream_ended(queue)
+
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
+        if request.get(SESSION) is None:
+            return json_error(400, "invalid_request", "DELETE needs an Mcp-Session-Id")
+        session = self._session(request)
+        if session is None:
+            return _no_session()
+        await self._pool.close(session, "deleted")
+        return web.Response(status=204)
+
+    async def _write(self, request: web.Request, response: web.StreamResponse,
+                     message: Message) -> bool:
+        """One event, within CLIENT_WRITE_TIMEOUT_SECONDS: a client that stops reading is
+        dropped (its requests are then abandoned, the child told)."""
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await response.write(b"event: message\ndata: " + dumps(message) + b"\n\n")
+        except ConnectionError:
+            return False
+        except TimeoutError:
+            log.warning("client_write_timeout", seconds=self._write_timeout)
+            if request.transport is not None:
+                request.transport.abort()
+            return False
+        return True
+
+    async def _finish(self, request: web.Request, response: web.StreamResponse) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await response.write_eof()
+        except (ConnectionError, TimeoutError):
+            if request.transport is not None:
+                request.transport.abort()
+
+
+def _wants_stream(request: web.Request) -> bool:
+    """JSON only when the client accepts nothing but application/json."""
+    kinds = [part.split(";")[0].strip().lower()
+             for part in request.headers.get("Accept", "").split(",") if part.strip()]
+    return not kinds or any(kind != "application/json" for kind in kinds)
+
+
+def _session_header(session: StdioSession) -> dict[str, str]:
+    return {"Mcp-Session-Id": session.id} if session.id is not None else {}
+
+
+def _json_text(value: Any) -> str:
+    return dumps(value).decode()
+
+
+def _no_session() -> web.Response:
+    return json_error(404, "session_not_found", "No such session")
+
+
+def _rpc_error(status: int, code: int, message: str) -> web.Response:
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,226 @@
+"""The stdio children of every caller: sessions by id, sessionless children by subject, bounds.
+
+Why: with a stdio MCP server each session (or each subject, MCP_SPAWN_SCOPE=subject) needs a
+process of its own, and a child never serves another subject, whose files and credentials it may
+hold in its working directory. Processes are the scarce resource here, so they are capped per
+subject (429: that caller waits) and in total (503: everyone does), an idle child is stopped
+(its session then answers 404 and the client starts a new one, as the Streamable HTTP transport
+says for an unknown session), and at shutdown every child's process group is stopped. Session
+ids are bound in auth/sessions.py too, so the gate refuses another subject's id with the same
+404 it gives for the HTTP child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from aiohttp import web
+
+from oauth_sidecar.auth.policy import AccessPolicy
+from oauth_sidecar.auth.sessions import SessionBindings
+from oauth_sidecar.config import SpawnConfig
+from oauth_sidecar.request_keys import Principal
+from oauth_sidecar.upstream.stdio_child import LineCounters, StdioChild
+from oauth_sidecar.upstream.stdio_session import StdioSession
+
+log = structlog.get_logger("oauth_sidecar.stdio")
+
+RETRY_AFTER = "5"  # seconds: children end as sessions close or go idle
+SUBJECT_HASH_HEX = 32  # 128 bits of sha256(issuer, sub): a directory name and a log field
+SESSION_ID_BYTES = 16  # 32 hex characters, as the MCP SDKs issue
+MAX_REAP_INTERVAL = 5.0  # seconds between looks for idle children, at most
+
+Identity = tuple[str, str]
+
+
+class ChildRefused(Exception):
+    """No child may be started now; the bridge answers `status` with Retry-After."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(error)
+        self.status, self.error, self.description = status, error, description
+
+
+class ChildStartFailed(Exception):
+    """The command could not be started (logged)."""
+
+
+def subject_hash(identity: Identity) -> str:
+    issuer, subject = identity
+    return hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()[:SUBJECT_HASH_HEX]
+
+
+class StdioPool:
+    """Owns every stdio child for the app's lifetime (running() is its cleanup context)."""
+
+    def __init__(self, spawn: SpawnConfig, *, policy: AccessPolicy, forward_identity: bool,
+                 sessions: SessionBindings) -> None:
+        self._spawn = spawn
+        self._policy = policy
+        self._forward_identity = forward_identity
+        self._bindings = sessions
+        self._sessions: dict[str, StdioSession] = {}
+        self._sessionless: dict[Identity, StdioSession] = {}
+        self._latest: dict[Identity, StdioSession] = {}  # scope=subject: its one session
+        self._per_subject: collections.Counter[Identity] = collections.Counter()
+        self._all: set[StdioSession] = set()
+        self._starting = asyncio.Lock()  # one sessionless child per subject, even when racing
+        self._stopping = False
+        self._stops: set[asyncio.Task[None]] = set()
+        self.counters = LineCounters()
+
+    def children(self) -> int:
+        return len(self._all)
+
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[StdioPool]:
+        reaper = asyncio.create_task(self._reap(), name="stdio-reaper")
+        try:
+            yield self
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await self.stop_all()
+
+    async def stop(self, app: web.Application) -> None:
+        """on_shutdown: no new children; the GET streams end (they never end by themselves)."""
+        self._stopping = True
+        for session in list(self._all):
+            session.end_listener()
+
+    async def stop_all(self) -> None:
+        self._stopping = True
+        await asyncio.gather(*(self.close(s, "shutdown") for s in list(self._all)))
+        if self._stops:
+            await asyncio.wait(set(self._stops))
+
+    def find(self, session_id: str, identity: Identity) -> StdioSession | None:
+        session = self._sessions.get(session_id)
+        if session is None or session.identity != identity or session.closed:
+            return None
+        return session
+
+    async def open(self, principal: Principal) -> StdioSession:
+        """A new session and its child (an `initialize`); scope=subject ends the subject's
+        previous session first. Raises ChildRefused or ChildStartFailed."""
+        identity = (principal.issuer, principal.subject)
+        if self._spawn.scope == "subject" and (previous := self._latest.get(identity)):
+            await self.close(previous, "replaced")
+        session_id = secrets.token_hex(SESSION_ID_BYTES)
+        session = await self._start(principal, session_id)
+        self._sessions[session_id] = session
+        self._bindings.bind(session_id, identity)
+        if self._spawn.scope == "subject":
+            self._latest[identity] = session
+        return session
+
+    async def sessionless(self, principal: Principal) -> StdioSession:
+        """The subject's child for requests without a session, started on first use."""
+        identity = (principal.issuer, principal.subject)
+        async with self._starting:
+            session = self._sessionless.get(identity)
+            if session is None or session.closed:
+                session = await self._start(principal, None)
+                self._sessionless[identity] = session
+        return session
+
+    async def _start(self, principal: Principal, session_id: str | None) -> StdioSession:
+        identity = (principal.issuer, principal.subject)
+        if self._stopping:
+            raise ChildRefused(503, "temporarily_unavailable", "The sidecar is shutting down")
+        if self._per_subject[identity] >= self._spawn.max_per_subject:
+            raise ChildRefused(429, "rate_limited", "Too many MCP sessions of this user are "
+                               "open: end one (DELETE) or wait until one is idle")
+        if len(self._all) >= self._spawn.max_processes:
+            raise ChildRefused(503, "temporarily_unavailable", "Too many MCP sessions are open")
+        subject = subject_hash(identity)
+        session = StdioSession(session_id, identity, subject, self._spawn.max_line_bytes)
+        child = StdioChild(
+            self._spawn.argv, self._environment(principal), cwd=self._workdir(subject),
+            subject=subject, max_line_bytes=self._spawn.max_line_bytes,
+            stop_timeout=self._spawn.stop_timeout, counters=self.counters,
+            on_message=session.route, on_exit=lambda how: self._exited(session),
+        )
+        session.child = child
+        self._per_subject[identity] += 1  # counted before the await: racing starts see it
+        self._all.add(session)
+        try:
+            await child.start()
+        except OSError as exc:
+            self._forget(session)
+            log.error("child_start_failed", subject=subject, reason=exc.strerror or str(exc))
+            raise ChildStartFailed from None
+        return session
+
+    def _environment(self, principal: Principal) -> dict[str, str]:
+        env = dict(self._spawn.env)
+        if self._forward_identity:
+            env["MCP_USER_SUB"] = principal.subject
+            env["MCP_USER_ISSUER"] = principal.issuer
+            email = self._policy.verified_email(principal.claims)
+            if email:
+                env["MCP_USER_EMAIL"] = email
+        return env
+
+    def _workdir(self, subject: str) -> str | None:
+        root = self._spawn.workdir_root
+        if not root:
+            return None
+        path = os.path.join(root, subject)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def _exited(self, session: StdioSession) -> None:
+        """The child ended by itself (or was stopped): its session is over."""
+        session.fail()
+        self._forget(session)
+        if session.child is not None:  # grandchildren may live on: stop the whole group
+            task = asyncio.get_running_loop().create_task(session.child.stop())
+            self._stops.add(task)
+            task.add_done_callback(self._stops.discard)
+
+    def _forget(self, session: StdioSession) -> None:
+        if session not in self._all:
+            return
+        self._all.discard(session)
+        self._per_subject[session.identity] -= 1
+        if self._per_subject[session.identity] <= 0:
+            del self._per_subject[session.identity]
+        if session.id is not None and self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+            self._bindings.forget(session.id)
+        if self._sessionless.get(session.identity) is session:
+            del self._sessionless[session.identity]
+        if self._latest.get(session.identity) is session:
+            del self._latest[session.identity]
+
+    async def close(self, session: StdioSession, why: str) -> None:
+        """End a session and stop its child (DELETE, idle, replaced, shutdown)."""
+        if session in self._all:
+            log.info("session_ended", subject=session.subject, why=why)
+        session.fail()
+        self._forget(session)
+        if session.child is not None:
+            await session.child.stop()
+
+    async def _reap(self) -> None:
+        idle = self._spawn.idle_seconds
+        while True:
+            await asyncio.sleep(min(max(idle / 4, 0.05), MAX_REAP_INTERVAL))
+            now = time.monotonic()
+            for session in list(self._all):
+                if not session.busy and now - session.last_active > idle:
+                    await self.close(session, "idle")

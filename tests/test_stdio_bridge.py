@@ -1,0 +1,400 @@
+"""The stdio bridge end to end: the real sidecar (create_app(load(env)) on loopback) in front of
+real stdio children (tests/children/stdio_echo.py), driven over Streamable HTTP with real
+tokens. Covers sessions and their 404s, JSON and SSE answers, 202s, the GET stream, DELETE,
+subjects kept apart, the caps, idle reaping, crashes, client disconnects, bad stdout lines and
+shutdown. Every wait is bounded, and every pid a test saw must be gone at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import stat
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from conftest import FakeIdp, SidecarFactory, bearer, wait_until
+from structlog.testing import capture_logs
+
+from oauth_sidecar.app import STDIO_POOL
+from oauth_sidecar.config import ConfigError, load
+from oauth_sidecar.upstream.stdio_pool import subject_hash
+
+ECHO = Path(__file__).resolve().parent / "children" / "stdio_echo.py"
+MCP = "/mcp"
+JSON_ONLY = {"Accept": "application/json"}
+BOTH = {"Accept": "application/json, text/event-stream"}
+TIMEOUT = aiohttp.ClientTimeout(total=20)
+GONE_WITHIN = 10.0  # seconds a stopped child gets to disappear
+
+Client = TestClient[web.Request, web.Application]
+Events = Sequence[Mapping[str, Any]]
+
+
+def stdio_env(**extra: str) -> dict[str, str]:
+    return {"MCP_SPAWN_CMD": json.dumps([sys.executable, str(ECHO)]), "MCP_UPSTREAM_URL": "",
+            "FORWARD_IDENTITY": "true", "MCP_SPAWN_STOP_TIMEOUT_SECONDS": "2", **extra}
+
+
+def auth(idp: FakeIdp, sub: str = "user-1", **claims: Any) -> dict[str, str]:
+    return bearer(idp.mint(claims={"sub": sub, **claims}))
+
+
+def rpc(request_id: int | str | None, method: str, **params: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params:
+        message["params"] = params
+    if request_id is not None:
+        message["id"] = request_id
+    return message
+
+
+INITIALIZE = rpc(1, "initialize", protocolVersion="2025-11-25", capabilities={},
+                 clientInfo={"name": "test", "version": "1"})
+
+
+async def post(client: Client, body: object, headers: Mapping[str, str],
+               session: str | None = None, accept: Mapping[str, str] = JSON_ONLY
+               ) -> aiohttp.ClientResponse:
+    extra = {"Mcp-Session-Id": session} if session else {}
+    return await client.post(MCP, json=body, headers={**headers, **accept, **extra},
+                             timeout=TIMEOUT)
+
+
+async def initialize(client: Client, headers: Mapping[str, str]) -> str:
+    response = await post(client, INITIALIZE, headers)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["result"]["serverInfo"]["name"] == "stdio-echo"
+    session = response.headers["Mcp-Session-Id"]
+    initialized = await post(client, rpc(None, "notifications/initialized"), headers, session)
+    assert initialized.status == 202
+    return session
+
+
+async def call(client: Client, headers: Mapping[str, str], session: str | None, name: str,
+               request_id: int = 2, **arguments: Any) -> dict[str, Any]:
+    response = await post(client, rpc(request_id, "tools/call", name=name, arguments=arguments),
+                          headers, session)
+    assert response.status == 200, await response.text()
+    answer: dict[str, Any] = await response.json()
+    return answer
+
+
+def text(answer: Mapping[str, Any]) -> str:
+    return str(answer["result"]["content"][0]["text"])
+
+
+async def pid_of(client: Client, headers: Mapping[str, str], session: str | None
+                 ) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(text(await call(client, headers, session, "pid")))
+    return found
+
+
+def events(body: str) -> list[dict[str, Any]]:
+    return [json.loads(line.removeprefix("data: ")) for line in body.splitlines()
+            if line.startswith("data: ")]
+
+
+def gone(pid: int) -> bool:
+    """Gone, or a zombie nobody here must reap (a grandchild's parent is init)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0] == "Z" and int(fields[1]) != os.getpid()
+    return False
+
+
+async def all_gone(pids: Sequence[int]) -> None:
+    await wait_until(lambda: all(gone(pid) for pid in pids), within=GONE_WITHIN)
+
+
+def child_lines(logs: Events) -> list[str]:
+    return [str(e["line"]) for e in logs if e["event"] == "child_output"]
+
+
+async def test_initialize_issues_a_session_and_requests_are_answered_as_json(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    answer = await call(client, headers, session, "echo", text="hello")
+    assert answer["id"] == 2
+    assert text(answer) == "hello"
+    batch = await post(client, [rpc(7, "tools/call", name="echo", arguments={"text": "a"}),
+                                rpc("x", "ping")], headers, session)
+    answers = await batch.json()
+    assert [a["id"] for a in answers] == [7, "x"]
+    assert text(answers[0]) == "a"
+    pid = (await pid_of(client, headers, session))["pid"]
+    deleted = await client.delete(MCP, headers={**headers, "Mcp-Session-Id": session})
+    assert deleted.status == 204
+    assert (await post(client, rpc(3, "ping"), headers, session)).status == 404
+    await all_gone([pid])
+
+
+async def test_requests_accepting_event_streams_get_progress_then_the_answer(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    response = await post(client, rpc(5, "tools/call", name="slow", arguments={"seconds": 0.3},
+                                      _meta={"progressToken": "p"}), headers, session, BOTH)
+    assert response.status == 200
+    assert response.content_type == "text/event-stream"
+    received = events(await response.text())
+    progress = [e for e in received if e.get("method") == "notifications/progress"]
+    assert progress
+    assert all(e["params"]["progressToken"] == "p" for e in progress)
+    assert received[-1]["id"] == 5
+    assert text(received[-1]) == "slept 0.3"
+
+
+async def test_subjects_get_their_own_children_and_never_each_others_sessions(
+    make_sidecar: SidecarFactory, idp: FakeIdp, tmp_path: Path
+) -> None:
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_WORKDIR_ROOT=str(tmp_path)))
+    alice, bob = auth(idp, "alice"), auth(idp, "bob")
+    alice_session = await initialize(client, alice)
+    bob_session = await initialize(client, bob)
+    seen_by_alice = await pid_of(client, alice, alice_session)
+    seen_by_bob = await pid_of(client, bob, bob_session)
+    assert seen_by_alice["pid"] != seen_by_bob["pid"]
+    assert (seen_by_alice["sub"], seen_by_bob["sub"]) == ("alice", "bob")
+    assert seen_by_alice["issuer"] == idp.issuer
+    workdir = tmp_path / subject_hash((idp.issuer, "alice"))
+    assert seen_by_alice["cwd"] == str(workdir)
+    assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
+    stolen = await post(client, rpc(9, "tools/call", name="pid"), bob, alice_session)
+    assert stolen.status == 404
+    assert (await pid_of(client, alice, alice_session))["pid"] == seen_by_alice["pid"]
+
+
+async def test_the_email_goes_to_the_child_only_when_verified(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    verified = auth(idp, "v", email="v@example.com", email_verified=True)
+    unverified = auth(idp, "u", email="u@example.com")
+    assert (await pid_of(client, verified, await initialize(client, verified)))["email"] == (
+        "v@example.com")
+    assert (await pid_of(client, unverified, await initialize(client, unverified)))[
+        "email"] is None
+
+
+async def test_requests_without_a_session_share_the_subjects_sessionless_child(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    first, second = await pid_of(client, headers, None), await pid_of(client, headers, None)
+    assert first["pid"] == second["pid"]
+    listed = await post(client, rpc(1, "tools/list"), headers)
+    assert (await listed.json())["result"]["tools"][0]["name"] == "echo"
+    other = await pid_of(client, auth(idp, "other"), None)
+    assert other["pid"] != first["pid"]
+
+
+async def test_the_caps_answer_429_for_a_subject_and_503_for_everyone(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_MAX_PER_SUBJECT="1",
+                                            MCP_SPAWN_MAX_PROCESSES="2"))
+    alice, bob, carol = auth(idp, "alice"), auth(idp, "bob"), auth(idp, "carol")
+    await initialize(client, alice)
+    again = await post(client, INITIALIZE, alice)
+    assert again.status == 429
+    assert again.headers["Retry-After"].isdigit()
+    assert (await again.json())["error"] == "rate_limited"
+    await initialize(client, bob)
+    full = await post(client, INITIALIZE, carol)
+    assert full.status == 503
+    assert full.headers["Retry-After"].isdigit()
+    assert (await full.json())["error"] == "temporarily_unavailable"
+
+
+async def test_scope_subject_keeps_one_child_per_subject(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_SCOPE="subject"))
+    headers = auth(idp)
+    first = await initialize(client, headers)
+    old_pid = (await pid_of(client, headers, first))["pid"]
+    second = await initialize(client, headers)
+    assert (await post(client, rpc(3, "ping"), headers, first)).status == 404
+    assert (await pid_of(client, headers, second))["pid"] != old_pid
+    await all_gone([old_pid])
+
+
+async def test_an_idle_child_is_stopped_and_its_session_answers_404(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_IDLE_SECONDS="0.3"))
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    pid = (await pid_of(client, headers, session))["pid"]
+    pool = client.app[STDIO_POOL]
+    await wait_until(lambda: pool.children() == 0, within=GONE_WITHIN)
+    await all_gone([pid])
+    assert (await post(client, rpc(3, "ping"), headers, session)).status == 404
+
+
+async def test_a_crash_answers_its_request_with_an_error_then_the_session_is_gone(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    pid = (await pid_of(client, headers, session))["pid"]
+    with capture_logs() as logs:
+        crashed = await call(client, headers, session, "crash")
+    assert crashed["error"]["code"] == -32603
+    assert crashed["id"] == 2
+    exits = [e for e in logs if e["event"] == "child_exited"]
+    assert exits[0]["pid"] == pid
+    assert exits[0]["how"] == "exit code 3"
+    assert (await post(client, rpc(3, "ping"), headers, session)).status == 404
+    await all_gone([pid])
+
+
+async def test_a_client_that_leaves_makes_the_child_receive_a_cancellation(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    with capture_logs() as logs:
+        response = await post(client, rpc(5, "tools/call", name="slow",
+                                          arguments={"seconds": 30},
+                                          _meta={"progressToken": 1}), headers, session, BOTH)
+        assert response.status == 200
+        async with asyncio.timeout(10):
+            await response.content.readline()  # the first progress event has come
+        response.close()
+        await wait_until(lambda: any(line.startswith("cancelled ") for line in
+                                     child_lines(logs)), within=10)
+    [line] = [line for line in child_lines(logs) if line.startswith("cancelled ")]
+    assert line.endswith("client disconnected")
+    assert text(await call(client, headers, session, "echo", text="still here")) == "still here"
+
+
+async def test_lines_too_long_or_not_json_are_dropped_without_losing_the_stream(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_MAX_LINE_BYTES="2048"))
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    with capture_logs() as logs:
+        assert text(await call(client, headers, session, "noise", size=200_000)) == (
+            "after noise")
+        assert text(await call(client, headers, session, "echo", 3, text="ok")) == "ok"
+    kinds = {e["event"] for e in logs}
+    assert {"child_line_not_json", "child_line_too_long"} <= kinds
+    assert client.app[STDIO_POOL].counters.dropped == 2
+
+
+async def test_stderr_is_logged_with_the_subjects_hash(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    with capture_logs() as logs:
+        await call(client, headers, session, "stderr", text="to the log")
+        await wait_until(lambda: "to the log" in child_lines(logs))
+    [event] = [e for e in logs if e.get("line") == "to the log"]
+    assert event["subject"] == subject_hash((idp.issuer, "user-1"))
+    assert event["stream"] == "stderr"
+
+
+async def test_the_get_stream_carries_messages_tied_to_no_request(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    stream = await client.get(MCP, headers={**headers, "Mcp-Session-Id": session,
+                                            "Accept": "text/event-stream"}, timeout=TIMEOUT)
+    assert stream.status == 200
+    assert text(await call(client, headers, session, "later")) == "soon"
+    async with asyncio.timeout(10):
+        while not (line := (await stream.content.readline()).decode()).startswith("data: "):
+            pass
+    assert json.loads(line.removeprefix("data: "))["method"] == (
+        "notifications/tools/list_changed")
+    stream.close()
+
+
+async def test_a_server_request_goes_to_the_request_in_flight_and_its_answer_back(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    response = await post(client, rpc(4, "tools/call", name="elicit"), headers, session, BOTH)
+    async with asyncio.timeout(10):
+        while not (line := (await response.content.readline()).decode()).startswith("data: "):
+            pass
+    asked = json.loads(line.removeprefix("data: "))
+    assert asked["method"] == "elicitation/create"
+    reply = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept"}}
+    assert (await post(client, reply, headers, session)).status == 202
+    final = events(await response.text())[-1]
+    assert final["id"] == 4
+    assert json.loads(text(final)) == {"action": "accept"}
+
+
+async def test_shutdown_stops_every_child_and_grandchild(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    pids = []
+    for sub in ("alice", "bob"):
+        headers = auth(idp, sub)
+        session = await initialize(client, headers)
+        pids.append((await pid_of(client, headers, session))["pid"])
+        pids.append(int(text(await call(client, headers, session, "grandchild"))))
+    pids.append((await pid_of(client, auth(idp, "carol"), None))["pid"])
+    assert not any(gone(pid) for pid in pids)
+    await client.close()
+    await all_gone(pids)
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ({"MCP_SPAWN_TRANSPORT": "stdio", "MCP_SPAWN_PORT": "8765"}, "MCP_SPAWN_TRANSPORT=stdio"),
+    ({"MCP_SPAWN_TRANSPORT": "http"}, "MCP_SPAWN_TRANSPORT=http needs MCP_SPAWN_PORT"),
+    ({"MCP_UPSTREAM_URL": "http://127.0.0.1:1"}, "MCP_UPSTREAM_URL and MCP_SPAWN_CMD"),
+    ({"MCP_SPAWN_SCOPE": "user"}, "MCP_SPAWN_SCOPE"),
+    ({"TOOLS_ALLOW": "echo"}, "not applied to stdio children"),
+])
+def test_stdio_settings_that_cannot_work_are_start_up_problems(
+    extra: dict[str, str], problem: str
+) -> None:
+    env = {"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": "a",
+           "RESOURCE_URL": "https://mcp.example.test/mcp", "ALLOW_ALL_AUTHENTICATED": "true",
+           **stdio_env(), **extra}
+    with pytest.raises(ConfigError) as raised:
+        load(env)
+    assert any(problem in p for p in raised.value.problems)
+
+
+def test_a_command_without_a_port_is_stdio_and_needs_no_upstream_url() -> None:
+    config = load({"OIDC_ISSUER_URL": "https://idp.example.test", "OIDC_AUDIENCE": "a",
+                   "RESOURCE_URL": "https://mcp.example.test/mcp",
+                   "ALLOW_ALL_AUTHENTICATED": "true", **stdio_env()})
+    assert config.spawn is not None
+    assert config.spawn.stdio
+    assert (config.spawn.scope, config.spawn.max_processes, config.spawn.max_per_subject) == (
+        "session", 32, 4)
