@@ -15,17 +15,19 @@ import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import FakeIdp, SidecarFactory, bearer, wait_until
+from mcp_client_probe import call_echo
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import STDIO_POOL
 from oauth_sidecar.config import ConfigError, load
+from oauth_sidecar.upstream import stdio_child
 from oauth_sidecar.upstream.stdio_pool import subject_hash
 
 ECHO = Path(__file__).resolve().parent / "children" / "stdio_echo.py"
@@ -398,3 +400,85 @@ def test_a_command_without_a_port_is_stdio_and_needs_no_upstream_url() -> None:
     assert config.spawn.stdio
     assert (config.spawn.scope, config.spawn.max_processes, config.spawn.max_per_subject) == (
         "session", 32, 4)
+
+
+async def test_a_json_answer_that_takes_too_long_is_504_and_the_child_is_told(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env(UPSTREAM_RESPONSE_TIMEOUT_SECONDS="0.5"))
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    with capture_logs() as logs:
+        late = await post(client, rpc(5, "tools/call", name="slow", arguments={"seconds": 30}),
+                          headers, session)
+        assert late.status == 504
+        await wait_until(lambda: any(line.startswith("cancelled ") for line in
+                                     child_lines(logs)), within=10)
+    assert any(line.endswith("timed out") for line in child_lines(logs))
+
+
+SDK_STDIO_SERVER = """
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("sdk-stdio", log_level="WARNING")
+
+
+@server.tool()
+def echo(text: str) -> str:
+    return text
+
+
+server.run("stdio")
+"""
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_the_official_sdk_client_reaches_an_official_sdk_stdio_server(
+    make_sidecar: SidecarFactory, idp: FakeIdp, mode: Literal["legacy", "auto"]
+) -> None:
+    command = json.dumps([sys.executable, "-c", SDK_STDIO_SERVER])
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_CMD=command))
+    url = str(client.make_url(MCP))
+    assert await call_echo(url, idp.mint(), "via stdio", mode=mode, http_timeout=20) == (
+        "via stdio")
+
+
+async def test_a_child_that_stops_reading_stdin_ends_its_session(
+    make_sidecar: SidecarFactory, idp: FakeIdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stdio_child, "STDIN_TIMEOUT", 0.5)
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    pid = (await pid_of(client, headers, session))["pid"]
+    assert text(await call(client, headers, session, "deaf", 3)) == "not listening"
+    big = rpc(None, "notifications/message", data="x" * 1_000_000)
+    with capture_logs() as logs:
+        assert (await post(client, big, headers, session)).status == 404
+    assert any(e["event"] == "child_stdin_stalled" for e in logs)
+    await all_gone([pid])
+    assert (await post(client, rpc(4, "ping"), headers, session)).status == 404
+
+
+async def test_a_message_sent_while_no_stream_is_open_waits_for_the_next_one(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    assert text(await call(client, headers, session, "later")) == "soon"
+    # the child's notification comes 200 ms after its answer, with no stream open
+    await wait_until(lambda: _backlogged(client), within=10)
+    stream = await client.get(MCP, headers={**headers, "Mcp-Session-Id": session},
+                              timeout=TIMEOUT)
+    async with asyncio.timeout(10):
+        while not (line := (await stream.content.readline()).decode()).startswith("data: "):
+            pass
+    assert json.loads(line.removeprefix("data: "))["method"] == (
+        "notifications/tools/list_changed")
+    stream.close()
+
+
+def _backlogged(client: Client) -> bool:
+    pool = client.app[STDIO_POOL]
+    return any(session.backlogged for session in pool.all_sessions())

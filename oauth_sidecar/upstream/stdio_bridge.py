@@ -63,6 +63,7 @@ class StdioBridge:
         self._pool = pool
         self._bodies = BodyReader(config.upstream.max_body_bytes, config.upstream.body_timeout)
         self._write_timeout = config.upstream.client_write_timeout
+        self._answer_timeout = config.upstream.response_timeout
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path != self._path:
@@ -158,7 +159,15 @@ class StdioBridge:
             except ChildGone:  # its pending requests are answered with the exit's error
                 await self._pool.close(session, "child_gone")
             if stream is None:
-                answers = [await p.answer for p in pendings]
+                try:  # as long as the proxy waits for an upstream's response headers
+                    async with asyncio.timeout(self._answer_timeout):
+                        answers = [await p.answer for p in pendings]
+                except TimeoutError:
+                    session.abandon(pendings, "timed out")
+                    log.warning("child_timeout", subject=session.subject,
+                                seconds=self._answer_timeout)
+                    return json_error(504, "upstream_timeout",
+                                      "The MCP server did not answer in time")
                 if not answers:
                     return _no_session()
                 return web.json_response(answers if batch else answers[0], dumps=_json_text,

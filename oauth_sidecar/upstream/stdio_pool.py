@@ -84,6 +84,10 @@ class StdioPool:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    def all_sessions(self) -> list[StdioSession]:
+        """Every live session, sessionless ones included (for tests and diagnostics)."""
+        return list(self._all)
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[StdioPool]:
         reaper = asyncio.create_task(self._reap(), name="stdio-reaper")
@@ -117,14 +121,20 @@ class StdioPool:
         """A new session and its child (an `initialize`); scope=subject ends the subject's
         previous session first. Raises ChildRefused or ChildStartFailed."""
         identity = (principal.issuer, principal.subject)
-        if self._spawn.scope == "subject" and (previous := self._latest.get(identity)):
-            await self.close(previous, "replaced")
-        session_id = secrets.token_hex(SESSION_ID_BYTES)
-        session = await self._start(principal, session_id)
-        self._sessions[session_id] = session
-        self._bindings.bind(session_id, identity)
-        if self._spawn.scope == "subject":
+        if self._spawn.scope != "subject":
+            return self._opened(await self._start(principal, secrets.token_hex(SESSION_ID_BYTES)))
+        async with self._starting:  # racing initializes of one subject: one child stays
+            if previous := self._latest.get(identity):
+                await self.close(previous, "replaced")
+            session = self._opened(
+                await self._start(principal, secrets.token_hex(SESSION_ID_BYTES)))
             self._latest[identity] = session
+        return session
+
+    def _opened(self, session: StdioSession) -> StdioSession:
+        if session.id is not None:
+            self._sessions[session.id] = session
+            self._bindings.bind(session.id, session.identity)
         return session
 
     async def sessionless(self, principal: Principal) -> StdioSession:

@@ -124,6 +124,11 @@ class StdioSession:
         self._backlog: collections.deque[tuple[Message, int]] = collections.deque()
 
     @property
+    def backlogged(self) -> int:
+        """Messages waiting for the next stream."""
+        return len(self._backlog)
+
+    @property
     def busy(self) -> bool:
         return bool(self._pending) or self._streams > 0
 
@@ -190,15 +195,15 @@ class StdioSession:
                 return {**message, "params": {**params, "requestId": pending.internal}}
         return None
 
-    def abandon(self, pendings: list[Pending]) -> None:
-        """The client left before these were answered: the child is told to stop working on
-        them (it may still answer; the answer is then dropped)."""
+    def abandon(self, pendings: list[Pending], reason: str = "client disconnected") -> None:
+        """Nobody waits for these any more (the client left, or the wait timed out): the child
+        is told to stop working on them (it may still answer; the answer is then dropped)."""
         for pending in pendings:
             if self._pending.pop(pending.internal, None) is None or self.child is None:
                 continue
             self.child.send_nowait(dumps({
                 "jsonrpc": "2.0", "method": "notifications/cancelled",
-                "params": {"requestId": pending.internal, "reason": "client disconnected"},
+                "params": {"requestId": pending.internal, "reason": reason},
             }))
         self.touch()
 

@@ -16,6 +16,7 @@ It reads one JSON-RPC message per line on stdin and writes one per line on stdou
   no request).
 * ``elicit``: sends an ``elicitation/create`` request and answers with the client's response.
 * ``grandchild``: starts ``sleep 600`` in its process group and answers its pid.
+* ``deaf``: answers, then stops reading stdin (sleeps).
 
 Every received ``notifications/*`` is reported on stderr as ``got <method>``.
 """
@@ -103,6 +104,9 @@ def call(request_id: Any, params: dict[str, Any]) -> None:
     if name == "elicit":
         threading.Thread(target=elicit, args=(request_id,), daemon=True).start()
         return None
+    if name == "deaf":
+        answer(request_id, "not listening")
+        time.sleep(600)
     if name == "grandchild":
         sleeper = subprocess.Popen(["sleep", "600"])  # noqa: S607 - a test's grandchild
         return answer(request_id, str(sleeper.pid))
