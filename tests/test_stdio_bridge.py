@@ -482,3 +482,28 @@ async def test_a_message_sent_while_no_stream_is_open_waits_for_the_next_one(
 def _backlogged(client: Client) -> bool:
     pool = client.app[STDIO_POOL]
     return any(session.backlogged for session in pool.all_sessions())
+
+
+async def test_event_streams_count_against_max_streams_per_subject(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env(MAX_STREAMS_PER_SUBJECT="1"))
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    stream = await client.get(MCP, headers={**headers, "Mcp-Session-Id": session},
+                              timeout=TIMEOUT)
+    assert stream.status == 200
+    refused = await post(client, rpc(2, "ping"), headers, session, BOTH)
+    assert refused.status == 429
+    assert (await refused.json())["error"] == "rate_limited"
+    assert (await post(client, rpc(3, "ping"), headers, session)).status == 200  # JSON only
+    stream.close()
+
+
+async def test_readyz_has_no_upstream_to_reach_in_stdio_mode(
+    make_sidecar: SidecarFactory
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["checks"] == {"idp": "ready"}

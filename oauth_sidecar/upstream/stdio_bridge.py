@@ -31,7 +31,7 @@ from oauth_sidecar.request_body import (
     StreamedBody,
     body_refused,
 )
-from oauth_sidecar.request_keys import PRINCIPAL, SESSION
+from oauth_sidecar.request_keys import AUTH_FAILURE, PRINCIPAL, SESSION
 from oauth_sidecar.upstream.stdio_child import ChildGone
 from oauth_sidecar.upstream.stdio_pool import (
     RETRY_AFTER,
@@ -48,6 +48,7 @@ from oauth_sidecar.upstream.stdio_session import (
     is_request,
     is_response,
 )
+from oauth_sidecar.upstream.stream_slots import StreamSlots, TooManyStreams, may_become_stream
 
 log = structlog.get_logger("oauth_sidecar.stdio")
 
@@ -64,17 +65,32 @@ class StdioBridge:
         self._bodies = BodyReader(config.upstream.max_body_bytes, config.upstream.body_timeout)
         self._write_timeout = config.upstream.client_write_timeout
         self._answer_timeout = config.upstream.response_timeout
+        self._slots = StreamSlots(config.upstream.max_streams_per_subject)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path != self._path:
             return json_error(404, "not_found", "No such endpoint")
-        if request.method == "POST":
-            return await self._post(request)
-        if request.method == "GET":
-            return await self._get(request)
         if request.method == "DELETE":
             return await self._delete(request)
-        return json_error(405, "method_not_allowed", f"Use {ALLOW}", {"Allow": ALLOW})
+        if request.method not in ("POST", "GET"):
+            return json_error(405, "method_not_allowed", f"Use {ALLOW}", {"Allow": ALLOW})
+        principal = request[PRINCIPAL]
+        try:  # as the proxy does: MAX_STREAMS_PER_SUBJECT, decided before the child runs it
+            slot = self._slots.reserve(request.method, request.headers,
+                                       (principal.issuer, principal.subject))
+        except TooManyStreams:
+            request[AUTH_FAILURE] = "rate_limited_streams"
+            return json_error(429, "rate_limited", "Too many open event streams",
+                              {"Retry-After": RETRY_AFTER})
+        try:
+            if request.method == "POST":
+                # the proxy's rule too: a stream unless the Accept rules text/event-stream out
+                return await self._post(request,
+                                        stream=may_become_stream("POST", request.headers))
+            return await self._get(request)
+        finally:
+            if slot is not None:
+                slot.release()
 
     def _session(self, request: web.Request) -> StdioSession | None:
         presented = request.get(SESSION)
@@ -83,7 +99,10 @@ class StdioBridge:
         principal = request[PRINCIPAL]
         return self._pool.find(presented.id, (principal.issuer, principal.subject))
 
-    async def _post(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0912 - each refusal an early answer
+    async def _post(  # noqa: PLR0912 - each refusal an early answer
+        self, request: web.Request, *, stream: bool
+    ) -> web.StreamResponse:
+        """stream: answer requests with an event stream (the Accept allows one)."""
         try:
             parsed = await self._messages(request)
         except (BodyTooLarge, BodyStalled, BodyBroken) as failure:
@@ -119,13 +138,13 @@ class StdioBridge:
                 await self._pool.close(session, "child_gone")
                 return _no_session()
             return web.Response(status=202)
-        stream = session.new_stream() if _wants_stream(request) else None
+        queue = session.new_stream() if stream else None
         pendings: list[Pending] = []
         try:
-            return await self._answer(request, session, messages, stream, pendings, batch=batch)
+            return await self._answer(request, session, messages, queue, pendings, batch=batch)
         finally:
-            if stream is not None:
-                session.stream_ended(stream)
+            if queue is not None:
+                session.stream_ended(queue)
             if starts and not all(p.answer.done() and "result" in p.answer.result()
                                   for p in pendings):
                 # refused, failed or abandoned: no session is left behind
@@ -244,13 +263,6 @@ class StdioBridge:
         except (ConnectionError, TimeoutError):
             if request.transport is not None:
                 request.transport.abort()
-
-
-def _wants_stream(request: web.Request) -> bool:
-    """JSON only when the client accepts nothing but application/json."""
-    kinds = [part.split(";")[0].strip().lower()
-             for part in request.headers.get("Accept", "").split(",") if part.strip()]
-    return not kinds or any(kind != "application/json" for kind in kinds)
 
 
 def _session_header(session: StdioSession) -> dict[str, str]:
