@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import FakeIdp, SidecarFactory, bearer, wait_until
 from mcp_client_probe import call_echo
+from processes import free_port
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import STDIO_POOL
@@ -507,3 +508,22 @@ async def test_readyz_has_no_upstream_to_reach_in_stdio_mode(
     ready = await client.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["checks"] == {"idp": "ready"}
+
+
+async def test_the_metrics_count_children_sessions_and_dropped_lines(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    port = free_port()
+    client = await make_sidecar(**stdio_env(METRICS_PORT=str(port)))
+    headers = auth(idp)
+    session = await initialize(client, headers)
+    await call(client, headers, session, "noise", size=10)  # one line that is not JSON
+    await pid_of(client, headers, None)  # a sessionless child
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as http, http.get(
+        f"http://127.0.0.1:{port}/metrics"
+    ) as response:
+        scraped = await response.text()
+    values = {line.split()[0]: float(line.split()[1]) for line in scraped.splitlines()
+              if line.startswith("oauth_sidecar_stdio")}
+    assert values == {"oauth_sidecar_stdio_children": 2.0, "oauth_sidecar_stdio_sessions": 1.0,
+                      "oauth_sidecar_stdio_lines_dropped_total": 2.0}

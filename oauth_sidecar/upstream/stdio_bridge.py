@@ -127,6 +127,8 @@ class StdioBridge:
             else:
                 session = await self._pool.sessionless(request[PRINCIPAL])
         except ChildRefused as refused:
+            if refused.status == 429:
+                request[AUTH_FAILURE] = "rate_limited_children"
             return json_error(refused.status, refused.error, refused.description,
                               {"Retry-After": RETRY_AFTER})
         except ChildStartFailed:
@@ -177,6 +179,8 @@ class StdioBridge:
                 await session.submit(messages, stream, pendings)
             except ChildGone:  # its pending requests are answered with the exit's error
                 await self._pool.close(session, "child_gone")
+            if not pendings:  # nothing was written: the child was gone already
+                return _no_session()
             if stream is None:
                 try:  # as long as the proxy waits for an upstream's response headers
                     async with asyncio.timeout(self._answer_timeout):
@@ -187,8 +191,6 @@ class StdioBridge:
                                 seconds=self._answer_timeout)
                     return json_error(504, "upstream_timeout",
                                       "The MCP server did not answer in time")
-                if not answers:
-                    return _no_session()
                 return web.json_response(answers if batch else answers[0], dumps=_json_text,
                                          headers=_session_header(session))
             return await self._stream(request, session, stream, pendings)

@@ -231,6 +231,5 @@ class StdioPool:
         while True:
             await asyncio.sleep(min(max(idle / 4, 0.05), MAX_REAP_INTERVAL))
             now = time.monotonic()
-            for session in list(self._all):
-                if not session.busy and now - session.last_active > idle:
-                    await self.close(session, "idle")
+            await asyncio.gather(*(self.close(session, "idle") for session in list(self._all)
+                                   if not session.busy and now - session.last_active > idle))
