@@ -527,3 +527,36 @@ async def test_the_metrics_count_children_sessions_and_dropped_lines(
               if line.startswith("oauth_sidecar_stdio")}
     assert values == {"oauth_sidecar_stdio_children": 2.0, "oauth_sidecar_stdio_sessions": 1.0,
                       "oauth_sidecar_stdio_lines_dropped_total": 2.0}
+
+
+async def test_an_initialize_the_child_refuses_leaves_no_session_behind(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    refused = await post(client, {**INITIALIZE, "params": {"protocolVersion": "refuse"}},
+                         headers)
+    assert (await refused.json())["error"]["code"] == -32602
+    assert "Mcp-Session-Id" not in refused.headers
+    await wait_until(lambda: client.app[STDIO_POOL].children() == 0, within=GONE_WITHIN)
+
+
+async def test_what_is_not_the_transport_is_refused(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    client = await make_sidecar(**stdio_env())
+    headers = auth(idp)
+    unknown = {**headers, "Mcp-Session-Id": "0" * 32}
+    assert (await client.post("/elsewhere", json=rpc(1, "ping"), headers=headers)).status == 404
+    assert (await client.put(MCP, json=rpc(1, "ping"), headers=headers)).status == 405
+    assert (await client.get(MCP, headers=headers)).status == 405  # a stream needs a session
+    assert (await client.get(MCP, headers=unknown)).status == 404
+    assert (await client.delete(MCP, headers=unknown)).status == 404
+    assert (await post(client, rpc(1, "ping"), unknown)).status == 404
+    not_json = await client.post(MCP, data=b"{", headers={**headers, **JSON_ONLY,
+                                                          "Content-Type": "application/json"})
+    assert not_json.status == 400
+    assert (await not_json.json())["error"]["code"] == -32700
+    assert (await post(client, [], headers)).status == 400
+    assert (await post(client, [INITIALIZE, rpc(2, "ping")], headers)).status == 400
+    assert client.app[STDIO_POOL].children() == 0

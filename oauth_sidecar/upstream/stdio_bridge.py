@@ -191,8 +191,10 @@ class StdioBridge:
                                 seconds=self._answer_timeout)
                     return json_error(504, "upstream_timeout",
                                       "The MCP server did not answer in time")
+                # an initialize the child refused issues no session (the caller closes it)
+                issued = _session_header(session) if all("result" in a for a in answers) else {}
                 return web.json_response(answers if batch else answers[0], dumps=_json_text,
-                                         headers=_session_header(session))
+                                         headers=issued)
             return await self._stream(request, session, stream, pendings)
         finally:
             session.abandon([p for p in pendings if not p.answer.done()])

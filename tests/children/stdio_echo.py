@@ -1,7 +1,8 @@
 """A small stdio MCP server (standard library only) for tests/test_stdio_bridge.py.
 
 It reads one JSON-RPC message per line on stdin and writes one per line on stdout. Methods:
-``initialize``, ``tools/list``, ``server/discover`` and ``tools/call`` with these tools:
+``initialize`` (refused with an error when its protocolVersion is ``refuse``), ``tools/list``,
+``server/discover``, ``ping`` and ``tools/call`` with these tools:
 
 * ``echo {text}``: answers the text.
 * ``pid``: answers JSON ``{"pid", "sub", "issuer", "email", "cwd"}`` (its environment's
@@ -131,7 +132,10 @@ def handle(message: dict[str, Any]) -> None:
             CANCELLED.setdefault(cancelled, threading.Event()).set()
         sys.stderr.flush()
         return
-    if method == "initialize":
+    if method == "initialize" and params.get("protocolVersion") == "refuse":
+        send({"jsonrpc": "2.0", "id": request_id,
+              "error": {"code": -32602, "message": "unsupported protocol version"}})
+    elif method == "initialize":
         send({"jsonrpc": "2.0", "id": request_id, "result": {
             "protocolVersion": params.get("protocolVersion", "2025-11-25"),
             "capabilities": {"tools": {"listChanged": True}},
