@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -21,9 +22,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import FakeIdp, SidecarFactory, bearer, wait_until
+from conftest import AUDIENCE, RESOURCE_URL, FakeIdp, SidecarFactory, bearer, wait_until
 from mcp_client_probe import call_echo
-from processes import free_port
+from processes import PROCESS_TIMEOUT, free_port, sidecar_process, wait_ready
 from structlog.testing import capture_logs
 
 from oauth_sidecar.app import STDIO_POOL
@@ -126,6 +127,7 @@ def child_lines(logs: Events) -> list[str]:
     return [str(e["line"]) for e in logs if e["event"] == "child_output"]
 
 
+@pytest.mark.slow
 async def test_initialize_issues_a_session_and_requests_are_answered_as_json(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -147,6 +149,7 @@ async def test_initialize_issues_a_session_and_requests_are_answered_as_json(
     await all_gone([pid])
 
 
+@pytest.mark.slow
 async def test_requests_accepting_event_streams_get_progress_then_the_answer(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -165,6 +168,7 @@ async def test_requests_accepting_event_streams_get_progress_then_the_answer(
     assert text(received[-1]) == "slept 0.3"
 
 
+@pytest.mark.slow
 async def test_subjects_get_their_own_children_and_never_each_others_sessions(
     make_sidecar: SidecarFactory, idp: FakeIdp, tmp_path: Path
 ) -> None:
@@ -185,6 +189,7 @@ async def test_subjects_get_their_own_children_and_never_each_others_sessions(
     assert (await pid_of(client, alice, alice_session))["pid"] == seen_by_alice["pid"]
 
 
+@pytest.mark.slow
 async def test_the_email_goes_to_the_child_only_when_verified(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -197,6 +202,7 @@ async def test_the_email_goes_to_the_child_only_when_verified(
         "email"] is None
 
 
+@pytest.mark.slow
 async def test_requests_without_a_session_share_the_subjects_sessionless_child(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -210,6 +216,7 @@ async def test_requests_without_a_session_share_the_subjects_sessionless_child(
     assert other["pid"] != first["pid"]
 
 
+@pytest.mark.slow
 async def test_the_caps_answer_429_for_a_subject_and_503_for_everyone(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -228,6 +235,7 @@ async def test_the_caps_answer_429_for_a_subject_and_503_for_everyone(
     assert (await full.json())["error"] == "temporarily_unavailable"
 
 
+@pytest.mark.slow
 async def test_scope_subject_keeps_one_child_per_subject(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -241,6 +249,7 @@ async def test_scope_subject_keeps_one_child_per_subject(
     await all_gone([old_pid])
 
 
+@pytest.mark.slow
 async def test_an_idle_child_is_stopped_and_its_session_answers_404(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -254,6 +263,7 @@ async def test_an_idle_child_is_stopped_and_its_session_answers_404(
     assert (await post(client, rpc(3, "ping"), headers, session)).status == 404
 
 
+@pytest.mark.slow
 async def test_a_crash_answers_its_request_with_an_error_then_the_session_is_gone(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -272,6 +282,7 @@ async def test_a_crash_answers_its_request_with_an_error_then_the_session_is_gon
     await all_gone([pid])
 
 
+@pytest.mark.slow
 async def test_a_client_that_leaves_makes_the_child_receive_a_cancellation(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -293,6 +304,7 @@ async def test_a_client_that_leaves_makes_the_child_receive_a_cancellation(
     assert text(await call(client, headers, session, "echo", text="still here")) == "still here"
 
 
+@pytest.mark.slow
 async def test_lines_too_long_or_not_json_are_dropped_without_losing_the_stream(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -308,6 +320,7 @@ async def test_lines_too_long_or_not_json_are_dropped_without_losing_the_stream(
     assert client.app[STDIO_POOL].counters.dropped == 2
 
 
+@pytest.mark.slow
 async def test_stderr_is_logged_with_the_subjects_hash(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -322,6 +335,7 @@ async def test_stderr_is_logged_with_the_subjects_hash(
     assert event["stream"] == "stderr"
 
 
+@pytest.mark.slow
 async def test_the_get_stream_carries_messages_tied_to_no_request(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -340,6 +354,7 @@ async def test_the_get_stream_carries_messages_tied_to_no_request(
     stream.close()
 
 
+@pytest.mark.slow
 async def test_a_server_request_goes_to_the_request_in_flight_and_its_answer_back(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -359,6 +374,7 @@ async def test_a_server_request_goes_to_the_request_in_flight_and_its_answer_bac
     assert json.loads(text(final)) == {"action": "accept"}
 
 
+@pytest.mark.slow
 async def test_shutdown_stops_every_child_and_grandchild(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -403,6 +419,7 @@ def test_a_command_without_a_port_is_stdio_and_needs_no_upstream_url() -> None:
         "session", 32, 4)
 
 
+@pytest.mark.slow
 async def test_a_json_answer_that_takes_too_long_is_504_and_the_child_is_told(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -433,6 +450,7 @@ server.run("stdio")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_the_official_sdk_client_reaches_an_official_sdk_stdio_server(
     make_sidecar: SidecarFactory, idp: FakeIdp, mode: Literal["legacy", "auto"]
@@ -444,6 +462,7 @@ async def test_the_official_sdk_client_reaches_an_official_sdk_stdio_server(
         "via stdio")
 
 
+@pytest.mark.slow
 async def test_a_child_that_stops_reading_stdin_ends_its_session(
     make_sidecar: SidecarFactory, idp: FakeIdp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -461,6 +480,7 @@ async def test_a_child_that_stops_reading_stdin_ends_its_session(
     assert (await post(client, rpc(4, "ping"), headers, session)).status == 404
 
 
+@pytest.mark.slow
 async def test_a_message_sent_while_no_stream_is_open_waits_for_the_next_one(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -485,6 +505,7 @@ def _backlogged(client: Client) -> bool:
     return any(session.backlogged for session in pool.all_sessions())
 
 
+@pytest.mark.slow
 async def test_event_streams_count_against_max_streams_per_subject(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -501,6 +522,7 @@ async def test_event_streams_count_against_max_streams_per_subject(
     stream.close()
 
 
+@pytest.mark.slow
 async def test_readyz_has_no_upstream_to_reach_in_stdio_mode(
     make_sidecar: SidecarFactory
 ) -> None:
@@ -510,6 +532,7 @@ async def test_readyz_has_no_upstream_to_reach_in_stdio_mode(
     assert (await ready.json())["checks"] == {"idp": "ready"}
 
 
+@pytest.mark.slow
 async def test_the_metrics_count_children_sessions_and_dropped_lines(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -529,6 +552,7 @@ async def test_the_metrics_count_children_sessions_and_dropped_lines(
                       "oauth_sidecar_stdio_lines_dropped_total": 2.0}
 
 
+@pytest.mark.slow
 async def test_an_initialize_the_child_refuses_leaves_no_session_behind(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -541,6 +565,7 @@ async def test_an_initialize_the_child_refuses_leaves_no_session_behind(
     await wait_until(lambda: client.app[STDIO_POOL].children() == 0, within=GONE_WITHIN)
 
 
+@pytest.mark.slow
 async def test_what_is_not_the_transport_is_refused(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
@@ -560,3 +585,29 @@ async def test_what_is_not_the_transport_is_refused(
     assert (await post(client, [], headers)).status == 400
     assert (await post(client, [INITIALIZE, rpc(2, "ping")], headers)).status == 400
     assert client.app[STDIO_POOL].children() == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_to_the_sidecar_process_leaves_no_child_behind(idp: FakeIdp) -> None:
+    port = free_port()
+    env = {"OIDC_ISSUER_URL": idp.issuer, "OIDC_AUDIENCE": AUDIENCE,
+           "RESOURCE_URL": RESOURCE_URL, "ALLOW_ALL_AUTHENTICATED": "true",
+           "HOST": "127.0.0.1", "PORT": str(port), **stdio_env()}
+    base = f"http://127.0.0.1:{port}"
+    async with sidecar_process(env) as proc, aiohttp.ClientSession(timeout=TIMEOUT) as http:
+        await wait_ready(http, base, proc)
+        headers = {**auth(idp), **JSON_ONLY}
+        async with http.post(base + MCP, json=INITIALIZE, headers=headers) as response:
+            session = response.headers["Mcp-Session-Id"]
+        pids = []
+        for name in ("pid", "grandchild"):
+            async with http.post(base + MCP, json=rpc(2, "tools/call", name=name),
+                                 headers={**headers, "Mcp-Session-Id": session}) as response:
+                found = text(await response.json())
+            pids.append(json.loads(found)["pid"] if name == "pid" else int(found))
+        assert not any(gone(pid) for pid in pids)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(PROCESS_TIMEOUT):
+            await proc.communicate()
+        assert proc.returncode == 0
+    await all_gone(pids)
