@@ -40,7 +40,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "JWT_AUDIENCE_CLAIM": ("aud", "Claim holding the audience: aud, or client_id (AWS Cognito)."),
     "JWT_ID_TOKEN_CHECK": ("marked", "Refuse ID tokens: marked, client (+ no client claim), off."),
     "RESOURCE_URL": ("", "Public URL of the MCP endpoint, e.g. https://h/mcp (required)."),
-    "MCP_UPSTREAM_URL": ("", "URL of the MCP server to forward to (required)."),
+    "MCP_UPSTREAM_URL": ("", "URL of the MCP server to forward to (required without "
+                         "MCP_SPAWN_CMD)."),
     "MCP_UPSTREAM_PATH": ("", "Upstream path that RESOURCE_URL's path maps to, e.g. /mcp."),
     "HOST": ("0.0.0.0", "Bind address."),  # noqa: S104 - a container sidecar listens on all
     "PORT": ("8080", "Listen port."),
