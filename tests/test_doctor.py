@@ -688,6 +688,19 @@ async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothin
                for line in report.sections["upstream"])
 
 
+@pytest.mark.slow
+async def test_check_starts_no_stdio_child_and_says_so(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps([sys.executable, "-c", "pass"]))
+    del env["MCP_UPSTREAM_URL"]
+    report = await check(env)
+    assert report.codes(ERROR, WARNING) == set(), report.findings
+    assert report.child_pid is None
+    assert any("start per MCP session (scope session); none is started here" in line
+               for line in report.sections["upstream"])
+
+
 # The rule (config_summary.MASK): values of credential-named options, URL passwords, and values
 # that look like keys by themselves; paths, ports, plain words and URLs without a password stay
 # readable.
