@@ -239,14 +239,19 @@ async def test_the_caps_answer_429_for_a_subject_and_503_for_everyone(
 async def test_scope_subject_keeps_one_child_per_subject(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:
-    client = await make_sidecar(**stdio_env(MCP_SPAWN_SCOPE="subject"))
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_SCOPE="subject",
+                                            MCP_SPAWN_MAX_PER_SUBJECT="2"))
     headers = auth(idp)
     first = await initialize(client, headers)
     old_pid = (await pid_of(client, headers, first))["pid"]
-    second = await initialize(client, headers)
+    second = await initialize(client, headers)  # the old child is no longer counted
     assert (await post(client, rpc(3, "ping"), headers, first)).status == 404
     assert (await pid_of(client, headers, second))["pid"] != old_pid
     await all_gone([old_pid])
+    racing = await asyncio.gather(*(post(client, INITIALIZE, headers) for _ in range(3)))
+    assert all(response.status in (200, 429) for response in racing)
+    pool = client.app[STDIO_POOL]
+    await wait_until(lambda: pool.children() == 1, within=GONE_WITHIN)
 
 
 @pytest.mark.slow

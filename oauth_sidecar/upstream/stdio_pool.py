@@ -73,7 +73,9 @@ class StdioPool:
         self._latest: dict[Identity, StdioSession] = {}  # scope=subject: its one session
         self._per_subject: collections.Counter[Identity] = collections.Counter()
         self._all: set[StdioSession] = set()
-        self._starting = asyncio.Lock()  # one sessionless child per subject, even when racing
+        # One sessionless child per subject, even when first requests race (held while a
+        # process starts: milliseconds, never while one stops).
+        self._starting = asyncio.Lock()
         self._stopping = False
         self._stops: set[asyncio.Task[None]] = set()
         self.counters = LineCounters()
@@ -121,14 +123,14 @@ class StdioPool:
         """A new session and its child (an `initialize`); scope=subject ends the subject's
         previous session first. Raises ChildRefused or ChildStartFailed."""
         identity = (principal.issuer, principal.subject)
-        if self._spawn.scope != "subject":
-            return self._opened(await self._start(principal, secrets.token_hex(SESSION_ID_BYTES)))
-        async with self._starting:  # racing initializes of one subject: one child stays
-            if previous := self._latest.get(identity):
-                await self.close(previous, "replaced")
-            session = self._opened(
-                await self._start(principal, secrets.token_hex(SESSION_ID_BYTES)))
-            self._latest[identity] = session
+        one = self._spawn.scope == "subject"
+        if one and (previous := self._latest.pop(identity, None)):
+            await self.close(previous, "replaced")  # first: it counts against the caps
+        session = self._opened(await self._start(principal, secrets.token_hex(SESSION_ID_BYTES)))
+        if one:  # an initialize that raced this one started a child too: the last one stays
+            racer, self._latest[identity] = self._latest.get(identity), session
+            if racer is not None:
+                await self.close(racer, "replaced")
         return session
 
     def _opened(self, session: StdioSession) -> StdioSession:
