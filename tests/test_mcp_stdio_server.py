@@ -1,7 +1,8 @@
 """The stdio bridge's test servers on their own (issue 18), driven by the official SDK's stdio
 client without the sidecar: tests/mcp_stdio_server.py (the `mcp` package's server in stdio mode)
-and npm's @modelcontextprotocol/server-everything (tests/stdio/package.json). When a bridge test
-fails, these say whether the server or the bridge is at fault.
+and npm's @modelcontextprotocol/server-everything (tests/stdio/package.json), and the benchmark's
+bench/stdio_echo.py and bench/stdio_http_echo.py. When a bridge test fails, these say whether the
+server or the bridge is at fault.
 
 Every wait is bounded (anyio.fail_after); the SDK's stdio client closes stdin, then terminates the
 server's process tree when a `Client` block ends.
@@ -27,7 +28,7 @@ from mcp.client.session import ClientRequestContext
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
 from mcp_stdio_server import CRASH_STATUS, TOOLS
-from processes import REPO
+from processes import REPO, free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -247,3 +248,54 @@ async def test_server_everything_lists_its_tools_over_stdio(tmp_path: Path) -> N
             assert "echo" in names, sorted(names)
             echoed = await client.call_tool("echo", {"message": "over stdio"})
             assert "over stdio" in _text(echoed)
+
+
+# bench/stdio_echo.py and bench/stdio_http_echo.py: the benchmark's children, alike both ways.
+BENCH = REPO / "bench"
+
+
+async def _echo_through(client: Client) -> tuple[list[str], str]:
+    listed = await client.list_tools()
+    echoed = await client.call_tool("echo", {"text": "bench ✓"})
+    return [tool.name for tool in listed.tools], _text(echoed)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_bench_stdio_echo_answers_the_sdk_client(
+    tmp_path: Path, mode: Literal["legacy", "auto"]
+) -> None:
+    """`auto` tries 2026-07-28's server/discover first; the -32601 makes it fall back."""
+    params = StdioServerParameters(command=sys.executable, args=[str(BENCH / "stdio_echo.py")])
+    with _stderr_file(tmp_path) as errlog, anyio.fail_after(WAIT):
+        async with Client(stdio_client(params, errlog=errlog), mode=mode, cache=None,
+                          read_timeout_seconds=WAIT) as client:
+            assert client.protocol_version == "2025-11-25"
+            assert await _echo_through(client) == (["echo"], "bench ✓")
+    assert (tmp_path / "stderr.txt").read_text(encoding="utf-8") == ""
+
+
+async def test_bench_http_echo_answers_the_sdk_client() -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(BENCH / "stdio_http_echo.py"), "--port", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                break
+        with anyio.fail_after(WAIT):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", cache=None,
+                              read_timeout_seconds=WAIT) as client:
+                assert client.protocol_version == "2025-11-25"
+                assert await _echo_through(client) == (["echo"], "bench ✓")
+    finally:
+        await stop_process(process)
+    assert process.returncode == 0
