@@ -1,4 +1,4 @@
-"""bench/stdio_echo.py's echo server over HTTP: the "HTTP child" the stdio bridge is compared with.
+"""bench/echo_over_stdio.py's server over HTTP: the "HTTP child" the stdio bridge is compared with.
 
 Why: issue 18's benchmark sets the stdio bridge (the sidecar relaying to a child's stdin/stdout)
 against spawn mode's HTTP child (the sidecar proxying to a child listening on a port) with the
@@ -8,7 +8,7 @@ bench/stdio_http_echo.py --port N"`, `MCP_SPAWN_PORT=N`, `MCP_UPSTREAM_PATH=/mcp
 `POST /mcp` on 127.0.0.1 only.
 
 A POST body is one JSON-RPC message or a batch; the answer is JSON (`application/json`), with the
-same answers as stdio_echo.answer; a body of only notifications or responses is answered 202, a
+same answers as echo_over_stdio.answer; a body of only notifications or responses is answered 202, a
 body that is not JSON 400. No session id and no event streams (`GET /mcp` is 405): enough for
 `initialize`, `tools/list` and `tools/call`, which is what the benchmark sends. The process stops
 on SIGTERM or SIGINT, or when its parent dies (loopback.serve_until_stopped).
@@ -22,8 +22,8 @@ import json
 from typing import Any
 
 from aiohttp import web
+from echo_over_stdio import answer
 from loopback import serve_until_stopped
-from stdio_echo import answer
 
 PATH = "/mcp"
 

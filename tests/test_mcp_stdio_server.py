@@ -1,8 +1,8 @@
 """The stdio bridge's test servers on their own (issue 18), driven by the official SDK's stdio
 client without the sidecar: tests/mcp_stdio_server.py (the `mcp` package's server in stdio mode)
-and npm's @modelcontextprotocol/server-everything (tests/stdio/package.json), and the benchmark's
-bench/stdio_echo.py and bench/stdio_http_echo.py. When a bridge test fails, these say whether the
-server or the bridge is at fault.
+and npm's @modelcontextprotocol/server-everything (tests/stdio/package.json), and the
+benchmark's bench/echo_over_stdio.py and bench/stdio_http_echo.py. When a bridge test fails, these
+say whether the server or the bridge is at fault.
 
 Every wait is bounded (anyio.fail_after); the SDK's stdio client closes stdin, then terminates the
 server's process tree when a `Client` block ends.
@@ -250,7 +250,7 @@ async def test_server_everything_lists_its_tools_over_stdio(tmp_path: Path) -> N
             assert "over stdio" in _text(echoed)
 
 
-# bench/stdio_echo.py and bench/stdio_http_echo.py: the benchmark's children, alike both ways.
+# bench/echo_over_stdio.py and bench/stdio_http_echo.py: the benchmark's children, alike both ways.
 BENCH = REPO / "bench"
 
 
@@ -265,7 +265,7 @@ async def test_bench_stdio_echo_answers_the_sdk_client(
     tmp_path: Path, mode: Literal["legacy", "auto"]
 ) -> None:
     """`auto` tries 2026-07-28's server/discover first; the -32601 makes it fall back."""
-    params = StdioServerParameters(command=sys.executable, args=[str(BENCH / "stdio_echo.py")])
+    params = StdioServerParameters(command=sys.executable, args=[str(BENCH / "echo_over_stdio.py")])
     with _stderr_file(tmp_path) as errlog, anyio.fail_after(WAIT):
         async with Client(stdio_client(params, errlog=errlog), mode=mode, cache=None,
                           read_timeout_seconds=WAIT) as client:

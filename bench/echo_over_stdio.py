@@ -2,7 +2,7 @@
 
 Why: the stdio bridge's benchmark (issue 18) measures what the bridge adds, so the child must cost
 next to nothing itself; the official SDKs' servers spend more per message than a relay does. Run
-as `python bench/stdio_echo.py` (the bridge starts it); it reads one JSON-RPC message per stdin
+as `python bench/echo_over_stdio.py` (the bridge starts it); it reads one JSON-RPC message per stdin
 line and writes each answer as one stdout line, flushed, until stdin ends (exit 0).
 
 It answers `initialize` (the client's protocol version when it is one of VERSIONS, else the
