@@ -688,17 +688,40 @@ async def test_spawned_child_that_never_gets_ready_is_an_error_and_leaves_nothin
                for line in report.sections["upstream"])
 
 
+STDIO_CHILD = Path(__file__).resolve().parent / "children" / "stdio_echo.py"
+
+
 @pytest.mark.slow
-async def test_check_starts_no_stdio_child_and_says_so(
+async def test_check_starts_the_stdio_command_once_and_reports_what_it_saw(
     idp: FakeIdp, upstream: FakeUpstream
 ) -> None:
-    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps([sys.executable, "-c", "pass"]))
+    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps([sys.executable, str(STDIO_CHILD)]))
     del env["MCP_UPSTREAM_URL"]
     report = await check(env)
     assert report.codes(ERROR, WARNING) == set(), report.findings
-    assert report.child_pid is None
-    assert any("start per MCP session (scope session); none is started here" in line
-               for line in report.sections["upstream"])
+    lines = report.sections["upstream"]
+    assert any(line.startswith("initialize: ") and "protocol 2025-11-25" in line
+               for line in lines), lines
+    [listed] = [line for line in lines if line.startswith("tools/list: ")]
+    assert "echo" in listed
+    [stopped] = [line for line in lines if line.startswith("child stopped: pid ")]
+    pid = int(stopped.split()[3])
+    assert not group_alive(pid)
+    assert stopped.endswith("and its group are gone")
+
+
+@pytest.mark.slow
+async def test_check_reports_a_stdio_command_that_is_no_mcp_server(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    noisy = "import sys; print('listening on stdio'); sys.stdout.flush()"
+    env = clean_env(idp, upstream, MCP_SPAWN_CMD=json.dumps([sys.executable, "-c", noisy]))
+    del env["MCP_UPSTREAM_URL"]
+    report = await check(env)
+    severity, message, _ = finding(report, "stdio_child_failed")
+    assert severity == ERROR
+    assert "the server exited" in message
+    assert finding(report, "stdio_stdout_noise")[0] == WARNING
 
 
 # The rule (config_summary.MASK): values of credential-named options, URL passwords, and values

@@ -28,10 +28,11 @@ from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.resource_metadata import public_origin
 from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.client_ip import ClientAddress
-from oauth_sidecar.config import Config
+from oauth_sidecar.config import Config, SpawnConfig
 from oauth_sidecar.config_summary import shown_command
 from oauth_sidecar.doctor.mcp_lists import McpExchange, Unlisted, UpstreamLists
 from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, Checker, Report
+from oauth_sidecar.doctor.stdio_probe import probe_stdio
 from oauth_sidecar.request_keys import Principal
 from oauth_sidecar.response_body import ResponseTooLarge, read_capped
 from oauth_sidecar.signin.authserver import CALLBACK_PATH, with_query
@@ -186,10 +187,8 @@ class Probes(Checker):
         if spawn is None:
             await self._probe_upstream(url)
             return
-        if spawn.stdio:  # started per session, on the caller's first initialize
-            self.line("upstream", f"stdio children of {shown_command(spawn.argv)} start per "
-                                  f"MCP session (scope {spawn.scope}); none is started here")
-            self.unlisted = "stdio children start per session"
+        if spawn.stdio:  # started per session: one is started here, asked and stopped
+            await self._probe_stdio(spawn)
             return
         child, pid = ChildProcess(spawn), None
         self.line("upstream", f"spawning {shown_command(spawn.argv)} (port {spawn.port}, ready "
@@ -221,6 +220,37 @@ class Probes(Checker):
             if alive:
                 self.add(ERROR, "child_left_running",
                          f"the child's process group {pid} outlived its stop")
+
+    async def _probe_stdio(self, spawn: SpawnConfig) -> None:
+        self.line("upstream", f"starting {shown_command(spawn.argv)} once over stdio (children "
+                              f"start per MCP session, scope {spawn.scope})")
+        probe = await probe_stdio(spawn)
+        self.unlisted = ("stdio children start per session: the tools above are the command's "
+                         "own, judged for a caller only by a running sidecar")
+        if probe.server:
+            self.line("upstream", f"initialize: {probe.server}")
+        if probe.failure:
+            self.add(ERROR, "stdio_child_failed",
+                     f"the stdio MCP server did not complete initialize and tools/list: "
+                     f"{probe.failure}",
+                     "run MCP_SPAWN_CMD by hand with `check -v`; a server that needs a port "
+                     "is an HTTP one (set MCP_SPAWN_PORT)")
+        else:
+            shown = ", ".join(probe.tools[:20]) + (" ..." if len(probe.tools) > 20 else "")
+            self.line("upstream", f"tools/list: {len(probe.tools)} tool(s): {shown}")
+        if probe.dropped_lines:
+            self.add(WARNING, "stdio_stdout_noise",
+                     f"the stdio server wrote {probe.dropped_lines} line(s) on stdout that are "
+                     "not JSON-RPC: the bridge drops them, but a server that logs to stdout "
+                     "may also break its own messages",
+                     "make the server log to stderr")
+        if probe.pid is not None:
+            alive = _group_alive(probe.pid)
+            self.line("upstream", f"child stopped: pid {probe.pid} "
+                                  f"{'STILL RUNNING' if alive else 'and its group are gone'}")
+            if alive:
+                self.add(ERROR, "child_left_running",
+                         f"the child's process group {probe.pid} outlived its stop")
 
     async def _probe_upstream(self, url: str) -> None:
         config, session = self.config, self.session
