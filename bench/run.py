@@ -137,8 +137,8 @@ CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
          "sidecar-defaults", "sidecar-distinct", "sidecar-ratelimit", "sidecar-subjects",
          "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "sidecar-toolcall",
          "sidecar-rules1", "sidecar-rules50", "sidecar-list200-norules", "sidecar-list200",
-         "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "baseline",
-         "baseline-defaults", "baseline-distinct")
+         "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "sidecar-stdio",
+         "sidecar-httpchild", "baseline", "baseline-defaults", "baseline-distinct")
 FLOOR = "minimal-whole"  # the floor the targets are quoted against: small bodies read whole
 HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cost, no refusals
 LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
@@ -728,6 +728,16 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
                                     TOOL_POLICY_FILE=str(rules), MCP_UPSTREAM_PATH=LIST_PATH))
     if "sidecar-toolcall" in want:
         starters.append(sidecar("sidecar-toolcall", body=CALL_BODY))
+    # Issue 18: the same echo tool as a stdio child (the bridge; sessionless requests, so one
+    # child per subject) and as an HTTP child (the proxy), both spawned by the sidecar.
+    if "sidecar-stdio" in want:
+        starters.append(sidecar("sidecar-stdio", MCP_UPSTREAM_URL="", MCP_SPAWN_CMD=json.dumps(
+            [PYTHON, str(BENCH / "echo_over_stdio.py")])))
+    if "sidecar-httpchild" in want:
+        child_port = free_port()
+        starters.append(sidecar("sidecar-httpchild", MCP_UPSTREAM_URL="", MCP_SPAWN_CMD=json.dumps(
+            [PYTHON, str(BENCH / "stdio_http_echo.py"), "--port", str(child_port)]),
+            MCP_SPAWN_PORT=str(child_port)))
     if "sidecar-rules1" in want:  # any rule at all: the body read as JSON-RPC and judged
         starters.append(sidecar("sidecar-rules1", body=CALL_BODY, TOOLS_DENY="*_purge*"))
     if "sidecar-list200-norules" in want:
