@@ -13,9 +13,7 @@ read from the answer only when that line or its count reaches anyone.
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +43,7 @@ from oauth_sidecar.mcp.messages import (
     parse,
     valid_id,
 )
-from oauth_sidecar.mcp.tool_policy import CallerRules, ToolPolicy
+from oauth_sidecar.mcp.tool_policy import CallerRules, ToolPolicy, glob_pattern
 from oauth_sidecar.request_keys import AUTH_FAILURE, Principal
 
 KIND_WORD = {"tools": "Tool", "prompts": "Prompt", "resources": "Resource"}
@@ -84,7 +82,7 @@ class CallRules:
         self._challenges = challenges
         self._limiter = limiter
         self._audit = audit
-        self._rate_limits = tuple((glob, per_minute, re.compile(fnmatch.translate(glob)))
+        self._rate_limits = tuple((glob, per_minute, glob_pattern(glob))
                                   for glob, per_minute in tools.config.rate_limits)
 
     async def judge(self, request: web.Request, principal: Principal, data: bytes,

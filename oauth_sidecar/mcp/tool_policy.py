@@ -37,6 +37,11 @@ CALLER_CACHE_ENTRIES = 256
 CACHED_NAME_CHARS = 256  # MCP names are at most 128 characters; longer ones are judged each time
 
 
+def glob_pattern(glob: str) -> re.Pattern[str]:
+    """One glob as an expression (fnmatch, case-sensitive)."""
+    return re.compile(fnmatch.translate(glob))
+
+
 def matcher(globs: Iterable[str]) -> re.Pattern[str] | None:
     """One expression matching any of the globs (fnmatch, case-sensitive); None for none."""
     parts = [fnmatch.translate(glob) for glob in globs]
