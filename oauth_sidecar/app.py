@@ -90,13 +90,13 @@ def _watch(
 
 
 def _mcp_handler(config: Config, app: web.Application, pool: StdioPool | None,
-                 proxy: UpstreamProxy | None) -> Handler:
+                 proxy: UpstreamProxy | None, calls: CallRules | None) -> Handler:
     """The protected routes' handler: the stdio bridge (RESOURCE_URL's path only) or the
     proxy; each ends its streams at shutdown."""
     if pool is not None:
         app[STDIO_POOL] = pool
         app.on_shutdown.append(pool.stop)
-        return StdioBridge(config, pool).handle
+        return StdioBridge(config, pool, calls).handle
     if proxy is None:
         raise ValueError("neither a stdio pool nor a proxy")
     app[PROXY] = proxy
@@ -207,7 +207,8 @@ def create_app(
         routes.add(path, metadata.handle, "metadata")
     authserver, redemptions = _add_sign_in(routes, config, idp, limiter)
     mcp = app.router.add_resource("/{path:.*}")
-    mcp.add_route("*", _mcp_handler(config, app, pool, proxy))  # everything else: authenticated
+    # everything else: authenticated
+    mcp.add_route("*", _mcp_handler(config, app, pool, proxy, calls))
     route_classes[mcp] = "mcp"
     gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter,
                 is_public=routes.is_public, sessions=sessions)

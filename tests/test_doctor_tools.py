@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from oauth_sidecar.doctor import Report, diagnose, render
 from oauth_sidecar.doctor.mcp_lists import MAX_PAGES, PROTOCOL_VERSION
 from oauth_sidecar.doctor.report import CallerTools
 
+STDIO_CHILD = Path(__file__).resolve().parent / "children" / "stdio_echo.py"
 TOOLS = ["search", "get_doc", "write_file", "delete_repository", "admin_reset"]
 PROMPTS = ["summary", "secret_prompt"]
 RESOURCES = ["file:///public/a.txt", "file:///private/b.txt"]
@@ -439,3 +441,23 @@ async def test_each_verdict_is_what_the_running_sidecar_does_with_the_call(
                 assert (status, status == 200 and "error" in answer) == expected, item
     finally:
         await client.close()
+
+
+@pytest.mark.slow
+async def test_check_token_judges_a_stdio_commands_own_tools(
+    idp: FakeIdp, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """stdio mode: the tools are those the command lists when check starts it once."""
+    env = rules_env(idp, upstream, "", tmp_path, MCP_SPAWN_CMD=json.dumps(
+        [sys.executable, str(STDIO_CHILD)]), TOOLS_DENY="crash,deaf")
+    for name in ("MCP_UPSTREAM_URL", "MCP_UPSTREAM_BEARER_FILE"):
+        env.pop(name)
+    report = await diagnose(load(env), token(idp, "admins", sub="admin-1"))
+    tools = tools_of(report)
+    assert tools.source == "the stdio command's own tools/list (started once, no caller)"
+    judged = verdicts(tools)
+    assert judged["echo"] == (True, f"allow_tools of {ADMINS}", ())
+    assert judged["crash"][0] is False
+    assert judged["crash"][1].startswith("TOOLS_DENY")
+    assert judged["deaf"][0] is False
+    assert set(judged) >= {"echo", "pid", "slow", "crash", "deaf"}

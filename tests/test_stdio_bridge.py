@@ -401,7 +401,6 @@ async def test_shutdown_stops_every_child_and_grandchild(
     ({"MCP_SPAWN_TRANSPORT": "http"}, "MCP_SPAWN_TRANSPORT=http needs MCP_SPAWN_PORT"),
     ({"MCP_UPSTREAM_URL": "http://127.0.0.1:1"}, "MCP_UPSTREAM_URL and MCP_SPAWN_CMD"),
     ({"MCP_SPAWN_SCOPE": "user"}, "MCP_SPAWN_SCOPE"),
-    ({"TOOLS_ALLOW": "echo"}, "not applied to stdio children"),
 ])
 def test_stdio_settings_that_cannot_work_are_start_up_problems(
     extra: dict[str, str], problem: str

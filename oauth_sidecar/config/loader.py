@@ -147,10 +147,6 @@ def load(env: Mapping[str, str]) -> Config:
         metrics=serving.metrics(r, port, child),
         warnings=tuple(unknown_variable_warnings(env)),
     )
-    if child is not None and child.stdio and config.tool_rules.configured:
-        problems.append("Tool rules (TOOLS_*, TOOL_SCOPES, TOOL_RATE_LIMITS, TOOL_POLICY_FILE) "
-                        "are not applied to stdio children yet: unset them or use "
-                        "MCP_SPAWN_TRANSPORT=http")
     if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
         raise ConfigError(problems + list(config.warnings))
     return replace(config, warnings=(*config.warnings, *_warnings(config)))

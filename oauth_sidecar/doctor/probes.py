@@ -225,8 +225,7 @@ class Probes(Checker):
         self.line("upstream", f"starting {shown_command(spawn.argv)} once over stdio (children "
                               f"start per MCP session, scope {spawn.scope})")
         probe = await probe_stdio(spawn)
-        self.unlisted = ("stdio children start per session: the tools above are the command's "
-                         "own, judged for a caller only by a running sidecar")
+        self.unlisted = "the stdio MCP server did not list its tools"
         if probe.server:
             self.line("upstream", f"initialize: {probe.server}")
         if probe.failure:
@@ -238,6 +237,10 @@ class Probes(Checker):
         else:
             shown = ", ".join(probe.tools[:20]) + (" ..." if len(probe.tools) > 20 else "")
             self.line("upstream", f"tools/list: {len(probe.tools)} tool(s): {shown}")
+            # every caller's child runs this command: its list is what a caller's would show
+            # (unless the server lists by the MCP_USER_* identity it is given)
+            self.lists = UpstreamLists(probe.server, {"tools": list(probe.tools)})
+            self.lists_source = "the stdio command's own tools/list (started once, no caller)"
         if probe.dropped_lines:
             self.add(WARNING, "stdio_stdout_noise",
                      f"the stdio server wrote {probe.dropped_lines} line(s) on stdout that are "

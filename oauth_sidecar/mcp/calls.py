@@ -188,14 +188,24 @@ class CallRules:
                 message = json.loads(payload)
             except (ValueError, RecursionError):
                 return payload
-            self._learn(message, judged)
-            self._record(judged, message, status)
-            filtered, removed = filter_message(message, judged.lists, judged.caller.allows)
+            filtered, removed = self._answer(judged, status, message)
             if not removed:
                 return payload
             return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False)
 
         return EventRewriter(rewrite, MAX_ANSWER_BYTES)
+
+    def answered(self, judged: Judged, status: int, message: Any) -> Any:
+        """One parsed message (or batch) of the answer, as the caller may see it: for a
+        server that answers in messages, not bytes (the stdio bridge)."""
+        return self._answer(judged, status, message)[0]
+
+    def _answer(self, judged: Judged, status: int, message: Any) -> tuple[Any, int]:
+        """The message with its list results filtered, and how many items were removed; its
+        calls' audit lines written."""
+        self._learn(message, judged)
+        self._record(judged, message, status)
+        return filter_message(message, judged.lists, judged.caller.allows)
 
     def finish(self, judged: Judged, status: int | None) -> None:
         """The request ended: every call not answered yet gets its audit line now (the answer

@@ -10,6 +10,11 @@ GET opens the session's stream of messages tied to no request; DELETE ends the s
 its child. Requests without a session that are not `initialize` (sessionless clients) go to the
 subject's sessionless child. The gate ran before: the caller is verified and a session id it
 presents is its own (or bound to nobody, which the pool then answers 404).
+
+The tool rules (mcp/calls.py) apply here as in the proxy: a body is judged before any of it
+reaches a child, list answers are filtered message by message and each call is audited. Without
+rules, a 2026-07-28 request's Mcp-Method/Mcp-Name headers are still held to its body: the child
+never sees headers, so the bridge is the server that must refuse a mismatch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from aiohttp import web
 
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
+from oauth_sidecar.log import REQUEST_ID
+from oauth_sidecar.mcp.calls import CallRules, Judged
+from oauth_sidecar.mcp.messages import BodyRefused, check_headers, error_object, parse
 from oauth_sidecar.request_body import (
     BodyBroken,
     BodyReader,
@@ -59,7 +67,9 @@ PARSE_ERROR, INVALID_REQUEST = -32700, -32600  # JSON-RPC 2.0 error codes
 class StdioBridge:
     """The handler of the MCP route in stdio mode."""
 
-    def __init__(self, config: Config, pool: StdioPool) -> None:
+    def __init__(self, config: Config, pool: StdioPool, calls: CallRules | None = None) -> None:
+        """calls: the tool rules (None: none configured)."""
+        self._calls = calls
         self._path = config.resource_path or "/"
         self._pool = pool
         self._bodies = BodyReader(config.upstream.max_body_bytes, config.upstream.body_timeout)
@@ -99,14 +109,39 @@ class StdioBridge:
         principal = request[PRINCIPAL]
         return self._pool.find(presented.id, (principal.issuer, principal.subject))
 
-    async def _post(  # noqa: PLR0912 - each refusal an early answer
-        self, request: web.Request, *, stream: bool
-    ) -> web.StreamResponse:
+    async def _post(self, request: web.Request, *, stream: bool) -> web.StreamResponse:
         """stream: answer requests with an event stream (the Accept allows one)."""
         try:
-            parsed = await self._messages(request)
+            data = await self._body(request)
         except (BodyTooLarge, BodyStalled, BodyBroken) as failure:
             return body_refused(failure)
+        judged = None
+        if self._calls is not None:
+            verdict = await self._calls.judge(request, request[PRINCIPAL], data,
+                                              request[REQUEST_ID])
+            if isinstance(verdict, web.StreamResponse):
+                return verdict
+            judged = verdict if verdict.watches_answer else None
+        elif "Mcp-Method" in request.headers or "Mcp-Name" in request.headers:
+            try:
+                check_headers(request.headers, parse(data))
+            except BodyRefused as refused:
+                return _rpc_error(refused.status, refused.code, refused.message,
+                                  refused.request_id)
+        status: int | None = None
+        try:
+            answer = await self._route(request, data, judged, stream=stream)
+            status = answer.status
+            return answer
+        finally:
+            if judged is not None and self._calls is not None:
+                self._calls.finish(judged, status)
+
+    async def _route(  # noqa: PLR0912 - each refusal an early answer
+        self, request: web.Request, data: bytes, judged: Judged | None, *, stream: bool
+    ) -> web.StreamResponse:
+        """The body's messages to their session's child (started by initialize)."""
+        parsed = _messages(data)
         if isinstance(parsed, web.Response):
             return parsed
         messages, batch = parsed
@@ -143,7 +178,8 @@ class StdioBridge:
         queue = session.new_stream() if stream else None
         pendings: list[Pending] = []
         try:
-            return await self._answer(request, session, messages, queue, pendings, batch=batch)
+            return await self._answer(request, session, messages, queue, pendings, batch=batch,
+                                      judged=judged)
         finally:
             if queue is not None:
                 session.stream_ended(queue)
@@ -152,26 +188,16 @@ class StdioBridge:
                 # refused, failed or abandoned: no session is left behind
                 await asyncio.shield(self._pool.close(session, "initialize_failed"))
 
-    async def _messages(self, request: web.Request
-                        ) -> tuple[list[Message], bool] | web.Response:
-        """The POST's messages, and whether they came as a batch (answered as one)."""
+    async def _body(self, request: web.Request) -> bytes:
         data = await self._bodies.read(request)
         if isinstance(data, StreamedBody):
             data = b"".join([piece async for piece in data])  # bounded: MAX_REQUEST_BODY_BYTES
-        try:
-            parsed = json.loads(data or b"")
-        except ValueError:
-            return _rpc_error(400, PARSE_ERROR, "The body is not JSON")
-        batch = parsed if isinstance(parsed, list) else [parsed]
-        if not batch or not all(
-            isinstance(m, dict) and ("method" in m or is_response(m)) for m in batch
-        ):
-            return _rpc_error(400, INVALID_REQUEST, "Not a JSON-RPC message or batch")
-        return batch, isinstance(parsed, list)
+        return data or b""
 
     async def _answer(
         self, request: web.Request, session: StdioSession, messages: list[Message],
         stream: MessageQueue | None, pendings: list[Pending], *, batch: bool,
+        judged: Judged | None,
     ) -> web.StreamResponse:
         """`pendings` is filled with the requests written, for the caller's cleanup."""
         try:
@@ -193,14 +219,16 @@ class StdioBridge:
                                       "The MCP server did not answer in time")
                 # an initialize the child refused issues no session (the caller closes it)
                 issued = _session_header(session) if all("result" in a for a in answers) else {}
-                return web.json_response(answers if batch else answers[0], dumps=_json_text,
-                                         headers=issued)
-            return await self._stream(request, session, stream, pendings)
+                answer: Any = answers if batch else answers[0]
+                if judged is not None and self._calls is not None:
+                    answer = self._calls.answered(judged, 200, answer)
+                return web.json_response(answer, dumps=_json_text, headers=issued)
+            return await self._stream(request, session, stream, pendings, judged)
         finally:
             session.abandon([p for p in pendings if not p.answer.done()])
 
     async def _stream(self, request: web.Request, session: StdioSession, queue: MessageQueue,
-                      pendings: list[Pending]) -> web.StreamResponse:
+                      pendings: list[Pending], judged: Judged | None) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", **_session_header(session)})
@@ -209,6 +237,8 @@ class StdioBridge:
             message = await queue.get()
             if message is None:
                 break
+            if judged is not None and self._calls is not None:
+                message = self._calls.answered(judged, 200, message)
             if not await self._write(request, response, message):
                 return response
         await self._finish(request, response)
@@ -281,6 +311,20 @@ def _no_session() -> web.Response:
     return json_error(404, "session_not_found", "No such session")
 
 
-def _rpc_error(status: int, code: int, message: str) -> web.Response:
-    body = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
-    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+def _messages(data: bytes) -> tuple[list[Message], bool] | web.Response:
+    """The POST's messages, and whether they came as a batch (answered as one)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return _rpc_error(400, PARSE_ERROR, "The body is not JSON")
+    batch = parsed if isinstance(parsed, list) else [parsed]
+    if not batch or not all(
+        isinstance(m, dict) and ("method" in m or is_response(m)) for m in batch
+    ):
+        return _rpc_error(400, INVALID_REQUEST, "Not a JSON-RPC message or batch")
+    return batch, isinstance(parsed, list)
+
+
+def _rpc_error(status: int, code: int, message: str, request_id: Any = None) -> web.Response:
+    return web.json_response(error_object(request_id, code, message), status=status,
+                             headers={"Cache-Control": "no-store"})

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any
 
+TOOLS = ("echo", "pid", "slow", "crash", "noise", "stderr", "later", "elicit", "grandchild",
+         "deaf")
 LOCK = threading.Lock()
 CANCELLED: dict[Any, threading.Event] = {}
 WAITING: dict[Any, tuple[threading.Event, list[Any]]] = {}  # our requests to the client
@@ -142,7 +144,7 @@ def handle(message: dict[str, Any]) -> None:
             "serverInfo": {"name": "stdio-echo", "version": "1"}}})
     elif method in ("tools/list", "server/discover"):
         send({"jsonrpc": "2.0", "id": request_id, "result": {"tools": [
-            {"name": "echo", "inputSchema": {"type": "object"}}]}})
+            {"name": name, "inputSchema": {"type": "object"}} for name in TOOLS]}})
     elif method == "tools/call":
         call(request_id, params)
     elif method == "ping":
