@@ -615,3 +615,49 @@ async def test_sigterm_to_the_sidecar_process_leaves_no_child_behind(idp: FakeId
             await proc.communicate()
         assert proc.returncode == 0
     await all_gone(pids)
+
+
+CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("roots", ["drop", "pass"])
+async def test_the_clients_roots_reach_the_child_only_when_passed(
+    make_sidecar: SidecarFactory, idp: FakeIdp, roots: str
+) -> None:
+    """Remote clients' roots name paths on the sidecar's host (stdio_roots.py): dropped by
+    default from initialize, from 2026-07-28 _meta, list_changed notifications and the child's
+    roots/list requests (answered by the bridge)."""
+    client = await make_sidecar(**stdio_env(MCP_SPAWN_CLIENT_ROOTS=roots))
+    headers = auth(idp)
+    declared = {"roots": {"listChanged": True}, "elicitation": {}}
+    response = await post(client, rpc(1, "initialize", protocolVersion="2025-11-25",
+                                      capabilities=declared,
+                                      clientInfo={"name": "t", "version": "1"}), headers)
+    session = response.headers["Mcp-Session-Id"]
+    meta: dict[str, Any] = {CAPABILITIES_META: {"roots": {}, "sampling": {}}}
+    asked_caps = await post(client, rpc(2, "tools/call", name="caps", arguments={}, _meta=meta),
+                            headers, session)
+    seen = json.loads(text(await asked_caps.json()))
+    with capture_logs() as logs:
+        for method in ("notifications/roots/list_changed", "notifications/marker"):
+            assert (await post(client, rpc(None, method), headers, session)).status == 202
+        await wait_until(lambda: "got notifications/marker" in child_lines(logs))
+    asked = await post(client, rpc(3, "tools/call", name="roots"), headers, session, BOTH)
+    if roots == "drop":
+        assert seen == {"initialize": {"elicitation": {}}, "meta": {"sampling": {}}}
+        assert "got notifications/roots/list_changed" not in child_lines(logs)
+        [answer] = events(await asked.text())  # the client was never asked
+        assert json.loads(text(answer))["error"]["code"] == -32601
+        return
+    assert seen == {"initialize": declared, "meta": meta[CAPABILITIES_META]}
+    assert "got notifications/roots/list_changed" in child_lines(logs)
+    async with asyncio.timeout(10):
+        while not (line := (await asked.content.readline()).decode()).startswith("data: "):
+            pass
+    request = json.loads(line.removeprefix("data: "))
+    assert request["method"] == "roots/list"
+    reply = {"jsonrpc": "2.0", "id": request["id"], "result": {"roots": [{"uri": "file:///x"}]}}
+    assert (await post(client, reply, headers, session)).status == 202
+    final = events(await asked.text())[-1]
+    assert json.loads(text(final)) == {"roots": [{"uri": "file:///x"}]}

@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -34,8 +35,11 @@ from mcp.shared.exceptions import MCPError
 from mcp_client_probe import Mode
 from mcp_stdio_server import TOOLS
 from processes import REPO
+from pydantic import FileUrl
 from real_idp import RealIdp, client_credentials_token, run_oidc_provider
 from structlog.testing import capture_logs
+
+from oauth_sidecar.upstream.stdio_pool import subject_hash
 
 pytestmark = pytest.mark.slow
 
@@ -275,3 +279,53 @@ async def test_a_cancelled_call_stops_the_work_in_the_child(
             assert text_of(await client.call_tool("echo", {"text": "still here"})) == (
                 "still here")
     assert "slow step 1000" not in child_lines(logs)
+
+
+FILESYSTEM = (REPO / "tests" / "stdio" / "node_modules" / "@modelcontextprotocol"
+              / "server-filesystem" / "dist" / "index.js")
+
+
+@pytest.mark.parametrize("roots", ["drop", "pass"])
+async def test_a_client_cannot_point_the_filesystem_server_at_another_users_directory(
+    make_sidecar: SidecarFactory, users: Users, tmp_path: Path, roots: str
+) -> None:
+    """@modelcontextprotocol/server-filesystem replaces its command-line directories with the
+    client's MCP roots, and every child runs as the sidecar's uid: with roots passed, the first
+    user declares the second user's directory as a root and reads their file (the control);
+    dropped (the default), the server keeps its own directory, `.`: the user's own."""
+    node = shutil.which("node")
+    assert node is not None
+    sidecar: Sidecar = await make_sidecar(
+        OIDC_ISSUER_URL=users.idp.issuer, OIDC_AUDIENCE=RESOURCE_URL, MCP_UPSTREAM_URL="",
+        MCP_SPAWN_CMD=json.dumps([node, str(FILESYSTEM), "."]),
+        MCP_SPAWN_WORKDIR_ROOT=str(tmp_path), MCP_SPAWN_CLIENT_ROOTS=roots,
+        MCP_SPAWN_ENV_npm_config_cache=str(tmp_path / "npm"), MCP_SPAWN_STOP_TIMEOUT_SECONDS="2")
+    url = str(sidecar.make_url("/mcp"))
+    victim = tmp_path / subject_hash((users.idp.issuer, OTHER_ID))
+    with anyio.fail_after(WAIT * 2):
+        async with connect(url, users.second, "legacy") as second:
+            await second.call_tool("write_file", {"path": "notes.txt", "content": "bob's secret"})
+    assert (victim / "notes.txt").read_text() == "bob's secret"
+
+    async def their_directory(context: ClientRequestContext) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri=FileUrl(victim.as_uri()))])
+
+    # after initialized the server decides once where it may work, and says so on stderr
+    decided = ("Updated allowed directories from MCP roots" if roots == "pass"
+               else "Client does not support MCP Roots")
+    with anyio.fail_after(WAIT * 2), capture_logs() as logs:
+        async with connect(url, users.first, "legacy",
+                           list_roots_callback=their_directory) as first:
+            await wait_until(lambda: any(decided in line for line in child_lines(logs)),
+                             within=WAIT)
+            allowed = text_of(await first.call_tool("list_allowed_directories", {}))
+            read = await first.call_tool("read_text_file", {"path": str(victim / "notes.txt")})
+    own = tmp_path / subject_hash((users.idp.issuer, users.idp.client_id))
+    if roots == "pass":
+        assert str(victim) in allowed
+        assert text_of(read) == "bob's secret"
+    else:
+        assert str(victim) not in allowed
+        assert str(own) in allowed
+        assert read.is_error
+        assert "bob's secret" not in str(read.content)

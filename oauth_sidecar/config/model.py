@@ -163,6 +163,8 @@ class SpawnConfig:
     workdir_root: str = ""
     """stdio: each subject's child runs in <root>/<hash>; empty: in the sidecar's directory."""
     max_line_bytes: int = 4 * 1024 * 1024
+    client_roots: bool = False
+    """stdio: pass the client's MCP roots to the child (MCP_SPAWN_CLIENT_ROOTS=pass)."""
 
     @property
     def stdio(self) -> bool:

@@ -111,6 +111,7 @@ def spawn(r: Reader, env: Mapping[str, str]) -> SpawnConfig | None:
         idle_seconds=r.number("MCP_SPAWN_IDLE_SECONDS", float, 0.1, 30 * 86400.0),
         workdir_root=_workdir_root(r),
         max_line_bytes=r.number("MCP_SPAWN_MAX_LINE_BYTES", int, 1024, 1 << 30),
+        client_roots=r.choice("MCP_SPAWN_CLIENT_ROOTS", ("drop", "pass")) == "pass",
     )
 
 

@@ -135,6 +135,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                "then answers 404)."),
     "MCP_SPAWN_WORKDIR_ROOT": ("", "stdio: each subject's child runs in <root>/<hash of "
                                "issuer+sub> (0700); unset: in the sidecar's directory."),
+    "MCP_SPAWN_CLIENT_ROOTS": ("drop", "stdio: drop (default) or pass the remote client's MCP "
+                               "roots; passed, a client can point a server at any path."),
     "MCP_SPAWN_MAX_LINE_BYTES": ("4194304", "stdio: longest stdout line of a child; longer "
                                  "ones are dropped."),
     "MCP_SPAWN_READY_TIMEOUT_SECONDS": ("60", "Time the child gets to accept connections."),

@@ -159,7 +159,8 @@ class StdioPool:
         if len(self._all) >= self._spawn.max_processes:
             raise ChildRefused(503, "temporarily_unavailable", "Too many MCP sessions are open")
         subject = subject_hash(identity)
-        session = StdioSession(session_id, identity, subject, self._spawn.max_line_bytes)
+        session = StdioSession(session_id, identity, subject, self._spawn.max_line_bytes,
+                               client_roots=self._spawn.client_roots)
         child = StdioChild(
             self._spawn.argv, self._environment(principal), cwd=self._workdir(subject),
             subject=subject, max_line_bytes=self._spawn.max_line_bytes,

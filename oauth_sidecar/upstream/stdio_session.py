@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from oauth_sidecar.upstream.stdio_child import ChildGone, StdioChild
+from oauth_sidecar.upstream.stdio_roots import roots_refusal, without_client_roots
 
 log = structlog.get_logger("oauth_sidecar.stdio")
 
@@ -109,8 +110,10 @@ class StdioSession:
     serves. `id` is None for a subject's sessionless child."""
 
     def __init__(self, session_id: str | None, identity: tuple[str, str], subject: str,
-                 max_line_bytes: int) -> None:
+                 max_line_bytes: int, *, client_roots: bool = False) -> None:
+        """client_roots: pass the client's MCP roots on (stdio_roots.py; off by default)."""
         self.id = session_id
+        self.client_roots = client_roots
         self.identity = identity
         self.subject = subject
         self.child: StdioChild | None = None
@@ -166,6 +169,8 @@ class StdioSession:
         `pendings`). Raises ChildGone: the session must then end (fail() answers them)."""
         self.touch()
         lines = []
+        if not self.client_roots:
+            messages = [kept for m in messages if (kept := without_client_roots(m)) is not None]
         for message in messages:
             outgoing: Message | None = message
             if is_request(message):
@@ -209,16 +214,10 @@ class StdioSession:
 
     def route(self, message: Message, size: int) -> None:
         """One message from the child to where it belongs (see the module's docstring)."""
+        if not self.client_roots and self._refused_roots(message):
+            return
         if is_response(message):
-            pending = self._pending.pop(message["id"], None) if isinstance(
-                message["id"], int) else None
-            if pending is None:
-                log.debug("child_answer_unclaimed", subject=self.subject)
-                return
-            answer = {**message, "id": pending.client_id}
-            self._deliver(pending.stream, answer, size)
-            if not pending.answer.done():
-                pending.answer.set_result(answer)
+            self._answered(message, size)
             return
         if "method" not in message:
             log.debug("child_message_invalid", subject=self.subject)
@@ -243,6 +242,27 @@ class StdioSession:
                 self._backlog.popleft()
                 log.warning("session_backlog_dropped", subject=self.subject,
                             kept=BACKLOG_MESSAGES)
+
+    def _answered(self, message: Message, size: int) -> None:
+        """The child's response: to its request's stream, with the client's id back."""
+        pending = self._pending.pop(message["id"], None) if isinstance(
+            message["id"], int) else None
+        if pending is None:
+            log.debug("child_answer_unclaimed", subject=self.subject)
+            return
+        answer = {**message, "id": pending.client_id}
+        self._deliver(pending.stream, answer, size)
+        if not pending.answer.done():
+            pending.answer.set_result(answer)
+
+    def _refused_roots(self, message: Message) -> bool:
+        """A roots/list request of the child's, answered here (stdio_roots.py)."""
+        refusal = roots_refusal(message)
+        if refusal is None:
+            return False
+        if self.child is not None:
+            self.child.send_nowait(dumps(refusal))
+        return True
 
     def _deliver(self, queue: MessageQueue | None, message: Message, size: int) -> None:
         if queue is None or queue.closed:

@@ -16,6 +16,9 @@ It reads one JSON-RPC message per line on stdin and writes one per line on stdou
 * ``later``: answers, then 200 ms later sends ``notifications/tools/list_changed`` (tied to
   no request).
 * ``elicit``: sends an ``elicitation/create`` request and answers with the client's response.
+* ``roots``: sends a ``roots/list`` request and answers with the response (result or error).
+* ``caps``: answers JSON ``{"initialize", "meta"}``: the client capabilities its ``initialize``
+  declared, and those in this request's ``_meta`` (MCP 2026-07-28).
 * ``grandchild``: starts ``sleep 600`` in its process group and answers its pid.
 * ``deaf``: answers, then stops reading stdin (sleeps).
 
@@ -32,8 +35,10 @@ import threading
 import time
 from typing import Any
 
-TOOLS = ("echo", "pid", "slow", "crash", "noise", "stderr", "later", "elicit", "grandchild",
-         "deaf")
+TOOLS = ("echo", "pid", "slow", "crash", "noise", "stderr", "later", "elicit", "roots", "caps",
+         "grandchild", "deaf")
+CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
+DECLARED: dict[str, Any] = {}  # the initialize's client capabilities
 LOCK = threading.Lock()
 CANCELLED: dict[Any, threading.Event] = {}
 WAITING: dict[Any, tuple[threading.Event, list[Any]]] = {}  # our requests to the client
@@ -65,11 +70,11 @@ def slow(request_id: Any, params: dict[str, Any]) -> None:
     answer(request_id, f"slept {seconds}")
 
 
-def elicit(request_id: Any) -> None:
+def ask(request_id: Any, key: str, method: str, params: dict[str, Any]) -> None:
+    """Send the client a request; answer request_id with its response."""
     done, box = threading.Event(), list[Any]()
-    WAITING["e-1"] = (done, box)
-    send({"jsonrpc": "2.0", "id": "e-1", "method": "elicitation/create",
-          "params": {"message": "Your name?", "requestedSchema": {"type": "object"}}})
+    WAITING[key] = (done, box)
+    send({"jsonrpc": "2.0", "id": key, "method": method, "params": params})
     if done.wait(30):
         answer(request_id, json.dumps(box[0]))
 
@@ -105,8 +110,17 @@ def call(request_id: Any, params: dict[str, Any]) -> None:
                                      "method": "notifications/tools/list_changed"},)).start()
         return None
     if name == "elicit":
-        threading.Thread(target=elicit, args=(request_id,), daemon=True).start()
+        threading.Thread(target=ask, args=(request_id, "e-1", "elicitation/create", {
+            "message": "Your name?", "requestedSchema": {"type": "object"}}), daemon=True).start()
         return None
+    if name == "roots":
+        threading.Thread(target=ask, args=(request_id, "r-1", "roots/list", {}),
+                         daemon=True).start()
+        return None
+    if name == "caps":
+        meta = params.get("_meta") or {}
+        return answer(request_id, json.dumps({"initialize": DECLARED.get("capabilities"),
+                                              "meta": meta.get(CAPABILITIES_META)}))
     if name == "deaf":
         answer(request_id, "not listening")
         time.sleep(600)
@@ -123,7 +137,8 @@ def handle(message: dict[str, Any]) -> None:
     if method is None:  # a response to our request
         waiting = WAITING.pop(request_id, None)
         if waiting is not None:
-            waiting[1].append(message.get("result"))
+            waiting[1].append(message["result"] if "result" in message
+                              else {"error": message.get("error")})
             waiting[0].set()
         return
     if request_id is None:
@@ -138,6 +153,7 @@ def handle(message: dict[str, Any]) -> None:
         send({"jsonrpc": "2.0", "id": request_id,
               "error": {"code": -32602, "message": "unsupported protocol version"}})
     elif method == "initialize":
+        DECLARED["capabilities"] = params.get("capabilities")
         send({"jsonrpc": "2.0", "id": request_id, "result": {
             "protocolVersion": params.get("protocolVersion", "2025-11-25"),
             "capabilities": {"tools": {"listChanged": True}},
