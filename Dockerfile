@@ -46,28 +46,33 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 
 # -- stdio MCP servers: add their runtime (Node or uv) here ---------------------------------------
-# A stdio server (MCP_SPAWN_CMD without MCP_SPAWN_PORT; issue 18) is started by the sidecar inside
-# this image, as uid 10001, one process per MCP session: its runtime and the server itself must be
-# in the image. Uncomment one block below (this point of the file still runs as root), or put it
-# in an image of your own (`FROM oauth-sidecar`, `USER root`, the block, `USER 10001:10001`).
-# Install the server at build time, pinned: `npx -y` and `uvx` would fetch it at every session's
-# start, which needs the registry, the network and a writable cache (none with a read-only root
-# file system), and costs seconds per session.
+# A stdio server (MCP_SPAWN_CMD without MCP_SPAWN_PORT) is started by the sidecar inside this
+# image, as uid 10001, one process per MCP session: its runtime and the server itself must be in
+# the image. Uncomment one block below (this point of the file still runs as root), or put it in
+# an image of your own (`FROM oauth-sidecar`, `USER root`, the block, `USER 10001:10001`), as
+# README's "stdio servers" does. Install the server at build time, pinned: `npx -y` and `uvx`
+# would fetch it when a session starts on a cold cache (uvx asks PyPI at every start), which needs
+# the network and a writable cache (this image's user has none), and every session would keep the
+# fetcher's process as well.
 #
 # Node, for npm servers (Debian's nodejs and npm packages):
 # RUN apt-get update \
 #  && apt-get install -y --no-install-recommends nodejs npm \
 #  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
-#  && npm install --global --no-audit --no-fund @modelcontextprotocol/server-filesystem@<version> \
+#  && npm install --global --no-audit --no-fund @modelcontextprotocol/server-filesystem@2026.8.31 \
 #  && npm cache clean --force
 #   then run with MCP_SPAWN_CMD="mcp-server-filesystem /data"
 #
 # uv, for PyPI servers (`pip install uv` into the base image's Python, not into /opt/venv, which
-# is the sidecar's own); the server as a uv tool, its commands in /usr/local/bin:
-# RUN pip install --no-cache-dir uv \
+# is the sidecar's own); the server as a uv tool, its commands in /usr/local/bin. mcp-server-git
+# needs git too:
+# RUN apt-get update \
+#  && apt-get install -y --no-install-recommends git \
+#  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
+#  && pip install --no-cache-dir uv \
 #  && UV_TOOL_DIR=/opt/uv-tools UV_TOOL_BIN_DIR=/usr/local/bin \
-#     uv tool install --no-cache --python /usr/local/bin/python3 mcp-server-git==<version>
-#   then run with MCP_SPAWN_CMD="mcp-server-git"
+#     uv tool install --no-cache --python /usr/local/bin/python3 mcp-server-git==2026.10.19
+#   then run with MCP_SPAWN_CMD="mcp-server-git --repository /data/repo"
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

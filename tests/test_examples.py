@@ -9,9 +9,12 @@ cannot do this here: it downloads the schema from a cluster's API server.) Then 
 schema cannot know, by checkers that return the problems they find: every variable is one the
 sidecar knows, the sidecar's environment passes its own configuration check (with every
 ALLOW_*_FILE holding what the pod would see there: the mounted ConfigMap key, or the bind-mounted
-file), probes hit /healthz and /readyz on the sidecar's port, only the sidecar's `http` port is
-exposed, the metrics port is reachable by Prometheus but by no Service, Ingress or published
-port, secrets come from the Secret, every container runs as non-root with nothing to escalate.
+file; a spawned server's program standing in for the image's and MCP_SPAWN_WORKDIR_ROOT for the
+pod's volume), probes hit /healthz and /readyz on the sidecar's port, only the sidecar's `http`
+port is exposed, the upstream is on the pod's loopback (or stdio children of the sidecar's own),
+the grace period covers the drain and the children's stop, the metrics port is reachable by
+Prometheus but by no Service, Ingress or published port, secrets come from the Secret, every
+container runs as non-root with nothing to escalate.
 Each checker, and each validator, is shown to reject a deliberately broken copy, so none of these
 tests can pass by checking nothing. The image's HEALTHCHECK command itself is run against a real
 sidecar.
@@ -464,13 +467,47 @@ def kubernetes_allow_files(docs: list[Doc], env: dict[str, str]) -> tuple[dict[s
     return contents, problems
 
 
+def kubernetes_spawn_env(docs: list[Doc], env: dict[str, str], into: Path) -> tuple[
+        dict[str, str], list[str]]:
+    """env with what a spawned MCP server needs from the image and the pod standing in here: its
+    program (a bare name: an executable of that name under `into`, the only PATH), and
+    MCP_SPAWN_WORKDIR_ROOT (a directory under `into`), which must be a writable volume mounted
+    into the sidecar, as the root file system is read-only; and the problems."""
+    env, problems = dict(env), []
+    command = env.get("MCP_SPAWN_CMD", "")
+    try:
+        argv = json.loads(command) if command.startswith("[") else shlex.split(command)
+    except ValueError:
+        argv = []  # load() says why
+    if argv and isinstance(argv[0], str) and "/" not in argv[0]:
+        program = into / "image-bin" / argv[0]
+        program.parent.mkdir(exist_ok=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+        env["PATH"] = str(program.parent)
+    root = env.get("MCP_SPAWN_WORKDIR_ROOT")
+    if root:
+        mounts = [m for m in _sidecar_container(docs).get("volumeMounts", [])
+                  if inside(root, m["mountPath"]) is not None]
+        if not mounts:
+            problems.append(f"MCP_SPAWN_WORKDIR_ROOT={root} is not in a volume mounted into the "
+                            "sidecar (the root file system is read-only)")
+        elif max(mounts, key=lambda m: len(m["mountPath"])).get("readOnly") is True:
+            problems.append(f"MCP_SPAWN_WORKDIR_ROOT={root} is on a volume mounted readOnly")
+        (into / "workdir-root").mkdir(exist_ok=True)
+        env["MCP_SPAWN_WORKDIR_ROOT"] = str(into / "workdir-root")
+    return env, problems
+
+
 def kubernetes_config_env(
     docs: list[Doc], into: Path, *, substitute: bool
 ) -> tuple[dict[str, str], list[str]]:
-    """kubernetes_sidecar_env with each ALLOW_*_FILE's ConfigMap data copied to a file in into."""
+    """kubernetes_sidecar_env with each ALLOW_*_FILE's ConfigMap data copied to a file in into,
+    and a spawned server's program and working directories (kubernetes_spawn_env) there."""
     env, problems = kubernetes_sidecar_env(docs, substitute=substitute)
     contents, file_problems = kubernetes_allow_files(docs, env)
-    return with_allow_files(env, contents, into), problems + file_problems
+    env, spawn_problems = kubernetes_spawn_env(docs, with_allow_files(env, contents, into), into)
+    return env, problems + file_problems + spawn_problems
 
 
 def _kubernetes_metrics_problems(docs: list[Doc], config: Config) -> list[str]:
@@ -571,6 +608,20 @@ def _probe_problems(container: Doc, port: int) -> list[str]:
     return problems
 
 
+def _grace_problems(pod: Doc, container: Doc, config: Config) -> list[str]:
+    """Kubernetes' SIGKILL comes after the preStop sleep, the drain and the child's stop."""
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get(
+        "seconds", 0)
+    child_stop = config.spawn.stop_timeout if config.spawn is not None else 0.0
+    needed = pre_stop + config.shutdown_timeout + child_stop
+    grace = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+    if grace <= needed:
+        return [f"terminationGracePeriodSeconds {grace} leaves no margin after the preStop sleep "
+                f"({pre_stop} s), SHUTDOWN_TIMEOUT_SECONDS ({config.shutdown_timeout:g} s) and "
+                f"MCP_SPAWN_STOP_TIMEOUT_SECONDS ({child_stop:g} s)"]
+    return []
+
+
 def _redis_problems(docs: list[Doc], uri: str) -> list[str]:
     parts = urlsplit(uri)
     service = _named(docs, "Service", parts.hostname or "")
@@ -604,8 +655,10 @@ def kubernetes_problems(docs: list[Doc]) -> list[str]:  # noqa: PLR0912 (one che
     if [p["containerPort"] for p in sidecar.get("ports", []) if p.get("name") == "http"] != [port]:
         problems.append(f"the sidecar's port `http` is not its PORT {port}")
     problems += _probe_problems(sidecar, port)
-    if not is_loopback_host(urlsplit(config.upstream.origin).hostname):
+    stdio = config.spawn is not None and config.spawn.stdio  # children on pipes: no upstream URL
+    if not stdio and not is_loopback_host(urlsplit(config.upstream.origin).hostname):
         problems.append("MCP_UPSTREAM_URL is not the MCP server on the pod's loopback")
+    problems += _grace_problems(pod, sidecar, config)
     uid, _, _ = next(i.value for i in parse_dockerfile(DOCKERFILE.read_text())[-1]
                      if i.keyword == "USER").partition(":")
     user = sidecar.get("securityContext", {}).get("runAsUser",
@@ -662,6 +715,28 @@ def test_the_replicas_variant_shares_rate_limits_and_state_across_replicas(
     assert config.rate_limits.storage_uri == "async+redis://redis:6379/0"
     assert config.auth_server.facade
     assert config.auth_server.state_secret == SUBSTITUTE
+
+
+def test_the_stdio_variant_starts_its_server_per_session_in_each_users_directory(
+    tmp_path: Path,
+) -> None:
+    docs = load_yaml(EXAMPLES / "kubernetes" / "stdio.yaml")
+    env, problems = kubernetes_config_env(docs, tmp_path, substitute=True)
+    assert problems == []
+    assert "MCP_UPSTREAM_URL" not in env
+    assert "MCP_SPAWN_PORT" not in env
+    config = load(env)
+    spawn = config.spawn
+    assert spawn is not None
+    assert spawn.stdio
+    assert spawn.scope == "session"
+    assert config.upstream.origin == ""
+    assert spawn.argv == ("mcp-server-filesystem", ".")  # installed in the image, not npx
+    assert spawn.workdir_root == str(tmp_path / "workdir-root")  # the pod's volume stands in
+    assert config.forward_identity
+    assert spawn.max_per_subject < spawn.max_processes
+    assert [c["name"] for c in _sidecar_deployment(docs)["spec"]["template"]["spec"][
+        "containers"]] == [SIDECAR]  # the sidecar starts the servers: no server container
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -748,6 +823,11 @@ def _metrics_behind_ingress(docs: list[Doc]) -> None:
     ingress = next(d for d in docs if d["kind"] == "Ingress")
     ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] = {
         "name": "metrics"}
+
+
+def _volume_mount(docs: list[Doc], name: str) -> Doc:
+    mount: Doc = next(m for m in _sidecar_container(docs)["volumeMounts"] if m["name"] == name)
+    return mount
 
 
 def _env_item(docs: list[Doc], name: str) -> Doc:
@@ -873,6 +953,26 @@ KUBERNETES_BREAKAGES: dict[str, tuple[str, Callable[[list[Doc]], object], str]] 
         "exposes the metrics port (9090)"),
     "Ingress to the metrics port": ("deployment.yaml", _metrics_behind_ingress,
                                     "Ingress mcp routes to mcp:metrics"),
+    "grace shorter than the drain": ("deployment.yaml", lambda d: _config_map(d).update(
+        SHUTDOWN_TIMEOUT_SECONDS="30"), "terminationGracePeriodSeconds 35"),
+    "stdio: grace shorter than the children's stop": ("stdio.yaml", lambda d: _config_map(
+        d).update(MCP_SPAWN_STOP_TIMEOUT_SECONDS="15"), "MCP_SPAWN_STOP_TIMEOUT_SECONDS (15 s)"),
+    "stdio: no command": ("stdio.yaml", lambda d: _config_map(d).pop("MCP_SPAWN_CMD"),
+                          "config: MCP_UPSTREAM_URL is required"),
+    "stdio: a port as well": ("stdio.yaml", lambda d: _config_map(d).update(
+        MCP_SPAWN_PORT="8765"), "config: MCP_SPAWN_TRANSPORT=stdio with MCP_SPAWN_PORT"),
+    "stdio: an upstream as well": ("stdio.yaml", lambda d: _config_map(d).update(
+        MCP_UPSTREAM_URL="http://127.0.0.1:3000"), "config: MCP_UPSTREAM_URL and MCP_SPAWN_CMD"),
+    "stdio: http without a port": ("stdio.yaml", lambda d: _config_map(d).update(
+        MCP_SPAWN_TRANSPORT="http"), "config: MCP_SPAWN_TRANSPORT=http needs MCP_SPAWN_PORT"),
+    "stdio: an unsplittable command": ("stdio.yaml", lambda d: _config_map(d).update(
+        MCP_SPAWN_CMD="mcp-server-filesystem '."), "config: MCP_SPAWN_CMD cannot be split"),
+    "stdio: a program the image lacks": ("stdio.yaml", lambda d: _config_map(d).update(
+        MCP_SPAWN_CMD="/opt/nowhere/mcp-server ."), "config: MCP_SPAWN_CMD program"),
+    "stdio: working directories off the volume": ("stdio.yaml", lambda d: _sidecar_container(
+        d)["volumeMounts"].remove(_volume_mount(d, "users")), "not in a volume mounted"),
+    "stdio: working directories read-only": ("stdio.yaml", lambda d: _volume_mount(
+        d, "users").update(readOnly=True), "mounted readOnly"),
 }
 
 
