@@ -88,8 +88,9 @@ def _watch(
 def _watch_stdio(metrics: Metrics, pool: StdioPool) -> None:
     """The stdio children. By subject only as aggregates, never a subject label (every caller
     would add series): how many subjects hold children, and the most one holds, which with the
-    caps beside it alerts on a user about to be refused (`children_per_subject_max >= on()
-    children_limit{cap="subject"}`) as the state gauge's sum does on the pool filling up."""
+    caps beside it alerts on a user about to be refused (`children_per_subject_max >=
+    ignoring(cap) children_limit{cap="subject"}`), as the sum of the states but stopping does on
+    the pool filling up; refusals and exits by reason say what already went wrong."""
     metrics.watch_by("stdio_children", "Stdio MCP server processes now, by state (starting: "
                      "nothing heard from it yet; busy: a request in flight or a stream open; "
                      "idle; stopping: its process group is being stopped, no longer counted "
