@@ -121,6 +121,7 @@ async def test_a_child_is_starting_until_it_speaks_then_idle_busy_idle_and_stopp
     await scrape_until(port, in_state(idle=1), within=10)
 
     pid = (await pid_of(client, headers, session))["pid"]
+    await call(client, headers, session, "deaf", 6)  # it no longer reads stdin: sees no EOF
     deleting = asyncio.create_task(
         client.delete(MCP, headers={**headers, "Mcp-Session-Id": session}, timeout=TIMEOUT))
     # it ignores SIGTERM: stopping, no longer counted against the caps, until it is killed
