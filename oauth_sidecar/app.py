@@ -44,7 +44,7 @@ from oauth_sidecar.upstream.child import ChildProcess
 from oauth_sidecar.upstream.credential import UpstreamCredential
 from oauth_sidecar.upstream.proxy import UpstreamProxy
 from oauth_sidecar.upstream.stdio_bridge import StdioBridge
-from oauth_sidecar.upstream.stdio_pool import StdioPool
+from oauth_sidecar.upstream.stdio_pool import CAPS, CHILD_STATES, EXIT_REASONS, StdioPool
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
@@ -77,16 +77,41 @@ def _watch(
                       proxy.in_flight)
     metrics.watch("jwks_keys", "Usable signing keys held", idp.key_count)
     if pool is not None:
-        metrics.watch("stdio_children", "Stdio MCP server processes running now", pool.children)
-        metrics.watch("stdio_sessions", "MCP sessions served by stdio children now",
-                      pool.sessions)
-        metrics.watch("stdio_lines_dropped", "Stdout lines of stdio children dropped (too long "
-                      "or not JSON)", lambda: pool.counters.dropped, counter=True)
+        _watch_stdio(metrics, pool)
     if child is not None:
         metrics.watch("child_up", "1 while the spawned MCP server is ready, else 0",
                       lambda: float(child.ready))
         metrics.watch("child_restarts", "Restarts of the spawned MCP server",
                       lambda: child.restarts, counter=True)
+
+
+def _watch_stdio(metrics: Metrics, pool: StdioPool) -> None:
+    """The stdio children. By subject only as aggregates, never a subject label (every caller
+    would add series): how many subjects hold children, and the most one holds, which with the
+    caps beside it alerts on a user about to be refused (`children_per_subject_max >=
+    ignoring(cap) children_limit{cap="subject"}`), as the sum of the states but stopping does on
+    the pool filling up; refusals and exits by reason say what already went wrong."""
+    metrics.watch_by("stdio_children", "Stdio MCP server processes now, by state (starting: "
+                     "nothing heard from it yet; busy: a request in flight or a stream open; "
+                     "idle; stopping: its process group is being stopped, no longer counted "
+                     "against the caps)", "state", CHILD_STATES, pool.by_state)
+    metrics.watch_by("stdio_children_limit", "The caps on stdio children: MCP_SPAWN_MAX_PROCESSES "
+                     "(process) and MCP_SPAWN_MAX_PER_SUBJECT (subject)", "cap", CAPS,
+                     pool.limits)
+    metrics.watch("stdio_subjects", "Subjects (users) holding at least one stdio child",
+                  pool.subjects)
+    metrics.watch("stdio_children_per_subject_max", "The most stdio children one subject holds "
+                  "(at MCP_SPAWN_MAX_PER_SUBJECT that user is refused 429)",
+                  pool.most_per_subject)
+    metrics.watch("stdio_sessions", "MCP sessions served by stdio children now", pool.sessions)
+    metrics.watch_by("stdio_child_exits", "Stdio children ended, by reason (idle, deleted, "
+                     "replaced, exited: by itself, start_failed, shutdown, other)", "reason",
+                     EXIT_REASONS, lambda: pool.exits, counter=True)
+    metrics.watch_by("stdio_refused", "Stdio sessions refused over a cap (process: 503 at "
+                     "MCP_SPAWN_MAX_PROCESSES; subject: 429 at MCP_SPAWN_MAX_PER_SUBJECT)", "cap",
+                     CAPS, lambda: pool.refused, counter=True)
+    metrics.watch("stdio_lines_dropped", "Stdout lines of stdio children dropped (too long "
+                  "or not JSON)", lambda: pool.counters.dropped, counter=True)
 
 
 def _mcp_handler(config: Config, app: web.Application, pool: StdioPool | None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
@@ -88,6 +89,12 @@ class Metrics:
               counter: bool = False) -> None:
         """Expose `read()` as a gauge (or a counter) evaluated at each scrape."""
 
+    def watch_by(self, name: str, documentation: str, label: str, values: tuple[str, ...],
+                 read: Callable[[], Mapping[str, float]], *, counter: bool = False) -> None:
+        """Expose `read()` as one gauge (or counter) per value of `label`, evaluated at each
+        scrape: every value in `values` is always there (0 when read() lacks it), and a key
+        read() returns outside `values` is never a series, so the label set cannot grow."""
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         yield
@@ -96,21 +103,41 @@ class Metrics:
 METRICS = web.AppKey("metrics", Metrics)  # the app's hooks, read by the listener too
 
 
+@dataclass(frozen=True)
+class _Family:
+    """One watched family: a single value, or one per value of a label from a fixed set."""
+
+    name: str
+    documentation: str
+    counter: bool
+    read: Callable[[], float] | None = None
+    label: str = ""
+    values: tuple[str, ...] = ()
+    read_by: Callable[[], Mapping[str, float]] | None = None
+
+    def metric(self) -> Metric:
+        kind = CounterMetricFamily if self.counter else GaugeMetricFamily
+        if self.read is not None:
+            return kind(self.name, self.documentation, value=self.read())
+        family = kind(self.name, self.documentation, labels=[self.label])
+        read = self.read_by() if self.read_by is not None else {}
+        for value in self.values:
+            family.add_metric([value], read.get(value, 0))
+        return family
+
+
 class _Watched(Collector):
     """Values the components already keep, read when Prometheus scrapes."""
 
     def __init__(self) -> None:
-        self._gauges: list[tuple[str, str, Callable[[], float]]] = []
-        self._counters: list[tuple[str, str, Callable[[], float]]] = []
+        self._families: list[_Family] = []
 
-    def add(self, name: str, documentation: str, read: Callable[[], float], counter: bool) -> None:
-        (self._counters if counter else self._gauges).append((name, documentation, read))
+    def add(self, family: _Family) -> None:
+        self._families.append(family)
 
     def collect(self) -> Iterable[Metric]:
-        for name, documentation, read in self._gauges:
-            yield GaugeMetricFamily(name, documentation, value=read())
-        for name, documentation, read in self._counters:
-            yield CounterMetricFamily(name, documentation, value=read())
+        for family in self._families:
+            yield family.metric()
 
 
 class PrometheusMetrics(Metrics):
@@ -205,7 +232,12 @@ class PrometheusMetrics(Metrics):
 
     def watch(self, name: str, documentation: str, read: Callable[[], float], *,
               counter: bool = False) -> None:
-        self._watched.add(PREFIX + name, documentation, read, counter)
+        self._watched.add(_Family(PREFIX + name, documentation, counter, read=read))
+
+    def watch_by(self, name: str, documentation: str, label: str, values: tuple[str, ...],
+                 read: Callable[[], Mapping[str, float]], *, counter: bool = False) -> None:
+        self._watched.add(_Family(PREFIX + name, documentation, counter, label=label,
+                                  values=values, read_by=read))
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

@@ -34,6 +34,7 @@ from conftest import (
     sidecar_env,
 )
 from processes import PROCESS_TIMEOUT, free_port, run_cli, sidecar_process, wait_ready
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -305,6 +306,25 @@ async def test_label_values_stay_bounded_whatever_paths_and_subjects_callers_sen
         for value in sample.labels.values():
             assert "user-" not in value, sample
             assert "tool-" not in value, sample
+
+
+def test_a_watched_family_has_exactly_its_declared_label_values(
+    idp: FakeIdp, upstream: FakeUpstream
+) -> None:
+    metrics = create_app(load(sidecar_env(idp, upstream, METRICS_PORT="9464")))[METRICS]
+    assert isinstance(metrics, PrometheusMetrics)
+    read = {"a": 2.0, "surprise": 5.0}
+    metrics.watch_by("probe", "A probe", "kind", ("a", "b"), lambda: read)
+    metrics.watch_by("probe_events", "A probe", "kind", ("a", "b"), lambda: read, counter=True)
+
+    def series(name: str) -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {s.labels["kind"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == P + name}
+
+    assert series("probe") == series("probe_events_total") == {"a": 2.0, "b": 0.0}
+    read["b"] = 1.0  # read at each scrape
+    assert series("probe") == {"a": 2.0, "b": 1.0}
 
 
 # -- where the page is, and is not ----------------------------------------------------------------

@@ -28,12 +28,21 @@ LINES_PER_SECOND, LINE_BURST = 200, 1000  # a chatty child cannot flood the log 
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
+    killer = exit_signal(code)
+    if killer is not None:
+        return f"killed by {killer}" if killer.startswith("SIG") else f"killed by signal {killer}"
     return f"exit code {code}"
+
+
+def exit_signal(code: int | None) -> str | None:
+    """The signal that ended a child (its name, or its number when it has none), from a
+    returncode; None when it exited by itself or is running."""
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return str(-code)
 
 
 async def exited(process: asyncio.subprocess.Process) -> int:

@@ -25,6 +25,7 @@ from oauth_sidecar.upstream.process_group import (
     LineBudget,
     OutputLog,
     describe_exit,
+    exit_signal,
     exited,
     start_in_group,
     stop_group,
@@ -36,6 +37,7 @@ READ_CHUNK = 65536  # bytes read from stdout at a time
 STDIN_TIMEOUT = 10.0  # seconds a write may wait for the child to read its stdin
 EOF_AFTER_EXIT = 1.0  # seconds between stdout's end and the exit status, waited for either way
 SHOWN_BYTES = 200  # bytes of a dropped line shown in its log event
+EXITED_BY_ITSELF = "exited"  # child_exited's reason when nobody stopped it (a crash, an exit)
 
 OnMessage = Callable[[dict[str, Any], int], None]
 OnExit = Callable[[str], None]
@@ -78,6 +80,8 @@ class StdioChild:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.exit: str | None = None
         """How it ended (exit status), once it did."""
+        self.stop_reason: str | None = None
+        """Why stop() was called (the first caller's word); None while nobody asked."""
 
     @property
     def pid(self) -> int | None:
@@ -198,18 +202,26 @@ class StdioChild:
         self._ended(process)
 
     def _ended(self, process: asyncio.subprocess.Process) -> None:
+        """Logged once with the exit status or signal, and why: `reason` is stop()'s, or
+        EXITED_BY_ITSELF when the child ended before anyone asked it to."""
         if self.exit is not None:
             return
         code = process.returncode
         self.exit = describe_exit(code) if code is not None else "closed its stdout"
-        log.info("child_exited", subject=self.subject, pid=process.pid, how=self.exit)
+        log.info("child_exited", subject=self.subject, pid=process.pid, how=self.exit,
+                 exit_code=code if code is not None and code >= 0 else None,
+                 signal=exit_signal(code), reason=self.stop_reason or EXITED_BY_ITSELF)
         self._on_exit(self.exit)
 
-    async def stop(self) -> None:
-        """Close stdin, stop the whole process group (SIGTERM, grace, SIGKILL), reap it."""
+    async def stop(self, reason: str = "stopped") -> None:
+        """Close stdin, stop the whole process group (SIGTERM, grace, SIGKILL), reap it.
+        `reason` goes into child_exited unless the child had already ended or another stop()
+        came first."""
         process = self._process
         if process is None:
             return
+        if self.stop_reason is None and self.exit is None:
+            self.stop_reason = reason
         if process.stdin is not None:
             process.stdin.close()
         await stop_group(process, self._stop_timeout)

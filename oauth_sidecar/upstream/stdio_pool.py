@@ -8,6 +8,10 @@ subject (429: that caller waits) and in total (503: everyone does), an idle chil
 says for an unknown session), and at shutdown every child's process group is stopped. Session
 ids are bound in auth/sessions.py too, so the gate refuses another subject's id with the same
 404 it gives for the HTTP child.
+
+What it tells the metrics, read at scrape time (nothing per request): children by state, how
+many subjects hold children and the most any one holds (never a subject as a label: callers
+would grow the series), exits by reason and refusals by cap, each from a fixed set of words.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.sessions import SessionBindings
 from oauth_sidecar.config import SpawnConfig
 from oauth_sidecar.request_keys import Principal
-from oauth_sidecar.upstream.stdio_child import LineCounters, StdioChild
+from oauth_sidecar.upstream.stdio_child import EXITED_BY_ITSELF, LineCounters, StdioChild
 from oauth_sidecar.upstream.stdio_session import StdioSession
 
 log = structlog.get_logger("oauth_sidecar.stdio")
@@ -38,6 +42,25 @@ RETRY_AFTER = "5"  # seconds: children end as sessions close or go idle
 SUBJECT_HASH_HEX = 32  # 128 bits of sha256(issuer, sub): a directory name and a log field
 SESSION_ID_BYTES = 16  # 32 hex characters, as the MCP SDKs issue
 MAX_REAP_INTERVAL = 5.0  # seconds between looks for idle children, at most
+
+CHILD_STATES = ("starting", "busy", "idle", "stopping")
+"""What a child is doing. starting: its process is being spawned or has written nothing yet (a
+first `npx -y` may download for a while); busy: a request is in flight or a stream is open, so
+it is never reaped; idle: neither, MCP_SPAWN_IDLE_SECONDS runs; stopping: its session is over
+and its process group is being stopped (SIGTERM, then SIGKILL after MCP_SPAWN_STOP_TIMEOUT_SECONDS).
+The caps count every state but stopping."""
+
+EXIT_REASONS = ("idle", "deleted", "replaced", "exited", "start_failed", "shutdown", "other")
+"""Why a child ended. idle: reaped; deleted: its client sent DELETE; replaced: a new initialize
+of the same subject (MCP_SPAWN_SCOPE=subject); exited: it ended by itself (a crash, an exit) or
+stopped taking messages on stdin; start_failed: the command could not be started, or its
+session's initialize failed (the child refused it, or the client left); shutdown: the sidecar
+stopped; other: a reason this list does not know (never a new label value)."""
+_EXIT_REASON = {"idle": "idle", "deleted": "deleted", "replaced": "replaced",
+                "shutdown": "shutdown", "child_gone": EXITED_BY_ITSELF,
+                "initialize_failed": "start_failed"}
+
+CAPS = ("process", "subject")  # the caps a start may be refused by (503 and 429)
 
 Identity = tuple[str, str]
 
@@ -52,6 +75,14 @@ class ChildRefused(Exception):
 
 class ChildStartFailed(Exception):
     """The command could not be started (logged)."""
+
+
+def exit_reason(why: str) -> str:
+    """The fixed word (EXIT_REASONS) for a reason a session is closed with, or the child's own
+    child_exited reason; anything unknown is "other"."""
+    if why in EXIT_REASONS:
+        return why
+    return _EXIT_REASON.get(why, "other")
 
 
 def subject_hash(identity: Identity) -> str:
@@ -78,10 +109,35 @@ class StdioPool:
         self._starting = asyncio.Lock()
         self._stopping = False
         self._stops: set[asyncio.Task[None]] = set()
+        self._halting: collections.Counter[StdioChild] = collections.Counter()  # stop()s running
         self.counters = LineCounters()
+        self.exits: collections.Counter[str] = collections.Counter()  # by EXIT_REASONS
+        self.refused: collections.Counter[str] = collections.Counter()  # by CAPS
 
     def children(self) -> int:
+        """Children counted against the caps (every state but stopping)."""
         return len(self._all)
+
+    def by_state(self) -> dict[str, int]:
+        """Children by CHILD_STATES (a look at each: at most MCP_SPAWN_MAX_PROCESSES)."""
+        states = dict.fromkeys(CHILD_STATES, 0)
+        for session in self._all:
+            states[session.state] += 1
+        states["stopping"] = len(self._halting)
+        return states
+
+    def limits(self) -> dict[str, int]:
+        """The caps by CAPS: MCP_SPAWN_MAX_PROCESSES and MCP_SPAWN_MAX_PER_SUBJECT."""
+        return {"process": self._spawn.max_processes, "subject": self._spawn.max_per_subject}
+
+    def subjects(self) -> int:
+        """Subjects holding at least one child."""
+        return len(self._per_subject)
+
+    def most_per_subject(self) -> int:
+        """The most children one subject holds: at MCP_SPAWN_MAX_PER_SUBJECT that user's next
+        session is refused (429)."""
+        return max(self._per_subject.values(), default=0)
 
     def sessions(self) -> int:
         return len(self._sessions)
@@ -154,9 +210,11 @@ class StdioPool:
         if self._stopping:
             raise ChildRefused(503, "temporarily_unavailable", "The sidecar is shutting down")
         if self._per_subject[identity] >= self._spawn.max_per_subject:
+            self.refused["subject"] += 1
             raise ChildRefused(429, "rate_limited", "Too many MCP sessions of this user are "
                                "open: end one (DELETE) or wait until one is idle")
         if len(self._all) >= self._spawn.max_processes:
+            self.refused["process"] += 1
             raise ChildRefused(503, "temporarily_unavailable", "Too many MCP sessions are open")
         subject = subject_hash(identity)
         session = StdioSession(session_id, identity, subject, self._spawn.max_line_bytes,
@@ -174,6 +232,7 @@ class StdioPool:
             await child.start()
         except OSError as exc:
             self._forget(session)
+            self.exits["start_failed"] += 1
             log.error("child_start_failed", subject=subject, reason=exc.strerror or str(exc))
             raise ChildStartFailed from None
         return session
@@ -197,13 +256,27 @@ class StdioPool:
         return path
 
     def _exited(self, session: StdioSession) -> None:
-        """The child ended by itself (or was stopped): its session is over."""
+        """The child ended by itself (or was stopped): its session is over. Called once per
+        started child, so each exit is counted here, by the reason its child_exited logged."""
         session.fail()
         self._forget(session)
-        if session.child is not None:  # grandchildren may live on: stop the whole group
-            task = asyncio.get_running_loop().create_task(session.child.stop())
+        child = session.child
+        if child is not None:
+            self.exits[exit_reason(child.stop_reason or EXITED_BY_ITSELF)] += 1
+            # grandchildren may live on: stop the whole group
+            task = asyncio.get_running_loop().create_task(self._stop(child, EXITED_BY_ITSELF))
             self._stops.add(task)
             task.add_done_callback(self._stops.discard)
+
+    async def _stop(self, child: StdioChild, reason: str) -> None:
+        """child.stop(), the child counted as stopping meanwhile."""
+        self._halting[child] += 1
+        try:
+            await child.stop(reason)
+        finally:
+            self._halting[child] -= 1
+            if self._halting[child] <= 0:
+                del self._halting[child]
 
     def _forget(self, session: StdioSession) -> None:
         if session not in self._all:
@@ -221,13 +294,14 @@ class StdioPool:
             del self._latest[session.identity]
 
     async def close(self, session: StdioSession, why: str) -> None:
-        """End a session and stop its child (DELETE, idle, replaced, shutdown)."""
+        """End a session and stop its child (DELETE, idle, replaced, shutdown); `why` is
+        logged as said and given to the child as its exit_reason()."""
         if session in self._all:
             log.info("session_ended", subject=session.subject, why=why)
         session.fail()
         self._forget(session)
         if session.child is not None:
-            await session.child.stop()
+            await self._stop(session.child, exit_reason(why))
 
     async def _reap(self) -> None:
         idle = self._spawn.idle_seconds

@@ -118,6 +118,7 @@ class StdioSession:
         self.subject = subject
         self.child: StdioChild | None = None
         self.closed = False
+        self.heard = False  # the child has written a message (it is past its start-up)
         self.last_active = time.monotonic()
         self._stream_bytes = max(STREAM_BYTES, 2 * max_line_bytes)
         self._numbers = itertools.count(1)
@@ -134,6 +135,14 @@ class StdioSession:
     @property
     def busy(self) -> bool:
         return bool(self._pending) or self._streams > 0
+
+    @property
+    def state(self) -> str:
+        """starting (nothing heard from the child yet), busy or idle: see stdio_pool's
+        CHILD_STATES."""
+        if not self.heard:
+            return "starting"
+        return "busy" if self.busy else "idle"
 
     def new_stream(self) -> MessageQueue:
         """A queue for one SSE answer; what waited in the backlog goes into it first."""
@@ -214,6 +223,7 @@ class StdioSession:
 
     def route(self, message: Message, size: int) -> None:
         """One message from the child to where it belongs (see the module's docstring)."""
+        self.heard = True
         if not self.client_roots and self._refused_roots(message):
             return
         if is_response(message):
