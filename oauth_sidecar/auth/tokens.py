@@ -72,6 +72,29 @@ def media_type(typ: str) -> str:
     return name if "/" in name else MEDIA_TYPE_PREFIX + name
 
 
+async def select_key(keys: KeySource, kid: str | None, alg: str) -> VerificationKey:
+    """The published key a JWS names by `kid` (an unknown kid may refresh the set once per
+    cooldown; no kid: the one key that fits alg), fit for `alg`; 503 while no keys are loaded.
+    The one rule for access tokens and signed introspection answers (RFC 9701)."""
+    key = keys.get_key(kid)
+    if key is None and kid is None:
+        candidates = [k for k in keys.all_keys() if alg in k.algorithms]
+        key = candidates[0] if len(candidates) == 1 else None
+    if key is None and kid is not None:
+        await keys.refresh_for_unknown_kid()
+        key = keys.get_key(kid)
+    if key is None:
+        if not keys.ready:
+            raise TokenError(
+                "keys_unavailable", "The identity provider's keys are not available yet",
+                error="temporarily_unavailable", status=503,
+            )
+        raise invalid("unknown_kid", "The token was not signed by a known key")
+    if alg not in key.algorithms:
+        raise invalid("alg_key_mismatch", "The token's algorithm does not fit its key")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class Explanation:
     """Every check's outcome for one token, as `oauth-sidecar check --token` shows it."""
@@ -261,23 +284,7 @@ class TokenVerifier:
     # -- the key and the signature ---------------------------------------------------------------
 
     async def _select_key(self, kid: str | None, alg: str) -> VerificationKey:
-        key = self._keys.get_key(kid)
-        if key is None and kid is None:
-            candidates = [k for k in self._keys.all_keys() if alg in k.algorithms]
-            key = candidates[0] if len(candidates) == 1 else None
-        if key is None and kid is not None:
-            await self._keys.refresh_for_unknown_kid()
-            key = self._keys.get_key(kid)
-        if key is None:
-            if not self._keys.ready:
-                raise TokenError(
-                    "keys_unavailable", "The identity provider's keys are not available yet",
-                    error="temporarily_unavailable", status=503,
-                )
-            raise invalid("unknown_kid", "The token was not signed by a known key")
-        if alg not in key.algorithms:
-            raise invalid("alg_key_mismatch", "The token's algorithm does not fit its key")
-        return key
+        return await select_key(self._keys, kid, alg)
 
     def _check_signature(self, token: str, key: Any, alg: str) -> None:
         """pyjwt's algorithm checks the signature; jwt.decode would parse the token again,
