@@ -367,7 +367,7 @@ class Introspector:
             if content_type == SIGNED_ANSWER and target.signed:
                 return await self._signed_answer(raw), True
             return self._json_answer(raw), False
-        error = self._error_code(raw) if status == 400 else ""
+        error = self._error_code(raw) if status in (400, 401, 403) else ""
         if error == "unsupported_token_type":  # RFC 7009 §2.2.1, as RFC 7662 §2.3 uses it
             return {"active": False}, False
         if status in (400, 401, 403):
