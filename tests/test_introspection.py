@@ -297,22 +297,35 @@ async def test_concurrent_requests_with_one_token_share_one_call(
     assert len(endpoint.calls) == 1
 
 
-async def test_calls_in_flight_are_bounded_and_the_timeout_covers_the_queue(
+async def test_calls_in_flight_are_bounded(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:
-    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="2",
-                                  INTROSPECTION_TIMEOUT_SECONDS="1")
-    endpoint.hold = asyncio.Event()
-    tokens = [endpoint.issue(sub=f"user-{i}") for i in range(4)]
-    requests = [asyncio.create_task(send(sidecar, token)) for token in tokens]
-    await wait_until(lambda: endpoint.in_flight == 2)
-    replies = await asyncio.gather(*requests)  # nobody releases the hold: all time out
-    for reply in replies:
-        assert_unavailable(reply)
+    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="2")
+    endpoint.delay = 0.2
+    tokens = [endpoint.issue(sub=f"user-{i}") for i in range(6)]
+    replies = await asyncio.gather(*(send(sidecar, token) for token in tokens))
+    assert [r.status for r in replies] == [200] * 6
+    assert len(endpoint.calls) == 6
     assert endpoint.most_in_flight == 2
-    assert len(endpoint.calls) == 2  # the other two timed out waiting for a slot
-    endpoint.hold.set()
-    assert (await send(sidecar, tokens[3])).status == 200  # the timeout was not cached
+
+
+async def test_the_timeout_counts_the_wait_for_a_free_slot(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    """One slot; each call takes 0.7 s, under the 1 s timeout. The second token waits about
+    0.7 s for the slot, then 0.7 s for its call: past the timeout, so a 503."""
+    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="1",
+                                  INTROSPECTION_TIMEOUT_SECONDS="1")
+    endpoint.delay = 0.7
+    first, second = endpoint.issue(sub="first"), endpoint.issue(sub="second")
+    ahead = asyncio.create_task(send(sidecar, first))
+    await wait_until(lambda: endpoint.in_flight == 1)
+    behind = await send(sidecar, second)
+    assert (await ahead).status == 200
+    assert_unavailable(behind)
+    assert endpoint.most_in_flight == 1
+    endpoint.delay = 0.0
+    assert (await send(sidecar, second)).status == 200  # the timeout was not cached
 
 
 # -- the IdP's trouble: 503, never an accept, never cached ---------------------------------------
