@@ -16,7 +16,7 @@
 //   issuer), the jwks_uri, /token, /auth, /me, /reg, ...
 //   client_credentials: a confidential client (client_secret_basic or _post) gets, for
 //     `resource=<absolute URL>`, a JWT access token (typ at+jwt, RS256) with aud = that resource
-//     and the requested scopes among --scopes. The --scopes are also listed in the discovery
+//     and the requested scopes among --scopes (an opaque one with --access-token-format opaque). The --scopes are also listed in the discovery
 //     document's scopes_supported (with openid and offline_access), so clients may register and
 //     ask for them.
 //   authorization_code + PKCE (S256, required for every client): with --auto-login <account>
@@ -41,6 +41,40 @@
 //     (client_secret_basic, authorization_code + refresh_token + client_credentials) with
 //     exactly these redirect URIs, e.g. a proxy's http://127.0.0.1:<port>/oauth/callback.
 //     The id and the secret must not contain ':'; the redirect URIs must not contain ','.
+//   --access-token-ttl <seconds> (OIDC_ACCESS_TOKEN_TTL, default 300): lifetime of every access
+//     token, JWT or opaque (the resource server's accessTokenTTL and ttl.AccessToken and
+//     ttl.ClientCredentials all use it).
+//   --access-token-format jwt|opaque (OIDC_ACCESS_TOKEN_FORMAT, default jwt): the format of every
+//     access token for a resource (client_credentials, authorization_code, refresh_token grants;
+//     oidc-provider takes it from the resource server's `accessTokenFormat`). opaque: a random
+//     reference string (43 base64url characters, not a JWS) that only the introspection
+//     endpoint can explain; its lifetime, audience (= the resource) and scopes are the same.
+//   --client-credentials-sub client_id|none (OIDC_CLIENT_CREDENTIALS_SUB, default client_id):
+//     oidc-provider introspects an opaque client_credentials token WITHOUT `sub` (there is no
+//     account); by default this provider adds sub = the client's id, as its own JWT access
+//     tokens (and ORY Hydra and Okta) do, so a subject allow-list works the same with either
+//     format. `none` keeps oidc-provider's answer without `sub`.
+//   Token introspection (RFC 7662) at <issuer>/token/introspection and revocation (RFC 7009) at
+//     <issuer>/token/revocation are always on (both listed in the discovery document). Only
+//     opaque tokens and refresh tokens can be introspected or revoked: oidc-provider answers
+//     400 unsupported_token_type for a JWT. Who may see what:
+//       introspection: an --introspection-client sees every token; any other confidential
+//         client only the tokens issued to itself; anyone else gets {"active": false}.
+//       revocation: the client the token was issued to, or an --introspection-client (an
+//         administrator's revocation); any other client is refused (400 invalid_request).
+//   --introspection-client <id>:<secret>[:<auth_method>] (repeatable; environment:
+//     OIDC_INTROSPECTION_CLIENTS, whitespace-separated) registers a confidential client with no
+//     grant at all, only allowed to introspect and revoke, as a resource server's own
+//     credentials; <auth_method> is client_secret_basic (default) or client_secret_post, and
+//     the client is held to it (the other method answers 401 invalid_client, as does a wrong
+//     secret). The id and the secret must not contain ':'.
+//   --jwt-introspection (OIDC_JWT_INTROSPECTION=1): RFC 9701 signed introspection answers. The
+//     discovery document lists introspection_signing_alg_values_supported, and each
+//     --introspection-client is registered with introspection_signed_response_alg RS256: a
+//     request with `Accept: application/token-introspection+jwt` is answered with that content
+//     type, a JWS (typ token-introspection+jwt, the provider's RS256 key from the jwks_uri) whose
+//     claims are iss = the issuer, aud = the introspecting client's id, iat, and
+//     token_introspection = the JSON answer. Without that Accept the answer stays plain JSON.
 //
 // oidc-provider 9 officially supports Node 22 LTS and later; it runs on Node 20 but prints an
 // "Unsupported runtime" warning to stderr.
@@ -49,7 +83,7 @@ import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 import { parseArgs } from 'node:util';
 
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const OPTIONS = {
   port: { type: 'string', env: 'OIDC_PORT', default: '0' },
@@ -62,6 +96,12 @@ const OPTIONS = {
   'access-token-ttl': { type: 'string', env: 'OIDC_ACCESS_TOKEN_TTL', default: '300' },
   'auto-login': { type: 'string', env: 'OIDC_AUTO_LOGIN', default: '' },
   'static-client': { type: 'string', multiple: true, env: 'OIDC_STATIC_CLIENTS', default: [] },
+  'access-token-format': { type: 'string', env: 'OIDC_ACCESS_TOKEN_FORMAT', default: 'jwt' },
+  'introspection-client': {
+    type: 'string', multiple: true, env: 'OIDC_INTROSPECTION_CLIENTS', default: [],
+  },
+  'jwt-introspection': { type: 'boolean', env: 'OIDC_JWT_INTROSPECTION', default: false },
+  'client-credentials-sub': { type: 'string', env: 'OIDC_CLIENT_CREDENTIALS_SUB', default: 'client_id' },
   'exit-on-stdin-close': { type: 'boolean', env: 'OIDC_EXIT_ON_STDIN_CLOSE', default: false },
 };
 
@@ -91,13 +131,47 @@ function options() {
   if (/[?#]/.test(issuerPath)) throw new Error('--issuer-path must not contain ? or #');
   const ttl = Number(result['access-token-ttl']);
   if (!Number.isInteger(ttl) || ttl < 1) throw new Error('--access-token-ttl must be seconds > 0');
+  const accessTokenFormat = result['access-token-format'];
+  if (!['jwt', 'opaque'].includes(accessTokenFormat)) {
+    throw new Error(`--access-token-format ${JSON.stringify(accessTokenFormat)} is not jwt or opaque`);
+  }
+  if (!['client_id', 'none'].includes(result['client-credentials-sub'])) {
+    throw new Error('--client-credentials-sub must be client_id or none');
+  }
   return {
     ...result,
     port,
     issuerPath,
     ttl,
+    accessTokenFormat,
     scopes: result.scopes.split(/[\s,]+/).filter(Boolean),
     staticClients: result['static-client'].map(staticClient),
+    introspectionClients: result['introspection-client'].map(
+      (spec) => introspectionClient(spec, result['jwt-introspection']),
+    ),
+  };
+}
+
+const INTROSPECTION_AUTH_METHODS = ['client_secret_basic', 'client_secret_post'];
+
+// "<id>:<secret>[:<auth_method>]": a resource server's credentials, good for nothing but
+// introspection and revocation (no grant type, no redirect URI).
+function introspectionClient(spec, signed) {
+  const [clientId, secret, authMethod = 'client_secret_basic', ...rest] = spec.split(':');
+  if (!clientId || !secret || rest.length > 0) {
+    throw new Error(`--introspection-client ${JSON.stringify(spec)} is not <id>:<secret>[:<auth_method>]`);
+  }
+  if (!INTROSPECTION_AUTH_METHODS.includes(authMethod)) {
+    throw new Error(`--introspection-client auth method ${JSON.stringify(authMethod)} is not one of ${INTROSPECTION_AUTH_METHODS.join(', ')}`);
+  }
+  return {
+    client_id: clientId,
+    client_secret: secret,
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: authMethod,
+    ...(signed ? { introspection_signed_response_alg: 'RS256' } : {}),
   };
 }
 
@@ -132,6 +206,7 @@ function signingJwks() {
 
 function configuration(opts) {
   const grantTypes = ['client_credentials', 'authorization_code', 'refresh_token'];
+  const introspectors = new Set(opts.introspectionClients.map(({ client_id: id }) => id));
   return {
     jwks: signingJwks(),
     clients: [
@@ -152,6 +227,7 @@ function configuration(opts) {
         token_endpoint_auth_method: 'none',
       },
       ...opts.staticClients,
+      ...opts.introspectionClients,
     ],
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'none'],
     // The resource's scopes are also Authorization Server scopes, so they are in scopes_supported
@@ -164,8 +240,22 @@ function configuration(opts) {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
-      introspection: { enabled: true },
-      revocation: { enabled: true },
+      introspection: {
+        enabled: true,
+        // RFC 7662 §2.1: the endpoint must know who may learn about which token. Public
+        // clients never get here with an answer (see the header).
+        allowedPolicy: (_ctx, client, token) => introspectors.has(client.clientId)
+          || (client.clientAuthMethod !== 'none' && client.clientId === token.clientId),
+      },
+      jwtIntrospection: { enabled: opts['jwt-introspection'] },
+      revocation: {
+        enabled: true,
+        // RFC 7009 §2.1: the token's own client, or a resource server acting as administrator.
+        allowedPolicy: (_ctx, client, token) => {
+          if (introspectors.has(client.clientId) || client.clientId === token.clientId) return true;
+          throw new errors.InvalidRequest('client is not authorized to revoke the presented token');
+        },
+      },
       // Open Dynamic Client Registration, as MCP clients expect (RFC 7591).
       registration: { enabled: true },
       resourceIndicators: {
@@ -178,7 +268,7 @@ function configuration(opts) {
           audience: resourceIndicator,
           scope: opts.scopes.join(' '),
           accessTokenTTL: opts.ttl,
-          accessTokenFormat: 'jwt',
+          accessTokenFormat: opts.accessTokenFormat,
           jwt: { sign: { alg: 'RS256' } },
         }),
       },
@@ -187,6 +277,13 @@ function configuration(opts) {
       url: (_ctx, interaction) => `${opts.issuerPath}/interaction/${interaction.uid}`,
     },
     findAccount: (_ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
+    // Stored with an opaque token and spread into its introspection answer (the JWT format
+    // already has sub = client id): see --client-credentials-sub.
+    extraTokenClaims: (_ctx, token) => (
+      token.kind === 'ClientCredentials' && token.format === 'opaque'
+        && opts['client-credentials-sub'] === 'client_id'
+        ? { sub: token.clientId } : undefined
+    ),
     ttl: {
       AccessToken: () => opts.ttl,
       ClientCredentials: () => opts.ttl,
