@@ -2,10 +2,11 @@
 
 Not a test module. The provider (tests/real_idp.py, started with access_token_format="opaque")
 issues opaque reference tokens; these helpers obtain them the way a client would:
-`opaque_client_credentials_token` (client_credentials, RFC 8707 resource), `authorization_code_tokens`
-(authorization_code + PKCE through the provider's --auto-login, with offline_access, so a refresh
-token comes too) and `refresh` (the refresh_token grant). `is_jws` says whether a string parses as
-a compact JWS, the line between the JWT verifier and introspection.
+`opaque_client_credentials_token` (client_credentials for an RFC 8707 resource),
+`authorization_code_tokens` (authorization_code + PKCE through the provider's --auto-login, with
+offline_access, so a refresh token comes too; `opaque_refresh_token` keeps just that) and
+`refresh` (the refresh_token grant). `is_jws` says whether a string parses as a compact JWS, the
+line between the JWT verifier and introspection.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ async def run_oidc_provider(
     auto_login: str | None = None,
     static_clients: Sequence[str] = (),
     access_token_ttl: int | None = None,
-    access_token_format: AccessTokenFormat = "jwt",
+    access_token_format: AccessTokenFormat = "jwt",  # noqa: S107 (a format, not a secret)
     introspection_clients: Sequence[ConfidentialClient] = (),
     jwt_introspection: bool = False,
     client_credentials_sub: Literal["client_id", "none"] = "client_id",

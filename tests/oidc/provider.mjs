@@ -65,14 +65,14 @@
 //   --introspection-client <id>:<secret>[:<auth_method>] (repeatable; environment:
 //     OIDC_INTROSPECTION_CLIENTS, whitespace-separated) registers a confidential client with no
 //     grant at all, only allowed to introspect and revoke, as a resource server's own
-//     credentials; <auth_method> is client_secret_basic (default) or client_secret_post, and
-//     the client is held to it (the other method answers 401 invalid_client, as does a wrong
-//     secret). The id and the secret must not contain ':'.
+//     credentials; <auth_method> (client_secret_basic by default, or client_secret_post) is
+//     what it is registered with, but oidc-provider accepts either secret method from it; a
+//     wrong secret answers 401 invalid_client. The id and the secret must not contain ':'.
 //   --jwt-introspection (OIDC_JWT_INTROSPECTION=1): RFC 9701 signed introspection answers. The
-//     discovery document lists introspection_signing_alg_values_supported, and each
-//     --introspection-client is registered with introspection_signed_response_alg RS256: a
-//     request with `Accept: application/token-introspection+jwt` is answered with that content
-//     type, a JWS (typ token-introspection+jwt, the provider's RS256 key from the jwks_uri) whose
+//     discovery document lists introspection_signing_alg_values_supported ["RS256"], and every
+//     client (oidc-provider's default introspection_signed_response_alg is RS256) that asks with
+//     `Accept: application/token-introspection+jwt` is answered with that content type: a JWS
+//     (typ token-introspection+jwt, the provider's RS256 key from the jwks_uri, no exp) whose
 //     claims are iss = the issuer, aud = the introspecting client's id, iat, and
 //     token_introspection = the JSON answer. Without that Accept the answer stays plain JSON.
 //
@@ -146,9 +146,7 @@ function options() {
     accessTokenFormat,
     scopes: result.scopes.split(/[\s,]+/).filter(Boolean),
     staticClients: result['static-client'].map(staticClient),
-    introspectionClients: result['introspection-client'].map(
-      (spec) => introspectionClient(spec, result['jwt-introspection']),
-    ),
+    introspectionClients: result['introspection-client'].map(introspectionClient),
   };
 }
 
@@ -156,7 +154,7 @@ const INTROSPECTION_AUTH_METHODS = ['client_secret_basic', 'client_secret_post']
 
 // "<id>:<secret>[:<auth_method>]": a resource server's credentials, good for nothing but
 // introspection and revocation (no grant type, no redirect URI).
-function introspectionClient(spec, signed) {
+function introspectionClient(spec) {
   const [clientId, secret, authMethod = 'client_secret_basic', ...rest] = spec.split(':');
   if (!clientId || !secret || rest.length > 0) {
     throw new Error(`--introspection-client ${JSON.stringify(spec)} is not <id>:<secret>[:<auth_method>]`);
@@ -171,7 +169,6 @@ function introspectionClient(spec, signed) {
     response_types: [],
     redirect_uris: [],
     token_endpoint_auth_method: authMethod,
-    ...(signed ? { introspection_signed_response_alg: 'RS256' } : {}),
   };
 }
 
