@@ -8,7 +8,9 @@ for error messages.
 
 Also the provider's other endpoints as a client uses them: `discover`, `client_credentials_token`,
 `introspect` / `introspect_jwt` (RFC 7662 / RFC 9701) and `revoke` (RFC 7009), each one bounded
-HTTP request on loopback.
+HTTP request on loopback; and `introspection_control` to count the introspection requests the
+provider received, or make its introspection endpoint slow or failing (provider.mjs
+/_test/introspection).
 
 Needs Node and `npm ci --prefix tests/oidc`.
 """
@@ -332,3 +334,34 @@ async def revoke(
     if answer.status != 200:
         raise RealIdpError(f"revocation: HTTP {answer.status}: {answer.text[:500]}",
                            answer.status)
+
+
+@dataclass(frozen=True)
+class IntrospectionControl:
+    """provider.mjs's /_test/introspection state: requests received so far (whatever their
+    answer), and how the endpoint behaves now."""
+
+    requests: int
+    revocations: int
+    delay_ms: int
+    fail_status: int
+
+
+async def introspection_control(
+    idp: RealIdp, *, delay_ms: int | None = None, fail_status: int | None = None
+) -> IntrospectionControl:
+    """Read, or with `delay_ms` / `fail_status` (0 = off) change, how the provider's
+    introspection endpoint behaves: held `delay_ms` before it is handled (a slow IdP), or
+    answered `fail_status` at once (a broken one). Returns the state after the change."""
+    url = f"http://127.0.0.1:{idp.port}/_test/introspection"
+    query = {name: str(value) for name, value in
+             (("delay_ms", delay_ms), ("fail_status", fail_status)) if value is not None}
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+        request = session.post(url, params=query) if query else session.get(url)
+        async with request as response:
+            state = await _json(response, "introspection control")
+    return IntrospectionControl(
+        requests=int(state["requests"]), revocations=int(state["revocations"]),
+        delay_ms=int(state["delay_ms"]), fail_status=int(state["fail_status"]),
+    )

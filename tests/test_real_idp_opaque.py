@@ -28,13 +28,16 @@ from opaque_tokens import (
 from real_idp import (
     INTROSPECTION_JWT,
     ConfidentialClient,
+    IntrospectionControl,
     RealIdp,
     RealIdpError,
+    client_authentication,
     client_credentials_token,
     discover,
     introspect,
     introspect_jwt,
     introspection_answer,
+    introspection_control,
     revoke,
     run_oidc_provider,
 )
@@ -300,6 +303,12 @@ async def test_without_flags_tokens_stay_jwts_that_introspection_refuses() -> No
     assert is_jws(token)
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
     assert "introspection_signing_alg_values_supported" not in metadata
+    # oidc-provider lists no *_endpoint_auth_methods_supported for these two endpoints: a
+    # client takes token_endpoint_auth_methods_supported (the same client authentication).
+    assert "introspection_endpoint_auth_methods_supported" not in metadata
+    assert "revocation_endpoint_auth_methods_supported" not in metadata
+    assert metadata["token_endpoint_auth_methods_supported"] == [
+        "client_secret_basic", "client_secret_post", "none"]
     assert metadata["introspection_endpoint"] == idp.issuer + "/token/introspection"
     assert metadata["revocation_endpoint"] == idp.issuer + "/token/revocation"
     assert answer.status == 400, answer
@@ -322,3 +331,66 @@ async def test_any_client_that_asks_gets_a_signed_answer_addressed_to_it() -> No
     claims = jwt.decode(answer.text, options={"verify_signature": False})
     assert claims["aud"] == idp.client_id
     assert claims["token_introspection"]["active"] is True
+
+
+@pytest.mark.parametrize("issuer_path", ["", "/realms/demo"])
+async def test_the_control_counts_introspection_calls_and_can_fail_them(issuer_path: str) -> None:
+    async with run_oidc_provider(issuer_path, access_token_format="opaque",
+                                 introspection_clients=[RS]) as idp:
+        token = await opaque_client_credentials_token(idp, RESOURCE)
+        assert await introspection_control(idp) == IntrospectionControl(0, 0, 0, 0)
+        await introspect(idp, token, RS)
+        await introspection_answer(idp, token, ConfidentialClient(RS.client_id, "wrong"))
+        assert (await introspection_control(idp)).requests == 2  # refused ones count too
+
+        failing = await introspection_control(idp, fail_status=503)
+        assert failing == IntrospectionControl(2, 0, 0, 503)
+        answer = await introspection_answer(idp, token, RS)
+        assert (answer.status, json.loads(answer.text)) == (
+            503, {"error": "temporarily_unavailable"})
+
+        await introspection_control(idp, fail_status=0)
+        assert (await introspect(idp, token, RS))["active"] is True
+        await revoke(idp, token, RS)
+        assert await introspection_control(idp) == IntrospectionControl(4, 1, 0, 0)
+
+
+async def test_a_slow_introspection_endpoint_holds_the_answer() -> None:
+    """delay_ms really holds the request: a client that gives up sooner times out, one that
+    waits gets the real answer. (Bounded by the client's timeouts, not by measuring speed.)"""
+    async with run_oidc_provider(access_token_format="opaque", introspection_clients=[RS]) as idp:
+        token = await opaque_client_credentials_token(idp, RESOURCE)
+        endpoint = (await discover(idp))["introspection_endpoint"]
+        assert (await introspection_control(idp, delay_ms=1500)).delay_ms == 1500
+        headers, form = client_authentication(RS, {"token": token})
+        async with aiohttp.ClientSession(trust_env=False, headers=headers) as session:
+            with pytest.raises(TimeoutError):
+                async with session.post(endpoint, data=form,
+                                        timeout=aiohttp.ClientTimeout(total=0.3)) as response:
+                    await response.read()
+            async with session.post(endpoint, data=form,
+                                    timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as response:
+                assert response.status == 200
+                assert (await response.json())["active"] is True
+
+
+async def test_a_provider_that_does_not_sign_answers_json_to_a_request_for_a_signed_answer(
+    opaque_idp: RealIdp,
+) -> None:
+    token = await opaque_client_credentials_token(opaque_idp, RESOURCE)
+    for accept in (INTROSPECTION_JWT, f"{INTROSPECTION_JWT}, application/json"):
+        answer = await introspection_answer(opaque_idp, token, RS, accept=accept)
+        assert (answer.status, answer.content_type) == (200, "application/json"), answer
+        assert json.loads(answer.text)["active"] is True
+
+
+async def test_a_signing_provider_prefers_the_signed_answer_when_both_are_acceptable() -> None:
+    async with run_oidc_provider(access_token_format="opaque", introspection_clients=[RS],
+                                 jwt_introspection=True) as idp:
+        token = await opaque_client_credentials_token(idp, RESOURCE)
+        both = await introspection_answer(
+            idp, token, RS, accept=f"{INTROSPECTION_JWT}, application/json;q=0.9")
+        json_first = await introspection_answer(
+            idp, token, RS, accept=f"application/json, {INTROSPECTION_JWT}")
+    assert both.content_type == INTROSPECTION_JWT
+    assert json_first.content_type == "application/json"

@@ -75,6 +75,17 @@
 //     (typ token-introspection+jwt, the provider's RS256 key from the jwks_uri, no exp) whose
 //     claims are iss = the issuer, aud = the introspecting client's id, iat, and
 //     token_introspection = the JSON answer. Without that Accept the answer stays plain JSON.
+//   Test control of the introspection endpoint, at the server's root whatever the issuer path
+//   (oidc-provider has no route there): GET /_test/introspection answers
+//     {"requests": <introspection requests received>, "revocations": <revocation requests>,
+//      "delay_ms": <n>, "fail_status": <n>}
+//   counting every request that reached the endpoint whatever its answer (so a test can prove
+//   that a resource server's cache spared the provider a call); POST
+//   /_test/introspection?delay_ms=<n>&fail_status=<n> sets them for the requests that follow:
+//   each introspection request is held <n> ms before oidc-provider handles it (a slow IdP), and
+//   with fail_status (100..599, 0 = off) answered at once with that status and
+//   {"error":"temporarily_unavailable"} instead (a broken IdP). Omitted parameters keep their
+//   value; the answer is the state after the change.
 //
 // oidc-provider 9 officially supports Node 22 LTS and later; it runs on Node 20 but prints an
 // "Unsupported runtime" warning to stderr.
@@ -327,15 +338,41 @@ function sendJson(res, status, body) {
   res.end(text);
 }
 
+const CONTROL_PATH = '/_test/introspection';
+const MAX_DELAY_MS = 120_000;
+
+// GET/POST /_test/introspection: see the header. Returns false if the query is not acceptable.
+function controlIntrospection(control, req, res) {
+  const { searchParams } = new URL(req.url ?? '/', 'http://127.0.0.1');
+  if (req.method === 'POST') {
+    const delay = searchParams.get('delay_ms');
+    const status = searchParams.get('fail_status');
+    const delayMs = delay === null ? control.delay_ms : Number(delay);
+    const failStatus = status === null ? control.fail_status : Number(status);
+    if (!Number.isInteger(delayMs) || delayMs < 0 || delayMs > MAX_DELAY_MS
+      || !Number.isInteger(failStatus) || (failStatus !== 0 && (failStatus < 100 || failStatus > 599))) {
+      return sendJson(res, 400, { error: 'delay_ms must be 0..120000 and fail_status 0 or 100..599' });
+    }
+    Object.assign(control, { delay_ms: delayMs, fail_status: failStatus });
+  } else if (req.method !== 'GET') {
+    return sendJson(res, 405, { error: 'GET or POST' });
+  }
+  return sendJson(res, 200, control);
+}
+
 function main() {
   const opts = options();
   let provider; // set once the port, hence the issuer, is known
   let callback;
   const prefix = opts.issuerPath;
+  const control = { requests: 0, revocations: 0, delay_ms: 0, fail_status: 0 };
 
   const server = http.createServer((req, res) => {
     if (!provider) return sendJson(res, 503, { error: 'starting' });
     const url = req.url ?? '/';
+    if (url === CONTROL_PATH || url.startsWith(`${CONTROL_PATH}?`)) {
+      return controlIntrospection(control, req, res);
+    }
     if (prefix) {
       // Mount the provider under the issuer's path like Keycloak's /realms/<name>; baseUrl is
       // how oidc-provider learns the mount path (as under Express) to build its URLs.
@@ -355,6 +392,18 @@ function main() {
         if (!res.headersSent) sendJson(res, 400, { error: 'interaction_failed', error_description: String(err.message) });
       });
       return undefined;
+    }
+    const path = req.url.split('?', 1)[0];
+    if (path === '/token/revocation') control.revocations += 1;
+    if (path === '/token/introspection') {
+      control.requests += 1;
+      if (control.fail_status) {
+        return sendJson(res, control.fail_status, { error: 'temporarily_unavailable' });
+      }
+      if (control.delay_ms) {
+        setTimeout(() => callback(req, res), control.delay_ms);
+        return undefined;
+      }
     }
     return callback(req, res);
   });
