@@ -245,6 +245,18 @@ async def test_revoking_a_refresh_token_ends_its_access_tokens_too(opaque_idp: R
     assert await introspect(opaque_idp, tokens.access_token, RS) == {"active": False}
 
 
+async def test_revoking_an_authorization_code_access_token_ends_its_refresh_token_too(
+    opaque_idp: RealIdp,
+) -> None:
+    tokens = await authorization_code_tokens(opaque_idp, RESOURCE)
+    assert tokens.refresh_token is not None
+
+    await revoke(opaque_idp, tokens.access_token, opaque_idp.client)
+
+    assert await introspect(opaque_idp, tokens.access_token, RS) == {"active": False}
+    assert await introspect(opaque_idp, tokens.refresh_token, RS) == {"active": False}
+
+
 async def test_a_signed_introspection_answer_verifies_with_the_providers_keys() -> None:
     async with run_oidc_provider(access_token_format="opaque", introspection_clients=[RS],
                                  jwt_introspection=True) as idp:

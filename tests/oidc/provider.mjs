@@ -16,9 +16,9 @@
 //   issuer), the jwks_uri, /token, /auth, /me, /reg, ...
 //   client_credentials: a confidential client (client_secret_basic or _post) gets, for
 //     `resource=<absolute URL>`, a JWT access token (typ at+jwt, RS256) with aud = that resource
-//     and the requested scopes among --scopes (an opaque one with --access-token-format opaque). The --scopes are also listed in the discovery
-//     document's scopes_supported (with openid and offline_access), so clients may register and
-//     ask for them.
+//     and the requested scopes among --scopes (an opaque one with --access-token-format opaque).
+//     The --scopes are also listed in the discovery document's scopes_supported (with openid and
+//     offline_access), so clients may register and ask for them.
 //   authorization_code + PKCE (S256, required for every client): with --auto-login <account>
 //     every interaction is answered at once — login as <account>, consent to everything asked —
 //     so a test can follow redirects from /auth to the redirect_uri with no browser. The
@@ -33,7 +33,8 @@
 //     can register itself. PKCE stays required for every client, registered ones included.
 //   Refresh tokens: issued when the grant includes `offline_access` (the MCP SDK asks for it
 //     when scopes_supported lists it, with prompt=consent) and the client may use refresh_token.
-//     A refresh with `resource` yields again a JWT access token for that resource.
+//     A refresh with `resource` yields again an access token (of --access-token-format) for that
+//     resource. Refresh tokens are always opaque and are not rotated for confidential clients.
 //   RFC 9207: every authorization response carries `iss` (oidc-provider always sends it and
 //     advertises authorization_response_iss_parameter_supported: true).
 //   --static-client <id>:<secret>:<redirect_uri>[,<redirect_uri>...] (repeatable; environment:
@@ -62,6 +63,16 @@
 //         client only the tokens issued to itself; anyone else gets {"active": false}.
 //       revocation: the client the token was issued to, or an --introspection-client (an
 //         administrator's revocation); any other client is refused (400 invalid_request).
+//         Revoking a refresh token or an authorization_code access token revokes the whole grant
+//         (every token issued with it); a client_credentials token only itself.
+//     The answers (oidc-provider's, exactly; members in this order):
+//       access token: {"active":true,"sub":…,"client_id":…,"exp":…,"iat":…,"iss":<issuer>,
+//         "aud":<the resource, a string>,"scope":"mcp:read","token_type":"Bearer"}
+//         (sub is the account for authorization_code, see --client-credentials-sub otherwise)
+//       refresh token: {"active":true,"sub":…,"client_id":…,"exp":…,"iat":…,"iss":<issuer>,
+//         "scope":"openid offline_access mcp:read"}: no aud and no token_type
+//       revoked, expired, unknown, or not to be shown to this client: {"active":false}
+//       bad client credentials: 401 {"error":"invalid_client",…}
 //   --introspection-client <id>:<secret>[:<auth_method>] (repeatable; environment:
 //     OIDC_INTROSPECTION_CLIENTS, whitespace-separated) registers a confidential client with no
 //     grant at all, only allowed to introspect and revoke, as a resource server's own
