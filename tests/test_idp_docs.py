@@ -286,7 +286,7 @@ def test_the_hydra_page_asks_the_admin_api_without_client_credentials() -> None:
     assert env["TOKEN_VALIDATION"] == "introspection"
     assert env["INTROSPECTION_AUTH_METHOD"] == "none"
     assert env["INTROSPECTION_ENDPOINT"].endswith("/admin/oauth2/introspect")
-    assert not {"INTROSPECTION_CLIENT_ID", "INTROSPECTION_CLIENT_SECRET"} & set(env)
+    assert not {"INTROSPECTION_CLIENT_SECRET", "INTROSPECTION_CLIENT_SECRET_FILE"} & set(env)
     assert env["OIDC_ISSUER_URL"].startswith("https://")  # OIDC_ALLOW_HTTP is for the admin API
 
 
