@@ -424,6 +424,11 @@ async def one_round(args: argparse.Namespace, key: BenchKey, issuer: str, argv: 
             if len(children_of(sidecar.pid)) != args.sessions:
                 result.failures.append("a child exited while idle")
         await stop(sidecar, result, groups)
+        if result.failures:  # recorded: now nothing of this round may outlive it
+            kill_everything(sidecar, groups)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KILL_WAIT):
+                    await sidecar.process.wait()
     except BaseException:
         kill_everything(sidecar, groups)
         if sidecar is not None:
