@@ -135,6 +135,26 @@ def children_of(pid: int) -> list[int]:
     return sorted(p for p, f in processes().items() if int(f[1]) == pid)
 
 
+def descendants(pid: int) -> set[tuple[int, str]]:
+    """Every live descendant of a process, as (pid, start time): a pid reused later is another
+    process, so "still alive" compares both."""
+    table = processes()
+    seen: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, f in table.items()
+                    if int(f[1]) in frontier and f[0] != "Z"} - seen
+        seen |= frontier
+    return {(p, table[p][19]) for p in seen}
+
+
+def alive(known: set[tuple[int, str]]) -> list[int]:
+    """Which of these (pid, start time) are still running (zombies count as gone)."""
+    table = processes()
+    return sorted(p for p, start in known if p in table and table[p][19] == start
+                  and table[p][0] != "Z")
+
+
 def group_members(pgids: set[int]) -> dict[int, list[int]]:
     """Live processes (not zombies) in each of these process groups."""
     members: dict[int, list[int]] = {g: [] for g in pgids}
@@ -314,7 +334,7 @@ class Round:
     sidecar_after: dict[str, int] = field(default_factory=dict)
     exit_code: int | None = None
     stop_seconds: float = 0.0
-    left: list[int] = field(default_factory=list)  # processes of the children's groups left
+    left: list[int] = field(default_factory=list)  # children's processes left after SIGTERM
     log_errors: int = 0
     child_started: int = 0
     child_exited_shutdown: int = 0
@@ -353,8 +373,10 @@ def count_log(log: Path, result: Round) -> None:
                 result.child_exited_shutdown += 1
 
 
-async def stop(sidecar: Sidecar, result: Round, groups: set[int]) -> None:
-    """SIGTERM; its exit status and time; then any process of the children's groups left."""
+async def stop(sidecar: Sidecar, result: Round, groups: set[int],
+               known: set[tuple[int, str]]) -> None:
+    """SIGTERM; its exit status and time; then any process left of the children's groups or of
+    the sidecar's descendants seen while the sessions were open (one that left its group)."""
     started = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         sidecar.process.send_signal(signal.SIGTERM)
@@ -366,22 +388,27 @@ async def stop(sidecar: Sidecar, result: Round, groups: set[int]) -> None:
     result.stop_seconds = time.monotonic() - started
     deadline = time.monotonic() + GONE_WAIT  # reparented stragglers may take a moment to die
     while True:
-        left = sorted(p for members in group_members(groups).values() for p in members)
+        left = sorted({p for members in group_members(groups).values() for p in members}
+                      | set(alive(known)))
         if not left or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
     result.left = left
     if left:
-        result.failures.append(f"{len(left)} process(es) of the children's groups left: {left}")
+        result.failures.append(f"{len(left)} of the children's process(es) left: {left}")
     if result.exit_code not in (0, None):
         result.failures.append(f"the sidecar exited with {result.exit_code} on SIGTERM")
 
 
-def kill_everything(sidecar: Sidecar | None, groups: set[int]) -> None:
+def kill_everything(sidecar: Sidecar | None, groups: set[int],
+                    known: set[tuple[int, str]]) -> None:
     """The last resort after a failure: SIGKILL the sidecar's and every child's group."""
     for pgid in [*([sidecar.pid] if sidecar else []), *groups]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+    for pid in alive(known):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 async def one_round(args: argparse.Namespace, key: BenchKey, issuer: str, argv: list[str],
@@ -391,6 +418,7 @@ async def one_round(args: argparse.Namespace, key: BenchKey, issuer: str, argv: 
     warmup_token = key.mint(f"bench-warmup-{index}")
     sidecar: Sidecar | None = None
     groups: set[int] = set()
+    known: set[tuple[int, str]] = set()
     timeout = aiohttp.ClientTimeout(total=OPEN_TIMEOUT)
     try:
         # No kept-alive connections: the sidecar's fds "after" are the sessions' own.
@@ -419,18 +447,19 @@ async def one_round(args: argparse.Namespace, key: BenchKey, issuer: str, argv: 
             groups = set(leaders)
             await asyncio.sleep(args.settle)
             result.children = [child_memory(leader) for leader in leaders]
+            known = descendants(sidecar.pid)
             result.sidecar_after = sidecar_figures(sidecar.pid)
             # Every session idle and every child alive through the settle.
             if len(children_of(sidecar.pid)) != args.sessions:
                 result.failures.append("a child exited while idle")
-        await stop(sidecar, result, groups)
+        await stop(sidecar, result, groups, known)
         if result.failures:  # recorded: now nothing of this round may outlive it
-            kill_everything(sidecar, groups)
+            kill_everything(sidecar, groups, known)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(KILL_WAIT):
                     await sidecar.process.wait()
     except BaseException:
-        kill_everything(sidecar, groups)
+        kill_everything(sidecar, groups, known)
         if sidecar is not None:
             with contextlib.suppress(TimeoutError, ProcessLookupError):
                 async with asyncio.timeout(KILL_WAIT):
