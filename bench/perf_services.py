@@ -17,6 +17,13 @@ loopback:
   wrote to `--jwks-file` (the harness holds the private key and mints the tokens). The JWKS is
   served without Cache-Control, so the sidecar refreshes it only hourly: every fetch during a
   run is one the sidecar chose to make.
+- its RFC 7662 introspection endpoint (`POST /introspect`, advertised in the discovery document
+  with `client_secret_basic`): the sidecar's client credentials are checked (401
+  `invalid_client` otherwise), and an opaque token minted by `opaque_token()` is active (its
+  subject and expiry are in it, so any number of distinct tokens can be minted without telling
+  this process), anything else inactive. Cheap on purpose, so that the IdP is not what limits
+  a cache-miss run: one header comparison, the form parsed from the raw body, one small JSON
+  answer. `/stats` counts its calls by outcome.
 """
 
 from __future__ import annotations
@@ -25,12 +32,47 @@ import argparse
 import asyncio
 import json
 import math
+import secrets
 import sys
 import time
+from base64 import b64encode
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
+from jwt_micro import AUDIENCE
 from loopback import serve_until_stopped
+
+# The sidecar's introspection client (INTROSPECTION_CLIENT_ID/SECRET in run.py); plain
+# characters, so the RFC 6749 §2.3.1 urlencoding before base64 changes nothing.
+INTROSPECTION_CLIENT_ID = "bench-introspector"
+INTROSPECTION_CLIENT_SECRET = "bench-introspector-secret"  # noqa: S105 - a loopback fixture
+BASIC = "Basic " + b64encode(
+    f"{INTROSPECTION_CLIENT_ID}:{INTROSPECTION_CLIENT_SECRET}".encode()).decode("ascii")
+# An opaque token: "bench-opaque~<sub>~<exp>~<nonce>", RFC 6750 b64token characters only, and
+# not shaped like a JWS (no dots): TOKEN_VALIDATION=auto would introspect it too.
+OPAQUE_PREFIX = "bench-opaque~"
+INACTIVE = b'{"active":false}'
+INVALID_CLIENT = b'{"error":"invalid_client"}'
+
+
+def opaque_token(sub: str, lifetime: float = 7200.0) -> str:
+    """A new opaque token this IdP answers active for until `lifetime` seconds from now."""
+    return f"{OPAQUE_PREFIX}{sub}~{int(time.time() + lifetime)}~{secrets.token_urlsafe(24)}"
+
+
+def introspection_answer(token: str, issuer: str, now: float) -> dict[str, Any] | None:
+    """The active answer (RFC 7662 §2.2) for one of our opaque tokens, or None (inactive)."""
+    if not token.startswith(OPAQUE_PREFIX):
+        return None
+    fields = token[len(OPAQUE_PREFIX):].split("~")
+    if len(fields) != 3 or not fields[1].isdigit() or int(fields[1]) <= now:
+        return None
+    sub, exp = fields[0], int(fields[1])
+    return {"active": True, "iss": issuer, "aud": AUDIENCE, "sub": sub, "exp": exp,
+            "iat": exp - 7200, "scope": "mcp", "client_id": "bench-client",
+            "token_type": "Bearer", "email": f"{sub}@bench.test", "email_verified": True}
 
 
 class Services:
@@ -43,6 +85,7 @@ class Services:
         self.events_sent = 0
         self.jwks_fetches = 0
         self.discovery_fetches = 0
+        self.introspections = {"active": 0, "inactive": 0, "invalid_client": 0}
 
     # -- the SSE upstream ------------------------------------------------------------------------
 
@@ -87,6 +130,7 @@ class Services:
             "streams_open": self.streams_open, "streams_started": self.streams_started,
             "events_sent": self.events_sent, "jwks_fetches": self.jwks_fetches,
             "discovery_fetches": self.discovery_fetches,
+            "introspections": self.introspections,
         })
 
     # -- the IdP ---------------------------------------------------------------------------------
@@ -95,6 +139,7 @@ class Services:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self.discovery)
         app.router.add_get("/jwks", self.keys)
+        app.router.add_post("/introspect", self.introspect)
         return app
 
     async def discovery(self, request: web.Request) -> web.Response:
@@ -104,11 +149,27 @@ class Services:
             "authorization_endpoint": self.idp_origin + "/authorize",
             "token_endpoint": self.idp_origin + "/token",
             "code_challenge_methods_supported": ["S256"],
+            "introspection_endpoint": self.idp_origin + "/introspect",
+            "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
         })
 
     async def keys(self, request: web.Request) -> web.Response:
         self.jwks_fetches += 1
         return web.json_response(self.jwks)
+
+    async def introspect(self, request: web.Request) -> web.Response:
+        """RFC 7662 §2: the client authenticated (RFC 6749 §2.3.1), the token from the form."""
+        if request.headers.get("Authorization") != BASIC:
+            self.introspections["invalid_client"] += 1
+            return web.Response(status=401, body=INVALID_CLIENT, content_type="application/json",
+                                headers={"WWW-Authenticate": 'Basic realm="bench"'})
+        form = dict(parse_qsl((await request.read()).decode("ascii")))
+        answer = introspection_answer(form.get("token", ""), self.idp_origin, time.time())
+        if answer is None:
+            self.introspections["inactive"] += 1
+            return web.Response(body=INACTIVE, content_type="application/json")
+        self.introspections["active"] += 1
+        return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
 
 
 async def serve(args: argparse.Namespace, jwks: dict[str, object]) -> int:
