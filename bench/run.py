@@ -32,18 +32,24 @@ the second, each process pinned with `taskset -c`; with one CPU or no taskset, u
 - issue 18's stdio bridge: echo-direct (bench/stdio_http_echo.py alone, no sidecar),
   sidecar-stdio (the sidecar bridging to bench/echo_over_stdio.py as a stdio child) and
   sidecar-httpchild (the sidecar spawning bench/stdio_http_echo.py with MCP_SPAWN_PORT): the
-  same tools/call echo, so the bridge's and the proxy's added cost are the difference.
+  same tools/call echo, so the bridge's and the proxy's added cost are the difference;
+- issue 19's opaque tokens (TOKEN_VALIDATION=introspection against perf_services.py's RFC 7662
+  endpoint): sidecar-introspection (one opaque token: cache hits, as sidecar has one JWT) and
+  sidecar-introspection-miss (a rotating set of distinct opaque tokens, TOKEN_CACHE_SIZE below
+  their number: every request one call to the IdP, as sidecar-distinct is one RSA check).
 
 Measures (NAME for --only, with case names above; default: all):
 
 - throughput: wrk -t1 -cN POSTs of a 107-byte JSON-RPC body (the tool-rule cases: their own),
   req/s, every case;
-- latency: p50/p99 at a moderate rate R for upstream, the two proxies, the sidecar and the
-  three echo cases (their own table: added over echo-direct, paired by round): wrk -c10
+- latency: p50/p99 at a moderate rate R for upstream, the two proxies, the sidecar, the
+  three echo cases (their own table: added over echo-direct, paired by round), sidecar-distinct
+  and the two introspection cases (their own table: added over their JWT twin): wrk -c10
   with an exponential think time per connection (mean 10/R s), so requests arrive spread out
   like independent clients' (µs resolution); "added" is a case's figure minus the upstream's.
   Beside it, hey -c 10 -q R/10 ("burst"): hey's workers tick together, so that is bursts of 10
-  requests every 10/R s, which a single-threaded server answers one after another;
+  requests every 10/R s, which a single-threaded server answers one after another (not for the
+  rotating-token cases: hey sends one token);
 - sse: SSE streams opened through each proxy and directly (upstream nginx), an event every 20 ms
   carrying its send time (CLOCK_MONOTONIC); receive - send per event, p50/p99, "added" as above;
 - idle: RSS, fds and CPU time of the sidecar (and of the minimal proxy, for comparison) before
@@ -89,8 +95,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
+from introspection_micro import ROWS as MICRO_ROWS
 from jwt_micro import BenchKey, unknown_kid_token
 from loopback import free_port
+from perf_services import INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET, opaque_token
 from tool_workload import CALL_BODY, GLOBS, GROUPS_CLAIM_VALUE, LIST_BODY, RULES, tools_list
 
 BENCH = Path(__file__).resolve().parent
@@ -119,7 +127,8 @@ IDLE_POOL_FRAME = "_worker (concurrent/futures/thread.py)"
 PROFILE_INCLUSIVE = tuple(f"{p}.py)" for p in (
     "oauth_sidecar/auth/gate", "oauth_sidecar/auth/tokens", "oauth_sidecar/upstream/proxy",
     "oauth_sidecar/log", "oauth_sidecar/cors", "oauth_sidecar/http_errors",
-    "oauth_sidecar/auth/ratelimit",
+    "oauth_sidecar/auth/ratelimit", "oauth_sidecar/auth/introspection",
+    "oauth_sidecar/auth/claims", "oauth_sidecar/auth/token_cache",
     "oauth_sidecar/auth/policy", "oauth_sidecar/client_ip", "oauth_sidecar/upstream/sessions",
     "oauth_sidecar/mcp/calls", "oauth_sidecar/mcp/messages", "oauth_sidecar/mcp/tool_policy",
     "oauth_sidecar/mcp/list_filter", "oauth_sidecar/mcp/audit",
@@ -137,9 +146,10 @@ LIST_PATH = "/list200"  # the upstream's POST path answering the 200-tool list (
 RULE_PAIRS = (("sidecar-rules50", "sidecar-toolcall"), ("sidecar-rules50", "sidecar-rules1"),
               ("sidecar-list200", "sidecar-list200-norules"))
 
-MEASURES = ("throughput", "latency", "sse", "idle", "jwt", "jwks")
+MEASURES = ("throughput", "latency", "sse", "idle", "jwt", "introspection", "jwks")
 CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
-         "sidecar-defaults", "sidecar-distinct", "sidecar-ratelimit", "sidecar-subjects",
+         "sidecar-defaults", "sidecar-distinct", "sidecar-introspection",
+         "sidecar-introspection-miss", "sidecar-ratelimit", "sidecar-subjects",
          "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "sidecar-toolcall",
          "sidecar-rules1", "sidecar-rules50", "sidecar-list200-norules", "sidecar-list200",
          "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "echo-direct",
@@ -151,7 +161,20 @@ HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cos
 STDIO_CASES = ("echo-direct", "sidecar-stdio", "sidecar-httpchild")
 STDIO_DIRECT = "echo-direct"
 SSE_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
-LATENCY_CASES = (*SSE_CASES, *STDIO_CASES)  # the echo answers POSTs only: no SSE for them
+# Issue 19: opaque tokens introspected, on cache hits and misses, beside their JWT twins.
+INTROSPECTION_CASES = ("sidecar-introspection", "sidecar-introspection-miss")
+# (case, base, what): the ratios and added latencies of issue 19's report, paired by round.
+INTROSPECTION_PAIRS = (
+    ("sidecar-introspection", "sidecar", "introspection hit / JWT hit"),
+    ("sidecar-introspection-miss", "sidecar-distinct", "introspection miss / JWT miss"),
+    ("sidecar-introspection-miss", "sidecar-introspection", "introspection miss / hit"),
+    ("sidecar-distinct", "sidecar", "JWT miss / hit"))
+# The echo answers POSTs only, and the cache-miss cases rotate tokens: no SSE for them.
+LATENCY_CASES = (*SSE_CASES, *STDIO_CASES, "sidecar-distinct", *INTROSPECTION_CASES)
+# A p99 difference is quoted only when every round's is within this of the median (or of
+# P99_STABLE_MS): on a shared machine a p99 often moves more between rounds than its size.
+P99_STABLE_SHARE = 0.5
+P99_STABLE_MS = 0.2
 IDLE_CASES = ("minimal-proxy", "sidecar")
 
 Json = dict[str, Any]
@@ -411,11 +434,12 @@ class Procs:
             Procs.live.discard(pid)
 
 
-async def run_tool(argv: list[str], limit: float) -> str:
+async def run_tool(argv: list[str], limit: float, env: dict[str, str] | None = None) -> str:
     """A load generator's stdout+stderr; killed (its whole group) on timeout or cancellation."""
     process = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+        env=env,
     )
     Procs.live.add(process.pid)
     try:
@@ -581,7 +605,11 @@ class Target:
     proc: Proc | None = None
     token: str | None = None
     rotating: bool = False
+    """Each request a token from token_file in turn (cache misses)."""
+    token_file: Path | None = None
     body: str = BODY
+    introspects: bool = False
+    """Opaque tokens: the fake IdP's CPU and calls are measured with each run."""
 
     @property
     def url(self) -> str:
@@ -714,6 +742,20 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         # limit never reached, or the runs would measure 429s.
         starters.append(sidecar("sidecar-distinct", RATE_LIMIT_UNAUTHENTICATED_RPM=HIGH_RPM,
                                 TOKEN_CACHE_SIZE=str(max(1, s.distinct_tokens // 2))))
+    # Issue 19: the product's introspection defaults (cache 30 s, 16 calls in flight), its
+    # client authenticating with client_secret_basic as the IdP's metadata offers.
+    introspecting = {"TOKEN_VALIDATION": "introspection",
+                     "INTROSPECTION_CLIENT_ID": INTROSPECTION_CLIENT_ID,
+                     "INTROSPECTION_CLIENT_SECRET": INTROSPECTION_CLIENT_SECRET}
+    opaque = opaque_token("bench-user-0")
+    if "sidecar-introspection" in want:
+        starters.append(sidecar("sidecar-introspection", REPO, token=opaque, **introspecting))
+    if "sidecar-introspection-miss" in want:
+        # As sidecar-distinct: every request a call to the IdP, paid from the IP's budget.
+        starters.append(sidecar("sidecar-introspection-miss", REPO, token=opaque,
+                                RATE_LIMIT_UNAUTHENTICATED_RPM=HIGH_RPM,
+                                TOKEN_CACHE_SIZE=str(max(1, s.distinct_tokens // 2)),
+                                **introspecting))
     if "sidecar-ratelimit" in want:
         starters.append(sidecar("sidecar-ratelimit", RATE_LIMIT_RPM=HIGH_RPM,
                                 RATE_LIMIT_STORAGE_URI="memory://"))
@@ -779,13 +821,21 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
             system.targets[target.name] = target
     rotating = [system.targets[c] for c in ("sidecar-distinct", "baseline-distinct",
                                             "sidecar-subjects") if c in system.targets]
-    for target in rotating:
-        target.rotating = True
     if rotating:
         print(f"bench: minting {s.distinct_tokens} distinct RS256 tokens", flush=True)
         tokens = [system.key.mint(f"bench-user-{i}") for i in range(s.distinct_tokens)]
         system.token_file = d / "tokens.txt"
         system.token_file.write_text("\n".join(tokens) + "\n")
+    for target in rotating:
+        target.rotating, target.token_file = True, system.token_file
+    for name in INTROSPECTION_CASES:
+        if name in system.targets:
+            system.targets[name].introspects = True
+    if "sidecar-introspection-miss" in system.targets:
+        target = system.targets["sidecar-introspection-miss"]
+        target.rotating, target.token_file = True, d / "opaque-tokens.txt"
+        target.token_file.write_text("\n".join(
+            opaque_token(f"bench-user-{i}") for i in range(s.distinct_tokens)) + "\n")
 
     # Readiness, bounded: every process answers what the runs will ask of it.
     stats_url = f"http://127.0.0.1:{system.sse_port}/stats"
@@ -805,6 +855,7 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
     await asyncio.gather(*checks)
     await check_tool_rules(system, session)
     await check_echo(system, session)
+    await check_introspection(system, session)
     if "sidecar-subjects" in system.targets and system.token_file is not None:
         # Its cache holds every token: the measured runs see hits only, for every subject.
         tokens = system.token_file.read_text().split()
@@ -864,6 +915,34 @@ async def check_echo(system: System, session: aiohttp.ClientSession) -> None:
             raise SetupError(f"{name}: unexpected answer {answer.status} {kind}: {text[:300]}")
 
 
+async def check_introspection(system: System, session: aiohttp.ClientSession) -> None:
+    """The issue-19 cases measure what they claim: an opaque token is let through (the
+    upstream's answer) after exactly one introspection, and a second request with it asks the
+    IdP nothing (sidecar-introspection's hits); an unknown opaque token is a 401."""
+    for name in INTROSPECTION_CASES:
+        target = system.targets.get(name)
+        if target is None:
+            continue
+        token = opaque_token("bench-check")
+        before = (await upstream_stats(system, session))["introspections"]
+        for attempt in (token, token):
+            async with session.post(target.url, data=BODY, headers={
+                    "Content-Type": "application/json", **auth_headers(attempt)}) as answer:
+                text = await answer.text()
+            if answer.status != 200 or text != UPSTREAM_BODY:
+                raise SetupError(f"{name}: an opaque token got {answer.status}: {text[:300]}")
+        async with session.post(target.url, data=BODY, headers={
+                "Content-Type": "application/json",
+                **auth_headers(token.replace("bench-opaque", "forged"))}) as answer:
+            if answer.status != 401:
+                raise SetupError(f"{name}: an unknown opaque token got {answer.status}")
+        after = (await upstream_stats(system, session))["introspections"]
+        calls = {k: after[k] - before[k] for k in after}
+        if calls != {"active": 1, "inactive": 1, "invalid_client": 0}:
+            raise SetupError(f"{name}: the IdP saw {calls} for one token asked twice and one "
+                             "unknown token (expected one active, one inactive)")
+
+
 async def redis_server(system: System) -> str:
     """A local redis-server on the load CPU for the replica-shared limiter case."""
     binary = find_tool("redis-server")
@@ -913,37 +992,54 @@ end
 """
 
 
-def wrk_script(system: System, target: Target) -> Path:
-    path = system.directory / f"wrk-{target.name}.lua"
+def request_lines(target: Target, body: str) -> list[str]:
+    """The Lua that makes a case's requests: one token, or (rotating) each token in turn."""
     headers = {"Content-Type": "application/json", "Accept": ACCEPT}
-    if target.rotating:
-        # Every token once, in order, from where the previous run of this case stopped: with
-        # TOKEN_CACHE_SIZE below their number, each request misses the FIFO cache (for
-        # sidecar-subjects the cache holds them all: every request a hit, 10,000 subjects).
-        lines = [
-            'wrk.method = "POST"',
-            f"wrk.body = {lua_string(BODY)}",
-            *(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items()),
-            "local requests, count, index = {}, 0, 0",
-            "function init(args)",
-            "  for token in io.lines(args[1]) do",
-            '    wrk.headers["Authorization"] = "Bearer " .. token',
-            "    count = count + 1",
-            "    requests[count] = wrk.format()",
-            "  end",
-            "  index = tonumber(args[2]) % count",
-            "end",
-            "function request()",
-            "  index = index % count + 1",
-            "  return requests[index]",
-            "end",
-        ]
-    else:
+    if not target.rotating:
         if target.token:
             headers["Authorization"] = f"Bearer {target.token}"
-        lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(target.body)}",
-                 *(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items())]
-    path.write_text("\n".join(lines) + "\n" + WRK_DONE)
+        return ['wrk.method = "POST"', f"wrk.body = {lua_string(body)}",
+                *(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items())]
+    # Every token once, in order, from where the previous run of this case stopped: with
+    # TOKEN_CACHE_SIZE below their number, each request misses the FIFO cache (for
+    # sidecar-subjects the cache holds them all: every request a hit, 10,000 subjects).
+    return [
+        'wrk.method = "POST"',
+        f"wrk.body = {lua_string(BODY)}",
+        *(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items()),
+        "local requests, count, index = {}, 0, 0",
+        "function init(args)",
+        "  for token in io.lines(args[1]) do",
+        '    wrk.headers["Authorization"] = "Bearer " .. token',
+        "    count = count + 1",
+        "    requests[count] = wrk.format()",
+        "  end",
+        "  index = tonumber(args[2]) % count",
+        "end",
+        "function request()",
+        "  index = index % count + 1",
+        "  return requests[index]",
+        "end",
+    ]
+
+
+def rotation_args(target: Target, rotation: Rotation) -> list[str]:
+    """wrk's script arguments of a rotating case: its token file and where to start in it."""
+    if not target.rotating or target.token_file is None:
+        return []
+    return ["--", str(target.token_file), str(rotation.offsets.get(target.name, 0))]
+
+
+def rotated_past(target: Target, rotation: Rotation, requests: int, connections: int) -> None:
+    """After a run: skip what may still have been in flight, never reuse a recent token."""
+    if target.rotating:
+        rotation.offsets[target.name] = (rotation.offsets.get(target.name, 0)
+                                         + requests + 2 * connections)
+
+
+def wrk_script(system: System, target: Target) -> Path:
+    path = system.directory / f"wrk-{target.name}.lua"
+    path.write_text("\n".join(request_lines(target, target.body)) + "\n" + WRK_DONE)
     return path
 
 
@@ -960,8 +1056,7 @@ async def wrk(system: System, target: Target, seconds: float, rotation: Rotation
     argv = [*system.pinning.prefix("load"), system.tools["wrk"], "-t1", f"-c{s.connections}",
             f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s",
             str(wrk_script(system, target)), target.url]
-    if target.rotating and system.token_file is not None:
-        argv += ["--", str(system.token_file), str(rotation.offsets.get(target.name, 0))]
+    argv += rotation_args(target, rotation)
     cpu_before = group_cpu(target.proc.pid) if target.proc else math.nan
     out = await run_tool(argv, seconds + TOOL_GRACE)
     cpu = (group_cpu(target.proc.pid) if target.proc else math.nan) - cpu_before
@@ -974,9 +1069,7 @@ async def wrk(system: System, target: Target, seconds: float, rotation: Rotation
     data["cpu_s"] = cpu
     data["cpu_us_per_request"] = cpu / max(1, data["requests"]) * 1e6
     data["cpu_share"] = cpu / (data["duration_us"] / 1e6)
-    if target.rotating:  # skip what may still have been in flight: never reuse a recent token
-        rotation.offsets[target.name] = (rotation.offsets.get(target.name, 0)
-                                         + data["requests"] + 2 * s.connections)
+    rotated_past(target, rotation, data["requests"], s.connections)
     data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
     data["errors"] = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
     return data
@@ -988,17 +1081,13 @@ def latency_script(system: System, target: Target) -> Path:
     connections = min(LATENCY_CONNECTIONS, s.rate)
     mean_ms = 1000 * connections / s.rate
     path = system.directory / f"latency-{target.name}.lua"
-    headers = {"Content-Type": "application/json", "Accept": ACCEPT}
-    if target.token:
-        headers["Authorization"] = f"Bearer {target.token}"
-    lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(BODY)}",
-             *(f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in headers.items()),
+    lines = [*request_lines(target, BODY),
              f"function delay() return -math.log(1 - math.random()) * {mean_ms:g} end"]
     path.write_text("\n".join(lines) + "\n" + WRK_DONE)
     return path
 
 
-async def latency_run(system: System, target: Target) -> Json:
+async def latency_run(system: System, target: Target, rotation: Rotation) -> Json:
     """p50/p99 at a moderate rate: wrk -c10, each connection waiting an exponential time
     (mean 10/rate) between requests, so arrivals are spread like independent clients'."""
     s = system.settings
@@ -1006,14 +1095,15 @@ async def latency_run(system: System, target: Target) -> Json:
     seconds = s.latency_duration
     argv = [*system.pinning.prefix("load"), system.tools["wrk"], "-t1", f"-c{connections}",
             f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s",
-            str(latency_script(system, target)), target.url]
+            str(latency_script(system, target)), target.url, *rotation_args(target, rotation)]
     out = await run_tool(argv, seconds + TOOL_GRACE)
     found = re.search(r"^WRK_JSON (.*)$", out, re.MULTILINE)
     if found is None:
         raise SetupError(f"wrk printed no result:\n{out[-2000:]}")
     data: Json = json.loads(found.group(1))
+    rotated_past(target, rotation, data["requests"], connections)
     return {"p50_ms": data["p50_us"] / 1000, "p99_ms": data["p99_us"] / 1000,
-            "rps": data["requests"] / (data["duration_us"] / 1e6),
+            "requests": data["requests"], "rps": data["requests"] / (data["duration_us"] / 1e6),
             "errors": sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))}
 
 
@@ -1243,11 +1333,15 @@ async def profile(system: System, target: Target, rotation: Rotation) -> Json:
     return result
 
 
-async def jwt_micro(system: System) -> Json:
+async def micro(system: System, script: str) -> Json:
+    """A microbenchmark of this checkout's code (PYTHONPATH: a script's own directory comes
+    first on sys.path, so the package would otherwise be the one the venv has installed, which
+    for another worktree is not this one), pinned like the system under test."""
     s = system.settings
-    out = await run_tool([*system.pinning.prefix("sut"), PYTHON, str(BENCH / "jwt_micro.py"),
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # noqa: TID251 - the harness's children
+    out = await run_tool([*system.pinning.prefix("sut"), PYTHON, str(BENCH / script),
                           "--json", "--tokens", str(s.jwt_tokens), "--repeats",
-                          str(s.jwt_repeats)], 300.0)
+                          str(s.jwt_repeats)], 300.0, env)
     data: Json = json.loads(out.strip().splitlines()[-1])
     return data
 
@@ -1334,6 +1428,7 @@ class Results:
     sse: dict[str, list[Json]] = field(default_factory=dict)
     idle: dict[str, Json] = field(default_factory=dict)
     jwt: Json = field(default_factory=dict)
+    introspection: Json = field(default_factory=dict)
     jwks: Json = field(default_factory=dict)
     profiles: dict[str, Json] = field(default_factory=dict)
     summary: Json = field(default_factory=dict)
@@ -1391,7 +1486,47 @@ def stdio_summary(results: Results) -> Json:
     return out
 
 
-def summarise(results: Results) -> None:  # noqa: PLR0912 - one branch per optional figure
+def p99_stable(values: Sequence[float]) -> bool:
+    """Every round's figure within P99_STABLE_SHARE of the median (or P99_STABLE_MS)."""
+    if not values:
+        return False
+    middle = statistics.median(values)
+    allowed = max(P99_STABLE_SHARE * abs(middle), P99_STABLE_MS)
+    return all(abs(v - middle) <= allowed for v in values)
+
+
+def introspection_summary(results: Results) -> Json:
+    """Issue 19's figures: req/s and CPU per request of opaque tokens introspected on cache hits
+    and misses beside their JWT twins, the IdP's own CPU and calls, the ratios and the added
+    latency (each paired within its round)."""
+    t, lat = results.throughput, results.latency
+    cases = [c for c in ("sidecar", "sidecar-distinct", *INTROSPECTION_CASES) if c in t or c in lat]
+    if not any(c in t or c in lat for c in INTROSPECTION_CASES):
+        return {}
+    out: Json = {"cases": cases}
+    out["rps"] = {c: med(t, c, "rps") for c in cases if c in t}
+    out["cpu_us_per_request"] = {c: med(t, c, "cpu_us_per_request") for c in cases if c in t}
+    for key in ("idp_cpu_us_per_request", "idp_cpu_share", "idp_calls_per_request"):
+        out[key] = {c: med(t, c, key) for c in INTROSPECTION_CASES if c in t}
+        out[f"latency_{key}"] = {c: med(lat, c, key) for c in INTROSPECTION_CASES if c in lat}
+    out["latency_p50_ms"] = {c: med(lat, c, "p50_ms") for c in cases if c in lat}
+    out["latency_p99_ms"] = {c: med(lat, c, "p99_ms") for c in cases if c in lat}
+    ratios, added50, added99, by_round, stable = {}, {}, {}, {}, {}
+    for case, base, what in INTROSPECTION_PAIRS:
+        if case in t and base in t:
+            ratios[what] = paired_ratio(t, case, base, "rps")
+        if case in lat and base in lat:
+            added50[what] = paired_difference(lat, case, base, "p50_ms")
+            rounds = differences(lat, case, base, "p99_ms")
+            by_round[what] = rounds
+            stable[what] = p99_stable(rounds)
+            added99[what] = median(rounds)
+    out.update({"rps_ratio": ratios, "added_p50_ms": added50, "added_p99_ms": added99,
+                "added_p99_ms_by_round": by_round, "added_p99_stable": stable})
+    return out
+
+
+def summarise(results: Results) -> None:  # noqa: PLR0912, PLR0915 - one branch per optional figure
     """Medians, ratios and the verdicts against the performance targets."""
     t, lat, sse = results.throughput, results.latency, results.sse
     summary: Json = {"throughput_rps": {c: med(t, c, "rps") for c in t},
@@ -1451,6 +1586,12 @@ def summarise(results: Results) -> None:  # noqa: PLR0912 - one branch per optio
     stdio = stdio_summary(results)
     if stdio:
         summary["stdio_bridge"] = stdio
+    opaque = introspection_summary(results)
+    if opaque:
+        summary["introspection"] = opaque
+    for what, ratio in opaque.get("rps_ratio", {}).items():
+        verdict(f"{what} req/s (issue 19: opaque tokens introspected, JWTs verified)", ratio,
+                None, True, "x")
     if "stdio_vs_httpchild" in stdio:
         verdict("sidecar-stdio / sidecar-httpchild req/s (the stdio bridge against spawn "
                 "mode's HTTP child, same echo)", stdio["stdio_vs_httpchild"], None, True, "x")
@@ -1495,8 +1636,9 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
     if r.throughput or r.latency or r.sse or r.idle:
         out.append("sidecars: LOG_LEVEL=warning and RATE_LIMIT_RPM=0 (per-subject rate limiting "
                    "OFF for throughput) unless the case says otherwise; the per-IP budget keeps "
-                   "its default (spent on every cache miss), except in the -distinct cases, "
-                   "where every request is one: RATE_LIMIT_UNAUTHENTICATED_RPM=1000000 there")
+                   "its default (spent on every cache miss), except in the -distinct and "
+                   "-miss cases, where every request is one: RATE_LIMIT_UNAUTHENTICATED_RPM="
+                   "1000000 there")
     sm = r.summary
     if r.throughput:
         rps = sm["throughput_rps"]
@@ -1520,6 +1662,8 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
                        "p99 ms", "errors", "req/s by round"], rows),
                 "   sidecar-distinct: every request a cache miss (rotating "
                 f"{s['distinct_tokens']} tokens, TOKEN_CACHE_SIZE={s['distinct_tokens'] // 2}); "
+                "sidecar-introspection and sidecar-introspection-miss: opaque tokens "
+                "introspected, hits and misses (section 8); "
                 "sidecar-ratelimit: RATE_LIMIT_RPM=1000000, memory://, one subject; "
                 "sidecar-defaults: LOG_LEVEL=info and RATE_LIMIT_RPM=1000000, one subject; "
                 f"sidecar-subjects: RATE_LIMIT_RPM=1000000, {s['distinct_tokens']} subjects in "
@@ -1615,6 +1759,9 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
     stdio = sm.get("stdio_bridge", {})
     if stdio:
         out += ["", *stdio_report(r, stdio)]
+    opaque = sm.get("introspection", {})
+    if opaque or r.introspection:
+        out += ["", *introspection_report(r, opaque)]
     for case, prof in r.profiles.items():
         if not prof:
             out += ["", f"profile of {case}: py-spy not found (.venv/bin/pip install py-spy)"]
@@ -1676,6 +1823,66 @@ def stdio_report(r: Results, stdio: Json) -> list[str]:
     return lines
 
 
+def introspection_report(r: Results, opaque: Json) -> list[str]:
+    """Section 8: opaque tokens introspected, on cache hits and misses, against JWTs, and the
+    introspector in process."""
+    lines = introspection_runs(r, opaque) if opaque else [
+        "8. opaque tokens (issue 19)"]
+    m = r.introspection
+    if m:
+        lines += [f"   in process (bench/introspection_micro.py, best of {m['repeats']} passes of "
+                  f"{m['tokens']} tokens, this process's CPU time; {m['opaque_token_bytes']}-byte "
+                  f"opaque tokens, {m['answer_bytes']}-byte answers, {m['jwt_token_bytes']}-byte "
+                  "RS256 JWTs), µs per token",
+                  table(["path", "µs"], [[label, fmt(m.get(key))] for key, label in MICRO_ROWS])]
+    return lines
+
+
+def introspection_runs(r: Results, opaque: Json) -> list[str]:
+    """Section 8's throughput and latency tables."""
+    rps, cost = opaque.get("rps", {}), opaque.get("cpu_us_per_request", {})
+    idp_cost, idp_share = opaque["idp_cpu_us_per_request"], opaque["idp_cpu_share"]
+    calls, lat_calls = opaque["idp_calls_per_request"], opaque["latency_idp_calls_per_request"]
+    p50, p99 = opaque.get("latency_p50_ms", {}), opaque.get("latency_p99_ms", {})
+    rows = []
+    for case in opaque["cases"]:
+        rows.append([case, fmt(rps.get(case), 0), fmt(cost.get(case), 0),
+                     fmt(idp_cost.get(case), 0),
+                     fmt(100 * idp_share[case], 0) if case in idp_share else "-",
+                     fmt(calls.get(case), 3), fmt(p50.get(case), 3), fmt(p99.get(case), 3),
+                     fmt(lat_calls.get(case), 3)])
+    pairs = []
+    for _, _, what in INTROSPECTION_PAIRS:
+        rounds = opaque["added_p99_ms_by_round"].get(what)
+        p99_text = "-"
+        if rounds is not None:
+            p99_text = (fmt(opaque["added_p99_ms"][what], 3) if opaque["added_p99_stable"][what]
+                        else "unstable")
+        pairs.append([what, fmt(opaque["rps_ratio"].get(what), 3),
+                      fmt(opaque["added_p50_ms"].get(what), 3), p99_text,
+                      " ".join(fmt(x, 2) for x in rounds or [])])
+    s = r.settings
+    return [
+        "8. opaque tokens (issue 19): TOKEN_VALIDATION=introspection against the fake IdP's "
+        "RFC 7662 endpoint (bench/perf_services.py, client_secret_basic, on the load CPU), the "
+        "product's defaults (INTROSPECTION_CACHE_SECONDS=30, INTROSPECTION_MAX_CONCURRENCY=16); "
+        "sidecar-introspection: one opaque token (cache hits, as sidecar has one JWT); "
+        f"sidecar-introspection-miss: {s['distinct_tokens']} distinct opaque tokens in turn, "
+        f"TOKEN_CACHE_SIZE={s['distinct_tokens'] // 2} (every request a call to the IdP, as "
+        "every sidecar-distinct request is a signature check); throughput as in 1, latency as "
+        "in 2. CPU: the sidecar's, as in 1; IdP: the fake IdP's CPU time per request and "
+        "share of its core during the throughput runs (on the load CPU, not in the sidecar's "
+        "figures), and the calls it answered per request",
+        table(["case", "req/s", "CPU µs/req", "IdP µs/req", "IdP CPU %",
+               "IdP calls/req", "p50 ms", "p99 ms", "calls/req (latency)"], rows),
+        "   paired within each round (ratio of req/s; added = first case - second at the same "
+        "offered rate); added p99 is quoted only when every round's is within "
+        f"{P99_STABLE_SHARE:.0%} (or {P99_STABLE_MS} ms) of their median",
+        table(["pair", "req/s ratio", "added p50 ms", "added p99 ms", "added p99 by round"],
+              pairs),
+    ]
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -1693,16 +1900,20 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
     for round_index in range(s.rounds if throughput or latency or sse else 0):
         print(f"bench: round {round_index + 1}/{s.rounds}", flush=True)
         for case in rotated(throughput, round_index):
-            result = await wrk(system, targets[case], s.duration, rotation)
+            result = await with_idp(system, session, targets[case],
+                                    wrk(system, targets[case], s.duration, rotation))
             results.throughput.setdefault(case, []).append(result)
             errors = f"  ({result['errors']} errors)" if result["errors"] else ""
             print(f"  throughput {case:<18} {result['rps']:>10,.0f} req/s{errors}", flush=True)
         for case in rotated(latency, round_index):
-            result = await latency_run(system, targets[case])
+            result = await with_idp(system, session, targets[case],
+                                    latency_run(system, targets[case], rotation))
             results.latency.setdefault(case, []).append(result)
             print(f"  latency    {case:<18} p50 {result['p50_ms']:.2f} ms, "
                   f"p99 {result['p99_ms']:.2f} ms", flush=True)
         for case in rotated(latency, round_index):
+            if targets[case].rotating:  # hey sends one token: it would measure cache hits
+                continue
             result = await hey(system, targets[case])
             results.burst.setdefault(case, []).append(result)
             print(f"  burst      {case:<18} p50 {result['p50_ms']:.2f} ms, "
@@ -1714,7 +1925,8 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
                   f"p99 {result['p99_ms']:.3f} ms", flush=True)
     if s.profile:
         for case in ("minimal-proxy", "minimal-whole", "sidecar", "sidecar-defaults",
-                     "sidecar-distinct", "minimal-proxy-uvloop", "sidecar-uvloop",
+                     "sidecar-distinct", "sidecar-introspection-miss",
+                     "minimal-proxy-uvloop", "sidecar-uvloop",
                      "sidecar-toolcall", "sidecar-rules50", "sidecar-list200"):
             if case in throughput:
                 print(f"bench: profiling {case} with py-spy", flush=True)
@@ -1728,7 +1940,45 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
         results.jwks = await kid_flood(system, system.flood_target, session)
     if s.runs("jwt"):
         print("bench: JWT verification microbenchmark", flush=True)
-        results.jwt = await jwt_micro(system)
+        results.jwt = await micro(system, "jwt_micro.py")
+    if s.runs("introspection"):
+        print("bench: introspection microbenchmark", flush=True)
+        results.introspection = await micro(system, "introspection_micro.py")
+
+
+async def with_idp(system: System, session: aiohttp.ClientSession, target: Target,
+                   run: Awaitable[Json]) -> Json:
+    """run's figures, and for an introspecting case what the fake IdP spent on it: its CPU
+    time per request and share of its core (it runs on the load CPU, beside wrk and the upstream
+    nginx), and the introspection calls it answered per request (about 1 on cache misses,
+    about 0 on hits: the check that each case measures what it claims)."""
+    if not target.introspects or system.services is None:
+        return await run
+    pid = system.services.pid
+    calls_before = (await upstream_stats(system, session))["introspections"]
+    cpu_before = group_cpu(pid)
+    data = await run
+    cpu = group_cpu(pid) - cpu_before
+    calls_after = (await upstream_stats(system, session))["introspections"]
+    requests = max(1, data["requests"])
+    calls = {k: calls_after[k] - calls_before[k] for k in calls_after}
+    data["idp_calls"] = calls
+    data["idp_calls_per_request"] = sum(calls.values()) / requests
+    data["idp_cpu_us_per_request"] = cpu / requests * 1e6
+    data["idp_cpu_share"] = cpu / (data["requests"] / data["rps"]) if data["rps"] else math.nan
+    return data
+
+
+def idp_notes(results: Results) -> None:
+    """An introspection case whose IdP saw anything but active tokens measured something else."""
+    for name, runs in (("throughput", results.throughput), ("latency", results.latency)):
+        for case in INTROSPECTION_CASES:
+            odd = collections.Counter[str]()
+            for run in runs.get(case, []):
+                odd.update({k: v for k, v in run.get("idp_calls", {}).items() if k != "active"})
+            if odd.total():
+                results.notes.append(f"{name} {case}: the IdP answered {dict(odd)} besides "
+                                     "active tokens (figures suspect)")
 
 
 def log_notes(system: System, results: Results) -> None:
@@ -1752,6 +2002,7 @@ def log_notes(system: System, results: Results) -> None:
             listed = "; ".join(f"{n} x {kind}" for kind, n in kinds.most_common())
             results.notes.append(f"{proc.name} logged {kinds.total()} error line(s): {listed} "
                                  f"(log: {proc.log})")
+    idp_notes(results)
     for name, runs in (("throughput", results.throughput), ("latency", results.latency),
                        ("burst", results.burst)):
         for case, values in runs.items():
