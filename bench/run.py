@@ -1925,7 +1925,7 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
                   f"p99 {result['p99_ms']:.3f} ms", flush=True)
     if s.profile:
         for case in ("minimal-proxy", "minimal-whole", "sidecar", "sidecar-defaults",
-                     "sidecar-distinct", "sidecar-introspection-miss",
+                     "sidecar-distinct", "sidecar-introspection", "sidecar-introspection-miss",
                      "minimal-proxy-uvloop", "sidecar-uvloop",
                      "sidecar-toolcall", "sidecar-rules50", "sidecar-list200"):
             if case in throughput:
