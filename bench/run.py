@@ -1905,24 +1905,24 @@ async def measure(system: System, results: Results, session: aiohttp.ClientSessi
                                     wrk(system, targets[case], s.duration, rotation))
             results.throughput.setdefault(case, []).append(result)
             errors = f"  ({result['errors']} errors)" if result["errors"] else ""
-            print(f"  throughput {case:<18} {result['rps']:>10,.0f} req/s{errors}", flush=True)
+            print(f"  throughput {case:<26} {result['rps']:>10,.0f} req/s{errors}", flush=True)
         for case in rotated(latency, round_index):
             result = await with_idp(system, session, targets[case],
                                     latency_run(system, targets[case], rotation))
             results.latency.setdefault(case, []).append(result)
-            print(f"  latency    {case:<18} p50 {result['p50_ms']:.2f} ms, "
+            print(f"  latency    {case:<26} p50 {result['p50_ms']:.2f} ms, "
                   f"p99 {result['p99_ms']:.2f} ms", flush=True)
         for case in rotated(latency, round_index):
             if targets[case].rotating:  # hey sends one token: it would measure cache hits
                 continue
             result = await hey(system, targets[case])
             results.burst.setdefault(case, []).append(result)
-            print(f"  burst      {case:<18} p50 {result['p50_ms']:.2f} ms, "
+            print(f"  burst      {case:<26} p50 {result['p50_ms']:.2f} ms, "
                   f"p99 {result['p99_ms']:.2f} ms", flush=True)
         for case in rotated(sse, round_index):
             result = await sse_latency(system, targets[case], session)
             results.sse.setdefault(case, []).append(result)
-            print(f"  sse        {case:<18} p50 {result['p50_ms']:.3f} ms, "
+            print(f"  sse        {case:<26} p50 {result['p50_ms']:.3f} ms, "
                   f"p99 {result['p99_ms']:.3f} ms", flush=True)
     if s.profile:
         for case in ("minimal-proxy", "minimal-whole", "sidecar", "sidecar-defaults",
