@@ -55,6 +55,8 @@ Measures (NAME for --only, with case names above; default: all):
 - idle: RSS, fds and CPU time of the sidecar (and of the minimal proxy, for comparison) before
   and with 1,000 idle SSE streams open (a comment every 15 s), from /proc;
 - jwt: bench/jwt_micro.py, the product's TokenVerifier in process, µs per token, best of N;
+- introspection: bench/introspection_micro.py, the product's Introspector in process beside the
+  TokenVerifier (hits, a miss without and with the network), CPU µs per token, best of N;
 - jwks: 10,000 requests with random unknown kids through the flood sidecar; the JWKS fetches the
   fake IdP counted against the cooldown windows the flood spanned;
 - with --profile (needs `.venv/bin/pip install py-spy`): py-spy samples the minimal proxies, the
