@@ -8,10 +8,12 @@ from contextlib import AbstractAsyncContextManager
 from aiohttp import web
 
 from oauth_sidecar import __version__
+from oauth_sidecar.auth.access_tokens import token_check
 from oauth_sidecar.auth.allow_files import AllowListFiles
 from oauth_sidecar.auth.challenge import Challenges
 from oauth_sidecar.auth.gate import Gate
 from oauth_sidecar.auth.idp import IdentityProvider
+from oauth_sidecar.auth.introspection import CACHE_RESULTS, CALL_OUTCOMES, Introspector
 from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.ratelimit import RateLimiter
 from oauth_sidecar.auth.resource_metadata import (
@@ -48,6 +50,7 @@ from oauth_sidecar.upstream.stdio_pool import CAPS, CHILD_STATES, EXIT_REASONS, 
 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
+INTROSPECTOR = web.AppKey("introspector", Introspector)
 PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
@@ -83,6 +86,29 @@ def _watch(
                       lambda: float(child.ready))
         metrics.watch("child_restarts", "Restarts of the spawned MCP server",
                       lambda: child.restarts, counter=True)
+
+
+def _add_introspection(
+    app: web.Application, metrics: Metrics, introspector: Introspector | None,
+    lifetimes: list[Callable[[], AbstractAsyncContextManager[object]]],
+) -> None:
+    """TOKEN_VALIDATION=introspection or auto: the introspector's session lives after the IdP's
+    (whose metadata names the endpoint). Its metrics: calls to the IdP by outcome and cache
+    look-ups by result, counted as plain integers (nothing per request beyond an addition)."""
+    if introspector is None:
+        return
+    app[INTROSPECTOR] = introspector
+    lifetimes.append(introspector.running)
+    counts = introspector.counts
+    metrics.watch_by("introspection_calls", "Calls to the IdP's introspection endpoint, by "
+                     "outcome (active, inactive, rejected: active but refused by our checks, "
+                     "error, timeout, refused: our client refused, unavailable)", "outcome",
+                     CALL_OUTCOMES, lambda: counts.calls, counter=True)
+    metrics.watch_by("introspection_cache", "Introspected-token cache look-ups, by result "
+                     "(hit, negative_hit: a refusal replayed, miss)", "result", CACHE_RESULTS,
+                     lambda: counts.lookups, counter=True)
+    metrics.watch("introspection_in_flight", "Tokens being introspected now",
+                  lambda: introspector.in_flight)
 
 
 def _watch_stdio(metrics: Metrics, pool: StdioPool) -> None:
@@ -202,6 +228,8 @@ def create_app(
     idp = IdentityProvider(config.idp, config.tokens.algorithms, metrics)
     policy = AccessPolicy.serving(config)
     verifier = TokenVerifier(config.tokens, idp, policy.kept_claims)
+    introspector = Introspector(config.tokens, idp, policy.kept_claims, metrics) if (
+        config.tokens.introspection is not None) else None
     addresses = ClientAddress(config.trusted_proxies)
     limiter = RateLimiter(config.rate_limits, metrics, addresses)
     sessions = SessionBindings(config.session_ttl)
@@ -235,8 +263,8 @@ def create_app(
     # everything else: authenticated
     mcp.add_route("*", _mcp_handler(config, app, pool, proxy, calls))
     route_classes[mcp] = "mcp"
-    gate = Gate(config, verifier=verifier, policy=policy, limiter=limiter,
-                is_public=routes.is_public, sessions=sessions)
+    gate = Gate(config, verifier=token_check(config.tokens.validation, verifier, introspector),
+                policy=policy, limiter=limiter, is_public=routes.is_public, sessions=sessions)
     front_door = FrontDoor(cors=Cors(config, routes.is_public, routes.is_navigation), gate=gate,
                            metrics=metrics)
     app.middlewares.append(front_door.middleware)
@@ -251,6 +279,7 @@ def create_app(
         lifetimes.append(child.running)
     lifetimes += [idp.running, app[STDIO_POOL].running if pool is not None else app[PROXY].running,
                   limiter.running, redemptions.running, authserver.running]
+    _add_introspection(app, metrics, introspector, lifetimes)
     if credential is not None:
         lifetimes.append(credential.running)
     if config.policy.files:

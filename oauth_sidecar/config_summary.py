@@ -92,6 +92,19 @@ def summary(config: Config) -> dict[str, object]:
         "cors_origins": sorted(config.cors_origins), "event_loop": config.event_loop,
         "metrics": f"{config.metrics.host}:{config.metrics.port}" if config.metrics else None,
     }
+    shown["token_validation"] = tokens.validation
+    introspection = tokens.introspection
+    if introspection is not None:
+        shown["introspection"] = {
+            "endpoint": introspection.endpoint or "(from the IdP metadata)",
+            "client_id": introspection.client_id,
+            "client_secret": SET if introspection.client_secret else None,
+            "auth_method": introspection.auth_method or "(from the IdP metadata)",
+            "cache_seconds": introspection.cache_seconds,
+            "negative_cache_seconds": introspection.negative_cache_seconds,
+            "require_exp": introspection.require_exp,
+            "max_concurrency": introspection.max_concurrency,
+        }
     if auth.facade:  # what the relay changes toward the IdP (Entra: omit, api://<app id>/)
         shown["idp_resource_parameter"] = "pass" if auth.send_resource else "omit"
         shown["idp_scope_prefix"] = auth.scope_prefix or None

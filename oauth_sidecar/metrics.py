@@ -37,6 +37,9 @@ PREFIX = "oauth_sidecar_"
 ROUTE_CLASSES = ("mcp", "metadata", "oauth", "health", "other")
 # Seconds to the upstream's response headers: a JSON-RPC answer takes milliseconds, a tool call
 # may take minutes (UPSTREAM_RESPONSE_TIMEOUT_SECONDS defaults to 300).
+# Seconds of an introspection call: a nearby IdP answers in milliseconds; the timeout defaults
+# to 5 s (INTROSPECTION_TIMEOUT_SECONDS).
+INTROSPECTION_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
 LISTENER_SHUTDOWN = 1.0  # seconds a scrape in progress gets when the sidecar stops
@@ -68,6 +71,10 @@ class Metrics:
 
     def upstream_answered(self, seconds: float) -> None:
         """The upstream's response headers arrived this long after the request was sent."""
+
+    def introspection_answered(self, seconds: float) -> None:
+        """A call to the IdP's introspection endpoint ended (answered, failed or timed out)
+        this long after it was queued."""
 
     def upstream_failed(self, kind: str) -> None:
         """A proxied request failed at the upstream: unavailable, timeout, broken (mid-body),
@@ -174,6 +181,10 @@ class PrometheusMetrics(Metrics):
         self._upstream_seconds = Histogram(
             PREFIX + "upstream_response_seconds", "Time from sending a request upstream to its "
             "response headers", buckets=UPSTREAM_BUCKETS, registry=registry)
+        self._introspection_seconds = Histogram(
+            PREFIX + "introspection_seconds", "Time of a call to the IdP's introspection "
+            "endpoint, waiting for a free slot included (answered, failed or timed out)",
+            buckets=INTROSPECTION_BUCKETS, registry=registry)
         self._upstream_errors = Counter(
             PREFIX + "upstream_errors", "Proxied requests the upstream failed, by kind "
             "(connect: no answer, 502; timeout: 504; broken: the body broke off)",
@@ -223,6 +234,9 @@ class PrometheusMetrics(Metrics):
 
     def upstream_failed(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()
+
+    def introspection_answered(self, seconds: float) -> None:
+        self._introspection_seconds.observe(seconds)
 
     def connection_refused(self) -> None:
         self._connections_refused.inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from oauth_sidecar.auth.access_tokens import TokenCheck
 from oauth_sidecar.auth.bearer import TokenError, bearer_token
 from oauth_sidecar.auth.challenge import (
     ACCESS_DENIED_DESCRIPTION,
@@ -32,7 +33,6 @@ from oauth_sidecar.auth.ratelimit import (
     refusal_reason,
 )
 from oauth_sidecar.auth.sessions import SessionBindings, SessionRefused
-from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import Config
 from oauth_sidecar.http_errors import json_error
 from oauth_sidecar.outcome import Handler
@@ -49,11 +49,12 @@ class Gate:
     """Authenticates, authorises and rate-limits every non-public request."""
 
     def __init__(
-        self, config: Config, *, verifier: TokenVerifier, policy: AccessPolicy,
+        self, config: Config, *, verifier: TokenCheck, policy: AccessPolicy,
         limiter: RateLimiter, is_public: IsPublic,
         sessions: SessionBindings | None = None,
     ) -> None:
-        """sessions: the bindings the proxy records; a gate of its own (the doctor's, which
+        """verifier: the JWT verifier, or the TOKEN_VALIDATION mode's (access_tokens.py);
+        sessions: the bindings the proxy records; a gate of its own (the doctor's, which
         never serves) gets empty ones, so no gate ever skips the session check."""
         self._verifier = verifier
         self._policy = policy
@@ -108,9 +109,10 @@ class Gate:
             raise
         principal = self._verifier.cached(token)
         if principal is None:
-            # A verification costs CPU (and an unknown kid a key fetch): it is paid for before
-            # it runs, atomically, so a flood of concurrent requests gets no more of them than
-            # the IP's budget. A valid token pays once: afterwards it is a cache hit.
+            # A verification costs CPU (an unknown kid a key fetch, an opaque token a call to
+            # the IdP): it is paid for before it runs, atomically, so a flood of concurrent
+            # requests gets no more of them than the IP's budget. A valid token pays once:
+            # afterwards it is a cache hit.
             await self._limiter.admit(PER_CLIENT_IP, self._limiter.client_ip(request))
             principal = await self._verifier.verify(token)
         return principal

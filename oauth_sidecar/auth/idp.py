@@ -154,6 +154,17 @@ def same_issuer(a: str, b: str) -> bool:
     return a.removesuffix("/") == b.removesuffix("/")
 
 
+def acceptable_url(url: str, issuer: str) -> bool:
+    """Whether a URL the IdP's metadata names may be fetched or posted to: https, or plain http
+    only when the issuer itself is (loopback or OIDC_ALLOW_HTTP). The one rule for jwks_uri,
+    redirects and the introspection endpoint."""
+    parts = urlsplit(url)
+    issuer_is_http = urlsplit(issuer).scheme == "http"
+    return bool(parts.hostname) and (
+        parts.scheme == "https" or (parts.scheme == "http" and issuer_is_http)
+    )
+
+
 def discovery_urls(issuer: str) -> list[str]:
     """Where OIDC Discovery §4 and RFC 8414 §3.1 put the metadata for this issuer."""
     parts = urlsplit(issuer.removesuffix("/"))
@@ -318,12 +329,7 @@ class IdentityProvider:
                      added=len(new - old), removed=len(old - new))
 
     def _acceptable_url(self, url: str) -> bool:
-        """https, or plain http only when the issuer itself is (loopback or OIDC_ALLOW_HTTP)."""
-        parts = urlsplit(url)
-        issuer_is_http = urlsplit(self._config.issuer).scheme == "http"
-        return bool(parts.hostname) and (
-            parts.scheme == "https" or (parts.scheme == "http" and issuer_is_http)
-        )
+        return acceptable_url(url, self._config.issuer)
 
     async def _get_json(self, url: str) -> tuple[dict[str, Any], float | None]:
         """GET a JSON object: bounded size, same-host redirects only, no cookies."""

@@ -8,9 +8,10 @@ its users can switch by changing the image.
 The modules, one concern each: `variables` (the registry and help text), `model` (the frozen
 values, ConfigError), `reader` (variables into values, problems collected), `files` (the one
 capped read of a secret or allow-list file), `urls`, `endpoints` (issuer, resource, upstream,
-CORS), `allow_lists`, `rate_limits` (and the storage URI), `auth_server`, `redirect_uris` (the
-one redirect-URI rule), `serving` (listener, metrics, proxies, stripped headers), `spawn` and
-`load`. This package re-exports what the rest of the code imports.
+CORS), `introspection` (TOKEN_VALIDATION, the introspection client), `allow_lists`,
+`rate_limits` (and the storage URI), `auth_server`, `redirect_uris` (the one redirect-URI rule),
+`serving` (listener, metrics, proxies, stripped headers), `spawn` and `load`.
+This package re-exports what the rest of the code imports.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from oauth_sidecar.config.model import (
     Config,
     ConfigError,
     IdpConfig,
+    IntrospectionConfig,
     IPNetwork,
     ListenerConfig,
     MetricsConfig,
@@ -67,6 +69,7 @@ __all__ = [
     "ConfigError",
     "IPNetwork",
     "IdpConfig",
+    "IntrospectionConfig",
     "ListenerConfig",
     "MetricsConfig",
     "PolicyConfig",

@@ -15,6 +15,7 @@ from oauth_sidecar.config import (
     allow_lists,
     auth_server,
     endpoints,
+    introspection,
     rate_limits,
     serving,
     spawn,
@@ -89,6 +90,7 @@ def load(env: Mapping[str, str]) -> Config:
     limits = rate_limits.rate_limits(r)
     trusted_proxies = serving.networks(r, "TRUSTED_PROXIES")
     bearer_file = endpoints.upstream_bearer_file(r)
+    validation, introspected, validation_warnings = introspection.token_validation(r)
     idle = r.number("UPSTREAM_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)
     sse_idle = r.number("SSE_IDLE_TIMEOUT_SECONDS", float, 0.0, 86400.0)
 
@@ -121,6 +123,8 @@ def load(env: Mapping[str, str]) -> Config:
             cache_size=r.number("TOKEN_CACHE_SIZE", int, 0, 10_000_000),
             audience_claim=r.choice("JWT_AUDIENCE_CLAIM", AUDIENCE_CLAIMS),
             id_token_check=r.choice("JWT_ID_TOKEN_CHECK", ID_TOKEN_CHECKS),
+            validation=validation,
+            introspection=introspected,
         ),
         upstream=UpstreamConfig(
             origin=upstream.origin,
@@ -145,7 +149,7 @@ def load(env: Mapping[str, str]) -> Config:
         tool_rules=tool_rules.tool_rules(r),
         spawn=child,
         metrics=serving.metrics(r, port, child),
-        warnings=tuple(unknown_variable_warnings(env)),
+        warnings=(*unknown_variable_warnings(env), *validation_warnings),
     )
     if problems:  # with the typo hints: "X is required" is often "you spelled X wrong"
         raise ConfigError(problems + list(config.warnings))

@@ -31,6 +31,25 @@ class IdpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IntrospectionConfig:
+    """The client the sidecar introspects opaque tokens with (RFC 7662), and its bounds."""
+
+    endpoint: str
+    """"": the IdP metadata's introspection_endpoint."""
+    client_id: str
+    client_secret: str
+    auth_method: str
+    """client_secret_basic, client_secret_post, none, or "": chosen from the IdP metadata."""
+    cache_seconds: float
+    """How long an active answer is trusted (never past the token's exp): the revocation lag."""
+    negative_cache_seconds: float
+    require_exp: bool
+    max_concurrency: int
+    timeout: float
+    """Seconds for one introspection, waiting for a free slot included."""
+
+
+@dataclass(frozen=True, slots=True)
 class TokenConfig:
     issuer: str
     audiences: tuple[str, ...]
@@ -42,6 +61,10 @@ class TokenConfig:
     """Where the audience is: `aud` (RFC 9068), or `client_id` for AWS Cognito access tokens."""
     id_token_check: str = "marked"  # noqa: S105 - a mode's name, not a secret
     """marked: refuse tokens that say they are ID tokens; client: also those naming no client."""
+    validation: str = "jwt"
+    """jwt, introspection (RFC 7662), or auto: a JWS to the JWT verifier, anything else asked."""
+    introspection: IntrospectionConfig | None = None
+    """None: TOKEN_VALIDATION=jwt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,5 +301,7 @@ class Config:
         """Every secret value held here, for the log's mask (secret_mask.py). The upstream
         credential is not among them: it stays in its file, re-read when that changes."""
         auth = self.auth_server
-        held = (auth.client_secret, auth.state_secret, *self.rate_limits.storage_secrets)
+        introspection = self.tokens.introspection
+        held = (auth.client_secret, auth.state_secret, *self.rate_limits.storage_secrets,
+                introspection.client_secret if introspection is not None else "")
         return tuple(dict.fromkeys(value for value in held if value))

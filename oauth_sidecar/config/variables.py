@@ -54,6 +54,25 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "JWT_LEEWAY_SECONDS": ("30", "Clock skew tolerated for exp, nbf and iat."),
     "JWT_MAX_TOKEN_BYTES": ("16384", "Longest bearer token accepted."),
     "TOKEN_CACHE_SIZE": ("10000", "Verified tokens remembered until expiry (0 disables)."),
+    "TOKEN_VALIDATION": ("jwt", "jwt, introspection (opaque tokens, RFC 7662), or auto (a JWT "
+                         "verified here, anything else introspected)."),
+    "INTROSPECTION_ENDPOINT": ("", "Introspection URL (default: the IdP metadata's "
+                               "introspection_endpoint)."),
+    "INTROSPECTION_CLIENT_ID": ("", "Client id the sidecar introspects with (required for "
+                                "introspection and auto)."),
+    "INTROSPECTION_CLIENT_SECRET": ("", "Its secret (required unless "
+                                    "INTROSPECTION_AUTH_METHOD=none)."),
+    "INTROSPECTION_CLIENT_SECRET_FILE": ("", "File holding INTROSPECTION_CLIENT_SECRET (a "
+                                         "mounted secret)."),
+    "INTROSPECTION_AUTH_METHOD": ("", "client_secret_basic, client_secret_post or none "
+                                  "(default: from the IdP metadata, basic first)."),
+    "INTROSPECTION_CACHE_SECONDS": ("30", "How long an active answer is reused (never past exp): "
+                                    "a revoked token works this long."),
+    "INTROSPECTION_NEGATIVE_CACHE_SECONDS": ("5", "How long a refused token's answer is reused."),
+    "INTROSPECTION_REQUIRE_EXP": ("true", "Refuse active answers without exp."),
+    "INTROSPECTION_MAX_CONCURRENCY": ("16", "Most introspection calls in flight to the IdP."),
+    "INTROSPECTION_TIMEOUT_SECONDS": ("5", "Timeout of one introspection, queueing included "
+                                      "(then 503)."),
     "JWKS_COOLDOWN_SECONDS": ("30", "Least time between key-set fetches for unknown kids."),
     "JWKS_REFRESH_SECONDS": ("3600", "Background key refresh when the IdP sends no max-age."),
     "IDP_TIMEOUT_SECONDS": ("10", "Timeout of each discovery or JWKS fetch."),
@@ -154,7 +173,7 @@ OWN_PREFIXES = (
     "OIDC_", "MCP_", "JWT_", "JWKS_", "ALLOW_", "RATE_LIMIT", "CORS_", "STATIC_", "UPSTREAM_",
     "SSE_", "IDP_", "TOKEN_", "SCOPES", "RESOURCE", "MAX_", "SHUTDOWN_", "REQUIRED_", "GROUPS_",
     "INSECURE_", "TRUSTED_", "FORWARD_", "SESSION_", "AUTH_", "STATE_", "ALLOWED_", "METRICS_",
-    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_", "CIMD",
+    "REQUEST_", "KEEPALIVE_", "STRIP_", "CLIENT_", "CIMD", "INTROSPECTION_",
 )  # fmt: skip
 
 
