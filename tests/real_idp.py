@@ -180,8 +180,7 @@ async def run_oidc_provider(
         args += ["--introspection-client", client.spec]
     if jwt_introspection:
         args.append("--jwt-introspection")
-    for resource in jwt_resources:
-        args += ["--jwt-resource", resource]
+    args += [arg for resource in jwt_resources for arg in ("--jwt-resource", resource)]
     if client_credentials_sub != "client_id":
         args += ["--client-credentials-sub", client_credentials_sub]
     process = await asyncio.create_subprocess_exec(
