@@ -293,11 +293,11 @@ async def test_an_opaque_token_is_accepted_with_either_client_authentication(
         assert relayed.form_names == ("client_id", "client_secret", "token", "token_type_hint")
 
 
-async def test_without_introspection_auth_methods_in_the_metadata_basic_is_used(
+async def test_without_introspection_auth_methods_the_token_endpoints_decide(
     provider: RealIdp, echo: EchoServer,
 ) -> None:
-    """oidc-provider lists no introspection_endpoint_auth_methods_supported: the sidecar's
-    default (client_secret_basic) is one every server supports, and this one accepts."""
+    """oidc-provider lists no introspection_endpoint_auth_methods_supported; its
+    token_endpoint_auth_methods_supported (basic, post, none) decide: basic first."""
     async with relay_to(provider) as relay, sidecar_for(
             provider, echo, introspecting(INTROSPECTION_ENDPOINT=relay.url)) as sidecar:
         token = await opaque_client_credentials_token(provider, sidecar.mcp_url)
