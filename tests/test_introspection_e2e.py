@@ -49,6 +49,7 @@ from real_idp import (
     ConfidentialClient,
     RealIdp,
     client_credentials_token,
+    introspect,
     introspection_control,
     revoke,
     run_oidc_provider,
@@ -71,7 +72,8 @@ OTHER_RESOURCE = "http://127.0.0.1:8934/another-mcp"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10.0)
 CLIENT_TIMEOUT = 30.0  # around each whole SDK client session
 EXPIRY_WAIT = 15.0  # bound on waiting for a 3 s token to expire
-REVOCATION_WINDOW = 3  # INTROSPECTION_CACHE_SECONDS of the revocation test
+REVOCATION_WINDOW = 4  # INTROSPECTION_CACHE_SECONDS of the revocation test: ample for
+# the two requests and the revocation that must fall inside it
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {},
     "clientInfo": {"name": "introspection-e2e", "version": "1"}}}
@@ -366,8 +368,10 @@ async def test_a_revoked_token_is_accepted_within_the_cache_window_and_refused_a
         await revoke(provider, token, provider.client)
 
         # The revocation lag the operator chose: the cached answer, no new call.
-        assert_admitted(await call(sidecar, token), CLIENT)
-        assert time.monotonic() - admitted_at < REVOCATION_WINDOW, "too slow to prove the window"
+        reply = await call(sidecar, token)
+        elapsed = time.monotonic() - admitted_at
+        assert reply.status == 200, f"{elapsed:.1f} s after the first call: {reply}"
+        assert_admitted(reply, CLIENT)
         assert await calls_so_far(provider) - before == 1
 
         deadline = time.monotonic() + REVOCATION_WINDOW + 10.0
@@ -386,14 +390,14 @@ async def test_an_expired_token_is_refused(echo: EchoServer) -> None:
             sidecar_for(idp, echo, introspecting(JWT_LEEWAY_SECONDS="0")) as sidecar:
         used = await opaque_client_credentials_token(idp, sidecar.mcp_url)
         unused = await opaque_client_credentials_token(idp, sidecar.mcp_url)
-        issued_at = time.time()
         assert_admitted(await call(sidecar, used), CLIENT)  # cached until its exp
+        exp = (await introspect(idp, used, RS))["exp"]
 
         deadline = time.monotonic() + EXPIRY_WAIT
         while (reply := await call(sidecar, used)).status == 200:
             assert time.monotonic() < deadline, f"still accepted {EXPIRY_WAIT} s later"
             await asyncio.sleep(0.2)
-        assert time.time() - issued_at >= 1.0  # refused because it expired, not at once
+        assert time.time() >= exp  # refused because it expired, not earlier
         # Asked again once the cached answer's exp passed: the provider says inactive (or, in
         # its last second, active with an exp the sidecar's own check finds passed).
         assert reply.auth_error in ("inactive", "expired"), reply
@@ -581,3 +585,32 @@ async def test_the_allow_list_and_the_subject_rate_limit_apply_to_introspected_c
         limited = await call(sidecar, user)
     assert (limited.status, limited.sub) == (429, USER), limited
     assert limited.headers["Retry-After"].isdigit()
+
+
+# -- the explainer (`check --token`) on the real provider's answers ------------------------------
+
+
+async def test_the_explainer_names_the_claim_a_refresh_token_fails_and_the_signed_answer(
+    provider: RealIdp, signing_provider: RealIdp, echo: EchoServer,
+) -> None:
+    async with sidecar_for(provider, echo, introspecting()) as sidecar:
+        tokens = await authorization_code_tokens(provider, sidecar.mcp_url)
+        assert tokens.refresh_token is not None
+        introspector = sidecar.app[INTROSPECTOR]
+        access = await introspector.explain(tokens.access_token)
+        refresh = await introspector.explain(tokens.refresh_token)
+    assert access.error is None, access.outcomes
+    assert access.answer is not None
+    assert (access.answer["sub"], access.signed) == (USER, False)
+    assert access.endpoint == provider.issuer + "/token/introspection"
+    assert refresh.error is not None
+    assert refresh.error.reason == "claim_missing"
+    assert refresh.outcomes["aud"] is refresh.error
+    assert refresh.outcomes["active"] is None  # the provider did say active
+
+    async with sidecar_for(signing_provider, echo, introspecting()) as sidecar:
+        token = await opaque_client_credentials_token(signing_provider, sidecar.mcp_url)
+        signed = await sidecar.app[INTROSPECTOR].explain(token)
+    assert (signed.error, signed.signed) == (None, True), signed.outcomes
+    assert signed.answer is not None
+    assert signed.answer["aud"] == sidecar.mcp_url
