@@ -449,17 +449,34 @@ async def test_auto_verifies_a_jwt_here_and_introspects_an_opaque_token(
     async with sidecar_for(provider, echo, env, port) as sidecar:
         structured = await client_credentials_token(provider, JWT_RESOURCE, "mcp:read")
         opaque = await opaque_client_credentials_token(provider, resource)
+        id_token = (await authorization_code_tokens(provider, resource)).raw["id_token"]
         head, payload, signature = structured.split(".")
         bad_signature = ".".join((head, payload, signature[:-4] + (
             "AAAA" if signature[-4:] != "AAAA" else "BBBB")))
         before = await calls_so_far(provider)
 
         assert_admitted(await call(sidecar, structured), CLIENT)
+        # A failing JWT stays with the JWT verifier: no second opinion from the IdP.
         assert_invalid_token(await call(sidecar, bad_signature), "bad_signature")
-        assert await calls_so_far(provider) == before  # neither went to the IdP
+        assert_invalid_token(await call(sidecar, id_token), "wrong_audience")  # aud: the client
+        assert await calls_so_far(provider) == before
 
         assert_admitted(await call(sidecar, opaque), CLIENT)
         assert await calls_so_far(provider) - before == 1
+
+
+async def test_the_callers_failure_budget_is_spent_before_the_idp_is_asked(
+    provider: RealIdp, echo: EchoServer,
+) -> None:
+    env = introspecting(RATE_LIMIT_UNAUTHENTICATED_RPM="2")
+    async with sidecar_for(provider, echo, env) as sidecar:
+        before = await calls_so_far(provider)
+        for i in range(2):
+            assert_invalid_token(await call(sidecar, f"never-issued-{i}"), "inactive")
+        assert await calls_so_far(provider) - before == 2
+        limited = await call(sidecar, "never-issued-3")
+        assert limited.status == 429, limited
+        assert await calls_so_far(provider) - before == 2  # refused before any call
 
 
 # -- the IdP's trouble: 503 with Retry-After, never a 500, never an accept -----------------------
