@@ -35,7 +35,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from mcp_client_probe import call_echo, call_whoami
+from mcp_client_probe import call_echo, call_whoami, expect_unauthorized
 from oauth_flow import EchoServer, Sidecar, run_echo_server, run_sidecar
 from opaque_tokens import (
     authorization_code_tokens,
@@ -351,6 +351,26 @@ async def test_the_official_sdk_client_works_through_the_sidecar_with_an_opaque_
     assert all(status < 400 for status in statuses), statuses
     assert seen["x-forwarded-user"] == USER
     assert "authorization" not in seen
+
+
+async def test_the_official_sdk_client_with_a_revoked_opaque_token_gets_only_401s(
+    provider: RealIdp, echo: EchoServer,
+) -> None:
+    async with sidecar_for(provider, echo, introspecting()) as sidecar:
+        token = (await authorization_code_tokens(provider, sidecar.mcp_url)).access_token
+        await revoke(provider, token, provider.client)
+        challenges: list[tuple[int, str]] = []
+
+        async def record(response: Any) -> None:
+            challenges.append((response.status_code,
+                               response.headers.get("www-authenticate", "")))
+
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            await expect_unauthorized(sidecar.mcp_url, token=token, on_response=record)
+    assert challenges, "the SDK client made no request"
+    for status, challenge in challenges:
+        assert status == 401, challenges
+        assert 'error="invalid_token"' in challenge, challenges
 
 
 # -- refused: the caller's token is not good here ------------------------------------------------
