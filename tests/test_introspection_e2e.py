@@ -307,6 +307,17 @@ async def test_without_introspection_auth_methods_the_token_endpoints_decide(
     assert [(r.basic, r.status) for r in relay.seen] == [(True, 200)]
 
 
+async def test_an_issuer_with_a_path_is_introspected_at_its_own_endpoint(echo: EchoServer) -> None:
+    """Keycloak-style issuer path: the endpoint comes from that issuer's discovery document."""
+    async with run_oidc_provider("/realms/demo", access_token_format="opaque",
+                                 introspection_clients=[RS]) as idp, \
+            sidecar_for(idp, echo, introspecting()) as sidecar:
+        token = await opaque_client_credentials_token(idp, sidecar.mcp_url)
+        assert_admitted(await call(sidecar, token), CLIENT)
+        assert await calls_so_far(idp) == 1
+        assert sidecar.app[INTROSPECTOR].target().url == idp.issuer + "/token/introspection"
+
+
 async def test_the_upstream_sees_the_users_identity_and_never_the_token(
     provider: RealIdp, echo: EchoServer,
 ) -> None:
