@@ -136,16 +136,23 @@ async def test_basic_credentials_are_form_urlencoded_before_base64(
     assert "client_secret" not in call.form
 
 
-@pytest.mark.parametrize("configured", [True, False])
+@pytest.mark.parametrize("source", ["configured", "introspection", "token endpoint"])
 async def test_client_secret_post_is_configured_or_chosen_from_the_metadata(
-    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection, configured: bool,
+    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection, source: str,
 ) -> None:
+    """Without introspection_endpoint_auth_methods_supported (oidc-provider lists none) the
+    token endpoint's methods decide: the same client authentication (RFC 8414 §2)."""
     endpoint.method = "client_secret_post"
-    if configured:
+    extra: dict[str, str] = {}
+    if source == "configured":
         extra = {"INTROSPECTION_AUTH_METHOD": "client_secret_post"}
-    else:
-        extra = {}
+        idp.document_changes["token_endpoint_auth_methods_supported"] = ["client_secret_basic"]
+    elif source == "introspection":
         idp.document_changes["introspection_endpoint_auth_methods_supported"] = [
+            "private_key_jwt", "client_secret_post"]
+        idp.document_changes["token_endpoint_auth_methods_supported"] = ["client_secret_basic"]
+    else:
+        idp.document_changes["token_endpoint_auth_methods_supported"] = [
             "private_key_jwt", "client_secret_post"]
     sidecar = await introspecting(make_sidecar, **extra)
     assert (await send(sidecar, endpoint.issue())).status == 200

@@ -122,8 +122,14 @@ def basic_credentials(client_id: str, secret: str) -> str:
 
 def choose_auth_method(metadata: Mapping[str, Any] | None) -> str:
     """From introspection_endpoint_auth_methods_supported (RFC 8414 §2): basic preferred, then
-    post; absent, basic (RFC 6749 §2.3.1: every server supports it)."""
-    methods = metadata.get("introspection_endpoint_auth_methods_supported") if metadata else None
+    post. Some IdPs (oidc-provider) list none for introspection, whose endpoint takes the token
+    endpoint's client authentication: token_endpoint_auth_methods_supported decides then;
+    neither listed, basic (RFC 6749 §2.3.1: every server supports it)."""
+    methods: object = None
+    if metadata:
+        methods = metadata.get("introspection_endpoint_auth_methods_supported")
+        if not isinstance(methods, list):
+            methods = metadata.get("token_endpoint_auth_methods_supported")
     if isinstance(methods, list) and "client_secret_basic" not in methods and (
         "client_secret_post" in methods
     ):

@@ -16,7 +16,8 @@ from oauth_sidecar.config.variables import VARIABLES
 
 VALIDATION_MODES = ("jwt", "introspection", "auto")
 # RFC 7662 §2.1 leaves client authentication to RFC 6749 §2.3; "" means: the IdP metadata's
-# introspection_endpoint_auth_methods_supported decides (RFC 8414 §2).
+# introspection_endpoint_auth_methods_supported decides (RFC 8414 §2), else its
+# token_endpoint_auth_methods_supported.
 AUTH_METHODS = ("", "client_secret_basic", "client_secret_post", "none")
 PREFIX = "INTROSPECTION_"
 TRUE_WORDS = ("1", "true", "yes", "on")
