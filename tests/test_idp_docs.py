@@ -6,6 +6,14 @@ warning; the index table's mode and groups claim match each page; every relative
 Then the settings of each page run a real sidecar (`make_sidecar`) in front of the fake IdP, and
 tokens shaped like that IdP's pass or fail as the page says.
 
+Opaque tokens: each IdP page has a section "Opaque tokens (introspection)". Its env block, where
+there is one, adds to the page's main block and is loaded merged with it; the ORY Hydra page's main
+block is an introspection setup itself. The introspection variables (`INTROSPECTION_VARIABLES`)
+come with issue 19's sidecar work: until the registry has them, the pages may name them and the
+blocks that do are neither loaded nor run (those tests skip, saying why); once the registry has
+`TOKEN_VALIDATION`, the registry is the only authority, every block loads, and the introspection
+answers shaped like each IdP's run through a real sidecar against a fake introspection endpoint.
+
 Placeholders: `<anything>` in a block is what the reader fills in; the test puts a 32-character
 stand-in there (long enough for STATE_SECRET, valid in host names, IDs and secrets).
 """
@@ -16,16 +24,18 @@ import base64
 import hashlib
 import json
 import re
+import secrets
 import shlex
+import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from conftest import FakeIdp, FakeUpstream, SidecarFactory, bearer
 
 from oauth_sidecar.config import VARIABLES, Config, ConfigError, load
@@ -38,10 +48,33 @@ INDEX = IDP_DIR / "README.md"
 CONNECTOR = REPO / "examples" / "claude-ai-connector.md"
 IDP_PAGES = {
     name: IDP_DIR / f"{name}.md"
-    for name in ("keycloak", "authentik", "auth0", "okta", "entra-id", "google", "cognito")
+    for name in (
+        "keycloak", "authentik", "auth0", "okta", "entra-id", "google", "cognito", "ory-hydra",
+    )
 }
 WITHOUT_ENV_BLOCK = {"google"}  # not supported directly: the page must not offer settings
 DOCS = [INDEX, *IDP_PAGES.values(), CONNECTOR]
+
+OPAQUE_SECTION = "Opaque tokens (introspection)"
+WITH_INTROSPECTION_BLOCK = {"keycloak", "okta", "authentik"}
+"""Pages whose opaque-tokens section adds settings to the page's main block."""
+INTROSPECTION_ONLY = {"ory-hydra"}
+"""Pages whose main block validates by introspection (no JWT shape to admit)."""
+
+INTROSPECTION_VARIABLES = frozenset({
+    "TOKEN_VALIDATION", "INTROSPECTION_ENDPOINT", "INTROSPECTION_CLIENT_ID",
+    "INTROSPECTION_CLIENT_SECRET", "INTROSPECTION_CLIENT_SECRET_FILE", "INTROSPECTION_AUTH_METHOD",
+    "INTROSPECTION_CACHE_SECONDS", "INTROSPECTION_NEGATIVE_CACHE_SECONDS",
+    "INTROSPECTION_REQUIRE_EXP", "INTROSPECTION_MAX_CONCURRENCY", "INTROSPECTION_TIMEOUT_SECONDS",
+})
+"""The variables issue 19 adds to the sidecar, as the pages name them."""
+INTROSPECTION_REGISTERED = "TOKEN_VALIDATION" in VARIABLES
+KNOWN_VARIABLES = frozenset(VARIABLES) | (
+    frozenset() if INTROSPECTION_REGISTERED else INTROSPECTION_VARIABLES
+)
+"""What a page may name: the registry, plus the introspection variables until it has them."""
+NOT_REGISTERED = "the sidecar's registry has no TOKEN_VALIDATION yet (issue 19 not merged)"
+needs_introspection = pytest.mark.skipif(not INTROSPECTION_REGISTERED, reason=NOT_REGISTERED)
 
 FENCE = re.compile(r"^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
 ASSIGNMENT = re.compile(r"(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)")
@@ -63,6 +96,13 @@ class EnvBlock:
     env: dict[str, str]
     commented: tuple[str, ...]
     """Names in commented-out assignments (`# KEY=value`): a typo there misleads readers too."""
+    section: str = ""
+    """The title of the heading the block is under."""
+
+    @property
+    def opaque(self) -> bool:
+        """An opaque-tokens section's block: additions to the page's main block."""
+        return self.section == OPAQUE_SECTION
 
 
 def is_env_block(body: str) -> bool:
@@ -73,7 +113,7 @@ def is_env_block(body: str) -> bool:
     ) and any(not line.startswith("#") for line in lines)
 
 
-def parse_env_block(body: str, source: str) -> EnvBlock:
+def parse_env_block(body: str, source: str, section: str = "") -> EnvBlock:
     """KEY=value lines as a shell would read them after placeholders are filled in."""
     env: dict[str, str] = {}
     commented = []
@@ -94,7 +134,7 @@ def parse_env_block(body: str, source: str) -> EnvBlock:
         assert len(words) <= 1, f"{source}: {name}'s value is several shell words: quote it"
         assert name not in env, f"{source}: {name} is set twice"
         env[name] = words[0] if words else ""
-    return EnvBlock(source, env, tuple(commented))
+    return EnvBlock(source, env, tuple(commented), section)
 
 
 def sh_blocks(path: Path) -> list[tuple[int, str]]:
@@ -106,16 +146,57 @@ def sh_blocks(path: Path) -> list[tuple[int, str]]:
     ]
 
 
+def heading_before(text: str, line: int) -> str:
+    """The title of the last heading above `line` (1-based); "" when there is none."""
+    titles = [m.group("title") for m in HEADING.finditer(text)
+              if text.count("\n", 0, m.start()) + 1 < line]
+    return titles[-1].strip() if titles else ""
+
+
 def env_blocks(path: Path) -> list[EnvBlock]:
+    text = path.read_text()
     return [
-        parse_env_block(body, f"{path.relative_to(REPO)}:{line}")
+        parse_env_block(body, f"{path.relative_to(REPO)}:{line}", heading_before(text, line))
         for line, body in sh_blocks(path) if is_env_block(body)
     ]
 
 
+def main_blocks(path: Path) -> list[EnvBlock]:
+    return [block for block in env_blocks(path) if not block.opaque]
+
+
+def opaque_blocks(path: Path) -> list[EnvBlock]:
+    return [block for block in env_blocks(path) if block.opaque]
+
+
 def page_env(name: str) -> dict[str, str]:
-    (block,) = env_blocks(IDP_PAGES[name])
+    (block,) = main_blocks(IDP_PAGES[name])
     return block.env
+
+
+def page_opaque_env(name: str) -> dict[str, str]:
+    """The page's settings with its opaque-tokens section's additions, as the reader adds them."""
+    if name in INTROSPECTION_ONLY:
+        return page_env(name)
+    (block,) = opaque_blocks(IDP_PAGES[name])
+    return {**page_env(name), **block.env}
+
+
+def effective_env(path: Path, block: EnvBlock) -> dict[str, str]:
+    """What the reader runs with: an opaque-tokens block on top of its page's main block."""
+    if not block.opaque:
+        return block.env
+    (main,) = main_blocks(path)
+    return {**main.env, **block.env}
+
+
+def uses_introspection(env: dict[str, str]) -> bool:
+    return bool(INTROSPECTION_VARIABLES & set(env))
+
+
+def loadable(env: dict[str, str]) -> bool:
+    """Settings this code can load: no introspection variable, or the registry has them."""
+    return INTROSPECTION_REGISTERED or not uses_introspection(env)
 
 
 def page_config(name: str) -> Config:
@@ -178,7 +259,41 @@ def test_stand_ins_are_long_enough_for_a_state_secret() -> None:
 @pytest.mark.parametrize("name", sorted(IDP_PAGES))
 def test_each_idp_page_has_exactly_one_env_block_or_none_when_unsupported(name: str) -> None:
     expected = 0 if name in WITHOUT_ENV_BLOCK else 1
-    assert len(env_blocks(IDP_PAGES[name])) == expected
+    assert len(main_blocks(IDP_PAGES[name])) == expected
+
+
+@pytest.mark.parametrize("name", sorted(IDP_PAGES))
+def test_each_idp_page_says_whether_it_needs_introspection_in_one_section(name: str) -> None:
+    """Every page answers "opaque tokens?"; only those that need settings give a block there."""
+    titles = [title.strip() for title in HEADING.findall(IDP_PAGES[name].read_text())]
+    assert titles.count(OPAQUE_SECTION) == 1, name
+    blocks = opaque_blocks(IDP_PAGES[name])
+    assert len(blocks) == (1 if name in WITH_INTROSPECTION_BLOCK else 0), name
+    for block in blocks:  # additions only: the page's main block has the rest
+        assert block.env.get("TOKEN_VALIDATION") == "introspection", block.source
+        assert not {"OIDC_ISSUER_URL", "OIDC_AUDIENCE", "STATIC_CLIENT_ID"} & set(block.env)
+
+
+@pytest.mark.parametrize("name", sorted(IDP_PAGES))
+def test_only_pages_that_validate_by_introspection_set_it_in_their_main_block(name: str) -> None:
+    env = {} if name in WITHOUT_ENV_BLOCK else page_env(name)
+    assert uses_introspection(env) == (name in INTROSPECTION_ONLY), name
+
+
+def test_the_hydra_page_asks_the_admin_api_without_client_credentials() -> None:
+    """Hydra's admin API takes none; a client secret sent there would only be exposed."""
+    env = page_env("ory-hydra")
+    assert env["TOKEN_VALIDATION"] == "introspection"
+    assert env["INTROSPECTION_AUTH_METHOD"] == "none"
+    assert env["INTROSPECTION_ENDPOINT"].endswith("/admin/oauth2/introspect")
+    assert not {"INTROSPECTION_CLIENT_SECRET", "INTROSPECTION_CLIENT_SECRET_FILE"} & set(env)
+    assert env["OIDC_ISSUER_URL"].startswith("https://")  # OIDC_ALLOW_HTTP is for the admin API
+
+
+@needs_introspection
+def test_the_introspection_variables_the_pages_name_are_the_sidecars() -> None:
+    """Switched on by the merge: a variable renamed on the sidecar's side fails the pages here."""
+    assert set(VARIABLES) >= INTROSPECTION_VARIABLES
 
 
 def test_the_connector_guide_has_its_env_block() -> None:
@@ -188,7 +303,7 @@ def test_the_connector_guide_has_its_env_block() -> None:
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_env_blocks_name_only_variables_the_sidecar_knows(path: Path) -> None:
     for block in env_blocks(path):
-        unknown = (set(block.env) | set(block.commented)) - set(VARIABLES)
+        unknown = (set(block.env) | set(block.commented)) - KNOWN_VARIABLES
         assert unknown == set(), block.source
 
 
@@ -200,17 +315,30 @@ def test_command_blocks_set_no_sidecar_variable(path: Path) -> None:
             continue
         for text in body.splitlines():
             match = ASSIGNMENT.match(text.strip())
-            assert not (match and match.group("name") in VARIABLES), f"{path.name}:{line}"
+            assert not (match and match.group("name") in KNOWN_VARIABLES), f"{path.name}:{line}"
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_env_blocks_load_without_problems_or_warnings(path: Path) -> None:
     for block in env_blocks(path):
+        env = effective_env(path, block)
+        if not loadable(env):
+            continue  # test_introspection_blocks_load_merged_with_their_page (skipped until then)
         try:
-            config = load(block.env)
+            config = load(env)
         except ConfigError as exc:
             pytest.fail(f"{block.source}: {exc.problems}")
         assert config.warnings == (), block.source
+
+
+@needs_introspection
+@pytest.mark.parametrize("name", sorted(WITH_INTROSPECTION_BLOCK | INTROSPECTION_ONLY))
+def test_introspection_blocks_load_merged_with_their_page(name: str) -> None:
+    try:
+        config = load(page_opaque_env(name))
+    except ConfigError as exc:
+        pytest.fail(f"{name}: {exc.problems}")
+    assert config.warnings == (), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,17 +385,24 @@ def test_the_index_table_mode_matches_the_page(name: str) -> None:
     if name in WITHOUT_ENV_BLOCK:
         assert row.mode.startswith("not supported")
         return
-    config = page_config(name)
-    assert row.mode == ("facade" if config.auth_server.facade else "direct")
-    assert bool(page_env(name).get("STATIC_CLIENT_ID")) == config.auth_server.facade
+    facade = bool(page_env(name).get("STATIC_CLIENT_ID"))
+    assert row.mode == ("facade" if facade else "direct")
+    if loadable(page_env(name)):  # and the code agrees (introspection pages: after the merge)
+        assert page_config(name).auth_server.facade == facade
 
 
 @pytest.mark.parametrize("name", sorted(set(IDP_PAGES) - WITHOUT_ENV_BLOCK))
 def test_the_index_table_names_the_pages_groups_claim_and_audience_claim(name: str) -> None:
-    row, config = table_rows()[name], page_config(name)
-    assert f"`{'.'.join(config.policy.groups_claim)}`" in row.groups
-    if config.tokens.audience_claim != "aud":
-        assert f"`JWT_AUDIENCE_CLAIM={config.tokens.audience_claim}`" in row.audience
+    row, env = table_rows()[name], page_env(name)
+    if loadable(env):
+        config = page_config(name)
+        groups, audience_claim = ".".join(config.policy.groups_claim), config.tokens.audience_claim
+    else:  # the variables' documented defaults, until this code can load the page
+        groups = env.get("GROUPS_CLAIM", VARIABLES["GROUPS_CLAIM"][0])
+        audience_claim = env.get("JWT_AUDIENCE_CLAIM", VARIABLES["JWT_AUDIENCE_CLAIM"][0])
+    assert f"`{groups}`" in row.groups
+    if audience_claim != "aud":
+        assert f"`JWT_AUDIENCE_CLAIM={audience_claim}`" in row.audience
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +572,8 @@ ADMITTED: list[Any] = [
 
 
 def test_every_page_with_settings_has_an_admitted_token_shape() -> None:
-    assert {p.values[0] for p in ADMITTED} == set(IDP_PAGES) - WITHOUT_ENV_BLOCK
+    with_jwts = set(IDP_PAGES) - WITHOUT_ENV_BLOCK - INTROSPECTION_ONLY
+    assert {p.values[0] for p in ADMITTED} == with_jwts
 
 
 @pytest.mark.parametrize(("name", "build"), ADMITTED)
@@ -522,3 +658,209 @@ async def test_a_smaller_token_limit_would_refuse_that_entra_token(
     sidecar = await make_sidecar(**env)
     status, body = await call(sidecar, entra(idp, load(env)))
     assert (status, body["error_description"]) == (401, "The bearer token is too large")
+
+
+# --------------------------------------------------------------------------------------------
+# The opaque-tokens sections against a real sidecar: introspection answers shaped like each
+# IdP's, served by a fake RFC 7662 endpoint on loopback (no IdP here issues opaque tokens).
+# Skipped until the sidecar has introspection; then they pin what the pages promise.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IntrospectionCall:
+    authorization: str | None
+    form: dict[str, str]
+
+
+@dataclass
+class FakeIntrospection:
+    """An RFC 7662 endpoint: a scripted answer per token, `{"active": false}` for the rest."""
+
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[IntrospectionCall] = field(default_factory=list)
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}/introspect"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/introspect", self._introspect)
+        return app
+
+    async def _introspect(self, request: web.Request) -> web.StreamResponse:
+        form = {key: str(value) for key, value in (await request.post()).items()}
+        self.calls.append(IntrospectionCall(request.headers.get("Authorization"), form))
+        return web.json_response(self.answers.get(form.get("token", ""), {"active": False}))
+
+
+@pytest.fixture
+async def introspection() -> AsyncIterator[FakeIntrospection]:
+    fake = FakeIntrospection()
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    fake.server = server
+    yield fake
+    await server.close()
+
+
+AnswerBuilder = Callable[[FakeIdp, dict[str, str]], dict[str, Any]]
+
+
+def times(lifetime: int = 300) -> dict[str, int]:
+    now = int(time.time())
+    return {"iat": now, "exp": now + lifetime}
+
+
+def keycloak_answer(idp: FakeIdp, env: dict[str, str], *, refresh: bool = False,
+                    roles: tuple[str, ...] = ("mcp-users",)) -> dict[str, Any]:
+    """A (lightweight) Keycloak token's introspection: the full claims, `aud` naming the
+    introspection client (26.6.2+). A refresh token's `aud` is the realm itself."""
+    aud: Any = idp.issuer if refresh else [env["OIDC_AUDIENCE"], env["INTROSPECTION_CLIENT_ID"],
+                                            "account"]
+    return {
+        "active": True, **times(1800 if refresh else 300), "iss": idp.issuer, "aud": aud,
+        "sub": str(uuid.uuid4()), "typ": "Refresh" if refresh else "Bearer",
+        "azp": env["STATIC_CLIENT_ID"], "sid": str(uuid.uuid4()),
+        "realm_access": {"roles": ["default-roles-mcp", "offline_access", *roles]},
+        "scope": "openid profile email", "email_verified": True, "email": "alice@example.com",
+        "preferred_username": "alice", "client_id": env["STATIC_CLIENT_ID"], "username": "alice",
+    }
+
+
+def okta_answer(idp: FakeIdp, env: dict[str, str], *, refresh: bool = False,
+                groups: tuple[str, ...] = ("mcp-users",)) -> dict[str, Any]:
+    """Okta's /v1/introspect: the token's claims plus its members; its documented refresh-token
+    answer has `token_type: Bearer` too, and no `aud` or `iss`."""
+    answer: dict[str, Any] = {
+        "active": True, "token_type": "Bearer", "scope": "openid profile email",
+        "client_id": env["STATIC_CLIENT_ID"], "username": "alice@example.com",
+        "sub": "alice@example.com", **times(),
+    }
+    if refresh:
+        return answer | {"device_id": "q4SZgrA9sOeHkfst5uaa"}
+    return answer | {
+        "aud": env["OIDC_AUDIENCE"], "iss": idp.issuer, "jti": "AT." + secrets.token_urlsafe(16),
+        "uid": "00u1a2b3c4d5e6f7g8h9", "groups": list(groups),
+    }
+
+
+def authentik_answer(idp: FakeIdp, env: dict[str, str], *,
+                     aud: str | None = None) -> dict[str, Any]:
+    """authentik: the claims of the ID token issued with the token, then active, scope and the
+    *caller's* client_id (its provider's credentials)."""
+    return {
+        "iss": idp.issuer + "/", "sub": hashlib.sha256(b"user-7").hexdigest(),
+        "aud": aud or env["OIDC_AUDIENCE"], **times(), "auth_time": 1_700_000_000,
+        "acr": "goauthentik.io/providers/oauth2/default", "amr": ["pwd"],
+        "sid": hashlib.sha256(b"session").hexdigest(), "email": "alice@example.com",
+        "email_verified": False, "name": "Alice", "preferred_username": "alice",
+        "groups": ["mcp-users"], "active": True, "scope": "openid profile email",
+        "client_id": env["INTROSPECTION_CLIENT_ID"],
+    }
+
+
+def hydra_answer(idp: FakeIdp, env: dict[str, str], *, use: str = "access_token",
+                 client: str | None = None,
+                 groups: tuple[str, ...] = ("mcp-users",)) -> dict[str, Any]:
+    """Hydra v2's /admin/oauth2/introspect: `token_type` is Bearer for access and refresh
+    tokens alike, `token_use` tells them apart; the consent session is under `ext`."""
+    now = int(time.time())
+    return {
+        "active": True, "client_id": client or env["STATIC_CLIENT_ID"], "scope": "openid offline",
+        "exp": now + (2_592_000 if use == "refresh_token" else 3600), "iat": now, "nbf": now,
+        "sub": "user-7", "username": "", "ext": {"groups": list(groups)}, "aud": [],
+        "iss": idp.issuer, "token_type": "Bearer", "token_use": use,
+    }
+
+
+def opaque_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def lightweight_keycloak_token(idp: FakeIdp, env: dict[str, str]) -> str:
+    """A JWT with almost nothing in it: what `TOKEN_VALIDATION=introspection` must still ask
+    about (the JWT check would refuse it: no `sub`, no audience)."""
+    return idp.mint(claims={"typ": "Bearer", "azp": env["STATIC_CLIENT_ID"]}, drop=("aud", "sub"))
+
+
+IDP_METADATA: dict[str, dict[str, Any]] = {
+    "keycloak": {"introspection_endpoint_auth_methods_supported": [
+        "private_key_jwt", "client_secret_basic", "client_secret_post", "tls_client_auth",
+        "client_secret_jwt"]},
+    "okta": {"introspection_endpoint_auth_methods_supported": [
+        "client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt",
+        "none"]},
+    # authentik's names no introspection auth method: its page sets client_secret_basic.
+}
+"""What else these IdPs' metadata say about introspection (sketched, not copied)."""
+
+TokenFor = Callable[[FakeIdp, dict[str, str]], str]
+INTROSPECTED: list[Any] = [
+    pytest.param("keycloak", lightweight_keycloak_token, keycloak_answer, 200, id="keycloak"),
+    pytest.param("keycloak", lambda i, e: opaque_token(),
+                 lambda i, e: keycloak_answer(i, e, refresh=True), 401,
+                 id="keycloak-refresh-token"),
+    pytest.param("keycloak", lambda i, e: opaque_token(),
+                 lambda i, e: keycloak_answer(i, e, roles=()), 403,
+                 id="keycloak-without-realm-role"),
+    pytest.param("okta", lambda i, e: opaque_token(), okta_answer, 200, id="okta"),
+    pytest.param("okta", lambda i, e: opaque_token(),
+                 lambda i, e: okta_answer(i, e, refresh=True), 401, id="okta-refresh-token"),
+    pytest.param("okta", lambda i, e: opaque_token(),
+                 lambda i, e: okta_answer(i, e, groups=("Everyone",)), 403,
+                 id="okta-other-group"),
+    pytest.param("authentik", lambda i, e: opaque_token(), authentik_answer, 200,
+                 id="authentik"),
+    pytest.param("authentik", lambda i, e: opaque_token(),
+                 lambda i, e: authentik_answer(i, e, aud="another-provider"), 401,
+                 id="authentik-other-provider"),
+    pytest.param("ory-hydra", lambda i, e: opaque_token(), hydra_answer, 200, id="ory-hydra"),
+    pytest.param("ory-hydra", lambda i, e: opaque_token(),
+                 lambda i, e: hydra_answer(i, e, use="refresh_token"), 401,
+                 id="ory-hydra-refresh-token"),
+    pytest.param("ory-hydra", lambda i, e: opaque_token(),
+                 lambda i, e: hydra_answer(i, e, client="another-client"), 401,
+                 id="ory-hydra-other-client"),
+    pytest.param("ory-hydra", lambda i, e: opaque_token(),
+                 lambda i, e: hydra_answer(i, e, groups=()), 403, id="ory-hydra-in-no-group"),
+]
+
+
+def test_every_page_that_introspects_has_an_admitted_answer() -> None:
+    admitted = {p.values[0] for p in INTROSPECTED if p.values[3] == 200}
+    assert admitted == WITH_INTROSPECTION_BLOCK | INTROSPECTION_ONLY
+
+
+@needs_introspection
+@pytest.mark.parametrize(("name", "token_for", "answer_for", "status"), INTROSPECTED)
+async def test_the_pages_introspection_settings_treat_its_idps_answers_as_the_page_says(
+    name: str, token_for: TokenFor, answer_for: AnswerBuilder, status: int, *,
+    make_sidecar: SidecarFactory, idp: FakeIdp, upstream: FakeUpstream,
+    introspection: FakeIntrospection,
+) -> None:
+    env = {**page_opaque_env(name), "OIDC_ISSUER_URL": idp.issuer,
+           "MCP_UPSTREAM_URL": upstream.url, "ALLOW_ALL_AUTHENTICATED": "false"}
+    if "INTROSPECTION_ENDPOINT" in env:  # the page names it (Hydra): point it at the fake
+        env["INTROSPECTION_ENDPOINT"] = introspection.url
+    else:  # the page relies on the IdP's metadata naming it, as these IdPs' metadata do
+        idp.document_changes |= {"introspection_endpoint": introspection.url,
+                                 **IDP_METADATA.get(name, {})}
+    sidecar = await make_sidecar(**env)
+    token = token_for(idp, env)
+    introspection.answers[token] = answer_for(idp, env)
+    got, body = await call(sidecar, token)
+    assert got == status, body
+    assert len(upstream.requests) == (1 if status == 200 else 0)
+    # The sidecar asked about this very token, with the page's credentials, never the token's.
+    (asked,) = introspection.calls
+    assert asked.form["token"] == token
+    if env.get("INTROSPECTION_AUTH_METHOD") == "none":
+        assert asked.authorization is None
+        assert "client_secret" not in asked.form
+    else:
+        credentials = f"{env['INTROSPECTION_CLIENT_ID']}:{env['INTROSPECTION_CLIENT_SECRET']}"
+        assert asked.authorization == "Basic " + base64.b64encode(credentials.encode()).decode()

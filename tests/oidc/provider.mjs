@@ -16,9 +16,9 @@
 //   issuer), the jwks_uri, /token, /auth, /me, /reg, ...
 //   client_credentials: a confidential client (client_secret_basic or _post) gets, for
 //     `resource=<absolute URL>`, a JWT access token (typ at+jwt, RS256) with aud = that resource
-//     and the requested scopes among --scopes. The --scopes are also listed in the discovery
-//     document's scopes_supported (with openid and offline_access), so clients may register and
-//     ask for them.
+//     and the requested scopes among --scopes (an opaque one with --access-token-format opaque).
+//     The --scopes are also listed in the discovery document's scopes_supported (with openid and
+//     offline_access), so clients may register and ask for them.
 //   authorization_code + PKCE (S256, required for every client): with --auto-login <account>
 //     every interaction is answered at once — login as <account>, consent to everything asked —
 //     so a test can follow redirects from /auth to the redirect_uri with no browser. The
@@ -33,7 +33,8 @@
 //     can register itself. PKCE stays required for every client, registered ones included.
 //   Refresh tokens: issued when the grant includes `offline_access` (the MCP SDK asks for it
 //     when scopes_supported lists it, with prompt=consent) and the client may use refresh_token.
-//     A refresh with `resource` yields again a JWT access token for that resource.
+//     A refresh with `resource` yields again an access token (of --access-token-format) for that
+//     resource. Refresh tokens are always opaque and are not rotated for confidential clients.
 //   RFC 9207: every authorization response carries `iss` (oidc-provider always sends it and
 //     advertises authorization_response_iss_parameter_supported: true).
 //   --static-client <id>:<secret>:<redirect_uri>[,<redirect_uri>...] (repeatable; environment:
@@ -41,6 +42,61 @@
 //     (client_secret_basic, authorization_code + refresh_token + client_credentials) with
 //     exactly these redirect URIs, e.g. a proxy's http://127.0.0.1:<port>/oauth/callback.
 //     The id and the secret must not contain ':'; the redirect URIs must not contain ','.
+//   --access-token-ttl <seconds> (OIDC_ACCESS_TOKEN_TTL, default 300): lifetime of every access
+//     token, JWT or opaque (the resource server's accessTokenTTL and ttl.AccessToken and
+//     ttl.ClientCredentials all use it).
+//   --access-token-format jwt|opaque (OIDC_ACCESS_TOKEN_FORMAT, default jwt): the format of every
+//     access token for a resource (client_credentials, authorization_code, refresh_token grants;
+//     oidc-provider takes it from the resource server's `accessTokenFormat`). opaque: a random
+//     reference string (43 base64url characters, not a JWS) that only the introspection
+//     endpoint can explain; its lifetime, audience (= the resource) and scopes are the same.
+//   --client-credentials-sub client_id|none (OIDC_CLIENT_CREDENTIALS_SUB, default client_id):
+//     oidc-provider introspects an opaque client_credentials token WITHOUT `sub` (there is no
+//     account); by default this provider adds sub = the client's id, as its own JWT access
+//     tokens (and ORY Hydra and Okta) do, so a subject allow-list works the same with either
+//     format. `none` keeps oidc-provider's answer without `sub`.
+//   Token introspection (RFC 7662) at <issuer>/token/introspection and revocation (RFC 7009) at
+//     <issuer>/token/revocation are always on (both listed in the discovery document). Only
+//     opaque tokens and refresh tokens can be introspected or revoked: oidc-provider answers
+//     400 unsupported_token_type for a JWT. Who may see what:
+//       introspection: an --introspection-client sees every token; any other confidential
+//         client only the tokens issued to itself; anyone else gets {"active": false}.
+//       revocation: the client the token was issued to, or an --introspection-client (an
+//         administrator's revocation); any other client is refused (400 invalid_request).
+//         Revoking a refresh token or an authorization_code access token revokes the whole grant
+//         (every token issued with it); a client_credentials token only itself.
+//     The answers (oidc-provider's, exactly; members in this order):
+//       access token: {"active":true,"sub":…,"client_id":…,"exp":…,"iat":…,"iss":<issuer>,
+//         "aud":<the resource, a string>,"scope":"mcp:read","token_type":"Bearer"}
+//         (sub is the account for authorization_code, see --client-credentials-sub otherwise)
+//       refresh token: {"active":true,"sub":…,"client_id":…,"exp":…,"iat":…,"iss":<issuer>,
+//         "scope":"openid offline_access mcp:read"}: no aud and no token_type
+//       revoked, expired, unknown, or not to be shown to this client: {"active":false}
+//       bad client credentials: 401 {"error":"invalid_client",…}
+//   --introspection-client <id>:<secret>[:<auth_method>] (repeatable; environment:
+//     OIDC_INTROSPECTION_CLIENTS, whitespace-separated) registers a confidential client with no
+//     grant at all, only allowed to introspect and revoke, as a resource server's own
+//     credentials; <auth_method> (client_secret_basic by default, or client_secret_post) is
+//     what it is registered with, but oidc-provider accepts either secret method from it; a
+//     wrong secret answers 401 invalid_client. The id and the secret must not contain ':'.
+//   --jwt-introspection (OIDC_JWT_INTROSPECTION=1): RFC 9701 signed introspection answers. The
+//     discovery document lists introspection_signing_alg_values_supported ["RS256"], and every
+//     client (oidc-provider's default introspection_signed_response_alg is RS256) that asks with
+//     `Accept: application/token-introspection+jwt` is answered with that content type: a JWS
+//     (typ token-introspection+jwt, the provider's RS256 key from the jwks_uri, no exp) whose
+//     claims are iss = the issuer, aud = the introspecting client's id, iat, and
+//     token_introspection = the JSON answer. Without that Accept the answer stays plain JSON.
+//   Test control of the introspection endpoint, at the server's root whatever the issuer path
+//   (oidc-provider has no route there): GET /_test/introspection answers
+//     {"requests": <introspection requests received>, "revocations": <revocation requests>,
+//      "delay_ms": <n>, "fail_status": <n>}
+//   counting every request that reached the endpoint whatever its answer (so a test can prove
+//   that a resource server's cache spared the provider a call); POST
+//   /_test/introspection?delay_ms=<n>&fail_status=<n> sets them for the requests that follow:
+//   each introspection request is held <n> ms before oidc-provider handles it (a slow IdP), and
+//   with fail_status (100..599, 0 = off) answered at once with that status and
+//   {"error":"temporarily_unavailable"} instead (a broken IdP). Omitted parameters keep their
+//   value; the answer is the state after the change.
 //
 // oidc-provider 9 officially supports Node 22 LTS and later; it runs on Node 20 but prints an
 // "Unsupported runtime" warning to stderr.
@@ -49,7 +105,7 @@ import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 import { parseArgs } from 'node:util';
 
-import Provider from 'oidc-provider';
+import Provider, { errors } from 'oidc-provider';
 
 const OPTIONS = {
   port: { type: 'string', env: 'OIDC_PORT', default: '0' },
@@ -62,6 +118,12 @@ const OPTIONS = {
   'access-token-ttl': { type: 'string', env: 'OIDC_ACCESS_TOKEN_TTL', default: '300' },
   'auto-login': { type: 'string', env: 'OIDC_AUTO_LOGIN', default: '' },
   'static-client': { type: 'string', multiple: true, env: 'OIDC_STATIC_CLIENTS', default: [] },
+  'access-token-format': { type: 'string', env: 'OIDC_ACCESS_TOKEN_FORMAT', default: 'jwt' },
+  'introspection-client': {
+    type: 'string', multiple: true, env: 'OIDC_INTROSPECTION_CLIENTS', default: [],
+  },
+  'jwt-introspection': { type: 'boolean', env: 'OIDC_JWT_INTROSPECTION', default: false },
+  'client-credentials-sub': { type: 'string', env: 'OIDC_CLIENT_CREDENTIALS_SUB', default: 'client_id' },
   'exit-on-stdin-close': { type: 'boolean', env: 'OIDC_EXIT_ON_STDIN_CLOSE', default: false },
 };
 
@@ -91,13 +153,44 @@ function options() {
   if (/[?#]/.test(issuerPath)) throw new Error('--issuer-path must not contain ? or #');
   const ttl = Number(result['access-token-ttl']);
   if (!Number.isInteger(ttl) || ttl < 1) throw new Error('--access-token-ttl must be seconds > 0');
+  const accessTokenFormat = result['access-token-format'];
+  if (!['jwt', 'opaque'].includes(accessTokenFormat)) {
+    throw new Error(`--access-token-format ${JSON.stringify(accessTokenFormat)} is not jwt or opaque`);
+  }
+  if (!['client_id', 'none'].includes(result['client-credentials-sub'])) {
+    throw new Error('--client-credentials-sub must be client_id or none');
+  }
   return {
     ...result,
     port,
     issuerPath,
     ttl,
+    accessTokenFormat,
     scopes: result.scopes.split(/[\s,]+/).filter(Boolean),
     staticClients: result['static-client'].map(staticClient),
+    introspectionClients: result['introspection-client'].map(introspectionClient),
+  };
+}
+
+const INTROSPECTION_AUTH_METHODS = ['client_secret_basic', 'client_secret_post'];
+
+// "<id>:<secret>[:<auth_method>]": a resource server's credentials, good for nothing but
+// introspection and revocation (no grant type, no redirect URI).
+function introspectionClient(spec) {
+  const [clientId, secret, authMethod = 'client_secret_basic', ...rest] = spec.split(':');
+  if (!clientId || !secret || rest.length > 0) {
+    throw new Error(`--introspection-client ${JSON.stringify(spec)} is not <id>:<secret>[:<auth_method>]`);
+  }
+  if (!INTROSPECTION_AUTH_METHODS.includes(authMethod)) {
+    throw new Error(`--introspection-client auth method ${JSON.stringify(authMethod)} is not one of ${INTROSPECTION_AUTH_METHODS.join(', ')}`);
+  }
+  return {
+    client_id: clientId,
+    client_secret: secret,
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: authMethod,
   };
 }
 
@@ -132,6 +225,7 @@ function signingJwks() {
 
 function configuration(opts) {
   const grantTypes = ['client_credentials', 'authorization_code', 'refresh_token'];
+  const introspectors = new Set(opts.introspectionClients.map(({ client_id: id }) => id));
   return {
     jwks: signingJwks(),
     clients: [
@@ -152,6 +246,7 @@ function configuration(opts) {
         token_endpoint_auth_method: 'none',
       },
       ...opts.staticClients,
+      ...opts.introspectionClients,
     ],
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'none'],
     // The resource's scopes are also Authorization Server scopes, so they are in scopes_supported
@@ -164,8 +259,22 @@ function configuration(opts) {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
-      introspection: { enabled: true },
-      revocation: { enabled: true },
+      introspection: {
+        enabled: true,
+        // RFC 7662 §2.1: the endpoint must know who may learn about which token. Public
+        // clients never get here with an answer (see the header).
+        allowedPolicy: (_ctx, client, token) => introspectors.has(client.clientId)
+          || (client.clientAuthMethod !== 'none' && client.clientId === token.clientId),
+      },
+      jwtIntrospection: { enabled: opts['jwt-introspection'] },
+      revocation: {
+        enabled: true,
+        // RFC 7009 §2.1: the token's own client, or a resource server acting as administrator.
+        allowedPolicy: (_ctx, client, token) => {
+          if (introspectors.has(client.clientId) || client.clientId === token.clientId) return true;
+          throw new errors.InvalidRequest('client is not authorized to revoke the presented token');
+        },
+      },
       // Open Dynamic Client Registration, as MCP clients expect (RFC 7591).
       registration: { enabled: true },
       resourceIndicators: {
@@ -178,7 +287,7 @@ function configuration(opts) {
           audience: resourceIndicator,
           scope: opts.scopes.join(' '),
           accessTokenTTL: opts.ttl,
-          accessTokenFormat: 'jwt',
+          accessTokenFormat: opts.accessTokenFormat,
           jwt: { sign: { alg: 'RS256' } },
         }),
       },
@@ -187,6 +296,13 @@ function configuration(opts) {
       url: (_ctx, interaction) => `${opts.issuerPath}/interaction/${interaction.uid}`,
     },
     findAccount: (_ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
+    // Stored with an opaque token and spread into its introspection answer (the JWT format
+    // already has sub = client id): see --client-credentials-sub.
+    extraTokenClaims: (_ctx, token) => (
+      token.kind === 'ClientCredentials' && token.format === 'opaque'
+        && opts['client-credentials-sub'] === 'client_id'
+        ? { sub: token.clientId } : undefined
+    ),
     ttl: {
       AccessToken: () => opts.ttl,
       ClientCredentials: () => opts.ttl,
@@ -233,15 +349,41 @@ function sendJson(res, status, body) {
   res.end(text);
 }
 
+const CONTROL_PATH = '/_test/introspection';
+const MAX_DELAY_MS = 120_000;
+
+// GET/POST /_test/introspection: see the header. Returns false if the query is not acceptable.
+function controlIntrospection(control, req, res) {
+  const { searchParams } = new URL(req.url ?? '/', 'http://127.0.0.1');
+  if (req.method === 'POST') {
+    const delay = searchParams.get('delay_ms');
+    const status = searchParams.get('fail_status');
+    const delayMs = delay === null ? control.delay_ms : Number(delay);
+    const failStatus = status === null ? control.fail_status : Number(status);
+    if (!Number.isInteger(delayMs) || delayMs < 0 || delayMs > MAX_DELAY_MS
+      || !Number.isInteger(failStatus) || (failStatus !== 0 && (failStatus < 100 || failStatus > 599))) {
+      return sendJson(res, 400, { error: 'delay_ms must be 0..120000 and fail_status 0 or 100..599' });
+    }
+    Object.assign(control, { delay_ms: delayMs, fail_status: failStatus });
+  } else if (req.method !== 'GET') {
+    return sendJson(res, 405, { error: 'GET or POST' });
+  }
+  return sendJson(res, 200, control);
+}
+
 function main() {
   const opts = options();
   let provider; // set once the port, hence the issuer, is known
   let callback;
   const prefix = opts.issuerPath;
+  const control = { requests: 0, revocations: 0, delay_ms: 0, fail_status: 0 };
 
   const server = http.createServer((req, res) => {
     if (!provider) return sendJson(res, 503, { error: 'starting' });
     const url = req.url ?? '/';
+    if (url === CONTROL_PATH || url.startsWith(`${CONTROL_PATH}?`)) {
+      return controlIntrospection(control, req, res);
+    }
     if (prefix) {
       // Mount the provider under the issuer's path like Keycloak's /realms/<name>; baseUrl is
       // how oidc-provider learns the mount path (as under Express) to build its URLs.
@@ -261,6 +403,18 @@ function main() {
         if (!res.headersSent) sendJson(res, 400, { error: 'interaction_failed', error_description: String(err.message) });
       });
       return undefined;
+    }
+    const path = req.url.split('?', 1)[0];
+    if (path === '/token/revocation') control.revocations += 1;
+    if (path === '/token/introspection') {
+      control.requests += 1;
+      if (control.fail_status) {
+        return sendJson(res, control.fail_status, { error: 'temporarily_unavailable' });
+      }
+      if (control.delay_ms) {
+        setTimeout(() => callback(req, res), control.delay_ms);
+        return undefined;
+      }
     }
     return callback(req, res);
   });
