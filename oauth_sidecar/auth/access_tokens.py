@@ -45,6 +45,14 @@ def looks_like_jws(token: str) -> bool:
     return isinstance(header, dict) and "alg" in header
 
 
+def verifier_for(mode: str, token: str) -> str:
+    """"jwt" or "introspection": which verifier TOKEN_VALIDATION sends this token to (the one
+    rule for the gate and for `check --token`, so the doctor names the verifier the gate uses)."""
+    if mode == "jwt" or (mode == "auto" and looks_like_jws(token)):
+        return "jwt"
+    return "introspection"
+
+
 class AccessTokens:
     """The TOKEN_VALIDATION mode's verifier behind one interface."""
 
@@ -68,6 +76,6 @@ class AccessTokens:
 
     async def verify(self, token: str) -> Principal:
         introspector = self._introspector
-        if introspector is None or (self.mode == "auto" and looks_like_jws(token)):
+        if introspector is None or verifier_for(self.mode, token) == "jwt":
             return await self._jwt.verify(token)
         return await introspector.verify(token)

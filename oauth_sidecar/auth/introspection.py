@@ -111,6 +111,11 @@ class IntrospectionExplanation:
     """The IdP's answer as it came (the RFC 9701 claim's value for a signed one)."""
     signed: bool = False
     endpoint: str = ""
+    method: str = ""
+    """The client authentication the call used (Target.method)."""
+    detail: str = ""
+    """Why the call gave no usable answer (IntrospectionFailed.detail): never the token or the
+    secret."""
 
 
 def basic_credentials(client_id: str, secret: str) -> str:
@@ -260,10 +265,7 @@ class Introspector:
             raise
         self._count("active")
         exp = answer.get("exp")
-        issuer = answer.get("iss") or self._config.issuer
-        principal, admitted = principal_of(
-            answer, self._kept_claims, issuer=issuer,
-            expires_at=float(exp) if exp is not None else math.inf, kid=None)
+        principal, admitted = self.principal(answer)
         until = now + self._settings.cache_seconds
         if exp is not None:  # never past what a fresh answer's exp check would accept
             until = min(until, int(exp) + self._config.leeway)
@@ -272,6 +274,14 @@ class Introspector:
                 principal.issuer, principal.subject, principal.claims)))
             self._cache.put(digest, (principal, until), cost, admitted=admitted)
         return principal
+
+    def principal(self, answer: dict[str, Any]) -> tuple[Principal, bool]:
+        """The Principal of an answer that passed every check (an answer without iss speaks for
+        our issuer), and whether the policy admits it now: the gate's and the doctor's."""
+        exp = answer.get("exp")
+        return principal_of(answer, self._kept_claims,
+                            issuer=answer.get("iss") or self._config.issuer,
+                            expires_at=float(exp) if exp is not None else math.inf, kid=None)
 
     def _count(self, outcome: str) -> None:
         self.counts.calls[outcome] += 1
@@ -468,16 +478,23 @@ class Introspector:
     async def explain(self, token: str) -> IntrospectionExplanation:
         """Ask the IdP (no cache) and run every check on its answer, reporting each; the first
         failure is what verify() raises."""
+        started = time.monotonic()
+        target: Target | None = None
         try:
             target = self.target()
             async with asyncio.timeout(self._settings.timeout):
                 answer, signed = await self._ask(token)
-        except IntrospectionFailed as failed:
+        except (IntrospectionFailed, TimeoutError) as exc:
+            failed = exc if isinstance(exc, IntrospectionFailed) else IntrospectionFailed(
+                "timeout", "introspection_timeout", f"no answer within {self._settings.timeout} s")
+            self._failed(failed, started)  # logged once per kind of trouble, as when serving
             error = failed.token_error()
-            return IntrospectionExplanation({"introspection": error}, error)
-        except TimeoutError:
-            error = IntrospectionFailed("timeout", "introspection_timeout").token_error()
-            return IntrospectionExplanation({"introspection": error}, error)
+            return IntrospectionExplanation(
+                {"introspection": error}, error, endpoint=target.url if target else "",
+                method=target.method if target else "", detail=failed.detail)
+        if self._trouble is not None:
+            log.info("introspection_recovered", after=self._trouble)
+            self._trouble = None
         outcomes: dict[str, TokenError | None] = {"introspection": None}
         failures: list[TokenError] = []
         now = time.time()
@@ -492,4 +509,4 @@ class Introspector:
             else:
                 outcomes.setdefault(name, None)
         return IntrospectionExplanation(outcomes, failures[0] if failures else None, answer,
-                                        signed, target.url)
+                                        signed, target.url, target.method)
