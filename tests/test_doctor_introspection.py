@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -38,15 +39,24 @@ ADMITTED = [("verifier", None), ("format", True), ("introspection", True), ("act
             ("jti", True), ("scope", None), ("allow-list", True)]
 
 
-@pytest.fixture
-async def endpoint(idp: FakeIdp) -> AsyncIterator[FakeIntrospection]:
+@asynccontextmanager
+async def introspection_at(idp: FakeIdp) -> AsyncIterator[FakeIntrospection]:
+    """The fake RFC 7662 endpoint on loopback, named by the fake IdP's discovery document."""
     fake = FakeIntrospection(issuer=idp.issuer)
     server = TestServer(fake.app(), host="127.0.0.1")
     await server.start_server()
     fake.server = server
     idp.document_changes["introspection_endpoint"] = fake.url
-    yield fake
-    await server.close()
+    try:
+        yield fake
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def endpoint(idp: FakeIdp) -> AsyncIterator[FakeIntrospection]:
+    async with introspection_at(idp) as fake:
+        yield fake
 
 
 def env_of(idp: FakeIdp, upstream: FakeUpstream, **extra: str) -> dict[str, str]:
