@@ -33,8 +33,10 @@ from processes import free_port
 from structlog.testing import capture_logs
 from test_metrics import scrape
 
-from oauth_sidecar.app import create_app
+from oauth_sidecar.app import INTROSPECTOR, create_app
 from oauth_sidecar.auth.access_tokens import looks_like_jws
+from oauth_sidecar.auth.bearer import TokenError
+from oauth_sidecar.auth.idp import acceptable_url
 from oauth_sidecar.config import CHILD_ENV_FORBIDDEN, ConfigError, load
 
 Client = TestClient[web.Request, web.Application]
@@ -295,22 +297,35 @@ async def test_concurrent_requests_with_one_token_share_one_call(
     assert len(endpoint.calls) == 1
 
 
-async def test_calls_in_flight_are_bounded_and_the_timeout_covers_the_queue(
+async def test_calls_in_flight_are_bounded(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:
-    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="2",
-                                  INTROSPECTION_TIMEOUT_SECONDS="1")
-    endpoint.hold = asyncio.Event()
-    tokens = [endpoint.issue(sub=f"user-{i}") for i in range(4)]
-    requests = [asyncio.create_task(send(sidecar, token)) for token in tokens]
-    await wait_until(lambda: endpoint.in_flight == 2)
-    replies = await asyncio.gather(*requests)  # nobody releases the hold: all time out
-    for reply in replies:
-        assert_unavailable(reply)
+    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="2")
+    endpoint.delay = 0.2
+    tokens = [endpoint.issue(sub=f"user-{i}") for i in range(6)]
+    replies = await asyncio.gather(*(send(sidecar, token) for token in tokens))
+    assert [r.status for r in replies] == [200] * 6
+    assert len(endpoint.calls) == 6
     assert endpoint.most_in_flight == 2
-    assert len(endpoint.calls) == 2  # the other two timed out waiting for a slot
-    endpoint.hold.set()
-    assert (await send(sidecar, tokens[3])).status == 200  # the timeout was not cached
+
+
+async def test_the_timeout_counts_the_wait_for_a_free_slot(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    """One slot; each call takes 0.7 s, under the 1 s timeout. The second token waits about
+    0.7 s for the slot, then 0.7 s for its call: past the timeout, so a 503."""
+    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="1",
+                                  INTROSPECTION_TIMEOUT_SECONDS="1")
+    endpoint.delay = 0.7
+    first, second = endpoint.issue(sub="first"), endpoint.issue(sub="second")
+    ahead = asyncio.create_task(send(sidecar, first))
+    await wait_until(lambda: endpoint.in_flight == 1)
+    behind = await send(sidecar, second)
+    assert (await ahead).status == 200
+    assert_unavailable(behind)
+    assert endpoint.most_in_flight == 1
+    endpoint.delay = 0.0
+    assert (await send(sidecar, second)).status == 200  # the timeout was not cached
 
 
 # -- the IdP's trouble: 503, never an accept, never cached ---------------------------------------
@@ -589,7 +604,42 @@ async def test_calls_cache_lookups_and_call_time_are_counted(
 
 
 def test_jwt_mode_builds_no_introspector(idp: FakeIdp, upstream: FakeUpstream) -> None:
-    from oauth_sidecar.app import INTROSPECTOR
-
     assert INTROSPECTOR not in create_app(load(sidecar_env(idp, upstream)))
     assert INTROSPECTOR in create_app(load(sidecar_env(idp, upstream, **LOGIN)))
+
+
+async def test_a_metadata_endpoint_that_breaks_the_url_rule_is_never_posted_to(
+    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection,
+) -> None:
+    idp.document_changes["introspection_endpoint"] = endpoint.url.replace("http://", "ftp://")
+    sidecar = await introspecting(make_sidecar)
+    assert await refusal(sidecar, endpoint.issue()) == (503, "introspection_endpoint_unknown")
+    assert endpoint.calls == []
+    assert not acceptable_url("http://idp.example/introspect", "https://idp.example")
+    assert acceptable_url("https://idp.example/introspect", "https://idp.example")
+    assert acceptable_url("http://127.0.0.1:9/introspect", "http://127.0.0.1:8")
+
+
+async def test_explain_reports_every_check_of_the_answer_and_keeps_it(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    sidecar = await introspecting(make_sidecar)
+    introspector = sidecar.app[INTROSPECTOR]
+    token = endpoint.issue(aud="https://other.example/mcp", nbf=int(time.time()) + 3600)
+    explained = await introspector.explain(token)
+    assert explained.error is not None
+    assert explained.error.reason == "not_yet_valid"  # the first failure, as verify() raises
+    failed = {name: error.reason for name, error in explained.outcomes.items() if error}
+    assert failed == {"nbf": "not_yet_valid", "aud": "wrong_audience"}
+    assert explained.outcomes["active"] is None
+    assert explained.outcomes["sub"] is None
+    assert explained.answer == endpoint.answers[token]
+    assert explained.endpoint == endpoint.url
+    with pytest.raises(TokenError) as raised:
+        await introspector.verify(token)
+    assert raised.value.reason == "not_yet_valid"
+    endpoint.status = 500
+    unavailable = await introspector.explain(token)
+    assert unavailable.error is not None
+    assert unavailable.outcomes == {"introspection": unavailable.error}
+    assert unavailable.error.status == 503

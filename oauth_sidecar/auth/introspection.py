@@ -186,7 +186,8 @@ class Introspector:
     async def running(self) -> AsyncIterator[Introspector]:
         """Own the HTTP session to the IdP for the app's lifetime (no cookies, no proxies from
         the environment); calls still in flight at the end are cancelled."""
-        timeout = aiohttp.ClientTimeout(total=self._settings.timeout)
+        # A backstop only: the timeout that counts (queue included) is in _answer.
+        timeout = aiohttp.ClientTimeout(total=self._settings.timeout + 1)
         connector = aiohttp.TCPConnector(limit=self._settings.max_concurrency)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
                                          cookie_jar=aiohttp.DummyCookieJar()) as session:
@@ -260,8 +261,10 @@ class Introspector:
         except TokenError as refusal:
             self._count("inactive" if refusal.reason == "inactive" else "rejected")
             until = now + self._settings.negative_cache_seconds
-            if until > now:
-                self._cache.put(digest, (refusal, until), ENTRY_OVERHEAD, admitted=False)
+            if until > now:  # a copy: the raised one's traceback holds this request's frames
+                kept = TokenError(refusal.reason, refusal.description, error=refusal.error,
+                                  status=refusal.status)
+                self._cache.put(digest, (kept, until), ENTRY_OVERHEAD, admitted=False)
             raise
         self._count("active")
         exp = answer.get("exp")
@@ -370,7 +373,9 @@ class Introspector:
         except ResponseTooLarge:
             raise IntrospectionFailed("error", "introspection_failed",
                                       f"answer larger than {MAX_ANSWER_BYTES} bytes") from None
-        except aiohttp.ClientError as exc:
+        except TimeoutError:  # aiohttp's own (ServerTimeoutError is a ClientError too)
+            raise
+        except (aiohttp.ClientError, ValueError, OSError) as exc:  # ValueError: a bad URL
             raise IntrospectionFailed("unavailable", "introspection_unavailable",
                                       type(exc).__name__) from None
         if status == 200:
