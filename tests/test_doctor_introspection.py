@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -100,7 +101,7 @@ async def test_an_active_token_is_explained_claim_by_claim_and_admitted(
         "introspection_endpoint_auth_methods_supported): a JSON answer")
     assert detail(report, "active") == "true: the IdP says the token is valid now"
     assert detail(report, "token_type") == "token_type 'Bearer': not a refresh token"
-    assert "expires in 4 m" in detail(report, "exp")
+    assert re.search(r": expires in (4 m [0-5]?\d|5 m 0) s$", detail(report, "exp"))
     assert detail(report, "aud") == f"aud ['{AUDIENCE}'] includes '{AUDIENCE}' (OIDC_AUDIENCE)"
     assert detail(report, "iss") == f"'{idp.issuer}' = OIDC_ISSUER_URL"
     assert detail(report, "sub") == "'user-1'"
@@ -279,6 +280,22 @@ async def test_a_working_endpoint_is_probed_and_reported(
     assert CLIENT_SECRET not in shown(report)
 
 
+async def test_a_method_chosen_from_the_metadata_says_so(
+    idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
+) -> None:
+    endpoint.method = "client_secret_post"
+    idp.document_changes["introspection_endpoint_auth_methods_supported"] = [
+        "client_secret_post", "private_key_jwt"]
+    report = await check(env_of(idp, upstream), endpoint.issue())
+    assert (f"client authentication: client_secret_post as '{CLIENT_ID}' (chosen from the IdP "
+            "metadata's introspection_endpoint_auth_methods_supported ['client_secret_post', "
+            "'private_key_jwt'])") in report.sections["introspection"]
+    assert detail(report, "introspection").startswith(
+        f"asked {endpoint.url} (client_secret_post, chosen from the IdP metadata's ")
+    assert verdict(report) == (True, 200, "")
+    assert "introspection_auth_method_unsupported" not in report.codes()
+
+
 async def test_a_configured_method_and_endpoint_say_where_they_came_from(
     idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
 ) -> None:
@@ -377,6 +394,30 @@ async def test_no_endpoint_known_is_an_error_naming_the_variable(
     assert detail(report, "introspection").startswith(
         "The identity provider could not check the token; try again later "
         "(introspection_endpoint_unknown): asked no endpoint known; the IdP's metadata")
+
+
+@pytest.mark.parametrize("named", ["http://user:pw@127.0.0.1:{port}/introspect",
+                                   "https://idp.example.test@127.0.0.1:{port}/introspect"],
+                         ids=["password", "user"])
+async def test_an_endpoint_with_user_info_in_the_metadata_is_unusable_not_a_crash(
+    idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
+    make_sidecar: SidecarFactory, named: str,
+) -> None:
+    """aiohttp would send user-info as Basic credentials, or raise ValueError beside ours."""
+    assert endpoint.server is not None
+    idp.document_changes["introspection_endpoint"] = named.format(port=endpoint.server.port)
+    report = await check(env_of(idp, upstream), "2YotnFZFEjr1zCsicMWpAA")
+    assert finding(report, "introspection_endpoint_unknown")[0] == ERROR
+    assert verdict(report) == (False, 503, "introspection_endpoint_unknown")
+    assert report.token is not None
+    said = " ".join(report.sections["introspection"]) + repr(report.token.checks) + repr(
+        [f.message for f in report.findings])
+    assert "pw@" not in said
+    sidecar = await make_sidecar(**LOGIN)
+    async with sidecar.post("/mcp", data=b"{}", headers=bearer("2YotnFZFEjr1zCsicMWpAA")
+                            ) as response:
+        assert response.status == 503
+    assert endpoint.calls == []
 
 
 async def test_an_idp_that_says_a_made_up_token_is_active_is_an_error(

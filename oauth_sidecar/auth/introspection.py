@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import aiohttp
 import jwt
@@ -336,11 +336,15 @@ class Introspector:
                 raise IntrospectionFailed("unavailable", "introspection_unavailable",
                                           "the IdP's discovery document is not loaded yet")
             url = metadata.get("introspection_endpoint")
-            if not isinstance(url, str) or not acceptable_url(url, self._config.issuer):
+            # User-info in it: aiohttp would send it as Basic credentials, or raise ValueError
+            # beside ours (a 500); INTROSPECTION_ENDPOINT may not carry any either.
+            if not isinstance(url, str) or not acceptable_url(url, self._config.issuer) or (
+                "@" in urlsplit(url).netloc
+            ):
                 raise IntrospectionFailed(
                     "unavailable", "introspection_endpoint_unknown",
                     "the IdP's metadata names no usable introspection_endpoint (https, or http "
-                    "when the issuer is): set INTROSPECTION_ENDPOINT")
+                    "when the issuer is; no user-info): set INTROSPECTION_ENDPOINT")
         method = settings.auth_method or choose_auth_method(metadata)
         algs = metadata.get("introspection_signing_alg_values_supported") if metadata else None
         signed = isinstance(algs, list) and bool(algs)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from oauth_sidecar.auth.introspection import IntrospectionFailed, Introspector
+from oauth_sidecar.config.urls import shown_url
 from oauth_sidecar.doctor.opaque import method_source
 from oauth_sidecar.doctor.report import ERROR, INTROSPECTION, NOTE, WARNING, Checker
 
@@ -42,19 +43,19 @@ class IntrospectionChecks(Checker):
             self._no_target(failed, metadata)
             return
         named = metadata.get("introspection_endpoint") if metadata is not None else None
+        url = shown_url(target.url)  # a URL the metadata names may carry user-info
         if settings.endpoint:
             also = "" if named in (None, settings.endpoint) else (
-                f"; the IdP metadata names another, {named}")
-            self.line(section, f"endpoint: {target.url} (INTROSPECTION_ENDPOINT{also})")
+                f"; the IdP metadata names another, {shown_url(str(named))}")
+            self.line(section, f"endpoint: {url} (INTROSPECTION_ENDPOINT{also})")
         else:
-            self.line(section, f"endpoint: {target.url} (the IdP metadata's "
-                               "introspection_endpoint)")
+            self.line(section, f"endpoint: {url} (the IdP metadata's introspection_endpoint)")
         source = method_source(settings.auth_method, metadata)
         self.line(section, f"client authentication: {target.method} as "
                            f"{settings.client_id!r} ({source})")
         self._method_offered(target.method, metadata)
         self._signing(target.signed, metadata)
-        await self._probe(introspector, target.url, target.method)
+        await self._probe(introspector, url, target.method)
 
     def _no_target(self, failed: IntrospectionFailed, metadata: Mapping[str, Any] | None) -> None:
         if metadata is None:  # discovery failed: already an error of its own
@@ -62,7 +63,8 @@ class IntrospectionChecks(Checker):
                                      "loads (INTROSPECTION_ENDPOINT is unset)")
             return
         named = metadata.get("introspection_endpoint")
-        said = "names none" if named is None else f"names {named!r}, which is not usable"
+        said = "names none" if named is None else (
+            f"names {shown_url(str(named))!r}, which is not usable")
         self.line(INTROSPECTION, f"endpoint: unknown: the IdP metadata {said}")
         self.add(ERROR, "introspection_endpoint_unknown",
                  f"no introspection endpoint: INTROSPECTION_ENDPOINT is unset and the IdP's "

@@ -20,6 +20,7 @@ from oauth_sidecar.auth.introspection import (
     TYPE_CLAIMS,
     IntrospectionExplanation,
 )
+from oauth_sidecar.config.urls import shown_url
 from oauth_sidecar.doctor.report import ClaimCheck
 from oauth_sidecar.doctor.words import ClaimWords, claim_line
 
@@ -53,18 +54,20 @@ def method_source(configured: str, metadata: Mapping[str, Any] | None = None) ->
     if configured:
         return "INTROSPECTION_AUTH_METHOD"
     offered = metadata.get("introspection_endpoint_auth_methods_supported") if metadata else None
-    if metadata is not None and not isinstance(offered, list):
-        return ("the default: the IdP metadata lists no "
-                "introspection_endpoint_auth_methods_supported")
-    shown = f" {offered}" if isinstance(offered, list) else ""
-    return f"chosen from the IdP metadata's introspection_endpoint_auth_methods_supported{shown}"
+    if isinstance(offered, list):
+        return ("chosen from the IdP metadata's introspection_endpoint_auth_methods_supported "
+                f"{offered}")
+    if metadata is None:
+        return "the default: the IdP metadata is not loaded"
+    return "the default: the IdP metadata lists no introspection_endpoint_auth_methods_supported"
 
 
 def call_line(explanation: IntrospectionExplanation, source: str) -> ClaimCheck:
     """What the call to the IdP came to: where, how, and which kind of answer."""
     error = explanation.outcomes.get("introspection")
     how = f" ({explanation.method}, {source})" if explanation.method else ""
-    where = f"{explanation.endpoint}{how}" if explanation.endpoint else "no endpoint known"
+    where = f"{shown_url(explanation.endpoint)}{how}" if explanation.endpoint else (
+        "no endpoint known")
     if error is None:
         kind = (f"a signed answer ({SIGNED_ANSWER}, RFC 9701), verified with the IdP's keys"
                 if explanation.signed else "a JSON answer")
