@@ -21,18 +21,24 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import AUDIENCE, FakeIdp, FakeUpstream, SidecarFactory, bearer
 from introspection_endpoint import CLIENT_ID, CLIENT_SECRET, FakeIntrospection
+from opaque_tokens import opaque_client_credentials_token, opaque_refresh_token
 from processes import PROCESS_TIMEOUT, REPO, free_port
+from real_idp import ConfidentialClient, run_oidc_provider
 from structlog.testing import capture_logs
 from test_doctor import check, clean_env, finding
+from test_log import FORGERY, RAW_CONTROL
 
 from oauth_sidecar.config import load
 from oauth_sidecar.config_summary import SET, summary
 from oauth_sidecar.doctor import ERROR, NOTE, WARNING, Report, render
 from oauth_sidecar.doctor.explainer import ROUTE_AUTO_JWT, ROUTE_AUTO_OPAQUE, ROUTE_INTROSPECTION
+from oauth_sidecar.doctor.opaque import TOKEN_SHOWN
 
 LOGIN = {"TOKEN_VALIDATION": "introspection", "INTROSPECTION_CLIENT_ID": CLIENT_ID,
          "INTROSPECTION_CLIENT_SECRET": CLIENT_SECRET}
 HOUR = 3600
+REAL_RS = ConfidentialClient("resource-server", "rs-secret")  # the sidecar's client there
+REAL_RESOURCE = "http://127.0.0.1:8931/mcp"  # the provider never calls it
 # The lines of an active, admitted answer, in the introspector's order; the policy's last.
 ADMITTED = [("verifier", None), ("format", True), ("introspection", True), ("active", True),
             ("token_type", True), ("id_token", True), ("cnf", True), ("exp", True),
@@ -100,7 +106,8 @@ async def test_an_active_token_is_explained_claim_by_claim_and_admitted(
         f"asked {endpoint.url} (client_secret_basic, the default: the IdP metadata lists no "
         "introspection_endpoint_auth_methods_supported): a JSON answer")
     assert detail(report, "active") == "true: the IdP says the token is valid now"
-    assert detail(report, "token_type") == "token_type 'Bearer': not a refresh token"
+    assert detail(report, "token_type") == ("token_type 'Bearer': nothing says it is a refresh "
+                                            "token")
     assert re.search(r": expires in (4 m [0-5]?\d|5 m 0) s$", detail(report, "exp"))
     assert detail(report, "aud") == f"aud ['{AUDIENCE}'] includes '{AUDIENCE}' (OIDC_AUDIENCE)"
     assert detail(report, "iss") == f"'{idp.issuer}' = OIDC_ISSUER_URL"
@@ -253,6 +260,24 @@ async def test_a_signing_algorithm_outside_jwt_algorithms_is_a_warning(
     assert severity == WARNING
     assert "['ES256'], none of them in JWT_ALGORITHMS (RS256)" in message
     assert fix == "add the IdP's signing algorithm to JWT_ALGORITHMS"
+
+
+async def test_the_idps_words_are_escaped_and_a_token_it_echoes_is_not_shown(
+    idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
+) -> None:
+    """The answer is the IdP's to choose, and a user chooses their claims: neither may drive
+    the operator's terminal, and an IdP that echoes the token does not get it printed."""
+    token = endpoint.issue(sub=FORGERY, email="\x1b]0;pwned\x07@example.com")
+    endpoint.answers[token]["echo"] = token
+    report = await check(env_of(idp, upstream), token)
+    assert report.token is not None
+    assert report.token.answer is not None
+    assert report.token.answer["echo"] == TOKEN_SHOWN
+    text = render(report)
+    assert not RAW_CONTROL.search(text.replace("\n", "")), RAW_CONTROL.findall(text)
+    assert "pwned" in text  # shown, escaped
+    assert detail(report, "sub") == repr(FORGERY)  # the words, before the renderer's escaping
+    assert token not in shown(report)
 
 
 # -- the probes -----------------------------------------------------------------------------------
@@ -426,6 +451,44 @@ async def test_an_idp_that_says_a_made_up_token_is_active_is_an_error(
     endpoint.body = json.dumps({"active": True}).encode()
     report = await check(env_of(idp, upstream))
     assert finding(report, "introspection_answers_active")[0] == ERROR
+
+
+# -- the tests' real OpenID provider (node oidc-provider) and the tokens it really issues -------
+
+
+@pytest.mark.slow
+async def test_real_opaque_tokens_of_the_real_provider_are_explained(
+    upstream: FakeUpstream,
+) -> None:
+    """An opaque access token, a refresh token and a wrong secret, at panva's oidc-provider."""
+    async with run_oidc_provider(access_token_format="opaque", introspection_clients=[REAL_RS],
+                                 auto_login="user-1") as real:
+        env = {"OIDC_ISSUER_URL": real.issuer, "OIDC_AUDIENCE": REAL_RESOURCE,
+               "RESOURCE_URL": REAL_RESOURCE, "MCP_UPSTREAM_URL": upstream.url,
+               "ALLOW_SUBS": f"{real.client_id},user-1", "TOKEN_VALIDATION": "auto",
+               "INTROSPECTION_CLIENT_ID": REAL_RS.client_id,
+               "INTROSPECTION_CLIENT_SECRET": REAL_RS.client_secret}
+        token = await opaque_client_credentials_token(real, REAL_RESOURCE, "mcp:read")
+        report = await check(env, token)
+        assert verdict(report) == (True, 200, "")
+        assert detail(report, "verifier") == ROUTE_AUTO_OPAQUE
+        assert [name for name, ok in lines(report) if ok is False] == []
+        assert finding(report, "introspection_ok")[0] == NOTE
+        assert detail(report, "scope") == "token scopes: mcp:read; REQUIRED_SCOPES is not set"
+
+        refresh_token = await opaque_refresh_token(real, REAL_RESOURCE)
+        refused = await check(env, refresh_token)
+        assert verdict(refused) == (False, 401, "claim_missing")
+        assert [name for name, ok in lines(refused) if ok is False] == ["aud"]
+        assert "did the client send its refresh token?" in detail(refused, "aud")
+
+        wrong = await check({**env, "INTROSPECTION_CLIENT_SECRET": "not-the-secret"}, token)
+        assert finding(wrong, "introspection_client_refused")[0] == ERROR
+        assert verdict(wrong) == (False, 503, "introspection_refused")
+        for said in (report, refused, wrong):
+            assert token not in shown(said)
+            assert refresh_token not in shown(said)
+            assert REAL_RS.client_secret not in shown(said)
 
 
 # -- auto mode: which verifier, and why -----------------------------------------------------------

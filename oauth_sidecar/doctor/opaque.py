@@ -125,9 +125,20 @@ class AnswerWords(ClaimWords):
         shown = ", ".join(said) or "no token_type, token_use or typ"
         refresh = [name for name in TYPE_CLAIMS if isinstance(payload.get(name), str)
                    and payload[name].lower() in REFRESH_TYPES]
-        return (f"{shown}: not a refresh token",
+        return (f"{shown}: nothing says it is a refresh token",
                 f"{shown}: the client sent its refresh token ({', '.join(refresh)}); it must "
                 "send the access token")
+
+    def _audience(self, header: Mapping[str, Any], payload: Mapping[str, Any]
+                  ) -> tuple[str, str]:
+        passed, failed = super()._audience(header, payload)
+        if payload.get(self.verifier.audience_claim) is None and not any(
+            name in payload for name in TYPE_CLAIMS
+        ):
+            failed += ("; an answer with neither an audience nor a token_type is how some IdPs "
+                       "(node oidc-provider) describe a refresh token: did the client send its "
+                       "refresh token?")
+        return passed, failed
 
     def _iss(self, header: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, str]:
         if "iss" not in payload:
