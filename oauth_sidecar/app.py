@@ -8,7 +8,7 @@ from contextlib import AbstractAsyncContextManager
 from aiohttp import web
 
 from oauth_sidecar import __version__
-from oauth_sidecar.auth.access_tokens import AccessTokens
+from oauth_sidecar.auth.access_tokens import token_check
 from oauth_sidecar.auth.allow_files import AllowListFiles
 from oauth_sidecar.auth.challenge import Challenges
 from oauth_sidecar.auth.gate import Gate
@@ -51,7 +51,6 @@ from oauth_sidecar.upstream.stdio_pool import CAPS, CHILD_STATES, EXIT_REASONS, 
 IDP = web.AppKey("idp", IdentityProvider)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 INTROSPECTOR = web.AppKey("introspector", Introspector)
-ACCESS_TOKENS = web.AppKey("access_tokens", AccessTokens)
 PROXY = web.AppKey("proxy", UpstreamProxy)
 SESSIONS = web.AppKey("sessions", SessionBindings)
 CHILD = web.AppKey("child", ChildProcess)
@@ -250,8 +249,7 @@ def create_app(
                           calls=calls) if pool is None else None
     # client_max_size: only public handlers read bodies; the proxy streams.
     app = web.Application(client_max_size=64 * 1024)
-    app[IDP], app[VERIFIER], app[SESSIONS], app[ACCESS_TOKENS] = idp, verifier, sessions, (
-        AccessTokens(config.tokens.validation, verifier, introspector))
+    app[IDP], app[VERIFIER], app[SESSIONS] = idp, verifier, sessions
     app[METRICS] = metrics
     routes = PublicRoutes(app.router, route_classes)
     health = Health(idp, proxy, child)
@@ -265,8 +263,8 @@ def create_app(
     # everything else: authenticated
     mcp.add_route("*", _mcp_handler(config, app, pool, proxy, calls))
     route_classes[mcp] = "mcp"
-    gate = Gate(config, verifier=app[ACCESS_TOKENS], policy=policy, limiter=limiter,
-                is_public=routes.is_public, sessions=sessions)
+    gate = Gate(config, verifier=token_check(config.tokens.validation, verifier, introspector),
+                policy=policy, limiter=limiter, is_public=routes.is_public, sessions=sessions)
     front_door = FrontDoor(cors=Cors(config, routes.is_public, routes.is_navigation), gate=gate,
                            metrics=metrics)
     app.middlewares.append(front_door.middleware)

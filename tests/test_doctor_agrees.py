@@ -12,7 +12,7 @@ from conftest import FakeIdp, FakeUpstream, SidecarFactory, sidecar_env, wait_un
 from test_doctor import TOKEN_MATRIX, Build
 from test_doctor_introspection import ANSWER_MATRIX, LOGIN, introspection_at
 
-from oauth_sidecar.auth.access_tokens import AccessTokens, verifier_for
+from oauth_sidecar.auth.access_tokens import token_check, verifier_for
 from oauth_sidecar.auth.bearer import TokenError, bearer_token
 from oauth_sidecar.auth.idp import IdentityProvider
 from oauth_sidecar.auth.introspection import Introspector
@@ -66,12 +66,12 @@ async def test_doctor_verdict_is_the_verifiers_for_every_token(
 async def gate_verdict(config: Config, keys: IdentityProvider, token: str
                        ) -> tuple[TokenError | None, str]:
     """What the gate's authentication makes of the token in the configured TOKEN_VALIDATION
-    mode (bearer_token, then AccessTokens.verify, with the serving policy's kept claims), and
+    mode (bearer_token, then token_check(...).verify, with the serving policy's kept claims), and
     the verifier it went to."""
     kept = AccessPolicy.serving(config).kept_claims
     introspector = Introspector(config.tokens, keys, kept)
-    tokens = AccessTokens(config.tokens.validation, TokenVerifier(config.tokens, keys, kept),
-                          introspector)
+    tokens = token_check(config.tokens.validation, TokenVerifier(config.tokens, keys, kept),
+                         introspector)
     async with introspector.running():
         try:
             bearer_token([f"Bearer {token}"], [], config.tokens.max_token_bytes)
@@ -87,7 +87,7 @@ async def test_doctor_verdict_is_the_introspectors_for_every_answer(
     idp: FakeIdp, upstream: FakeUpstream, *, mode: str, extra: dict[str, str],
     claims: dict[str, object], failed: list[str],
 ) -> None:
-    """An opaque token: the doctor's verdict is the one AccessTokens reaches, row by row over
+    """An opaque token: the doctor's verdict is the one token_check's verifier reaches, row by row over
     the answers the IdP may give; its token lines fail exactly when the gate refuses."""
     async with introspection_at(idp) as endpoint:
         config = load(sidecar_env(idp, upstream, **{**LOGIN, "TOKEN_VALIDATION": mode, **extra}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Awaitable
 from typing import Protocol
 
 from oauth_sidecar.auth.bearer import SEGMENT
@@ -26,7 +27,7 @@ class TokenCheck(Protocol):
 
     def cached(self, token: str) -> Principal | None: ...
 
-    async def verify(self, token: str) -> Principal: ...
+    def verify(self, token: str) -> Awaitable[Principal]: ...
 
 
 def looks_like_jws(token: str) -> bool:
@@ -46,36 +47,37 @@ def looks_like_jws(token: str) -> bool:
 
 
 def verifier_for(mode: str, token: str) -> str:
-    """"jwt" or "introspection": which verifier TOKEN_VALIDATION sends this token to (the one
-    rule for the gate and for `check --token`, so the doctor names the verifier the gate uses)."""
+    """"jwt" or "introspection": which verifier token_check's choice sends this token to, by
+    the same rule (`check --token` names it; the gate never calls this on its hot path)."""
     if mode == "jwt" or (mode == "auto" and looks_like_jws(token)):
         return "jwt"
     return "introspection"
 
 
-class AccessTokens:
-    """The TOKEN_VALIDATION mode's verifier behind one interface."""
+class ByShape:
+    """auto: a JWS to the JWT verifier, anything else to the introspector."""
 
-    def __init__(self, mode: str, verifier: TokenVerifier,
-                 introspector: Introspector | None) -> None:
-        if mode != "jwt" and introspector is None:
-            raise ValueError(f"TOKEN_VALIDATION={mode} needs an introspector")
-        self.mode = mode
+    def __init__(self, verifier: TokenVerifier, introspector: Introspector) -> None:
         self._jwt = verifier
         self._introspector = introspector
 
     def cached(self, token: str) -> Principal | None:
-        introspector = self._introspector
-        if self.mode == "jwt" or introspector is None:
-            return self._jwt.cached(token)
-        if self.mode == "introspection":
-            return introspector.cached(token)
-        # auto: each cache only ever holds its own kind of token, so asking both is exact.
+        # Each cache only ever holds its own kind of token, so asking both is exact.
         principal = self._jwt.cached(token)
-        return principal if principal is not None else introspector.cached(token)
+        return principal if principal is not None else self._introspector.cached(token)
 
     async def verify(self, token: str) -> Principal:
-        introspector = self._introspector
-        if introspector is None or verifier_for(self.mode, token) == "jwt":
+        if looks_like_jws(token):
             return await self._jwt.verify(token)
-        return await introspector.verify(token)
+        return await self._introspector.verify(token)
+
+
+def token_check(mode: str, verifier: TokenVerifier,
+                introspector: Introspector | None) -> TokenCheck:
+    """What the gate asks in this TOKEN_VALIDATION mode: in jwt and introspection mode the
+    verifier itself, so the hot path pays nothing for the choice."""
+    if mode == "jwt":
+        return verifier
+    if introspector is None:
+        raise ValueError(f"TOKEN_VALIDATION={mode} needs an introspector")
+    return introspector if mode == "introspection" else ByShape(verifier, introspector)
