@@ -87,8 +87,8 @@ async def test_doctor_verdict_is_the_introspectors_for_every_answer(
     idp: FakeIdp, upstream: FakeUpstream, *, mode: str, extra: dict[str, str],
     claims: dict[str, object], failed: list[str],
 ) -> None:
-    """An opaque token: the doctor's verdict is the one token_check's verifier reaches, row by row over
-    the answers the IdP may give; its token lines fail exactly when the gate refuses."""
+    """An opaque token: the doctor's verdict is the one token_check's verifier reaches, row by
+    row over the answers the IdP may give; its token lines fail exactly when the gate refuses."""
     async with introspection_at(idp) as endpoint:
         config = load(sidecar_env(idp, upstream, **{**LOGIN, "TOKEN_VALIDATION": mode, **extra}))
         token = endpoint.issue(**claims)
