@@ -28,13 +28,18 @@ the second, each process pinned with `taskset -c`; with one CPU or no taskset, u
   sidecar-list200, a 200-tool tools/list the upstream nginx serves from a static file, without
   and with those rules), and a sidecar for the unknown-kid flood
   (RATE_LIMIT_UNAUTHENTICATED_RPM=0 so every request reaches the key lookup,
-  JWKS_COOLDOWN_SECONDS=2 so the flood spans several cooldown windows).
+  JWKS_COOLDOWN_SECONDS=2 so the flood spans several cooldown windows);
+- issue 18's stdio bridge: echo-direct (bench/stdio_http_echo.py alone, no sidecar),
+  sidecar-stdio (the sidecar bridging to bench/echo_over_stdio.py as a stdio child) and
+  sidecar-httpchild (the sidecar spawning bench/stdio_http_echo.py with MCP_SPAWN_PORT): the
+  same tools/call echo, so the bridge's and the proxy's added cost are the difference.
 
 Measures (NAME for --only, with case names above; default: all):
 
 - throughput: wrk -t1 -cN POSTs of a 107-byte JSON-RPC body (the tool-rule cases: their own),
   req/s, every case;
-- latency: p50/p99 at a moderate rate R for upstream, the two proxies and the sidecar: wrk -c10
+- latency: p50/p99 at a moderate rate R for upstream, the two proxies, the sidecar and the
+  three echo cases (their own table: added over echo-direct, paired by round): wrk -c10
   with an exponential think time per connection (mean 10/R s), so requests arrive spread out
   like independent clients' (µs resolution); "added" is a case's figure minus the upstream's.
   Beside it, hey -c 10 -q R/10 ("burst"): hey's workers tick together, so that is bursts of 10
@@ -137,11 +142,16 @@ CASES = ("upstream", "nginx-proxy", "minimal-proxy", "minimal-whole", "sidecar",
          "sidecar-defaults", "sidecar-distinct", "sidecar-ratelimit", "sidecar-subjects",
          "sidecar-redis", "sidecar-accesslog", "sidecar-metrics", "sidecar-toolcall",
          "sidecar-rules1", "sidecar-rules50", "sidecar-list200-norules", "sidecar-list200",
-         "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "sidecar-stdio",
-         "sidecar-httpchild", "baseline", "baseline-defaults", "baseline-distinct")
+         "minimal-proxy-uvloop", "minimal-whole-uvloop", "sidecar-uvloop", "echo-direct",
+         "sidecar-stdio", "sidecar-httpchild", "baseline", "baseline-defaults",
+         "baseline-distinct")
 FLOOR = "minimal-whole"  # the floor the targets are quoted against: small bodies read whole
 HIGH_RPM = "1000000"  # a per-subject limit the benchmark never reaches: its cost, no refusals
-LATENCY_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
+# Issue 18: the echo tool served directly, through the stdio bridge, and as an HTTP child.
+STDIO_CASES = ("echo-direct", "sidecar-stdio", "sidecar-httpchild")
+STDIO_DIRECT = "echo-direct"
+SSE_CASES = ("upstream", "nginx-proxy", "minimal-proxy", "sidecar", "baseline")
+LATENCY_CASES = (*SSE_CASES, *STDIO_CASES)  # the echo answers POSTs only: no SSE for them
 IDLE_CASES = ("minimal-proxy", "sidecar")
 
 Json = dict[str, Any]
@@ -186,7 +196,7 @@ class Settings:
     def cases_for(self, measure: str) -> tuple[str, ...]:
         if not self.runs(measure):
             return ()
-        allowed = {"throughput": CASES, "latency": LATENCY_CASES, "sse": LATENCY_CASES,
+        allowed = {"throughput": CASES, "latency": LATENCY_CASES, "sse": SSE_CASES,
                    "idle": IDLE_CASES}[measure]
         return tuple(c for c in self.cases if c in allowed)
 
@@ -691,6 +701,12 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
                                  system.sidecar_env(port, **extra), cwd=cwd)
         return Target(name, port, proc, token=token or system.token, body=body)
 
+    async def echo_direct() -> Target:
+        port = free_port()
+        proc = await procs.start(STDIO_DIRECT, [
+            *pin.prefix("sut"), PYTHON, str(BENCH / "stdio_http_echo.py"), "--port", str(port)])
+        return Target(STDIO_DIRECT, port, proc)
+
     if "sidecar" in want:
         starters.append(sidecar("sidecar"))
     if "sidecar-distinct" in want:
@@ -738,6 +754,8 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
         starters.append(sidecar("sidecar-httpchild", MCP_UPSTREAM_URL="", MCP_SPAWN_CMD=json.dumps(
             [PYTHON, str(BENCH / "stdio_http_echo.py"), "--port", str(child_port)]),
             MCP_SPAWN_PORT=str(child_port)))
+    if STDIO_DIRECT in want:  # the HTTP echo alone, on the same CPU: what the sidecars add to
+        starters.append(echo_direct())
     if "sidecar-rules1" in want:  # any rule at all: the body read as JSON-RPC and judged
         starters.append(sidecar("sidecar-rules1", body=CALL_BODY, TOOLS_DENY="*_purge*"))
     if "sidecar-list200-norules" in want:
@@ -786,6 +804,7 @@ async def start_system(system: System, session: aiohttp.ClientSession) -> None: 
             checks.append(wait_ready(session, started.proc, "POST", started.url, **post))
     await asyncio.gather(*checks)
     await check_tool_rules(system, session)
+    await check_echo(system, session)
     if "sidecar-subjects" in system.targets and system.token_file is not None:
         # Its cache holds every token: the measured runs see hits only, for every subject.
         tokens = system.token_file.read_text().split()
@@ -816,6 +835,33 @@ async def check_tool_rules(system: System, session: aiohttp.ClientSession) -> No
         if answer.status != 200 or not isinstance(result, dict) or (
                 expected is not None and (not isinstance(tools, list) or len(tools) != expected)):
             raise SetupError(f"{name}: unexpected answer {answer.status}: {text[:300]}")
+
+
+ECHO_TEXT = json.loads(BODY)["params"]["arguments"]["text"]
+
+
+async def check_echo(system: System, session: aiohttp.ClientSession) -> None:
+    """The issue-18 cases answer what they claim: the echo's text back (as JSON or as the one
+    event of a stream, whichever the runs' Accept gets), not an error wrk would count as a 200."""
+    for name in STDIO_CASES:
+        target = system.targets.get(name)
+        if target is None:
+            continue
+        async with session.post(target.url, data=target.body, headers={
+                "Content-Type": "application/json", **auth_headers(target.token)}) as answer:
+            text = await answer.text()
+            kind = answer.content_type
+        if kind == "text/event-stream":
+            data = [line[5:] for line in text.splitlines() if line.startswith("data:")]
+            text = data[-1] if data else ""
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        result = message.get("result") if isinstance(message, dict) else None
+        content = result.get("content") if isinstance(result, dict) else None
+        if answer.status != 200 or content != [{"type": "text", "text": ECHO_TEXT}]:
+            raise SetupError(f"{name}: unexpected answer {answer.status} {kind}: {text[:300]}")
 
 
 async def redis_server(system: System) -> str:
@@ -1306,6 +1352,45 @@ def paired_ratio(runs: dict[str, list[Json]], case: str, floor: str, key: str) -
     return median(a[key] / b[key] for a, b in pairs if b[key])
 
 
+def paired_difference(runs: dict[str, list[Json]], case: str, base: str, key: str) -> float:
+    """Median over rounds of case - base within the same round (as paired_ratio)."""
+    return median(differences(runs, case, base, key))
+
+
+def differences(runs: dict[str, list[Json]], case: str, base: str, key: str) -> list[float]:
+    pairs = zip(runs.get(case, []), runs.get(base, []), strict=False)
+    return [a[key] - b[key] for a, b in pairs]
+
+
+def stdio_summary(results: Results) -> Json:
+    """Issue 18's figures: req/s of the echo served directly, through the stdio bridge and as an
+    HTTP child; the bridge's ratio to the HTTP child; what each path adds to the echo's latency
+    at the same offered rate (paired within each round)."""
+    t, lat = results.throughput, results.latency
+    bridged = [c for c in STDIO_CASES if c != STDIO_DIRECT]
+    out: Json = {}
+    if any(c in t for c in STDIO_CASES):
+        out["rps"] = {c: med(t, c, "rps") for c in STDIO_CASES if c in t}
+        if "sidecar-stdio" in t and "sidecar-httpchild" in t:
+            out["stdio_vs_httpchild"] = paired_ratio(t, "sidecar-stdio", "sidecar-httpchild",
+                                                     "rps")
+        if STDIO_DIRECT in t:
+            out["ratio_to_direct"] = {c: paired_ratio(t, c, STDIO_DIRECT, "rps")
+                                      for c in bridged if c in t}
+    if any(c in lat for c in STDIO_CASES):
+        out["rate"] = results.settings.get("rate")
+        out["latency_p50_ms"] = {c: med(lat, c, "p50_ms") for c in STDIO_CASES if c in lat}
+        out["latency_p99_ms"] = {c: med(lat, c, "p99_ms") for c in STDIO_CASES if c in lat}
+        if STDIO_DIRECT in lat:
+            for key in ("p50", "p99"):
+                out[f"added_{key}_ms"] = {
+                    c: paired_difference(lat, c, STDIO_DIRECT, f"{key}_ms")
+                    for c in bridged if c in lat}
+                out[f"added_{key}_ms_by_round"] = {
+                    c: differences(lat, c, STDIO_DIRECT, f"{key}_ms") for c in bridged if c in lat}
+    return out
+
+
 def summarise(results: Results) -> None:  # noqa: PLR0912 - one branch per optional figure
     """Medians, ratios and the verdicts against the performance targets."""
     t, lat, sse = results.throughput, results.latency, results.sse
@@ -1363,6 +1448,12 @@ def summarise(results: Results) -> None:  # noqa: PLR0912 - one branch per optio
             ratio = paired_ratio(t, case, base, "rps")
             summary[f"{case}_vs_{base}"] = ratio
             verdict(f"{case} / {base} req/s ({what})", ratio, limit, True, "x")
+    stdio = stdio_summary(results)
+    if stdio:
+        summary["stdio_bridge"] = stdio
+    if "stdio_vs_httpchild" in stdio:
+        verdict("sidecar-stdio / sidecar-httpchild req/s (the stdio bridge against spawn "
+                "mode's HTTP child, same echo)", stdio["stdio_vs_httpchild"], None, True, "x")
     for case, base in (("sidecar", "baseline"), ("sidecar-defaults", "baseline-defaults"),
                        ("sidecar-distinct", "baseline-distinct")):
         if case in t and base in t:
@@ -1476,7 +1567,7 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
         up50 = sm["sse_p50_ms"].get("upstream", math.nan)
         up99 = sm["sse_p99_ms"].get("upstream", math.nan)
         rows = []
-        for case in LATENCY_CASES:
+        for case in SSE_CASES:
             if case not in r.sse:
                 continue
             p50, p99 = sm["sse_p50_ms"][case], sm["sse_p99_ms"][case]
@@ -1521,6 +1612,9 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
                 f"JWKS_COOLDOWN_SECONDS={j['cooldown_s']:g}, RATE_LIMIT_UNAUTHENTICATED_RPM=0",
                 f"   JWKS fetches at the IdP: {j['jwks_fetches']} over {j['windows']} cooldown "
                 "window(s) spanned"]
+    stdio = sm.get("stdio_bridge", {})
+    if stdio:
+        out += ["", *stdio_report(r, stdio)]
     for case, prof in r.profiles.items():
         if not prof:
             out += ["", f"profile of {case}: py-spy not found (.venv/bin/pip install py-spy)"]
@@ -1548,6 +1642,38 @@ def report(results: Results) -> str:  # noqa: PLR0912, PLR0915 (one section per 
     if r.notes:
         out += ["", "notes:", *(f"  - {n}" for n in r.notes)]
     return "\n".join(out)
+
+
+def stdio_report(r: Results, stdio: Json) -> list[str]:
+    """Section 7: the echo direct, through the stdio bridge and as an HTTP child."""
+    rps, to_direct = stdio.get("rps", {}), stdio.get("ratio_to_direct", {})
+    p50, p99 = stdio.get("latency_p50_ms", {}), stdio.get("latency_p99_ms", {})
+    add50, add99 = stdio.get("added_p50_ms", {}), stdio.get("added_p99_ms", {})
+    by_round = stdio.get("added_p99_ms_by_round", {})
+    rows = []
+    for case in STDIO_CASES:
+        if case not in rps and case not in p50:
+            continue
+        rows.append([case, fmt(rps.get(case), 0),
+                     "1.00" if case == STDIO_DIRECT and case in rps else fmt(to_direct.get(case)),
+                     fmt(p50.get(case), 3), fmt(p99.get(case), 3), fmt(add50.get(case), 3),
+                     fmt(add99.get(case), 3),
+                     " ".join(fmt(x, 2) for x in by_round.get(case, []))])
+    lines = [f"7. stdio bridge (issue 18): the same echo tool ({len(BODY)}-byte tools/call) "
+             f"served directly ({STDIO_DIRECT}: bench/stdio_http_echo.py, no sidecar), through "
+             "the stdio bridge (sidecar-stdio: bench/echo_over_stdio.py, the subject's "
+             "sessionless child, answers as an event stream) and as spawn mode's HTTP child "
+             "(sidecar-httpchild: bench/stdio_http_echo.py, proxied, JSON); throughput as in 1, "
+             f"latency as in 2 (~{stdio.get('rate', r.settings.get('rate'))} req/s, the same "
+             f"for each); added = case - {STDIO_DIRECT}, the median of each round's difference; "
+             "every child runs on the system under test's CPU (inherited from the sidecar), "
+             "and 1.'s CPU columns count the sidecar's process group only, not its child",
+             table(["case", "req/s", f"x {STDIO_DIRECT}", "p50 ms", "p99 ms", "added p50",
+                    "added p99", "added p99 by round"], rows)]
+    if "stdio_vs_httpchild" in stdio:
+        lines.append(f"   sidecar-stdio / sidecar-httpchild req/s (median of each round's "
+                     f"ratio): {fmt(stdio['stdio_vs_httpchild'], 3)}")
+    return lines
 
 
 # -- the run -------------------------------------------------------------------------------------
