@@ -308,10 +308,13 @@ class Introspector:
             self._failed(late, started)
             raise late.token_error() from None
         self._metrics.introspection_answered(time.monotonic() - started)
+        self._recovered()
+        return answer
+
+    def _recovered(self) -> None:
         if self._trouble is not None:
             log.info("introspection_recovered", after=self._trouble)
             self._trouble = None
-        return answer
 
     def _failed(self, failed: IntrospectionFailed, started: float) -> None:
         self._count(failed.outcome)
@@ -501,9 +504,7 @@ class Introspector:
             return IntrospectionExplanation(
                 {"introspection": error}, error, endpoint=target.url if target else "",
                 method=target.method if target else "", detail=failed.detail)
-        if self._trouble is not None:
-            log.info("introspection_recovered", after=self._trouble)
-            self._trouble = None
+        self._recovered()
         outcomes: dict[str, TokenError | None] = {"introspection": None}
         failures: list[TokenError] = []
         now = time.time()

@@ -47,17 +47,16 @@ async def explain_caller(config: Config, idp: IdentityProvider, token: str,
     TOKEN_VALIDATION sends to the introspector is asked about at the IdP (with `introspector`,
     running, or one started here)."""
     mode = config.tokens.validation
-    route = verifier_for(mode, token)
-    if route == "introspection" and introspector is None:
-        introspector = Introspector(config.tokens, idp, AccessPolicy.serving(config).kept_claims)
-        async with introspector.running():
-            return await _explain_introspected(config, idp, token, introspector)
-    if route == "introspection" and introspector is not None:
+    if verifier_for(mode, token) == "jwt":
+        report, caller = await _explain_jwt(config, idp, token)
+        if mode == "auto":
+            report.checks.insert(0, ClaimCheck("verifier", None, ROUTE_AUTO_JWT))
+        return report, caller
+    if introspector is not None:
         return await _explain_introspected(config, idp, token, introspector)
-    report, caller = await _explain_jwt(config, idp, token)
-    if mode == "auto":
-        report.checks.insert(0, ClaimCheck("verifier", None, ROUTE_AUTO_JWT))
-    return report, caller
+    introspector = Introspector(config.tokens, idp, AccessPolicy.serving(config).kept_claims)
+    async with introspector.running():
+        return await _explain_introspected(config, idp, token, introspector)
 
 
 ROUTE_AUTO_JWT = ("TOKEN_VALIDATION=auto, shaped like a JWS (three base64url segments, a JSON "
