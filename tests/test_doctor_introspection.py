@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from conftest import AUDIENCE, FakeIdp, FakeUpstream, SidecarFactory, bearer
 from introspection_endpoint import CLIENT_ID, CLIENT_SECRET, FakeIntrospection
 from opaque_tokens import opaque_client_credentials_token, opaque_refresh_token
-from processes import PROCESS_TIMEOUT, REPO, free_port
+from processes import PROCESS_TIMEOUT, REPO, free_port, run_cli
 from real_idp import ConfidentialClient, run_oidc_provider
 from structlog.testing import capture_logs
 from test_doctor import check, clean_env, finding
@@ -387,6 +387,27 @@ async def test_check_command_prints_the_refusal_once_and_never_the_token_or_secr
     assert "ERROR   introspection_client_refused:" in stdout
     assert "FAIL  introspection" in stdout
     assert "verdict: REFUSED: HTTP 503 (introspection_refused)" in stdout
+    for secret in (token, CLIENT_SECRET):
+        assert secret not in stdout + stderr
+
+
+@pytest.mark.slow
+async def test_check_json_carries_the_answer_and_the_verdict_not_the_token(
+    idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
+) -> None:
+    token = endpoint.issue()
+    code, stdout, stderr = await run_cli("check", "--json", "--token", token,
+                                         env=env_of(idp, upstream, TOKEN_VALIDATION="auto"))
+    assert code == 0, stdout + stderr
+    document = json.loads(stdout)
+    assert document["passed"] is True
+    assert document["token"]["accepted"] is True
+    assert document["token"]["answer"]["sub"] == "user-1"
+    assert [c["name"] for c in document["token"]["checks"]][:3] == [
+        "verifier", "format", "introspection"]
+    assert document["sections"]["introspection"][-1] == (
+        "probe with a made-up token: answered active=False (JSON)")
+    assert document["summary"]["introspection"]["client_secret"] == SET
     for secret in (token, CLIENT_SECRET):
         assert secret not in stdout + stderr
 
