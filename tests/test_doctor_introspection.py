@@ -628,6 +628,26 @@ async def test_check_token_agrees_with_the_introspecting_sidecar_over_http(
     assert token not in shown(report)
 
 
+@pytest.mark.parametrize(("extra", "token", "reason"), [
+    ({}, "not-a-token!", "malformed"),
+    ({"JWT_MAX_TOKEN_BYTES": "1024"}, "x" * 1100, "token_too_large"),
+], ids=["malformed", "too-large"])
+async def test_a_token_the_gate_refuses_before_asking_is_never_sent_to_the_idp(
+    idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
+    make_sidecar: SidecarFactory, *, extra: dict[str, str], token: str, reason: str,
+) -> None:
+    report = await check(env_of(idp, upstream, **extra), token)
+    assert lines(report) == [("verifier", None), ("format", False)]
+    assert verdict(report) == (False, 401, reason)
+    assert all(call.form["token"] != token for call in endpoint.calls)
+    sidecar = await make_sidecar(**LOGIN, **extra)
+    async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
+        assert response.status == 401
+        assert report.token is not None
+        assert response.headers["WWW-Authenticate"] == report.token.challenge
+    assert all(call.form["token"] != token for call in endpoint.calls)
+
+
 # -- the configuration summary --------------------------------------------------------------------
 
 
