@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import aiohttp
 import jwt
@@ -111,6 +111,11 @@ class IntrospectionExplanation:
     """The IdP's answer as it came (the RFC 9701 claim's value for a signed one)."""
     signed: bool = False
     endpoint: str = ""
+    method: str = ""
+    """The client authentication the call used (Target.method)."""
+    detail: str = ""
+    """Why the call gave no usable answer (IntrospectionFailed.detail): never the token or the
+    secret."""
 
 
 def basic_credentials(client_id: str, secret: str) -> str:
@@ -269,10 +274,7 @@ class Introspector:
             raise
         self._count("active")
         exp = answer.get("exp")
-        issuer = answer.get("iss") or self._config.issuer
-        principal, admitted = principal_of(
-            answer, self._kept_claims, issuer=issuer,
-            expires_at=float(exp) if exp is not None else math.inf, kid=None)
+        principal, admitted = self.principal(answer)
         until = now + self._settings.cache_seconds
         if exp is not None:  # never past what a fresh answer's exp check would accept
             until = min(until, int(exp) + self._config.leeway)
@@ -281,6 +283,14 @@ class Introspector:
                 principal.issuer, principal.subject, principal.claims)))
             self._cache.put(digest, (principal, until), cost, admitted=admitted)
         return principal
+
+    def principal(self, answer: dict[str, Any]) -> tuple[Principal, bool]:
+        """The Principal of an answer that passed every check (an answer without iss speaks for
+        our issuer), and whether the policy admits it now: the gate's and the doctor's."""
+        exp = answer.get("exp")
+        return principal_of(answer, self._kept_claims,
+                            issuer=answer.get("iss") or self._config.issuer,
+                            expires_at=float(exp) if exp is not None else math.inf, kid=None)
 
     def _count(self, outcome: str) -> None:
         self.counts.calls[outcome] += 1
@@ -304,10 +314,13 @@ class Introspector:
             self._failed(late, started)
             raise late.token_error() from None
         self._metrics.introspection_answered(time.monotonic() - started)
+        self._recovered()
+        return answer
+
+    def _recovered(self) -> None:
         if self._trouble is not None:
             log.info("introspection_recovered", after=self._trouble)
             self._trouble = None
-        return answer
 
     def _failed(self, failed: IntrospectionFailed, started: float) -> None:
         self._count(failed.outcome)
@@ -332,11 +345,15 @@ class Introspector:
                 raise IntrospectionFailed("unavailable", "introspection_unavailable",
                                           "the IdP's discovery document is not loaded yet")
             url = metadata.get("introspection_endpoint")
-            if not isinstance(url, str) or not acceptable_url(url, self._config.issuer):
+            # User-info in it: aiohttp would send it as Basic credentials, or raise ValueError
+            # beside ours (a 500); INTROSPECTION_ENDPOINT may not carry any either.
+            if not isinstance(url, str) or not acceptable_url(url, self._config.issuer) or (
+                "@" in urlsplit(url).netloc
+            ):
                 raise IntrospectionFailed(
                     "unavailable", "introspection_endpoint_unknown",
                     "the IdP's metadata names no usable introspection_endpoint (https, or http "
-                    "when the issuer is): set INTROSPECTION_ENDPOINT")
+                    "when the issuer is; no user-info): set INTROSPECTION_ENDPOINT")
         method = settings.auth_method or choose_auth_method(metadata)
         algs = metadata.get("introspection_signing_alg_values_supported") if metadata else None
         signed = isinstance(algs, list) and bool(algs)
@@ -479,16 +496,21 @@ class Introspector:
     async def explain(self, token: str) -> IntrospectionExplanation:
         """Ask the IdP (no cache) and run every check on its answer, reporting each; the first
         failure is what verify() raises."""
+        started = time.monotonic()
+        target: Target | None = None
         try:
             target = self.target()
             async with asyncio.timeout(self._settings.timeout):
                 answer, signed = await self._ask(token)
-        except IntrospectionFailed as failed:
+        except (IntrospectionFailed, TimeoutError) as exc:
+            failed = exc if isinstance(exc, IntrospectionFailed) else IntrospectionFailed(
+                "timeout", "introspection_timeout", f"no answer within {self._settings.timeout} s")
+            self._failed(failed, started)  # logged once per kind of trouble, as when serving
             error = failed.token_error()
-            return IntrospectionExplanation({"introspection": error}, error)
-        except TimeoutError:
-            error = IntrospectionFailed("timeout", "introspection_timeout").token_error()
-            return IntrospectionExplanation({"introspection": error}, error)
+            return IntrospectionExplanation(
+                {"introspection": error}, error, endpoint=target.url if target else "",
+                method=target.method if target else "", detail=failed.detail)
+        self._recovered()
         outcomes: dict[str, TokenError | None] = {"introspection": None}
         failures: list[TokenError] = []
         now = time.time()
@@ -503,4 +525,4 @@ class Introspector:
             else:
                 outcomes.setdefault(name, None)
         return IntrospectionExplanation(outcomes, failures[0] if failures else None, answer,
-                                        signed, target.url)
+                                        signed, target.url, target.method)
