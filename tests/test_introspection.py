@@ -170,6 +170,25 @@ async def test_audience_is_read_from_the_configured_claim(
         401, "wrong_audience")
 
 
+async def test_with_the_audience_in_client_id_an_answer_must_mark_an_access_token(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    """client_id names the client, which a refresh token names too: an answer that marks
+    neither kind (oidc-provider's refresh tokens: no token_type, no aud) is refused."""
+    sidecar = await introspecting(make_sidecar, JWT_AUDIENCE_CLAIM="client_id")
+    unmarked = endpoint.issue(aud=None, client_id=AUDIENCE, token_type=None)
+    assert await refusal(sidecar, unmarked) == (401, "token_type_missing")
+    used = endpoint.issue(aud=None, client_id=AUDIENCE, token_type=None,
+                          token_use="access_token")
+    assert (await send(sidecar, used)).status == 200
+    refresh = endpoint.issue(aud=None, client_id=AUDIENCE, token_type=None,
+                             token_use="refresh_token")
+    assert await refusal(sidecar, refresh) == (401, "refresh_token")
+    # With the audience in aud, the resource itself is named: no mark is needed.
+    by_aud = await introspecting(make_sidecar)
+    assert (await send(by_aud, endpoint.issue(token_type=None))).status == 200
+
+
 async def test_an_answer_without_exp_is_refused_unless_allowed(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:

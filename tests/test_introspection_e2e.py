@@ -451,18 +451,18 @@ async def test_a_refresh_token_is_refused(provider: RealIdp, echo: EchoServer) -
         assert_invalid_token(await call(sidecar, refresh_token), "claim_missing")
 
 
-async def test_limit_an_unmarked_refresh_token_passes_when_the_audience_is_the_client_id(
+async def test_an_unmarked_refresh_token_is_refused_when_the_audience_is_the_client_id(
     provider: RealIdp, echo: EchoServer,
 ) -> None:
-    """SECURITY.md's limit, pinned: oidc-provider marks a refresh token by nothing but the
-    missing aud and token_type, so with JWT_AUDIENCE_CLAIM=client_id it matches like its access
-    token. If this starts failing, the sidecar learned to refuse it: update SECURITY.md."""
+    """oidc-provider marks a refresh token by nothing but the missing aud and token_type, so
+    with JWT_AUDIENCE_CLAIM=client_id its client_id matches like its access token's: the
+    sidecar then requires the answer to mark an access token (token_type or token_use)."""
     env = introspecting(JWT_AUDIENCE_CLAIM="client_id", OIDC_AUDIENCE=CLIENT)
     async with sidecar_for(provider, echo, env) as sidecar:
         tokens = await authorization_code_tokens(provider, sidecar.mcp_url)
         assert tokens.refresh_token is not None
         assert_admitted(await call(sidecar, tokens.access_token), USER)
-        assert_admitted(await call(sidecar, tokens.refresh_token), USER)
+        assert_invalid_token(await call(sidecar, tokens.refresh_token), "token_type_missing")
 
 
 async def test_a_jwt_in_introspection_mode_is_an_invalid_token_not_the_idps_trouble(

@@ -478,11 +478,24 @@ class Introspector:
 
     def _not_refresh_token(self, header: dict[str, Any], answer: dict[str, Any],
                            now: float) -> None:
-        """A refresh token is for the token endpoint; some IdPs answer active for it."""
+        """A refresh token is for the token endpoint; some IdPs answer active for it.
+
+        With the audience taken from client_id (JWT_AUDIENCE_CLAIM), a refresh token the IdP
+        leaves unmarked (oidc-provider: no token_type, no aud) names the same client as its
+        access token, so only a positive mark can tell them apart: the answer must carry a
+        token_type (RFC 7662 §2.2) or token_use naming an access token."""
+        marked = False
         for name in TYPE_CLAIMS:
             value = answer.get(name)
-            if isinstance(value, str) and value.lower() in REFRESH_TYPES:
-                raise invalid("refresh_token", "A refresh token is not an access token")
+            if isinstance(value, str) and value:
+                if value.lower() in REFRESH_TYPES:
+                    raise invalid("refresh_token", "A refresh token is not an access token")
+                marked = True
+        if not marked and self._config.audience_claim != "aud":
+            raise invalid("token_type_missing",
+                          "The IdP's answer does not say this is an access token (no token_type "
+                          f"or token_use), and {self._config.audience_claim} names a client, "
+                          "not a resource")
 
     def _issuer(self, header: dict[str, Any], answer: dict[str, Any], now: float) -> None:
         """iss is optional in an answer (RFC 7662 §2.2); when there, it must be ours."""
