@@ -579,6 +579,11 @@ def test_configuration_problems_are_listed_together(
     none = load(sidecar_env(idp, upstream, TOKEN_VALIDATION="introspection",
                             INTROSPECTION_CLIENT_ID="x", INTROSPECTION_AUTH_METHOD="none"))
     assert none.tokens.introspection is not None
+    # An endpoint that takes no client authentication needs no client id either.
+    anonymous = load(sidecar_env(idp, upstream, TOKEN_VALIDATION="introspection",
+                                 INTROSPECTION_AUTH_METHOD="none"))
+    assert anonymous.tokens.introspection is not None
+    assert anonymous.tokens.introspection.client_id == ""
 
 
 def test_introspection_variables_in_jwt_mode_are_warned_about(
