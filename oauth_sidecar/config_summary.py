@@ -104,6 +104,7 @@ def summary(config: Config) -> dict[str, object]:
             "negative_cache_seconds": introspection.negative_cache_seconds,
             "require_exp": introspection.require_exp,
             "max_concurrency": introspection.max_concurrency,
+            "timeout_seconds": introspection.timeout,
         }
     if auth.facade:  # what the relay changes toward the IdP (Entra: omit, api://<app id>/)
         shown["idp_resource_parameter"] = "pass" if auth.send_resource else "omit"

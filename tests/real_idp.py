@@ -138,6 +138,7 @@ async def run_oidc_provider(
     introspection_clients: Sequence[ConfidentialClient] = (),
     jwt_introspection: bool = False,
     client_credentials_sub: Literal["client_id", "none"] = "client_id",
+    jwt_resources: Sequence[str] = (),
 ) -> AsyncIterator[RealIdp]:
     """Run oidc-provider on 127.0.0.1 (free port) with issuer http://127.0.0.1:<port><path>.
 
@@ -153,7 +154,9 @@ async def run_oidc_provider(
     credentials, each allowed to introspect (and revoke) every token; `jwt_introspection` turns on
     RFC 9701 signed answers for them. `client_credentials_sub="none"` keeps oidc-provider's
     introspection answer of an opaque client_credentials token without `sub` (by default sub is
-    the client id, as in the JWT format). See provider.mjs for the exact answers.
+    the client id, as in the JWT format). `jwt_resources` are resources whose access tokens are
+    JWTs whatever the format (one provider issuing both kinds). See provider.mjs for the exact
+    answers.
     """
     node = shutil.which("node")
     if node is None:
@@ -177,6 +180,7 @@ async def run_oidc_provider(
         args += ["--introspection-client", client.spec]
     if jwt_introspection:
         args.append("--jwt-introspection")
+    args += [arg for resource in jwt_resources for arg in ("--jwt-resource", resource)]
     if client_credentials_sub != "client_id":
         args += ["--client-credentials-sub", client_credentials_sub]
     process = await asyncio.create_subprocess_exec(

@@ -10,9 +10,13 @@ from __future__ import annotations
 import pytest
 from conftest import FakeIdp, FakeUpstream, SidecarFactory, sidecar_env, wait_until
 from test_doctor import TOKEN_MATRIX, Build
+from test_doctor_introspection import ANSWER_MATRIX, LOGIN, introspection_at
 
+from oauth_sidecar.auth.access_tokens import token_check, verifier_for
 from oauth_sidecar.auth.bearer import TokenError, bearer_token
 from oauth_sidecar.auth.idp import IdentityProvider
+from oauth_sidecar.auth.introspection import Introspector
+from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.tokens import TokenVerifier
 from oauth_sidecar.config import Config, load
 from oauth_sidecar.doctor import diagnose
@@ -57,6 +61,76 @@ async def test_doctor_verdict_is_the_verifiers_for_every_token(
     assert (report.accepted, report.status, report.reason, report.description) == (
         False, refused.status, refused.reason, refused.description)
     assert token_failures != []
+
+
+async def gate_verdict(config: Config, keys: IdentityProvider, token: str
+                       ) -> tuple[TokenError | None, str]:
+    """What the gate's authentication makes of the token in the configured TOKEN_VALIDATION
+    mode (bearer_token, then token_check(...).verify, with the serving policy's kept claims), and
+    the verifier it went to."""
+    kept = AccessPolicy.serving(config).kept_claims
+    introspector = Introspector(config.tokens, keys, kept)
+    tokens = token_check(config.tokens.validation, TokenVerifier(config.tokens, keys, kept),
+                         introspector)
+    async with introspector.running():
+        try:
+            bearer_token([f"Bearer {token}"], [], config.tokens.max_token_bytes)
+            await tokens.verify(token)
+        except TokenError as exc:
+            return exc, verifier_for(config.tokens.validation, token)
+    return None, verifier_for(config.tokens.validation, token)
+
+
+@pytest.mark.parametrize("mode", ["introspection", "auto"])
+@pytest.mark.parametrize(("extra", "claims", "failed"), ANSWER_MATRIX)
+async def test_doctor_verdict_is_the_introspectors_for_every_answer(
+    idp: FakeIdp, upstream: FakeUpstream, *, mode: str, extra: dict[str, str],
+    claims: dict[str, object], failed: list[str],
+) -> None:
+    """An opaque token: the doctor's verdict is the one token_check's verifier reaches, row by
+    row over the answers the IdP may give; its token lines fail exactly when the gate refuses."""
+    async with introspection_at(idp) as endpoint:
+        config = load(sidecar_env(idp, upstream, **{**LOGIN, "TOKEN_VALIDATION": mode, **extra}))
+        token = endpoint.issue(**claims)
+        keys = IdentityProvider(config.idp, config.tokens.algorithms)
+        async with keys.running():
+            await wait_until(lambda: keys.ready)
+            refused, route = await gate_verdict(config, keys, token)
+            report = await explain_token(config, keys, token)
+    assert route == "introspection"
+    token_failures = [name for name in report.failed_checks() if name not in POLICY_CHECKS]
+    if refused is None:
+        assert report.reason in {"", *POLICY_REASONS}
+        assert token_failures == []
+        assert [name for name in failed if name not in POLICY_CHECKS] == []
+        return
+    assert (report.accepted, report.status, report.reason, report.description) == (
+        False, refused.status, refused.reason, refused.description)
+    assert token_failures == failed
+
+
+@pytest.mark.parametrize(("extra", "build", "failed"), TOKEN_MATRIX[:12])
+async def test_in_auto_mode_a_jwt_gets_the_jwt_verifiers_verdict(
+    idp: FakeIdp, upstream: FakeUpstream, *, extra: dict[str, str], build: Build,
+    failed: list[str],
+) -> None:
+    """auto: a JWS-shaped token stays with the JWT verifier whatever its fate; the doctor says
+    so and reaches the same verdict without asking the IdP."""
+    async with introspection_at(idp) as endpoint:
+        config = load(sidecar_env(idp, upstream, **{**LOGIN, "TOKEN_VALIDATION": "auto",
+                                                    **extra}))
+        token = build(idp)
+        keys = IdentityProvider(config.idp, config.tokens.algorithms)
+        async with keys.running():
+            await wait_until(lambda: keys.ready)
+            refused, route = await gate_verdict(config, keys, token)
+            report = await explain_token(config, keys, token)
+    assert route == "jwt"
+    assert endpoint.calls == []
+    assert report.checks[0].name == "verifier"
+    assert (report.status, report.reason) == (
+        (refused.status, refused.reason) if refused is not None else (200, ""))
+    assert [n for n in report.failed_checks() if n not in POLICY_CHECKS] == failed
 
 
 @pytest.mark.parametrize(

@@ -136,16 +136,23 @@ async def test_basic_credentials_are_form_urlencoded_before_base64(
     assert "client_secret" not in call.form
 
 
-@pytest.mark.parametrize("configured", [True, False])
+@pytest.mark.parametrize("source", ["configured", "introspection", "token endpoint"])
 async def test_client_secret_post_is_configured_or_chosen_from_the_metadata(
-    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection, configured: bool,
+    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection, source: str,
 ) -> None:
+    """Without introspection_endpoint_auth_methods_supported (oidc-provider lists none) the
+    token endpoint's methods decide: the same client authentication (RFC 8414 §2)."""
     endpoint.method = "client_secret_post"
-    if configured:
+    extra: dict[str, str] = {}
+    if source == "configured":
         extra = {"INTROSPECTION_AUTH_METHOD": "client_secret_post"}
-    else:
-        extra = {}
+        idp.document_changes["token_endpoint_auth_methods_supported"] = ["client_secret_basic"]
+    elif source == "introspection":
         idp.document_changes["introspection_endpoint_auth_methods_supported"] = [
+            "private_key_jwt", "client_secret_post"]
+        idp.document_changes["token_endpoint_auth_methods_supported"] = ["client_secret_basic"]
+    else:
+        idp.document_changes["token_endpoint_auth_methods_supported"] = [
             "private_key_jwt", "client_secret_post"]
     sidecar = await introspecting(make_sidecar, **extra)
     assert (await send(sidecar, endpoint.issue())).status == 200
@@ -161,6 +168,25 @@ async def test_audience_is_read_from_the_configured_claim(
     assert (await send(sidecar, endpoint.issue(aud=None, client_id=AUDIENCE))).status == 200
     assert await refusal(sidecar, endpoint.issue(aud=AUDIENCE, client_id="other")) == (
         401, "wrong_audience")
+
+
+async def test_with_the_audience_in_client_id_an_answer_must_mark_an_access_token(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    """client_id names the client, which a refresh token names too: an answer that marks
+    neither kind (oidc-provider's refresh tokens: no token_type, no aud) is refused."""
+    sidecar = await introspecting(make_sidecar, JWT_AUDIENCE_CLAIM="client_id")
+    unmarked = endpoint.issue(aud=None, client_id=AUDIENCE, token_type=None)
+    assert await refusal(sidecar, unmarked) == (401, "token_type_missing")
+    used = endpoint.issue(aud=None, client_id=AUDIENCE, token_type=None,
+                          token_use="access_token")
+    assert (await send(sidecar, used)).status == 200
+    refresh = endpoint.issue(aud=None, client_id=AUDIENCE, token_type=None,
+                             token_use="refresh_token")
+    assert await refusal(sidecar, refresh) == (401, "refresh_token")
+    # With the audience in aud, the resource itself is named: no mark is needed.
+    by_aud = await introspecting(make_sidecar)
+    assert (await send(by_aud, endpoint.issue(token_type=None))).status == 200
 
 
 async def test_an_answer_without_exp_is_refused_unless_allowed(
@@ -553,6 +579,11 @@ def test_configuration_problems_are_listed_together(
     none = load(sidecar_env(idp, upstream, TOKEN_VALIDATION="introspection",
                             INTROSPECTION_CLIENT_ID="x", INTROSPECTION_AUTH_METHOD="none"))
     assert none.tokens.introspection is not None
+    # An endpoint that takes no client authentication needs no client id either.
+    anonymous = load(sidecar_env(idp, upstream, TOKEN_VALIDATION="introspection",
+                                 INTROSPECTION_AUTH_METHOD="none"))
+    assert anonymous.tokens.introspection is not None
+    assert anonymous.tokens.introspection.client_id == ""
 
 
 def test_introspection_variables_in_jwt_mode_are_warned_about(

@@ -406,3 +406,24 @@ async def test_a_signing_provider_prefers_the_signed_answer_when_both_are_accept
             idp, token, RS, accept=f"application/json, {INTROSPECTION_JWT}")
     assert both.content_type == INTROSPECTION_JWT
     assert json_first.content_type == "application/json"
+
+
+async def test_a_jwt_resource_gets_jwts_from_a_provider_that_issues_opaque_tokens() -> None:
+    """--jwt-resource: one provider, both kinds (as Auth0 with and without an API audience);
+    its JWT is refused by the introspection endpoint like any structured token."""
+    jwt_resource = "http://127.0.0.1:8932/jwt-mcp"
+    async with run_oidc_provider(access_token_format="opaque", introspection_clients=[RS],
+                                 jwt_resources=[jwt_resource]) as idp:
+        opaque = await opaque_client_credentials_token(idp, RESOURCE)
+        structured = await client_credentials_token(idp, jwt_resource, "mcp:read")
+        introspected = await introspect(idp, opaque, RS)
+        refused = await introspection_answer(idp, structured, RS)
+
+    assert not is_jws(opaque)
+    assert introspected["aud"] == RESOURCE
+    assert jwt.get_unverified_header(structured)["typ"] == "at+jwt"
+    claims = jwt.decode(structured, options={"verify_signature": False})
+    assert (claims["aud"], claims["iss"], claims["scope"]) == (jwt_resource, idp.issuer,
+                                                                "mcp:read")
+    assert refused.status == 400, refused
+    assert json.loads(refused.text)["error"] == "unsupported_token_type"

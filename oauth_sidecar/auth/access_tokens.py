@@ -46,6 +46,14 @@ def looks_like_jws(token: str) -> bool:
     return isinstance(header, dict) and "alg" in header
 
 
+def verifier_for(mode: str, token: str) -> str:
+    """"jwt" or "introspection": which verifier token_check's choice sends this token to, by
+    the same rule (`check --token` names it; the gate never calls this on its hot path)."""
+    if mode == "jwt" or (mode == "auto" and looks_like_jws(token)):
+        return "jwt"
+    return "introspection"
+
+
 class ByShape:
     """auto: a JWS to the JWT verifier, anything else to the introspector."""
 

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import aiohttp
 import jwt
@@ -111,6 +111,11 @@ class IntrospectionExplanation:
     """The IdP's answer as it came (the RFC 9701 claim's value for a signed one)."""
     signed: bool = False
     endpoint: str = ""
+    method: str = ""
+    """The client authentication the call used (Target.method)."""
+    detail: str = ""
+    """Why the call gave no usable answer (IntrospectionFailed.detail): never the token or the
+    secret."""
 
 
 def basic_credentials(client_id: str, secret: str) -> str:
@@ -122,8 +127,14 @@ def basic_credentials(client_id: str, secret: str) -> str:
 
 def choose_auth_method(metadata: Mapping[str, Any] | None) -> str:
     """From introspection_endpoint_auth_methods_supported (RFC 8414 §2): basic preferred, then
-    post; absent, basic (RFC 6749 §2.3.1: every server supports it)."""
-    methods = metadata.get("introspection_endpoint_auth_methods_supported") if metadata else None
+    post. Some IdPs (oidc-provider) list none for introspection, whose endpoint takes the token
+    endpoint's client authentication: token_endpoint_auth_methods_supported decides then;
+    neither listed, basic (RFC 6749 §2.3.1: every server supports it)."""
+    methods: object = None
+    if metadata:
+        methods = metadata.get("introspection_endpoint_auth_methods_supported")
+        if not isinstance(methods, list):
+            methods = metadata.get("token_endpoint_auth_methods_supported")
     if isinstance(methods, list) and "client_secret_basic" not in methods and (
         "client_secret_post" in methods
     ):
@@ -263,10 +274,7 @@ class Introspector:
             raise
         self._count("active")
         exp = answer.get("exp")
-        issuer = answer.get("iss") or self._config.issuer
-        principal, admitted = principal_of(
-            answer, self._kept_claims, issuer=issuer,
-            expires_at=float(exp) if exp is not None else math.inf, kid=None)
+        principal, admitted = self.principal(answer)
         until = now + self._settings.cache_seconds
         if exp is not None:  # never past what a fresh answer's exp check would accept
             until = min(until, int(exp) + self._config.leeway)
@@ -275,6 +283,14 @@ class Introspector:
                 principal.issuer, principal.subject, principal.claims)))
             self._cache.put(digest, (principal, until), cost, admitted=admitted)
         return principal
+
+    def principal(self, answer: dict[str, Any]) -> tuple[Principal, bool]:
+        """The Principal of an answer that passed every check (an answer without iss speaks for
+        our issuer), and whether the policy admits it now: the gate's and the doctor's."""
+        exp = answer.get("exp")
+        return principal_of(answer, self._kept_claims,
+                            issuer=answer.get("iss") or self._config.issuer,
+                            expires_at=float(exp) if exp is not None else math.inf, kid=None)
 
     def _count(self, outcome: str) -> None:
         self.counts.calls[outcome] += 1
@@ -298,10 +314,13 @@ class Introspector:
             self._failed(late, started)
             raise late.token_error() from None
         self._metrics.introspection_answered(time.monotonic() - started)
+        self._recovered()
+        return answer
+
+    def _recovered(self) -> None:
         if self._trouble is not None:
             log.info("introspection_recovered", after=self._trouble)
             self._trouble = None
-        return answer
 
     def _failed(self, failed: IntrospectionFailed, started: float) -> None:
         self._count(failed.outcome)
@@ -326,11 +345,15 @@ class Introspector:
                 raise IntrospectionFailed("unavailable", "introspection_unavailable",
                                           "the IdP's discovery document is not loaded yet")
             url = metadata.get("introspection_endpoint")
-            if not isinstance(url, str) or not acceptable_url(url, self._config.issuer):
+            # User-info in it: aiohttp would send it as Basic credentials, or raise ValueError
+            # beside ours (a 500); INTROSPECTION_ENDPOINT may not carry any either.
+            if not isinstance(url, str) or not acceptable_url(url, self._config.issuer) or (
+                "@" in urlsplit(url).netloc
+            ):
                 raise IntrospectionFailed(
                     "unavailable", "introspection_endpoint_unknown",
                     "the IdP's metadata names no usable introspection_endpoint (https, or http "
-                    "when the issuer is): set INTROSPECTION_ENDPOINT")
+                    "when the issuer is; no user-info): set INTROSPECTION_ENDPOINT")
         method = settings.auth_method or choose_auth_method(metadata)
         algs = metadata.get("introspection_signing_alg_values_supported") if metadata else None
         signed = isinstance(algs, list) and bool(algs)
@@ -455,11 +478,24 @@ class Introspector:
 
     def _not_refresh_token(self, header: dict[str, Any], answer: dict[str, Any],
                            now: float) -> None:
-        """A refresh token is for the token endpoint; some IdPs answer active for it."""
+        """A refresh token is for the token endpoint; some IdPs answer active for it.
+
+        With the audience taken from client_id (JWT_AUDIENCE_CLAIM), a refresh token the IdP
+        leaves unmarked (oidc-provider: no token_type, no aud) names the same client as its
+        access token, so only a positive mark can tell them apart: the answer must carry a
+        token_type (RFC 7662 §2.2) or token_use naming an access token."""
+        marked = False
         for name in TYPE_CLAIMS:
             value = answer.get(name)
-            if isinstance(value, str) and value.lower() in REFRESH_TYPES:
-                raise invalid("refresh_token", "A refresh token is not an access token")
+            if isinstance(value, str) and value:
+                if value.lower() in REFRESH_TYPES:
+                    raise invalid("refresh_token", "A refresh token is not an access token")
+                marked = True
+        if not marked and self._config.audience_claim != "aud":
+            raise invalid("token_type_missing",
+                          "The IdP's answer does not say this is an access token (no token_type "
+                          f"or token_use), and {self._config.audience_claim} names a client, "
+                          "not a resource")
 
     def _issuer(self, header: dict[str, Any], answer: dict[str, Any], now: float) -> None:
         """iss is optional in an answer (RFC 7662 §2.2); when there, it must be ours."""
@@ -473,16 +509,21 @@ class Introspector:
     async def explain(self, token: str) -> IntrospectionExplanation:
         """Ask the IdP (no cache) and run every check on its answer, reporting each; the first
         failure is what verify() raises."""
+        started = time.monotonic()
+        target: Target | None = None
         try:
             target = self.target()
             async with asyncio.timeout(self._settings.timeout):
                 answer, signed = await self._ask(token)
-        except IntrospectionFailed as failed:
+        except (IntrospectionFailed, TimeoutError) as exc:
+            failed = exc if isinstance(exc, IntrospectionFailed) else IntrospectionFailed(
+                "timeout", "introspection_timeout", f"no answer within {self._settings.timeout} s")
+            self._failed(failed, started)  # logged once per kind of trouble, as when serving
             error = failed.token_error()
-            return IntrospectionExplanation({"introspection": error}, error)
-        except TimeoutError:
-            error = IntrospectionFailed("timeout", "introspection_timeout").token_error()
-            return IntrospectionExplanation({"introspection": error}, error)
+            return IntrospectionExplanation(
+                {"introspection": error}, error, endpoint=target.url if target else "",
+                method=target.method if target else "", detail=failed.detail)
+        self._recovered()
         outcomes: dict[str, TokenError | None] = {"introspection": None}
         failures: list[TokenError] = []
         now = time.time()
@@ -497,4 +538,4 @@ class Introspector:
             else:
                 outcomes.setdefault(name, None)
         return IntrospectionExplanation(outcomes, failures[0] if failures else None, answer,
-                                        signed, target.url)
+                                        signed, target.url, target.method)

@@ -16,7 +16,8 @@ from oauth_sidecar.config.variables import VARIABLES
 
 VALIDATION_MODES = ("jwt", "introspection", "auto")
 # RFC 7662 §2.1 leaves client authentication to RFC 6749 §2.3; "" means: the IdP metadata's
-# introspection_endpoint_auth_methods_supported decides (RFC 8414 §2).
+# introspection_endpoint_auth_methods_supported decides (RFC 8414 §2), else its
+# token_endpoint_auth_methods_supported.
 AUTH_METHODS = ("", "client_secret_basic", "client_secret_post", "none")
 PREFIX = "INTROSPECTION_"
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -43,7 +44,7 @@ def token_validation(r: Reader) -> tuple[str, IntrospectionConfig | None, list[s
     client_id = r.raw("INTROSPECTION_CLIENT_ID")
     method = r.choice("INTROSPECTION_AUTH_METHOD", AUTH_METHODS)
     secret = r.secret("INTROSPECTION_CLIENT_SECRET")
-    if not client_id:
+    if not client_id and method != "none":  # an endpoint without client auth (Hydra's admin)
         r.problems.append(
             f"TOKEN_VALIDATION={mode} needs INTROSPECTION_CLIENT_ID: the sidecar asks the IdP "
             "about opaque tokens as a client of its own (register one at the IdP that may "

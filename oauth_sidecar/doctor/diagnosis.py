@@ -9,11 +9,14 @@ configuration alone, so the order and the hand-offs are decided here and nowhere
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 import aiohttp
 
 from oauth_sidecar.auth.challenge import Challenges
 from oauth_sidecar.auth.idp import IdentityProvider
+from oauth_sidecar.auth.introspection import Introspector
+from oauth_sidecar.auth.policy import AccessPolicy
 from oauth_sidecar.auth.resource_metadata import (
     authorization_server_metadata_paths,
     protected_resource_document,
@@ -24,6 +27,7 @@ from oauth_sidecar.config import UNSHARED_SEALING_WARNING, Config
 from oauth_sidecar.config_summary import summary
 from oauth_sidecar.doctor.explainer import explain_caller
 from oauth_sidecar.doctor.idp_metadata import IdpChecks
+from oauth_sidecar.doctor.introspection_probe import IntrospectionChecks
 from oauth_sidecar.doctor.lint import (
     UNLIKELY_AUDIENCE,
     audience_findings,
@@ -32,13 +36,23 @@ from oauth_sidecar.doctor.lint import (
     state_secret_findings,
 )
 from oauth_sidecar.doctor.probes import Probes
-from oauth_sidecar.doctor.report import NOTE, SECTIONS, WARNING, Checker, Report
+from oauth_sidecar.doctor.report import (
+    INTROSPECTION,
+    NOTE,
+    SECTIONS,
+    WARNING,
+    Checker,
+    Report,
+)
 from oauth_sidecar.doctor.tool_access import caller_tools
 from oauth_sidecar.signin.metadata import facade_metadata
 
 
 async def diagnose(config: Config, token: str | None = None) -> Report:
-    report = Report(summary=summary(config), sections={name: [] for name in SECTIONS})
+    names = list(SECTIONS)
+    if config.tokens.introspection is not None:  # after the keys, before the upstream
+        names.insert(names.index("keys") + 1, INTROSPECTION)
+    report = Report(summary=summary(config), sections={name: [] for name in names})
     await Diagnosis(config, report).run(token)
     return report
 
@@ -60,7 +74,11 @@ class Diagnosis(Checker):
             checks = IdpChecks(config, self.report, session)
             probes = Probes(config, self.report, session)
             idp = IdentityProvider(config.idp, config.tokens.algorithms)
-            async with idp.running():
+            # One introspector for the probe and the token: its log line per kind of trouble
+            # then appears once in a check, as it does once in a serving sidecar's log.
+            introspector = Introspector(config.tokens, idp, AccessPolicy.serving(
+                config).kept_claims) if config.tokens.introspection is not None else None
+            async with idp.running(), self._running(introspector):
                 await checks.identity_provider(idp)
                 metadata = idp.metadata
                 if metadata is not None:
@@ -68,10 +86,14 @@ class Diagnosis(Checker):
                     checks.metadata_checks(metadata)
                     if config.auth_server.facade:
                         await probes.probe_relay(metadata)
+                if introspector is not None:
+                    await IntrospectionChecks(config, self.report, session).run(
+                        introspector, metadata)
                 self._documents(idp)
                 caller = None
                 if token is not None:
-                    self.report.token, caller = await explain_caller(config, idp, token)
+                    self.report.token, caller = await explain_caller(config, idp, token,
+                                                                     introspector)
             if not config.tool_rules.configured:
                 caller = None
             await probes.upstream(caller)
@@ -86,6 +108,10 @@ class Diagnosis(Checker):
             self.report.findings.append(dataclasses.replace(
                 guess, severity=NOTE, message=guess.message + " (but the given token's aud "
                 "matched)") if settled else guess)
+
+    @staticmethod
+    def _running(introspector: Introspector | None) -> AbstractAsyncContextManager[object]:
+        return introspector.running() if introspector is not None else nullcontext()
 
     def _documents(self, idp: IdentityProvider) -> None:
         """What an MCP client sees: the challenge the gate sends, and the metadata documents."""

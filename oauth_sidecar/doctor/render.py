@@ -13,8 +13,10 @@ from oauth_sidecar import __version__
 from oauth_sidecar.doctor.report import ERROR, NOTE, WARNING, CallerTools, Report, TokenReport
 from oauth_sidecar.log import shown
 
+CHECK_WIDTH = 10  # "allow-list"; a longer check name (introspection) widens the column
 NAME_WIDTH = 32  # a longer tool name or URI shifts its own line only
-TITLES = {"identity provider": "Identity provider", "keys": "Keys (JWKS)", "upstream": "Upstream"}
+TITLES = {"identity provider": "Identity provider", "keys": "Keys (JWKS)",
+          "introspection": "Token introspection (RFC 7662)", "upstream": "Upstream"}
 
 
 def _value(value: object) -> str:
@@ -28,9 +30,10 @@ def _value(value: object) -> str:
 
 def _token_lines(token: TokenReport) -> list[str]:
     lines = ["Token (claim by claim; the token itself is never printed)"]
+    width = max([CHECK_WIDTH, *(len(check.name) for check in token.checks)])
     for check in token.checks:
         mark = {True: "ok", False: "FAIL", None: "--"}[check.ok]
-        lines.append(f"  {mark:<5} {check.name:<10} {check.detail}")
+        lines.append(f"  {mark:<5} {check.name:<{width}} {check.detail}")
     if token.accepted:
         lines.append("  verdict: ACCEPTED: the sidecar forwards requests with this token")
     else:
@@ -38,6 +41,11 @@ def _token_lines(token: TokenReport) -> list[str]:
                      f"{token.description}")
         if token.challenge:
             lines.append(f"  WWW-Authenticate: {token.challenge}")
+    if token.answer is not None:
+        kind = "a signed answer (RFC 9701), its token_introspection" if token.answer_signed \
+            else "JSON"
+        lines.append(f"  the IdP's introspection answer ({kind}), as it came:")
+        lines += [f"    {row}" for row in json.dumps(token.answer, indent=2).splitlines()]
     if token.tools is not None:
         lines += ["", *_tool_lines(token.tools)]
     return lines

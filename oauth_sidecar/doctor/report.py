@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 SECTIONS = ("identity provider", "keys", "upstream")
+INTROSPECTION = "introspection"
+"""The section of TOKEN_VALIDATION=introspection or auto, after the keys."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,10 @@ class TokenReport:
     """The WWW-Authenticate header the client would get, if any."""
     tools: CallerTools | None = None
     """With tool rules configured and the token admitted: what it may call."""
+    answer: dict[str, object] | None = None
+    """An introspected token: the IdP's answer (RFC 7662) as it came, the token never in it."""
+    answer_signed: bool = False
+    """The answer was a signed JWT (RFC 9701), verified; `answer` is its token_introspection."""
 
     def failed_checks(self) -> list[str]:
         return [check.name for check in self.checks if check.ok is False]

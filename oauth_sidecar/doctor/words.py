@@ -60,6 +60,16 @@ def describe_key(key: VerificationKey) -> str:
     return f"{kind}, verifies {', '.join(sorted(key.algorithms))}"
 
 
+def claim_line(name: str, error: TokenError | None, ok_detail: str, fail_detail: str = ""
+               ) -> ClaimCheck:
+    """A check's outcome in words: the detail for a pass, or the failure's own sentence and
+    reason code with a hint."""
+    if error is None:
+        return ClaimCheck(name, True, ok_detail)
+    hint = f": {fail_detail}" if fail_detail else ""
+    return ClaimCheck(name, False, f"{error.description} ({error.reason}){hint}", error.reason)
+
+
 class ClaimWords:
     """The words for each named check of the verifier, and for the policy's lists."""
 

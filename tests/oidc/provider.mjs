@@ -50,6 +50,10 @@
 //     oidc-provider takes it from the resource server's `accessTokenFormat`). opaque: a random
 //     reference string (43 base64url characters, not a JWS) that only the introspection
 //     endpoint can explain; its lifetime, audience (= the resource) and scopes are the same.
+//   --jwt-resource <url> (repeatable; environment: OIDC_JWT_RESOURCES, whitespace-separated):
+//     access tokens for exactly this resource are JWTs whatever --access-token-format says, so
+//     one provider issues both kinds, as Auth0 does (a JWT for an API audience, opaque
+//     otherwise): what a resource server in TOKEN_VALIDATION=auto must tell apart.
 //   --client-credentials-sub client_id|none (OIDC_CLIENT_CREDENTIALS_SUB, default client_id):
 //     oidc-provider introspects an opaque client_credentials token WITHOUT `sub` (there is no
 //     account); by default this provider adds sub = the client's id, as its own JWT access
@@ -119,6 +123,7 @@ const OPTIONS = {
   'auto-login': { type: 'string', env: 'OIDC_AUTO_LOGIN', default: '' },
   'static-client': { type: 'string', multiple: true, env: 'OIDC_STATIC_CLIENTS', default: [] },
   'access-token-format': { type: 'string', env: 'OIDC_ACCESS_TOKEN_FORMAT', default: 'jwt' },
+  'jwt-resource': { type: 'string', multiple: true, env: 'OIDC_JWT_RESOURCES', default: [] },
   'introspection-client': {
     type: 'string', multiple: true, env: 'OIDC_INTROSPECTION_CLIENTS', default: [],
   },
@@ -169,7 +174,13 @@ function options() {
     scopes: result.scopes.split(/[\s,]+/).filter(Boolean),
     staticClients: result['static-client'].map(staticClient),
     introspectionClients: result['introspection-client'].map(introspectionClient),
+    jwtResources: new Set(result['jwt-resource'].map(jwtResource)),
   };
+}
+
+function jwtResource(url) {
+  if (!URL.canParse(url)) throw new Error(`--jwt-resource ${JSON.stringify(url)} is not a URL`);
+  return url;
 }
 
 const INTROSPECTION_AUTH_METHODS = ['client_secret_basic', 'client_secret_post'];
@@ -287,7 +298,7 @@ function configuration(opts) {
           audience: resourceIndicator,
           scope: opts.scopes.join(' '),
           accessTokenTTL: opts.ttl,
-          accessTokenFormat: opts.accessTokenFormat,
+          accessTokenFormat: opts.jwtResources.has(resourceIndicator) ? 'jwt' : opts.accessTokenFormat,
           jwt: { sign: { alg: 'RS256' } },
         }),
       },
