@@ -189,6 +189,21 @@ async def test_with_the_audience_in_client_id_an_answer_must_mark_an_access_toke
     assert (await send(by_aud, endpoint.issue(token_type=None))).status == 200
 
 
+async def test_a_keycloak_offline_token_is_a_refresh_token(
+    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection,
+) -> None:
+    """Keycloak introspects its refresh tokens too, answering their claims and client_id (their
+    azp): typ "Refresh", or "Offline" for one issued with offline_access (it outlives the
+    session). With the audience read from client_id, which a refresh token names as its access
+    token does, only typ tells them apart."""
+    sidecar = await introspecting(make_sidecar, JWT_AUDIENCE_CLAIM="client_id")
+    access = endpoint.issue(aud="account", client_id=AUDIENCE, typ="Bearer", token_type=None)
+    assert (await send(sidecar, access)).status == 200
+    for typ in ("Offline", "Refresh"):
+        refresh = endpoint.issue(aud=idp.issuer, client_id=AUDIENCE, typ=typ, token_type=None)
+        assert await refusal(sidecar, refresh) == (401, "refresh_token"), typ
+
+
 async def test_an_answer_without_exp_is_refused_unless_allowed(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:

@@ -57,9 +57,10 @@ FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 SIGNED_ANSWER = "application/token-introspection+jwt"  # RFC 9701 §5 (media type and JWT typ)
 SIGNED_ANSWER_MAX_AGE = 300  # seconds: an older signed answer may be a replay (RFC 9701 §8.1)
-# token_type (RFC 7662 §2.2), token_use (Cognito) or typ (Keycloak) naming a refresh token.
+# token_type (RFC 7662 §2.2), token_use (Cognito) or typ (Keycloak) naming a refresh token;
+# Keycloak's typ is "Offline" for one issued with offline_access (its TokenUtil.TOKEN_TYPE_OFFLINE).
 REFRESH_TYPES = frozenset({
-    "refresh_token", "refresh", "urn:ietf:params:oauth:token-type:refresh_token"})
+    "refresh_token", "refresh", "offline", "urn:ietf:params:oauth:token-type:refresh_token"})
 TYPE_CLAIMS = ("token_type", "token_use", "typ")
 NO_HEADER: dict[str, Any] = {}  # an answer's checks get no JOSE header
 # What a call to the IdP came to: a bounded label for metrics and the log.
