@@ -270,6 +270,19 @@ async def test_an_answer_from_no_issuer_is_ours_and_the_principal_names_our_issu
     assert headers["x-forwarded-issuer"] == idp.issuer
 
 
+async def test_lone_surrogates_in_an_answer_are_forwarded_percent_encoded(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection, upstream: FakeUpstream,
+) -> None:
+    """JSON lets an IdP answer "\\ud800", which no UTF-8 text holds: an identity header
+    carries its bytes percent-encoded (as any non-ASCII), never a 500."""
+    sidecar = await introspecting(make_sidecar, FORWARD_IDENTITY="true", GROUPS_CLAIM="groups")
+    token = endpoint.issue(email="a\udc00@example.com", groups=["g\ud800", "ok"])
+    assert (await send(sidecar, token)).status == 200
+    headers = {k.lower(): v for k, v in upstream.requests[0].headers.items()}
+    assert headers["x-forwarded-email"] == "a%ED%B0%80@example.com"
+    assert headers["x-forwarded-groups"] == "g%ED%A0%80,ok"
+
+
 # -- the cache: one call per token, revocation after the window ----------------------------------
 
 
