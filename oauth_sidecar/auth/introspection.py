@@ -63,6 +63,8 @@ REFRESH_TYPES = frozenset({
     "refresh_token", "refresh", "offline", "urn:ietf:params:oauth:token-type:refresh_token"})
 TYPE_CLAIMS = ("token_type", "token_use", "typ")
 NO_HEADER: dict[str, Any] = {}  # an answer's checks get no JOSE header
+AUTH_METHOD_LISTS = ("introspection_endpoint_auth_methods_supported",
+                     "token_endpoint_auth_methods_supported")
 # What a call to the IdP came to: a bounded label for metrics and the log.
 CALL_OUTCOMES = ("active", "inactive", "rejected", "error", "timeout", "refused", "unavailable")
 CACHE_RESULTS = ("hit", "negative_hit", "miss")
@@ -126,19 +128,25 @@ def basic_credentials(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
-def choose_auth_method(metadata: Mapping[str, Any] | None) -> str:
-    """From introspection_endpoint_auth_methods_supported (RFC 8414 §2): basic preferred, then
-    post. Some IdPs (oidc-provider) list none for introspection, whose endpoint takes the token
-    endpoint's client authentication: token_endpoint_auth_methods_supported decides then;
-    neither listed, basic (RFC 6749 §2.3.1: every server supports it)."""
-    methods: object = None
+def offered_auth_methods(metadata: Mapping[str, Any] | None) -> tuple[str, list[Any]] | None:
+    """The metadata's list that decides the client authentication, and its name: its
+    introspection_endpoint_auth_methods_supported (RFC 8414 §2); some IdPs (oidc-provider) list
+    none, their introspection endpoint taking the token endpoint's client authentication, whose
+    token_endpoint_auth_methods_supported decides then. None: neither is listed."""
     if metadata:
-        methods = metadata.get("introspection_endpoint_auth_methods_supported")
-        if not isinstance(methods, list):
-            methods = metadata.get("token_endpoint_auth_methods_supported")
-    if isinstance(methods, list) and "client_secret_basic" not in methods and (
-        "client_secret_post" in methods
-    ):
+        for name in AUTH_METHOD_LISTS:
+            methods = metadata.get(name)
+            if isinstance(methods, list):
+                return name, methods
+    return None
+
+
+def choose_auth_method(metadata: Mapping[str, Any] | None) -> str:
+    """basic preferred, then post, from offered_auth_methods; nothing listed, basic (RFC 6749
+    §2.3.1: every server supports it)."""
+    offered = offered_auth_methods(metadata)
+    methods = offered[1] if offered is not None else []
+    if "client_secret_basic" not in methods and "client_secret_post" in methods:
         return "client_secret_post"
     return "client_secret_basic"
 
