@@ -92,6 +92,11 @@ class IntrospectionSource(KeySource, Protocol):
     def metadata(self) -> dict[str, Any] | None: ...
 
 
+def fresh(error: TokenError) -> TokenError:
+    """A copy without the traceback: a cached refusal is raised again on every replay."""
+    return TokenError(error.reason, error.description, error=error.error, status=error.status)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where and how to ask, decided once per discovery document."""
@@ -180,7 +185,7 @@ class Introspector:
         self._target_for: object = None
         self._trouble: str | None = None
         self.counts = Counts()
-        claims = ClaimChecks(config)
+        self._claims = claims = ClaimChecks(config)
         audience = config.audience_claim
         required = ("exp", audience, "sub") if self._settings.require_exp else (audience, "sub")
         # RFC 7662 §2.2 first, then the JWT path's checks in its order; iss only when present.
@@ -247,8 +252,7 @@ class Introspector:
             if time.time() < until:
                 if isinstance(value, TokenError):
                     self.counts.lookups["negative_hit"] += 1
-                    raise TokenError(value.reason, value.description, error=value.error,
-                                     status=value.status)  # a fresh one: no growing traceback
+                    raise fresh(value)  # no traceback growing with each replay
                 self.counts.lookups["hit"] += 1
                 return value
             self._cache.drop(digest)
@@ -277,9 +281,7 @@ class Introspector:
             self._count("inactive" if refusal.reason == "inactive" else "rejected")
             until = now + self._settings.negative_cache_seconds
             if until > now:  # a copy: the raised one's traceback holds this request's frames
-                kept = TokenError(refusal.reason, refusal.description, error=refusal.error,
-                                  status=refusal.status)
-                self._cache.put(digest, (kept, until), ENTRY_OVERHEAD, admitted=False)
+                self._cache.put(digest, (fresh(refusal), until), ENTRY_OVERHEAD, admitted=False)
             raise
         self._count("active")
         exp = answer.get("exp")
@@ -318,13 +320,16 @@ class Introspector:
             self._failed(failed, started)
             raise failed.token_error() from None
         except TimeoutError:
-            late = IntrospectionFailed("timeout", "introspection_timeout",
-                                       f"no answer within {self._settings.timeout} s")
+            late = self._late()
             self._failed(late, started)
             raise late.token_error() from None
         self._metrics.introspection_answered(time.monotonic() - started)
         self._recovered()
         return answer
+
+    def _late(self) -> IntrospectionFailed:
+        return IntrospectionFailed("timeout", "introspection_timeout",
+                                   f"no answer within {self._settings.timeout} s")
 
     def _recovered(self) -> None:
         if self._trouble is not None:
@@ -507,11 +512,9 @@ class Introspector:
                           "not a resource")
 
     def _issuer(self, header: dict[str, Any], answer: dict[str, Any], now: float) -> None:
-        """iss is optional in an answer (RFC 7662 §2.2); when there, it must be ours."""
+        """iss is optional in an answer (RFC 7662 §2.2); when there, the JWT path's check."""
         if "iss" in answer:
-            iss = answer["iss"]
-            if not isinstance(iss, str) or not same_issuer(iss, self._config.issuer):
-                raise invalid("wrong_issuer", "The token is not from the trusted issuer")
+            self._claims.issuer(header, answer, now)
 
     # -- the doctor's view -----------------------------------------------------------------------
 
@@ -525,8 +528,7 @@ class Introspector:
             async with asyncio.timeout(self._settings.timeout):
                 answer, signed = await self._ask(token)
         except (IntrospectionFailed, TimeoutError) as exc:
-            failed = exc if isinstance(exc, IntrospectionFailed) else IntrospectionFailed(
-                "timeout", "introspection_timeout", f"no answer within {self._settings.timeout} s")
+            failed = exc if isinstance(exc, IntrospectionFailed) else self._late()
             self._failed(failed, started)  # logged once per kind of trouble, as when serving
             error = failed.token_error()
             return IntrospectionExplanation(
