@@ -213,6 +213,20 @@ async def test_an_answer_without_exp_is_refused_unless_allowed(
     assert (await send(lenient, endpoint.issue(exp=None))).status == 200
 
 
+async def test_an_exp_of_null_is_refused_never_a_500(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection, upstream: FakeUpstream,
+) -> None:
+    """An IdP that writes absent fields as null: `"exp": null` is no expiry to accept, even
+    where INTROSPECTION_REQUIRE_EXP=false lets an answer without exp in (as a null nbf or iat
+    is refused: pyjwt's int(None))."""
+    for strictness, reason in (("true", "claim_missing"), ("false", "invalid")):
+        sidecar = await introspecting(make_sidecar, INTROSPECTION_REQUIRE_EXP=strictness)
+        token = endpoint.issue()
+        endpoint.answers[token]["exp"] = None
+        assert await refusal(sidecar, token) == (401, reason)
+    assert upstream.requests == []
+
+
 # -- refused: the same rules as a JWT's claims ---------------------------------------------------
 
 NOW = int(time.time())

@@ -160,7 +160,11 @@ class ClaimChecks:
         return check
 
     def not_expired(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
-        if "exp" in payload and expired(payload["exp"], now, self._config.leeway):
+        if "exp" not in payload:  # only where an answer may lack it (INTROSPECTION_REQUIRE_EXP)
+            return
+        if payload["exp"] is None:  # present but null: pyjwt's int(None) refuses it
+            raise invalid("invalid", "The token is invalid")
+        if expired(payload["exp"], now, self._config.leeway):
             raise invalid("expired", "The token has expired")
 
     def issuer(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
