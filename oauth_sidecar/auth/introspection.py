@@ -38,6 +38,7 @@ from oauth_sidecar.auth.claims import (
     Check,
     ClaimChecks,
     KeptClaims,
+    explain_checks,
     keep_all,
     principal_of,
 )
@@ -537,16 +538,7 @@ class Introspector:
         self._recovered()
         outcomes: dict[str, TokenError | None] = {"introspection": None}
         failures: list[TokenError] = []
-        now = time.time()
-        for name, check in self.checks:
-            if outcomes.get(name) is not None:
-                continue  # this claim already failed an earlier step
-            try:
-                check(NO_HEADER, answer, now)
-            except TokenError as exc:
-                failures.append(exc)
-                outcomes[name] = exc
-            else:
-                outcomes.setdefault(name, None)
+        explain_checks(self.checks, NO_HEADER, answer, time.time(),
+                       outcomes=outcomes, failures=failures)
         return IntrospectionExplanation(outcomes, failures[0] if failures else None, answer,
                                         signed, target.url, target.method)
