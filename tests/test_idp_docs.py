@@ -639,8 +639,8 @@ async def test_a_smaller_token_limit_would_refuse_that_entra_token(
 
 # --------------------------------------------------------------------------------------------
 # The opaque-tokens sections against a real sidecar: introspection answers shaped like each
-# IdP's, served by a fake RFC 7662 endpoint on loopback (no IdP here issues opaque tokens).
-# Skipped until the sidecar has introspection; then they pin what the pages promise.
+# IdP's, served by a fake RFC 7662 endpoint on loopback (no IdP here issues opaque tokens): they
+# pin what the pages promise.
 # --------------------------------------------------------------------------------------------
 
 
