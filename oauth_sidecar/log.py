@@ -43,8 +43,11 @@ SECRET_KEYS = frozenset({"authorization", "token", "access_token", "client_secre
 # sequences that move the cursor, erase lines and set the window title; CR and LF start a line
 # that looks like another record), DEL, C1 controls (0x9b is a one-character CSI, U+0085 a line
 # break), the Unicode line and paragraph separators, and the bidi controls that reorder what is
-# shown (CVE-2021-42574, "Trojan Source"). A path, a header or a claim can carry any of them.
-CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+# shown (CVE-2021-42574, "Trojan Source"). A path, a header or a claim can carry any of them,
+# and a claim a lone surrogate (JSON's "\ud800"), which no UTF-8 stream can write: the console
+# renderer's write would raise.
+CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}  # as Python writes them; others \\xNN
 # Rendered tracebacks: their line breaks are their shape, so they stay (every line after the
 # first indented, so no line of one can pass for a record of its own); the rest is escaped.

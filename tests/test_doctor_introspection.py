@@ -321,6 +321,21 @@ async def test_a_method_chosen_from_the_metadata_says_so(
     assert "introspection_auth_method_unsupported" not in report.codes()
 
 
+async def test_a_method_chosen_from_the_token_endpoints_list_says_so(
+    idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
+) -> None:
+    """No introspection list (oidc-provider): the token endpoint's decided, and the doctor names
+    that list rather than calling the method a default."""
+    endpoint.method = "client_secret_post"
+    idp.document_changes["token_endpoint_auth_methods_supported"] = [
+        "private_key_jwt", "client_secret_post"]
+    report = await check(env_of(idp, upstream), endpoint.issue())
+    assert (f"client authentication: client_secret_post as '{CLIENT_ID}' (chosen from the IdP "
+            "metadata's token_endpoint_auth_methods_supported ['private_key_jwt', "
+            "'client_secret_post'])") in report.sections["introspection"]
+    assert verdict(report) == (True, 200, "")
+
+
 async def test_a_configured_method_and_endpoint_say_where_they_came_from(
     idp: FakeIdp, upstream: FakeUpstream, endpoint: FakeIntrospection,
 ) -> None:

@@ -8,11 +8,8 @@ tokens shaped like that IdP's pass or fail as the page says.
 
 Opaque tokens: each IdP page has a section "Opaque tokens (introspection)". Its env block, where
 there is one, adds to the page's main block and is loaded merged with it; the ORY Hydra page's main
-block is an introspection setup itself. The introspection variables (`INTROSPECTION_VARIABLES`)
-come with issue 19's sidecar work: until the registry has them, the pages may name them and the
-blocks that do are neither loaded nor run (those tests skip, saying why); once the registry has
-`TOKEN_VALIDATION`, the registry is the only authority, every block loads, and the introspection
-answers shaped like each IdP's run through a real sidecar against a fake introspection endpoint.
+block is an introspection setup itself. Every block loads, and the introspection answers shaped
+like each IdP's run through a real sidecar against a fake introspection endpoint.
 
 Placeholders: `<anything>` in a block is what the reader fills in; the test puts a 32-character
 stand-in there (long enough for STATE_SECRET, valid in host names, IDs and secrets).
@@ -67,14 +64,9 @@ INTROSPECTION_VARIABLES = frozenset({
     "INTROSPECTION_CACHE_SECONDS", "INTROSPECTION_NEGATIVE_CACHE_SECONDS",
     "INTROSPECTION_REQUIRE_EXP", "INTROSPECTION_MAX_CONCURRENCY", "INTROSPECTION_TIMEOUT_SECONDS",
 })
-"""The variables issue 19 adds to the sidecar, as the pages name them."""
-INTROSPECTION_REGISTERED = "TOKEN_VALIDATION" in VARIABLES
-KNOWN_VARIABLES = frozenset(VARIABLES) | (
-    frozenset() if INTROSPECTION_REGISTERED else INTROSPECTION_VARIABLES
-)
-"""What a page may name: the registry, plus the introspection variables until it has them."""
-NOT_REGISTERED = "the sidecar's registry has no TOKEN_VALIDATION yet (issue 19 not merged)"
-needs_introspection = pytest.mark.skipif(not INTROSPECTION_REGISTERED, reason=NOT_REGISTERED)
+"""The introspection variables, as the pages name them."""
+KNOWN_VARIABLES = frozenset(VARIABLES)
+"""What a page may name: the registry."""
 
 FENCE = re.compile(r"^```(?P<lang>[a-z]*)\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
 ASSIGNMENT = re.compile(r"(?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)")
@@ -194,11 +186,6 @@ def uses_introspection(env: dict[str, str]) -> bool:
     return bool(INTROSPECTION_VARIABLES & set(env))
 
 
-def loadable(env: dict[str, str]) -> bool:
-    """Settings this code can load: no introspection variable, or the registry has them."""
-    return INTROSPECTION_REGISTERED or not uses_introspection(env)
-
-
 def page_config(name: str) -> Config:
     return load(page_env(name))
 
@@ -290,7 +277,6 @@ def test_the_hydra_page_asks_the_admin_api_without_client_credentials() -> None:
     assert env["OIDC_ISSUER_URL"].startswith("https://")  # OIDC_ALLOW_HTTP is for the admin API
 
 
-@needs_introspection
 def test_the_introspection_variables_the_pages_name_are_the_sidecars() -> None:
     """Switched on by the merge: a variable renamed on the sidecar's side fails the pages here."""
     assert set(VARIABLES) >= INTROSPECTION_VARIABLES
@@ -322,8 +308,6 @@ def test_command_blocks_set_no_sidecar_variable(path: Path) -> None:
 def test_env_blocks_load_without_problems_or_warnings(path: Path) -> None:
     for block in env_blocks(path):
         env = effective_env(path, block)
-        if not loadable(env):
-            continue  # test_introspection_blocks_load_merged_with_their_page (skipped until then)
         try:
             config = load(env)
         except ConfigError as exc:
@@ -331,7 +315,6 @@ def test_env_blocks_load_without_problems_or_warnings(path: Path) -> None:
         assert config.warnings == (), block.source
 
 
-@needs_introspection
 @pytest.mark.parametrize("name", sorted(WITH_INTROSPECTION_BLOCK | INTROSPECTION_ONLY))
 def test_introspection_blocks_load_merged_with_their_page(name: str) -> None:
     try:
@@ -387,19 +370,13 @@ def test_the_index_table_mode_matches_the_page(name: str) -> None:
         return
     facade = bool(page_env(name).get("STATIC_CLIENT_ID"))
     assert row.mode == ("facade" if facade else "direct")
-    if loadable(page_env(name)):  # and the code agrees (introspection pages: after the merge)
-        assert page_config(name).auth_server.facade == facade
+    assert page_config(name).auth_server.facade == facade  # and the code agrees
 
 
 @pytest.mark.parametrize("name", sorted(set(IDP_PAGES) - WITHOUT_ENV_BLOCK))
 def test_the_index_table_names_the_pages_groups_claim_and_audience_claim(name: str) -> None:
-    row, env = table_rows()[name], page_env(name)
-    if loadable(env):
-        config = page_config(name)
-        groups, audience_claim = ".".join(config.policy.groups_claim), config.tokens.audience_claim
-    else:  # the variables' documented defaults, until this code can load the page
-        groups = env.get("GROUPS_CLAIM", VARIABLES["GROUPS_CLAIM"][0])
-        audience_claim = env.get("JWT_AUDIENCE_CLAIM", VARIABLES["JWT_AUDIENCE_CLAIM"][0])
+    row, config = table_rows()[name], page_config(name)
+    groups, audience_claim = ".".join(config.policy.groups_claim), config.tokens.audience_claim
     assert f"`{groups}`" in row.groups
     if audience_claim != "aud":
         assert f"`JWT_AUDIENCE_CLAIM={audience_claim}`" in row.audience
@@ -662,8 +639,8 @@ async def test_a_smaller_token_limit_would_refuse_that_entra_token(
 
 # --------------------------------------------------------------------------------------------
 # The opaque-tokens sections against a real sidecar: introspection answers shaped like each
-# IdP's, served by a fake RFC 7662 endpoint on loopback (no IdP here issues opaque tokens).
-# Skipped until the sidecar has introspection; then they pin what the pages promise.
+# IdP's, served by a fake RFC 7662 endpoint on loopback (no IdP here issues opaque tokens): they
+# pin what the pages promise.
 # --------------------------------------------------------------------------------------------
 
 
@@ -835,7 +812,6 @@ def test_every_page_that_introspects_has_an_admitted_answer() -> None:
     assert admitted == WITH_INTROSPECTION_BLOCK | INTROSPECTION_ONLY
 
 
-@needs_introspection
 @pytest.mark.parametrize(("name", "token_for", "answer_for", "status"), INTROSPECTED)
 async def test_the_pages_introspection_settings_treat_its_idps_answers_as_the_page_says(
     name: str, token_for: TokenFor, answer_for: AnswerBuilder, status: int, *,

@@ -189,6 +189,21 @@ async def test_with_the_audience_in_client_id_an_answer_must_mark_an_access_toke
     assert (await send(by_aud, endpoint.issue(token_type=None))).status == 200
 
 
+async def test_a_keycloak_offline_token_is_a_refresh_token(
+    make_sidecar: SidecarFactory, idp: FakeIdp, endpoint: FakeIntrospection,
+) -> None:
+    """Keycloak introspects its refresh tokens too, answering their claims and client_id (their
+    azp): typ "Refresh", or "Offline" for one issued with offline_access (it outlives the
+    session). With the audience read from client_id, which a refresh token names as its access
+    token does, only typ tells them apart."""
+    sidecar = await introspecting(make_sidecar, JWT_AUDIENCE_CLAIM="client_id")
+    access = endpoint.issue(aud="account", client_id=AUDIENCE, typ="Bearer", token_type=None)
+    assert (await send(sidecar, access)).status == 200
+    for typ in ("Offline", "Refresh"):
+        refresh = endpoint.issue(aud=idp.issuer, client_id=AUDIENCE, typ=typ, token_type=None)
+        assert await refusal(sidecar, refresh) == (401, "refresh_token"), typ
+
+
 async def test_an_answer_without_exp_is_refused_unless_allowed(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:
@@ -196,6 +211,20 @@ async def test_an_answer_without_exp_is_refused_unless_allowed(
     assert await refusal(strict, endpoint.issue(exp=None)) == (401, "claim_missing")
     lenient = await introspecting(make_sidecar, INTROSPECTION_REQUIRE_EXP="false")
     assert (await send(lenient, endpoint.issue(exp=None))).status == 200
+
+
+async def test_an_exp_of_null_is_refused_never_a_500(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection, upstream: FakeUpstream,
+) -> None:
+    """An IdP that writes absent fields as null: `"exp": null` is no expiry to accept, even
+    where INTROSPECTION_REQUIRE_EXP=false lets an answer without exp in (as a null nbf or iat
+    is refused: pyjwt's int(None))."""
+    for strictness, reason in (("true", "claim_missing"), ("false", "invalid")):
+        sidecar = await introspecting(make_sidecar, INTROSPECTION_REQUIRE_EXP=strictness)
+        token = endpoint.issue()
+        endpoint.answers[token]["exp"] = None
+        assert await refusal(sidecar, token) == (401, reason)
+    assert upstream.requests == []
 
 
 # -- refused: the same rules as a JWT's claims ---------------------------------------------------
@@ -253,6 +282,19 @@ async def test_an_answer_from_no_issuer_is_ours_and_the_principal_names_our_issu
     assert (await send(sidecar, endpoint.issue(iss=None))).status == 200
     headers = {k.lower(): v for k, v in upstream.requests[0].headers.items()}
     assert headers["x-forwarded-issuer"] == idp.issuer
+
+
+async def test_lone_surrogates_in_an_answer_are_forwarded_percent_encoded(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection, upstream: FakeUpstream,
+) -> None:
+    """JSON lets an IdP answer "\\ud800", which no UTF-8 text holds: an identity header
+    carries its bytes percent-encoded (as any non-ASCII), never a 500."""
+    sidecar = await introspecting(make_sidecar, FORWARD_IDENTITY="true", GROUPS_CLAIM="groups")
+    token = endpoint.issue(email="a\udc00@example.com", groups=["g\ud800", "ok"])
+    assert (await send(sidecar, token)).status == 200
+    headers = {k.lower(): v for k, v in upstream.requests[0].headers.items()}
+    assert headers["x-forwarded-email"] == "a%ED%B0%80@example.com"
+    assert headers["x-forwarded-groups"] == "g%ED%A0%80,ok"
 
 
 # -- the cache: one call per token, revocation after the window ----------------------------------
@@ -493,6 +535,23 @@ async def test_the_ip_budget_is_spent_before_any_call_to_the_idp(
     assert len(endpoint.calls) == 3
     assert (await send(sidecar, "unknown-token-4")).status == 429
     assert len(endpoint.calls) == 3  # refused before the IdP was asked
+
+
+async def test_each_cache_window_of_a_valid_token_spends_a_unit_of_the_ip_budget(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    """Unlike a JWT (one unit in its lifetime), an opaque token is asked about again each time
+    its answer leaves the cache, and each of those calls is paid like a new token's: one egress
+    IP carries about RPM x INTROSPECTION_CACHE_SECONDS / 60 tokens in use (README)."""
+    sidecar = await introspecting(make_sidecar, RATE_LIMIT_UNAUTHENTICATED_RPM="2",
+                                  INTROSPECTION_CACHE_SECONDS="1")
+    token = endpoint.issue()
+    for _ in range(2):
+        assert (await send(sidecar, token)).status == 200
+        assert (await send(sidecar, token)).status == 200  # a hit: free
+        await asyncio.sleep(1.1)  # the answer leaves the cache
+    assert (await send(sidecar, token)).status == 429
+    assert len(endpoint.calls) == 2
 
 
 async def test_allow_lists_and_the_subject_budget_judge_introspected_callers(

@@ -408,6 +408,23 @@ def configured(log_format: str) -> Iterator[io.StringIO]:
         root.handlers, root.level = handlers, level  # "info" left access logging on
 
 
+def test_a_lone_surrogate_is_escaped_and_never_breaks_a_console_line() -> None:
+    """A claim may hold one (JSON's "\\ud800"); a UTF-8 stream cannot write it raw, so the
+    console renderer's write would raise (a 500 from the access log)."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    try:
+        configure_logging("info", "console", stream)
+        structlog.get_logger("oauth_sidecar.access").info(
+            "request", method="GET", path="/mcp", status=200, sub="a\ud800b", auth_error=None)
+    finally:
+        structlog.configure(**saved)
+        root.handlers, root.level = handlers, level
+    assert "a\\ud800b" in raw.getvalue().decode("utf-8")
+
+
 TEXT = st.text(st.characters(codec=None, exclude_categories=["Cs"]), max_size=12) | (
     st.lists(st.sampled_from(["\x1b[2K", "\r", "\n", "\u2028", "\u202e", "\x85", "\x9b", "\x00",
                               "\x7f", "\t", "plain", " "]), max_size=6).map("".join))

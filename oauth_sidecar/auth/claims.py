@@ -12,10 +12,10 @@ own ordered table of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from oauth_sidecar.auth.bearer import invalid
+from oauth_sidecar.auth.bearer import TokenError, invalid
 from oauth_sidecar.auth.idp import same_issuer
 from oauth_sidecar.config import TokenConfig
 from oauth_sidecar.request_keys import Principal
@@ -72,6 +72,24 @@ def principal_of(payload: Mapping[str, Any], kept_claims: KeptClaims, *, issuer:
     claims, admitted = kept_claims(subject, payload)
     return Principal(issuer=issuer, subject=subject, claims=claims, expires_at=expires_at,
                      kid=kid), admitted
+
+
+def explain_checks(checks: Iterable[tuple[str, Check]], header: dict[str, Any],
+                   payload: dict[str, Any], now: float, *,
+                   outcomes: dict[str, TokenError | None], failures: list[TokenError]) -> None:
+    """Run every named check, recording each outcome (both verifiers' explain()): None when it
+    passed, else its failure, also appended to `failures`; a claim that failed an earlier step
+    is not checked again."""
+    for name, check in checks:
+        if outcomes.get(name) is not None:
+            continue
+        try:
+            check(header, payload, now)
+        except TokenError as exc:
+            failures.append(exc)
+            outcomes[name] = exc
+        else:
+            outcomes.setdefault(name, None)
 
 
 class ClaimChecks:
@@ -160,7 +178,11 @@ class ClaimChecks:
         return check
 
     def not_expired(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:
-        if "exp" in payload and expired(payload["exp"], now, self._config.leeway):
+        if "exp" not in payload:  # only where an answer may lack it (INTROSPECTION_REQUIRE_EXP)
+            return
+        if payload["exp"] is None:  # present but null: pyjwt's int(None) refuses it
+            raise invalid("invalid", "The token is invalid")
+        if expired(payload["exp"], now, self._config.leeway):
             raise invalid("expired", "The token has expired")
 
     def issuer(self, header: dict[str, Any], payload: dict[str, Any], now: float) -> None:

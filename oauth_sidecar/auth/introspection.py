@@ -38,6 +38,7 @@ from oauth_sidecar.auth.claims import (
     Check,
     ClaimChecks,
     KeptClaims,
+    explain_checks,
     keep_all,
     principal_of,
 )
@@ -57,11 +58,14 @@ FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 SIGNED_ANSWER = "application/token-introspection+jwt"  # RFC 9701 §5 (media type and JWT typ)
 SIGNED_ANSWER_MAX_AGE = 300  # seconds: an older signed answer may be a replay (RFC 9701 §8.1)
-# token_type (RFC 7662 §2.2), token_use (Cognito) or typ (Keycloak) naming a refresh token.
+# token_type (RFC 7662 §2.2), token_use (Cognito) or typ (Keycloak) naming a refresh token;
+# Keycloak's typ is "Offline" for one issued with offline_access (its TokenUtil.TOKEN_TYPE_OFFLINE).
 REFRESH_TYPES = frozenset({
-    "refresh_token", "refresh", "urn:ietf:params:oauth:token-type:refresh_token"})
+    "refresh_token", "refresh", "offline", "urn:ietf:params:oauth:token-type:refresh_token"})
 TYPE_CLAIMS = ("token_type", "token_use", "typ")
 NO_HEADER: dict[str, Any] = {}  # an answer's checks get no JOSE header
+AUTH_METHOD_LISTS = ("introspection_endpoint_auth_methods_supported",
+                     "token_endpoint_auth_methods_supported")
 # What a call to the IdP came to: a bounded label for metrics and the log.
 CALL_OUTCOMES = ("active", "inactive", "rejected", "error", "timeout", "refused", "unavailable")
 CACHE_RESULTS = ("hit", "negative_hit", "miss")
@@ -87,6 +91,11 @@ class IntrospectionSource(KeySource, Protocol):
 
     @property
     def metadata(self) -> dict[str, Any] | None: ...
+
+
+def fresh(error: TokenError) -> TokenError:
+    """A copy without the traceback: a cached refusal is raised again on every replay."""
+    return TokenError(error.reason, error.description, error=error.error, status=error.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,19 +134,25 @@ def basic_credentials(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
-def choose_auth_method(metadata: Mapping[str, Any] | None) -> str:
-    """From introspection_endpoint_auth_methods_supported (RFC 8414 §2): basic preferred, then
-    post. Some IdPs (oidc-provider) list none for introspection, whose endpoint takes the token
-    endpoint's client authentication: token_endpoint_auth_methods_supported decides then;
-    neither listed, basic (RFC 6749 §2.3.1: every server supports it)."""
-    methods: object = None
+def offered_auth_methods(metadata: Mapping[str, Any] | None) -> tuple[str, list[Any]] | None:
+    """The metadata's list that decides the client authentication, and its name: its
+    introspection_endpoint_auth_methods_supported (RFC 8414 §2); some IdPs (oidc-provider) list
+    none, their introspection endpoint taking the token endpoint's client authentication, whose
+    token_endpoint_auth_methods_supported decides then. None: neither is listed."""
     if metadata:
-        methods = metadata.get("introspection_endpoint_auth_methods_supported")
-        if not isinstance(methods, list):
-            methods = metadata.get("token_endpoint_auth_methods_supported")
-    if isinstance(methods, list) and "client_secret_basic" not in methods and (
-        "client_secret_post" in methods
-    ):
+        for name in AUTH_METHOD_LISTS:
+            methods = metadata.get(name)
+            if isinstance(methods, list):
+                return name, methods
+    return None
+
+
+def choose_auth_method(metadata: Mapping[str, Any] | None) -> str:
+    """basic preferred, then post, from offered_auth_methods; nothing listed, basic (RFC 6749
+    §2.3.1: every server supports it)."""
+    offered = offered_auth_methods(metadata)
+    methods = offered[1] if offered is not None else []
+    if "client_secret_basic" not in methods and "client_secret_post" in methods:
         return "client_secret_post"
     return "client_secret_basic"
 
@@ -171,7 +186,7 @@ class Introspector:
         self._target_for: object = None
         self._trouble: str | None = None
         self.counts = Counts()
-        claims = ClaimChecks(config)
+        self._claims = claims = ClaimChecks(config)
         audience = config.audience_claim
         required = ("exp", audience, "sub") if self._settings.require_exp else (audience, "sub")
         # RFC 7662 §2.2 first, then the JWT path's checks in its order; iss only when present.
@@ -238,8 +253,7 @@ class Introspector:
             if time.time() < until:
                 if isinstance(value, TokenError):
                     self.counts.lookups["negative_hit"] += 1
-                    raise TokenError(value.reason, value.description, error=value.error,
-                                     status=value.status)  # a fresh one: no growing traceback
+                    raise fresh(value)  # no traceback growing with each replay
                 self.counts.lookups["hit"] += 1
                 return value
             self._cache.drop(digest)
@@ -268,9 +282,7 @@ class Introspector:
             self._count("inactive" if refusal.reason == "inactive" else "rejected")
             until = now + self._settings.negative_cache_seconds
             if until > now:  # a copy: the raised one's traceback holds this request's frames
-                kept = TokenError(refusal.reason, refusal.description, error=refusal.error,
-                                  status=refusal.status)
-                self._cache.put(digest, (kept, until), ENTRY_OVERHEAD, admitted=False)
+                self._cache.put(digest, (fresh(refusal), until), ENTRY_OVERHEAD, admitted=False)
             raise
         self._count("active")
         exp = answer.get("exp")
@@ -309,13 +321,16 @@ class Introspector:
             self._failed(failed, started)
             raise failed.token_error() from None
         except TimeoutError:
-            late = IntrospectionFailed("timeout", "introspection_timeout",
-                                       f"no answer within {self._settings.timeout} s")
+            late = self._late()
             self._failed(late, started)
             raise late.token_error() from None
         self._metrics.introspection_answered(time.monotonic() - started)
         self._recovered()
         return answer
+
+    def _late(self) -> IntrospectionFailed:
+        return IntrospectionFailed("timeout", "introspection_timeout",
+                                   f"no answer within {self._settings.timeout} s")
 
     def _recovered(self) -> None:
         if self._trouble is not None:
@@ -498,11 +513,9 @@ class Introspector:
                           "not a resource")
 
     def _issuer(self, header: dict[str, Any], answer: dict[str, Any], now: float) -> None:
-        """iss is optional in an answer (RFC 7662 §2.2); when there, it must be ours."""
+        """iss is optional in an answer (RFC 7662 §2.2); when there, the JWT path's check."""
         if "iss" in answer:
-            iss = answer["iss"]
-            if not isinstance(iss, str) or not same_issuer(iss, self._config.issuer):
-                raise invalid("wrong_issuer", "The token is not from the trusted issuer")
+            self._claims.issuer(header, answer, now)
 
     # -- the doctor's view -----------------------------------------------------------------------
 
@@ -516,8 +529,7 @@ class Introspector:
             async with asyncio.timeout(self._settings.timeout):
                 answer, signed = await self._ask(token)
         except (IntrospectionFailed, TimeoutError) as exc:
-            failed = exc if isinstance(exc, IntrospectionFailed) else IntrospectionFailed(
-                "timeout", "introspection_timeout", f"no answer within {self._settings.timeout} s")
+            failed = exc if isinstance(exc, IntrospectionFailed) else self._late()
             self._failed(failed, started)  # logged once per kind of trouble, as when serving
             error = failed.token_error()
             return IntrospectionExplanation(
@@ -526,16 +538,7 @@ class Introspector:
         self._recovered()
         outcomes: dict[str, TokenError | None] = {"introspection": None}
         failures: list[TokenError] = []
-        now = time.time()
-        for name, check in self.checks:
-            if outcomes.get(name) is not None:
-                continue  # this claim already failed an earlier step
-            try:
-                check(NO_HEADER, answer, now)
-            except TokenError as exc:
-                failures.append(exc)
-                outcomes[name] = exc
-            else:
-                outcomes.setdefault(name, None)
+        explain_checks(self.checks, NO_HEADER, answer, time.time(),
+                       outcomes=outcomes, failures=failures)
         return IntrospectionExplanation(outcomes, failures[0] if failures else None, answer,
                                         signed, target.url, target.method)

@@ -30,6 +30,7 @@ from oauth_sidecar.auth.claims import (
     ClaimChecks,
     KeptClaims,
     expired,
+    explain_checks,
     keep_all,
     principal_of,
 )
@@ -214,25 +215,13 @@ class TokenVerifier:
             else:
                 outcomes.setdefault(name, None)
 
-        def run(name: str, check: Check, header: dict[str, Any], payload: dict[str, Any],
-                now: float) -> None:
-            if outcomes.get(name) is not None:
-                return  # this claim already failed an earlier step
-            try:
-                check(header, payload, now)
-            except TokenError as exc:
-                record(name, exc)
-            else:
-                record(name, None)
-
         try:
             header, payload = parse_strict(token)
         except TokenError as exc:
             return Explanation({"format": exc}, exc)
         outcomes["format"] = None
-        now = time.time()
-        for name, check in self.before_key:
-            run(name, check, header, payload, now)
+        explain_checks(self.before_key, header, payload, time.time(),
+                       outcomes=outcomes, failures=failures)
         key = None
         if outcomes["alg"] is None and outcomes["kid"] is None:
             try:
@@ -248,9 +237,8 @@ class TokenVerifier:
                 record("signature", exc)
             else:
                 record("signature", None)
-        now = time.time()
-        for name, check in self.after_signature:
-            run(name, check, header, payload, now)
+        explain_checks(self.after_signature, header, payload, time.time(),
+                       outcomes=outcomes, failures=failures)
         return Explanation(outcomes, failures[0] if failures else None, header, payload, key)
 
     # -- the header, and the claims' types (before the key is chosen) ----------------------------

@@ -10,7 +10,7 @@ than refuse every caller later. Variables that do nothing in the chosen mode are
 from __future__ import annotations
 
 from oauth_sidecar.config.model import IntrospectionConfig
-from oauth_sidecar.config.reader import Reader
+from oauth_sidecar.config.reader import TRUE_WORDS, Reader
 from oauth_sidecar.config.urls import check_url, shown_url
 from oauth_sidecar.config.variables import VARIABLES
 
@@ -20,7 +20,6 @@ VALIDATION_MODES = ("jwt", "introspection", "auto")
 # token_endpoint_auth_methods_supported.
 AUTH_METHODS = ("", "client_secret_basic", "client_secret_post", "none")
 PREFIX = "INTROSPECTION_"
-TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 def token_validation(r: Reader) -> tuple[str, IntrospectionConfig | None, list[str]]:

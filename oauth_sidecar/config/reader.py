@@ -13,6 +13,8 @@ from oauth_sidecar.config.files import MAX_SECRET_FILE_BYTES, FileTooLarge, read
 from oauth_sidecar.config.variables import VARIABLES
 
 T = TypeVar("T")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -83,9 +85,9 @@ class Reader:
 
     def flag(self, name: str) -> bool:
         value = self.raw(name).lower()
-        if value in ("1", "true", "yes", "on"):
+        if value in TRUE_WORDS:
             return True
-        if value not in ("0", "false", "no", "off"):
+        if value not in FALSE_WORDS:
             self.problems.append(f"{name}={value!r} is not a boolean: use true or false")
         return False
 

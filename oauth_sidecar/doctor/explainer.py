@@ -19,6 +19,7 @@ from oauth_sidecar.auth.challenge import (
     INSUFFICIENT_SCOPE_DESCRIPTION,
     Challenges,
 )
+from oauth_sidecar.auth.claims import principal_of
 from oauth_sidecar.auth.idp import IdentityProvider
 from oauth_sidecar.auth.introspection import Introspector
 from oauth_sidecar.auth.policy import AccessPolicy, Admission
@@ -90,10 +91,10 @@ async def _explain_jwt(config: Config, idp: IdentityProvider, token: str
     report = _verdict(config, checks, explanation.error, admission)
     if not report.accepted or payload is None or not isinstance(subject, str):
         return report, None
-    claims, _ = AccessPolicy.serving(config).kept_claims(subject, payload)
     kid = explanation.key.kid if explanation.key is not None else None
-    return report, Principal(issuer=payload["iss"], subject=subject, claims=claims,
-                             expires_at=float(payload["exp"]), kid=kid)
+    caller, _ = principal_of(payload, AccessPolicy.serving(config).kept_claims,
+                             issuer=payload["iss"], expires_at=float(payload["exp"]), kid=kid)
+    return report, caller
 
 
 async def _explain_introspected(config: Config, idp: IdentityProvider, token: str,

@@ -19,6 +19,7 @@ from oauth_sidecar.auth.introspection import (
     SIGNED_ANSWER,
     TYPE_CLAIMS,
     IntrospectionExplanation,
+    offered_auth_methods,
 )
 from oauth_sidecar.config.urls import shown_url
 from oauth_sidecar.doctor.report import ClaimCheck
@@ -53,12 +54,11 @@ def method_source(configured: str, metadata: Mapping[str, Any] | None = None) ->
     """Where the client authentication came from (Introspector.target decides it)."""
     if configured:
         return "INTROSPECTION_AUTH_METHOD"
-    offered = metadata.get("introspection_endpoint_auth_methods_supported") if metadata else None
-    if isinstance(offered, list):
-        return ("chosen from the IdP metadata's introspection_endpoint_auth_methods_supported "
-                f"{offered}")
     if metadata is None:
         return "the default: the IdP metadata is not loaded"
+    offered = offered_auth_methods(metadata)
+    if offered is not None:
+        return f"chosen from the IdP metadata's {offered[0]} {offered[1]}"
     return "the default: the IdP metadata lists no introspection_endpoint_auth_methods_supported"
 
 

@@ -69,7 +69,9 @@ RESPONSE_DROP_PREFIXES = ("access-control-",)  # our CORS headers win (cors.py)
 # URLs the upstream names itself by: given back under the public origin (paths.py).
 RESPONSE_REWRITTEN = frozenset({"location", "content-location"})
 # Identity headers carry printable ASCII only; anything else (and "%", "," inside a group name)
-# is percent-encoded so a claim can never split or inject a header.
+# is percent-encoded so a claim can never split or inject a header. A lone surrogate (JSON's
+# "\ud800", in a JWT's payload or an introspection answer) is encoded as its own three bytes
+# (surrogatepass), never a UnicodeEncodeError (a 500); no valid UTF-8 text encodes to them.
 HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
 
 
@@ -80,7 +82,7 @@ def connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def header_value(value: str) -> str:
-    return quote(value, safe=HEADER_SAFE)
+    return quote(value, safe=HEADER_SAFE, errors="surrogatepass")
 
 
 class HeaderFilter:
