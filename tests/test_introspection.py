@@ -537,21 +537,26 @@ async def test_the_ip_budget_is_spent_before_any_call_to_the_idp(
     assert len(endpoint.calls) == 3  # refused before the IdP was asked
 
 
-async def test_each_cache_window_of_a_valid_token_spends_a_unit_of_the_ip_budget(
+async def test_a_re_check_of_an_admitted_token_is_not_charged_to_the_ip_budget(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:
-    """Unlike a JWT (one unit in its lifetime), an opaque token is asked about again each time
-    its answer leaves the cache, and each of those calls is paid like a new token's: one egress
-    IP carries about RPM x INTROSPECTION_CACHE_SECONDS / 60 tokens in use (README)."""
+    """An opaque token is asked about again each time its answer leaves the cache; like a JWT
+    (one unit in its lifetime) it pays the client IP's budget once: the re-checks of a token the
+    IdP vouched for are free, so many users behind one egress IP are not throttled by their own
+    valid tokens. New tokens still pay, and a revoked token is refused at its re-check."""
     sidecar = await introspecting(make_sidecar, RATE_LIMIT_UNAUTHENTICATED_RPM="2",
                                   INTROSPECTION_CACHE_SECONDS="1")
     token = endpoint.issue()
-    for _ in range(2):
+    for _ in range(3):
         assert (await send(sidecar, token)).status == 200
         assert (await send(sidecar, token)).status == 200  # a hit: free
         await asyncio.sleep(1.1)  # the answer leaves the cache
-    assert (await send(sidecar, token)).status == 429
-    assert len(endpoint.calls) == 2
+    assert len(endpoint.calls) == 3  # asked again each window, paid once
+    endpoint.answers[token] = {"active": False}  # revoked at the IdP
+    assert await refusal(sidecar, token) == (401, "inactive")  # the re-check, still free
+    assert (await send(sidecar, endpoint.issue())).status == 200  # the second unit
+    assert (await send(sidecar, endpoint.issue())).status == 429  # a stranger's guess pays
+    assert len(endpoint.calls) == 5
 
 
 async def test_allow_lists_and_the_subject_budget_judge_introspected_callers(

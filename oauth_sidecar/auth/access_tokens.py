@@ -29,6 +29,10 @@ class TokenCheck(Protocol):
 
     def verify(self, token: str) -> Awaitable[Principal]: ...
 
+    def vouched(self, token: str) -> bool:
+        """A miss that re-checks a caller admitted before (not charged to the IP's budget)."""
+        ...
+
 
 def looks_like_jws(token: str) -> bool:
     """Three base64url segments whose first is a JSON object naming an `alg` (RFC 7515 §7.1):
@@ -65,6 +69,9 @@ class ByShape:
         # Each cache only ever holds its own kind of token, so asking both is exact.
         principal = self._jwt.cached(token)
         return principal if principal is not None else self._introspector.cached(token)
+
+    def vouched(self, token: str) -> bool:
+        return self._introspector.vouched(token)  # a JWT's entry lasts its life: never stale
 
     async def verify(self, token: str) -> Principal:
         if looks_like_jws(token):

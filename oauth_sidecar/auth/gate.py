@@ -112,8 +112,10 @@ class Gate:
             # A verification costs CPU (an unknown kid a key fetch, an opaque token a call to
             # the IdP): it is paid for before it runs, atomically, so a flood of concurrent
             # requests gets no more of them than the IP's budget. A valid token pays once:
-            # afterwards it is a cache hit.
-            await self._limiter.admit(PER_CLIENT_IP, self._limiter.client_ip(request))
+            # afterwards it is a cache hit, or (an opaque token whose answer went stale) a
+            # re-check the IdP vouched for before, one call per token however many wait.
+            if not self._verifier.vouched(token):
+                await self._limiter.admit(PER_CLIENT_IP, self._limiter.client_ip(request))
             principal = await self._verifier.verify(token)
         return principal
 

@@ -177,7 +177,8 @@ class Introspector:
         self._provider = provider
         self._kept_claims = kept_claims
         self._metrics = metrics or Metrics()
-        self._cache: TokenCache[tuple[Principal | TokenError, float]] = TokenCache(
+        # (the answer, fresh until, vouched for until): see vouched().
+        self._cache: TokenCache[tuple[Principal | TokenError, float, float]] = TokenCache(
             config.cache_size)
         self._flights: dict[bytes, asyncio.Task[Principal]] = {}
         self._slots = asyncio.Semaphore(self._settings.max_concurrency)
@@ -245,18 +246,29 @@ class Introspector:
             return entry[0]
         return None
 
+    def vouched(self, token: str) -> bool:
+        """True for a token the IdP called active before, whose answer is stale but whose exp has
+        not passed: asking again is a re-check of a caller already admitted, not a stranger's
+        guess, so the gate does not charge it to the client IP's budget (many users behind one
+        egress IP would otherwise pay one unit per token every cache window). A revoked one is
+        asked once, refused, and its refusal replaces this entry."""
+        entry = self._cache.get(hashlib.sha256(token.encode()).digest())
+        return entry is not None and type(entry[0]) is Principal and time.time() < entry[2]
+
     async def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._cache.get(digest)
         if entry is not None:
-            value, until = entry
-            if time.time() < until:
+            value, until, vouched_until = entry
+            now = time.time()
+            if now < until:
                 if isinstance(value, TokenError):
                     self.counts.lookups["negative_hit"] += 1
                     raise fresh(value)  # no traceback growing with each replay
                 self.counts.lookups["hit"] += 1
                 return value
-            self._cache.drop(digest)
+            if now >= vouched_until:  # kept while it vouches; the new answer replaces it
+                self._cache.drop(digest)
         self.counts.lookups["miss"] += 1
         flight = self._flights.get(digest)
         if flight is None:  # one call per token however many ask at once
@@ -282,18 +294,20 @@ class Introspector:
             self._count("inactive" if refusal.reason == "inactive" else "rejected")
             until = now + self._settings.negative_cache_seconds
             if until > now:  # a copy: the raised one's traceback holds this request's frames
-                self._cache.put(digest, (fresh(refusal), until), ENTRY_OVERHEAD, admitted=False)
+                self._cache.put(digest, (fresh(refusal), until, 0.0), ENTRY_OVERHEAD,
+                                admitted=False)
             raise
         self._count("active")
         exp = answer.get("exp")
         principal, admitted = self.principal(answer)
-        until = now + self._settings.cache_seconds
+        until = vouched_until = now + self._settings.cache_seconds
         if exp is not None:  # never past what a fresh answer's exp check would accept
-            until = min(until, int(exp) + self._config.leeway)
-        if until > now:
+            vouched_until = int(exp) + self._config.leeway
+            until = min(until, vouched_until)
+        if vouched_until > now:
             cost = ENTRY_OVERHEAD + sum(map(footprint, (
                 principal.issuer, principal.subject, principal.claims)))
-            self._cache.put(digest, (principal, until), cost, admitted=admitted)
+            self._cache.put(digest, (principal, until, vouched_until), cost, admitted=admitted)
         return principal
 
     def principal(self, answer: dict[str, Any]) -> tuple[Principal, bool]:
