@@ -150,6 +150,27 @@ async def test_initialize_issues_a_session_and_requests_are_answered_as_json(
 
 
 @pytest.mark.slow
+async def test_lone_surrogates_in_a_subject_or_a_request_are_never_a_500(
+    make_sidecar: SidecarFactory, idp: FakeIdp
+) -> None:
+    """JSON can carry "\\ud800", which no UTF-8 text holds: in a request it is relayed to the
+    child still escaped, and a subject holding one gets its budget, its child and its
+    forwarded identity like any other (a re-encoding once raised: a 500)."""
+    client = await make_sidecar(**stdio_env(RATE_LIMIT_RPM="100"))
+    headers = auth(idp, sub="user-\ud800")
+    session = await initialize(client, headers)
+    answer = await call(client, headers, session, "echo", text="a\ud800b")
+    assert text(answer) == "a\ud800b"
+    raw = await post(client, rpc(9, "tools/call", name="echo", arguments={"text": "\udfff"}),
+                     headers, session)
+    assert raw.status == 200
+    assert b'"\\udfff"' in await raw.read()  # escaped as it came, never raw bytes
+    # The child's MCP_USER_SUB holds the surrogate's own bytes (what the headers percent-encode).
+    seen = (await pid_of(client, headers, session))["sub"]
+    assert seen.encode("utf-8", "surrogateescape") == b"user-\xed\xa0\x80"
+
+
+@pytest.mark.slow
 async def test_requests_accepting_event_streams_get_progress_then_the_answer(
     make_sidecar: SidecarFactory, idp: FakeIdp
 ) -> None:

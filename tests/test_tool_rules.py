@@ -61,6 +61,7 @@ deny_prompts = ["secret_*"]
 class McpLike:
     bodies: list[Any] = field(default_factory=list)
     server: TestServer | None = None
+    description: str | None = None  # given to every tool when set
 
     @property
     def url(self) -> str:
@@ -77,6 +78,9 @@ class McpLike:
         if method == "tools/list":
             result: Any = {"tools": [{"name": n, "inputSchema": {"type": "object"}}
                                      for n in TOOLS], "nextCursor": "page-2"}
+            if self.description is not None:
+                for tool in result["tools"]:
+                    tool["description"] = self.description
         elif method == "prompts/list":
             result = {"prompts": [{"name": n} for n in PROMPTS]}
         elif method == "resources/list":
@@ -422,6 +426,22 @@ async def test_lists_show_only_what_the_caller_may_use(
     assert [r["uriTemplate"] for r in by_id[4]["resourceTemplates"]] == [
         "file:///public/{name}"]
     assert mcp_like.bodies[0][0]["params"] == {"cursor": "page-1"}  # forwarded unchanged
+
+
+@pytest.mark.parametrize("sse", [False, True])
+async def test_a_filtered_list_with_a_lone_surrogate_is_answered_escaped(
+    start: Any, idp: FakeIdp, mcp_like: McpLike, sse: bool
+) -> None:
+    """A server may write "\\ud800" (valid JSON, not UTF-8): the filtered answer keeps it
+    escaped instead of failing to encode it (a 500, or an event stream cut mid-answer)."""
+    mcp_like.description = "x\ud800y"
+    client = await start(TOOL_POLICY_FILE=str(_rules_file(mcp_like)))
+    status, text, _ = await post(client, token(idp, "readers"), request("tools/list", 1),
+                                 "/mcp?sse=1" if sse else "/mcp")
+    assert status == 200
+    answer = sse_messages(text)[-1] if sse else json.loads(text)
+    assert [t["name"] for t in answer["result"]["tools"]] == ["search", "get_doc"]
+    assert {t["description"] for t in answer["result"]["tools"]} == {"x\ud800y"}
 
 
 async def test_a_tool_without_its_scope_gets_the_step_up_challenge(

@@ -243,7 +243,10 @@ async def _close(storage: Storage) -> None:
 
 def _key(budget: Budget, parts: tuple[str, ...]) -> str:
     joined = "\0".join(parts)
-    return hashlib.sha256(joined.encode()).hexdigest()[:32] if budget.hashed else joined
+    if not budget.hashed:
+        return joined
+    # surrogatepass: a lone surrogate in a subject (JSON's "\ud800") hashes, never raises.
+    return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def refusal_reason(refused: RateLimited | RateLimitUnavailable) -> str:

@@ -40,6 +40,7 @@ from oauth_sidecar.mcp.messages import (
     Message,
     check_headers,
     error_object,
+    json_text,
     parse,
     valid_id,
 )
@@ -191,7 +192,7 @@ class CallRules:
             filtered, removed = self._answer(judged, status, message)
             if not removed:
                 return payload
-            return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False)
+            return json_text(filtered)
 
         return EventRewriter(rewrite, MAX_ANSWER_BYTES)
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from oauth_sidecar.mcp.messages import LIST_METHODS
+from oauth_sidecar.mcp.messages import LIST_METHODS, json_bytes
 
 # kind, name -> allowed?
 Allows = Callable[[str, str], bool]
@@ -72,7 +72,7 @@ def filter_json(data: bytes, lists: dict[Any, str], allows: Allows) -> tuple[byt
     filtered, removed = filter_message(message, lists, allows)
     if not removed:
         return data, message
-    return json.dumps(filtered, separators=(",", ":"), ensure_ascii=False).encode(), filtered
+    return json_bytes(filtered), filtered
 
 
 class EventRewriter:

@@ -197,3 +197,24 @@ def error_object(request_id: Any, code: int, message: str, data: Any = None) -> 
     if data is not None:
         error["data"] = data
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def json_bytes(message: object) -> bytes:
+    """Compact JSON as UTF-8, non-ASCII as itself (as MCP peers send it). A lone surrogate, which
+    only an escape like `\\ud800` can carry and UTF-8 cannot encode, stays escaped: re-encoding a
+    parsed message must never fail (a 500, or a stream dropped mid-answer)."""
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(message, separators=(",", ":")).encode()
+
+
+def json_text(message: object) -> str:
+    """json_bytes as text, for what is encoded later (an SSE event's data)."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(message, separators=(",", ":"))
+    return text

@@ -65,6 +65,16 @@ CAPS = ("process", "subject")  # the caps a start may be refused by (503 and 429
 Identity = tuple[str, str]
 
 
+
+def env_value(claim: str) -> str:
+    """A claim as an environment value: the same text, except that a lone surrogate (JSON's
+    "\\ud800", which UTF-8 cannot encode and which made the spawn raise) becomes its own three
+    bytes (surrogatepass), the bytes the identity headers percent-encode; no valid UTF-8 text
+    has them, so two subjects never share a value."""
+    if claim.isascii():
+        return claim
+    return claim.encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape")
+
 class ChildRefused(Exception):
     """No child may be started now; the bridge answers `status` with Retry-After."""
 
@@ -87,7 +97,8 @@ def exit_reason(why: str) -> str:
 
 def subject_hash(identity: Identity) -> str:
     issuer, subject = identity
-    return hashlib.sha256(f"{issuer}\0{subject}".encode()).hexdigest()[:SUBJECT_HASH_HEX]
+    pair = f"{issuer}\0{subject}".encode("utf-8", "surrogatepass")  # "\ud800" never raises
+    return hashlib.sha256(pair).hexdigest()[:SUBJECT_HASH_HEX]
 
 
 class StdioPool:
@@ -240,11 +251,11 @@ class StdioPool:
     def _environment(self, principal: Principal) -> dict[str, str]:
         env = dict(self._spawn.env)
         if self._forward_identity:
-            env["MCP_USER_SUB"] = principal.subject
-            env["MCP_USER_ISSUER"] = principal.issuer
+            env["MCP_USER_SUB"] = env_value(principal.subject)
+            env["MCP_USER_ISSUER"] = env_value(principal.issuer)
             email = self._policy.verified_email(principal.claims)
             if email:
-                env["MCP_USER_EMAIL"] = email
+                env["MCP_USER_EMAIL"] = env_value(email)
         return env
 
     def _workdir(self, subject: str) -> str | None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from oauth_sidecar.mcp.messages import json_bytes
 from oauth_sidecar.upstream.stdio_child import ChildGone, StdioChild
 from oauth_sidecar.upstream.stdio_roots import roots_refusal, without_client_roots
 
@@ -38,8 +38,7 @@ EXITED_MESSAGE = "the MCP server exited"
 Message = dict[str, Any]
 
 
-def dumps(message: object) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+dumps = json_bytes  # one line of the child's stdin, or one JSON answer
 
 
 def is_request(message: Message) -> bool:
