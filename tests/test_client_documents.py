@@ -353,6 +353,7 @@ URL = "https://client.example.test/c.json"
     ({"client_name": "x" * 201}, "longer than 200"),
     ({"client_name": "Good\u202eevil"}, "control or formatting"),
     ({"client_name": "Two\nlines"}, "control or formatting"),
+    ({"client_name": "Lone\ud800"}, "control or formatting"),
     ({"jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}}, "private or symmetric"),
     ({"jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b", "d": "c"}]}},
      "private or symmetric"),

@@ -294,9 +294,10 @@ def _client_name(document: Mapping[str, Any]) -> str | None:
     if len(name) > MAX_CLIENT_NAME:
         raise _invalid(f"client_name is longer than {MAX_CLIENT_NAME} characters")
     # Cc: control characters; Cf: formatting ones such as U+202E, which reverses what follows
-    # on the consent page; Zl, Zp: line and paragraph separators.
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
-        raise _invalid("client_name has control or formatting characters")
+    # on the consent page; Zl, Zp: line and paragraph separators; Cs: a lone surrogate (JSON's
+    # "\ud800"), which the consent page could not encode as UTF-8.
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs") for c in name):
+        raise _invalid("client_name has control or formatting characters (or a lone surrogate)")
     return name.strip() or None
 
 
