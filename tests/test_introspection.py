@@ -377,6 +377,32 @@ async def test_calls_in_flight_are_bounded(
     assert endpoint.most_in_flight == 2
 
 
+async def test_a_quarter_of_the_slots_is_kept_for_re_checks_of_admitted_tokens(
+    make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
+) -> None:
+    """Made-up or new tokens fill at most three of four slots: a caller already signed in
+    whose answer went stale is re-checked on the fourth while they wait."""
+    sidecar = await introspecting(make_sidecar, INTROSPECTION_MAX_CONCURRENCY="4",
+                                  INTROSPECTION_CACHE_SECONDS="1",
+                                  RATE_LIMIT_UNAUTHENTICATED_RPM="100")
+    known = endpoint.issue(sub="known")
+    assert (await send(sidecar, known)).status == 200
+    await asyncio.sleep(1.1)  # its answer is stale now; it still vouches until exp
+    endpoint.hold = asyncio.Event()
+    strangers = [asyncio.create_task(send(sidecar, endpoint.issue(sub=f"new-{i}")))
+                 for i in range(5)]
+    try:
+        await wait_until(lambda: endpoint.in_flight == 3)
+        recheck = asyncio.create_task(send(sidecar, known))
+        await wait_until(lambda: endpoint.in_flight == 4)
+        assert endpoint.calls[-1].form["token"] == known  # not a fourth stranger
+    finally:
+        endpoint.hold.set()
+    assert (await recheck).status == 200
+    assert [(await task).status for task in strangers] == [200] * 5
+    assert endpoint.most_in_flight == 4
+
+
 async def test_the_timeout_counts_the_wait_for_a_free_slot(
     make_sidecar: SidecarFactory, endpoint: FakeIntrospection,
 ) -> None:

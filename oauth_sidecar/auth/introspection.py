@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -181,7 +181,12 @@ class Introspector:
         self._cache: TokenCache[tuple[Principal | TokenError, float, float]] = TokenCache(
             config.cache_size)
         self._flights: dict[bytes, asyncio.Task[Principal]] = {}
-        self._slots = asyncio.Semaphore(self._settings.max_concurrency)
+        # A quarter of the slots is kept for re-checks of tokens the IdP called active: a flood
+        # of made-up tokens (from many IPs, each within its budget) cannot starve the callers
+        # already signed in. New tokens take a stranger's slot first, then a slot.
+        most = self._settings.max_concurrency
+        self._slots = asyncio.Semaphore(most)
+        self._stranger_slots = asyncio.Semaphore(most - most // 4)
         self._session: aiohttp.ClientSession | None = None
         self._target: Target | None = None
         self._target_for: object = None
@@ -258,6 +263,7 @@ class Introspector:
     async def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._cache.get(digest)
+        vouched = False
         if entry is not None:
             value, until, vouched_until = entry
             now = time.time()
@@ -267,12 +273,13 @@ class Introspector:
                     raise fresh(value)  # no traceback growing with each replay
                 self.counts.lookups["hit"] += 1
                 return value
-            if now >= vouched_until:  # kept while it vouches; the new answer replaces it
+            vouched = type(value) is Principal and now < vouched_until
+            if not vouched:  # kept while it vouches; the new answer replaces it
                 self._cache.drop(digest)
         self.counts.lookups["miss"] += 1
         flight = self._flights.get(digest)
         if flight is None:  # one call per token however many ask at once
-            flight = asyncio.create_task(self._introspect(token, digest))
+            flight = asyncio.create_task(self._introspect(token, digest, vouched))
             self._flights[digest] = flight
             flight.add_done_callback(partial(self._landed, digest))
         # Shielded: a caller that leaves does not cancel the others' answer.
@@ -284,8 +291,8 @@ class Introspector:
         if not flight.cancelled():
             flight.exception()  # retrieved even when every waiter left
 
-    async def _introspect(self, token: str, digest: bytes) -> Principal:
-        answer = await self._answer(token)
+    async def _introspect(self, token: str, digest: bytes, vouched: bool) -> Principal:
+        answer = await self._answer(token, vouched)
         now = time.time()
         try:
             for check in self._checks:
@@ -323,13 +330,14 @@ class Introspector:
 
     # -- asking the IdP --------------------------------------------------------------------------
 
-    async def _answer(self, token: str) -> dict[str, Any]:
+    async def _answer(self, token: str, vouched: bool = False) -> dict[str, Any]:
         """The IdP's answer, or TokenError 503: timeouts (waiting for a slot included), network
         failures, 5xx, refusals of our credentials and garbage are never the caller's fault."""
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._settings.timeout):
-                async with self._slots:
+                async with nullcontext() if vouched else self._stranger_slots, (
+                        self._slots):
                     answer, _ = await self._ask(token)
         except IntrospectionFailed as failed:
             self._failed(failed, started)
