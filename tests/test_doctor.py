@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 from conftest import (
     AUDIENCE,
     RESOURCE_URL,
@@ -891,6 +892,30 @@ TOKEN_MATRIX = [
 ]
 
 
+async def assert_the_sidecar_agrees(
+    report: Report, sidecar: TestClient[web.Request, web.Application], token: str,
+    failed: list[str],
+) -> int:
+    """The doctor's token verdict (status, reason, description, challenge) is what the real
+    sidecar answers over HTTP for the same token, and its FAIL lines are exactly `failed`, one of
+    them carrying the sidecar's logged reason. Returns the sidecar's status."""
+    with capture_logs() as events:
+        async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
+            status, body = response.status, await response.read()
+            challenge = response.headers.get("WWW-Authenticate", "")
+    [line] = [event for event in events if event["event"] == "request"]
+    assert report.token is not None
+    assert report.token.status == status
+    assert report.token.accepted == (status == 200) == (failed == [])
+    assert report.token.reason == (line["auth_error"] or "")
+    assert report.token.challenge == challenge
+    assert report.token.failed_checks() == failed
+    if status != 200:
+        assert report.token.description == json.loads(body)["error_description"]
+        assert line["auth_error"] in {c.reason for c in report.token.checks if c.ok is False}
+    return status
+
+
 @pytest.mark.parametrize(("extra", "build", "failed"), TOKEN_MATRIX)
 async def test_check_token_agrees_with_the_sidecar_over_http(
     idp: FakeIdp, upstream: FakeUpstream, make_sidecar: SidecarFactory, *,
@@ -902,22 +927,8 @@ async def test_check_token_agrees_with_the_sidecar_over_http(
     extra = {"ALLOW_ALL_AUTHENTICATED": "false", "ALLOW_SUBS": "user-1", **extra}
     token = build(idp)
     report = await check(clean_env(idp, upstream, **extra), token)
-    sidecar = await make_sidecar(**extra)
-    with capture_logs() as events:
-        async with sidecar.post("/mcp", data=b"{}", headers=bearer(token)) as response:
-            status, body = response.status, await response.read()
-            challenge = response.headers.get("WWW-Authenticate", "")
-    [line] = [event for event in events if event["event"] == "request"]
-    assert report.token is not None
-    assert report.token.status == status
-    assert report.token.accepted == (status == 200) == (failed == [])
-    assert report.token.reason == (line["auth_error"] or "")
-    assert report.token.challenge == challenge
+    status = await assert_the_sidecar_agrees(report, await make_sidecar(**extra), token, failed)
     assert report.passed() == (status == 200)
-    assert report.token.failed_checks() == failed
-    if status != 200:
-        assert report.token.description == json.loads(body)["error_description"]
-        assert line["auth_error"] in {c.reason for c in report.token.checks if c.ok is False}
     text = render(report)
     _, payload, signature = token.split(".")
     assert payload not in text
