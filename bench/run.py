@@ -868,6 +868,23 @@ DEFAULTS = {"LOG_LEVEL": "info", "RATE_LIMIT_RPM": HIGH_RPM}  # as shipped, at a
 EXPECTED_TOOLS = {"sidecar-list200": 100, "sidecar-list200-norules": 200}
 
 
+async def rpc_result(session: aiohttp.ClientSession, target: Target) -> tuple[int, str, str, Any]:
+    """POST a case's body with its token: (status, content type, the JSON-RPC text, its result
+    or None); of an event stream, the last event's data."""
+    async with session.post(target.url, data=target.body, headers={
+            "Content-Type": "application/json", **auth_headers(target.token)}) as answer:
+        status, kind, text = answer.status, answer.content_type, await answer.text()
+    if kind == "text/event-stream":
+        data = [line[5:] for line in text.splitlines() if line.startswith("data:")]
+        text = data[-1] if data else ""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        message = None
+    result = message.get("result") if isinstance(message, dict) else None
+    return status, kind, text, result
+
+
 async def check_tool_rules(system: System, session: aiohttp.ClientSession) -> None:
     """The issue-16 cases measure what they claim: the call is allowed (a refusal is a JSON-RPC
     error with HTTP 200, which wrk would count as a success) and each list has its tools."""
@@ -875,19 +892,12 @@ async def check_tool_rules(system: System, session: aiohttp.ClientSession) -> No
         target = system.targets.get(name)
         if target is None:
             continue
-        async with session.post(target.url, data=target.body, headers={
-                "Content-Type": "application/json", **auth_headers(target.token)}) as answer:
-            text = await answer.text()
-        try:
-            message = json.loads(text)
-        except ValueError:
-            message = None
-        result = message.get("result") if isinstance(message, dict) else None
+        status, _, text, result = await rpc_result(session, target)
         tools = result.get("tools") if isinstance(result, dict) else None
         expected = EXPECTED_TOOLS.get(name)
-        if answer.status != 200 or not isinstance(result, dict) or (
+        if status != 200 or not isinstance(result, dict) or (
                 expected is not None and (not isinstance(tools, list) or len(tools) != expected)):
-            raise SetupError(f"{name}: unexpected answer {answer.status}: {text[:300]}")
+            raise SetupError(f"{name}: unexpected answer {status}: {text[:300]}")
 
 
 ECHO_TEXT = json.loads(BODY)["params"]["arguments"]["text"]
@@ -900,21 +910,10 @@ async def check_echo(system: System, session: aiohttp.ClientSession) -> None:
         target = system.targets.get(name)
         if target is None:
             continue
-        async with session.post(target.url, data=target.body, headers={
-                "Content-Type": "application/json", **auth_headers(target.token)}) as answer:
-            text = await answer.text()
-            kind = answer.content_type
-        if kind == "text/event-stream":
-            data = [line[5:] for line in text.splitlines() if line.startswith("data:")]
-            text = data[-1] if data else ""
-        try:
-            message = json.loads(text)
-        except ValueError:
-            message = None
-        result = message.get("result") if isinstance(message, dict) else None
+        status, kind, text, result = await rpc_result(session, target)
         content = result.get("content") if isinstance(result, dict) else None
-        if answer.status != 200 or content != [{"type": "text", "text": ECHO_TEXT}]:
-            raise SetupError(f"{name}: unexpected answer {answer.status} {kind}: {text[:300]}")
+        if status != 200 or content != [{"type": "text", "text": ECHO_TEXT}]:
+            raise SetupError(f"{name}: unexpected answer {status} {kind}: {text[:300]}")
 
 
 async def check_introspection(system: System, session: aiohttp.ClientSession) -> None:
